@@ -1,0 +1,196 @@
+//! [`ClientConfig`]: every `msgc_client` option of the seed, plus what this
+//! client adds (a name for the handshake, a message-size limit, a bound on
+//! request waits).
+//!
+//! Owns the defaults and the mapping from the config module's typed
+//! [`ClientSettings`]; it does not parse files itself (that is
+//! [`crate::config`]) nor touch sockets (that is `connection.rs`).
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::{ClientSettings, Config, DebugLevel};
+
+use super::error::ClientError;
+
+/// Default `max_message_size`: 1 MiB, the server's default.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// How a [`Client`](super::Client) connects and behaves.
+///
+/// `Default` is the seed's `msgc_client` defaults. Every duration must be
+/// non-zero, `servers` non-empty and `max_backlog` at least 1
+/// ([`Client::connect`](super::Client::connect) checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Servers as `host:port` (or `[v6]:port`), tried in order on every
+    /// (re)connection; the first that completes the handshake wins.
+    /// Default `["127.0.0.1:4809"]`.
+    pub servers: Vec<String>,
+    /// Local address the outbound connection binds to. Default: none (the
+    /// kernel chooses). Ignored for servers of the other address family.
+    pub bind_address: Option<IpAddr>,
+    /// Bound on each dial, and on the HELLO → WELCOME exchange. Default 60 s.
+    pub connect_timeout: Duration,
+    /// Logging verbosity (`debug_level`). The library installs no logger;
+    /// applications (the `msgc` CLI) use it for their `tracing` filter.
+    /// Default `ERROR`.
+    pub debug_level: DebugLevel,
+    /// A connection that has received nothing for this long is considered
+    /// dead and re-dialled; a write that makes no progress for this long
+    /// likewise. Default 30 s.
+    pub idle_timeout: Duration,
+    /// A NOOP is sent after this long without sending anything (or half the
+    /// server's idle timeout, if that is shorter). Default 5 s.
+    pub keepalive_interval: Duration,
+    /// Capacity, in frames, of the outbound queue, and, in events, of the
+    /// event channel. A full queue makes `publish` wait (backpressure).
+    /// Default 5000.
+    pub max_backlog: usize,
+    /// Frames dispatched by the reader before it yields to other tasks.
+    /// Default 20.
+    pub messages_per_iter: usize,
+    /// Wait between rounds of re-dialling the server list after a lost
+    /// connection. Default 5 s.
+    pub reconnect_interval: Duration,
+    /// SO_SNDBUF / SO_RCVBUF in bytes; 0 leaves the kernel's default (and
+    /// its autotuning). Default 131072.
+    pub tcpbuf_size: usize,
+    /// Name sent in HELLO, for the server's logs. Must follow the name rules
+    /// (printable ASCII, no spaces, 1..=255 bytes). Default: none.
+    pub name: Option<String>,
+    /// Largest payload this client sends or accepts; the limit for sending
+    /// is the smaller of this and the server's (from WELCOME).
+    /// Default 1 MiB.
+    pub max_message_size: usize,
+    /// Bound on every request (`join`, `leave`, `members`, `stats`, `ping`,
+    /// `close`, and `publish` waiting for queue room). Default 60 s;
+    /// [`ClientConfig::from_settings`] uses `connect_timeout`.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig::from_settings(&ClientSettings::default())
+    }
+}
+
+impl ClientConfig {
+    /// A config with the given servers and every other option at its default.
+    pub fn with_servers<S: Into<String>>(servers: impl IntoIterator<Item = S>) -> Self {
+        ClientConfig {
+            servers: servers.into_iter().map(Into::into).collect(),
+            ..ClientConfig::default()
+        }
+    }
+
+    /// Maps the typed `msgc_client` stanza; `name` is unset and
+    /// `max_message_size` is the default.
+    pub fn from_settings(s: &ClientSettings) -> Self {
+        ClientConfig {
+            servers: s.server.clone(),
+            bind_address: s.bind_address,
+            connect_timeout: s.connect_timeout,
+            debug_level: s.debug_level,
+            idle_timeout: s.idle_timeout,
+            keepalive_interval: s.keepalive_interval,
+            max_backlog: s.max_backlog,
+            messages_per_iter: s.messages_per_iter,
+            reconnect_interval: s.reconnect_interval,
+            tcpbuf_size: s.tcpbuf_size,
+            name: None,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            request_timeout: s.connect_timeout,
+        }
+    }
+
+    /// Reads the `msgc_client` stanza of a Momentum-syntax file (other
+    /// stanzas are parsed and checked too, then ignored).
+    ///
+    /// # Errors
+    /// [`ClientError::Config`] when the file cannot be read or is invalid.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let config = Config::load(path).map_err(ClientError::Config)?;
+        Ok(ClientConfig::from_settings(&config.client))
+    }
+
+    /// Checks the invariants stated on the fields.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`] naming the first bad field.
+    pub fn validate(&self) -> Result<(), ClientError> {
+        let bad = |what: &str| Err(ClientError::InvalidConfig(what.to_string()));
+        if self.servers.is_empty() {
+            return bad("servers is empty");
+        }
+        if self.max_backlog == 0 {
+            return bad("max_backlog must be at least 1");
+        }
+        if self.max_message_size == 0 {
+            return bad("max_message_size must be at least 1");
+        }
+        let durations = [
+            ("connect_timeout", self.connect_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("reconnect_interval", self.reconnect_interval),
+            ("request_timeout", self.request_timeout),
+        ];
+        if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
+            return bad(&format!("{name} must be greater than zero"));
+        }
+        if let Some(name) = &self.name {
+            crate::protocol::validate_name(name.as_bytes())
+                .map_err(|e| ClientError::InvalidConfig(format!("name `{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The keepalive period given the server's idle timeout (0 = unknown):
+    /// `keepalive_interval`, or half the server's idle timeout if shorter.
+    pub(crate) fn effective_keepalive(&self, server_idle_ms: u32) -> Duration {
+        let server_half = Duration::from_millis(u64::from(server_idle_ms) / 2);
+        if server_half.is_zero() {
+            self.keepalive_interval
+        } else {
+            self.keepalive_interval.min(server_half)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let c = ClientConfig::default();
+        assert_eq!(c.servers, vec!["127.0.0.1:4809".to_string()]);
+        assert_eq!(c.connect_timeout, Duration::from_secs(60));
+        assert_eq!(c.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.keepalive_interval, Duration::from_secs(5));
+        assert_eq!(c.max_backlog, 5000);
+        assert_eq!(c.messages_per_iter, 20);
+        assert_eq!(c.reconnect_interval, Duration::from_secs(5));
+        assert_eq!(c.tcpbuf_size, 131_072);
+        assert_eq!(c.bind_address, None);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn keepalive_follows_the_server() {
+        let c = ClientConfig::default();
+        assert_eq!(c.effective_keepalive(0), Duration::from_secs(5));
+        assert_eq!(c.effective_keepalive(4000), Duration::from_secs(2));
+        assert_eq!(c.effective_keepalive(30_000), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let c = ClientConfig { servers: vec![], ..ClientConfig::default() };
+        assert!(c.validate().is_err());
+        let c = ClientConfig { name: Some("a b".into()), ..ClientConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("name"));
+    }
+}

@@ -1,0 +1,279 @@
+//! What the client's tasks share: the config, the current connection's
+//! facts, the groups joined, and the waiters of outstanding requests.
+//!
+//! Owns matching server frames to waiters (join/leave acknowledgements by
+//! group, replies by request id) and failing them when a connection ends.
+//! It does no I/O: the reader calls [`Shared::on_frame`], the supervisor
+//! [`Shared::on_connected`] and [`Shared::on_disconnected`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, Notify};
+
+use crate::protocol::{Frame, GroupName, MemberId, NodeName, Reason, Welcome};
+
+use super::config::ClientConfig;
+use super::error::ClientError;
+use super::event::Event;
+
+/// Completes a join or leave (or a `close`).
+pub(crate) type Ack = oneshot::Sender<Result<(), ClientError>>;
+
+/// Facts about the server the client is connected to (or was, last).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// The server as configured (`host:port`).
+    pub address: String,
+    /// The server's node name (from WELCOME).
+    pub node: NodeName,
+    /// Largest payload the server accepts, in bytes.
+    pub max_message_size: u32,
+    /// The server's idle timeout: it closes connections silent for longer.
+    pub idle_timeout: Duration,
+}
+
+impl ServerInfo {
+    pub(crate) fn new(address: &str, w: &Welcome) -> Self {
+        ServerInfo {
+            address: address.to_string(),
+            node: w.node.clone(),
+            max_message_size: w.max_message_size,
+            idle_timeout: Duration::from_millis(u64::from(w.idle_timeout_ms)),
+        }
+    }
+}
+
+/// A request waiting for its reply, keyed by request id (or ping token).
+pub(crate) enum Waiter {
+    /// `members`: parts collected so far.
+    Members {
+        parts: Vec<MemberId>,
+        tx: oneshot::Sender<Result<Vec<MemberId>, ClientError>>,
+    },
+    /// `stats`: the JSON text.
+    Stats(oneshot::Sender<Result<Bytes, ClientError>>),
+    /// `ping`.
+    Pong(Ack),
+}
+
+impl Waiter {
+    fn fail(self, err: ClientError) {
+        // A waiter whose caller gave up is simply dropped.
+        match self {
+            Waiter::Members { tx, .. } => drop(tx.send(Err(err))),
+            Waiter::Stats(tx) => drop(tx.send(Err(err))),
+            Waiter::Pong(tx) => drop(tx.send(Err(err))),
+        }
+    }
+}
+
+/// Mutable state, behind [`Shared::state`]. Never held across an await.
+pub(crate) struct State {
+    /// A connection is up (requests may be sent).
+    pub connected: bool,
+    /// Our member id on the current (or last) connection.
+    pub member: MemberId,
+    /// The current (or last) server.
+    pub server: ServerInfo,
+    /// Groups the server has acknowledged us in; re-joined on reconnect.
+    /// `leave` removes at once, so a left group is never re-joined.
+    pub joined: HashSet<GroupName>,
+    /// Join waiters by group; completed by our own join event.
+    pub joins: HashMap<GroupName, Vec<Ack>>,
+    /// Leave waiters by group; completed by our own leave event.
+    pub leaves: HashMap<GroupName, Vec<Ack>>,
+    /// Other requests by id.
+    pub requests: HashMap<u64, Waiter>,
+}
+
+/// Everything the client handle and its tasks share.
+pub(crate) struct Shared {
+    /// The configuration, fixed for the client's life.
+    pub cfg: ClientConfig,
+    /// See [`State`].
+    state: Mutex<State>,
+    /// Largest payload we send: min(ours, server's).
+    send_limit: AtomicUsize,
+    /// Source of request ids and ping tokens.
+    next_req: AtomicU32,
+    /// `close` was called or the handle dropped: no new work, no reconnect.
+    closing: AtomicBool,
+    /// Wakes the supervisor out of its re-dial wait when closing.
+    pub stop: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: ClientConfig, server: ServerInfo, member: MemberId) -> Self {
+        let limit = cfg.max_message_size.min(server.max_message_size as usize);
+        Shared {
+            cfg,
+            state: Mutex::new(State {
+                connected: true,
+                member,
+                server,
+                joined: HashSet::new(),
+                joins: HashMap::new(),
+                leaves: HashMap::new(),
+                requests: HashMap::new(),
+            }),
+            send_limit: AtomicUsize::new(limit),
+            next_req: AtomicU32::new(1),
+            closing: AtomicBool::new(false),
+            stop: Notify::new(),
+        }
+    }
+
+    /// Locks the state. A panic while it was held cannot leave it
+    /// inconsistent in a way that matters more than stopping, so poisoning
+    /// is ignored.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The largest payload that may be sent now.
+    pub(crate) fn send_limit(&self) -> usize {
+        self.send_limit.load(Ordering::Relaxed)
+    }
+
+    /// A fresh request id.
+    pub(crate) fn next_id(&self) -> u32 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `close` was called (or the handle dropped).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Marks the client closing; returns whether it already was.
+    pub(crate) fn set_closing(&self) -> bool {
+        let was = self.closing.swap(true, Ordering::AcqRel);
+        self.stop.notify_one();
+        was
+    }
+
+    /// A new connection is up: records its facts and registers a join
+    /// waiter for every group to re-join. Returns the groups and waiters.
+    pub(crate) fn on_connected(
+        &self,
+        server: ServerInfo,
+        member: MemberId,
+    ) -> Vec<(GroupName, oneshot::Receiver<Result<(), ClientError>>)> {
+        let limit = self.cfg.max_message_size.min(server.max_message_size as usize);
+        self.send_limit.store(limit, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.connected = true;
+        st.member = member;
+        st.server = server;
+        let groups: Vec<GroupName> = st.joined.iter().cloned().collect();
+        groups
+            .into_iter()
+            .map(|g| {
+                let (tx, rx) = oneshot::channel();
+                st.joins.entry(g.clone()).or_default().push(tx);
+                (g, rx)
+            })
+            .collect()
+    }
+
+    /// The connection ended: fails every waiter with `err()` (leave waiters
+    /// succeed: a lost connection leaves every group, and a left group is
+    /// not re-joined).
+    pub(crate) fn on_disconnected(&self, err: impl Fn() -> ClientError) {
+        let (joins, leaves, requests) = {
+            let mut st = self.lock();
+            st.connected = false;
+            (
+                std::mem::take(&mut st.joins),
+                std::mem::take(&mut st.leaves),
+                std::mem::take(&mut st.requests),
+            )
+        };
+        for tx in joins.into_values().flatten() {
+            let _ = tx.send(Err(err()));
+        }
+        for tx in leaves.into_values().flatten() {
+            let _ = tx.send(Ok(()));
+        }
+        for waiter in requests.into_values() {
+            waiter.fail(err());
+        }
+    }
+
+    /// Handles one frame from the server. Returns the event to hand to the
+    /// application, if any, or `Err(frame)` for a frame the reader must
+    /// treat as the end of the connection (`ERROR`, or one a server may not
+    /// send).
+    pub(crate) fn on_frame(&self, frame: Frame) -> Result<Option<Event>, Frame> {
+        Ok(match frame {
+            Frame::Deliver { group, sender, payload } => Some(Event::Message { group, sender, payload }),
+            Frame::Direct { sender, payload } => Some(Event::Direct { sender, payload }),
+            Frame::Membership { group, subject, reason, size } => {
+                Some(self.on_membership(group, subject, reason, size))
+            }
+            Frame::MembersReply { req, last, members, .. } => {
+                self.on_members(req, last, members);
+                None
+            }
+            Frame::StatsReply { req, json } => {
+                if let Some(Waiter::Stats(tx)) = self.take_waiter(u64::from(req)) {
+                    let _ = tx.send(Ok(json));
+                }
+                None
+            }
+            Frame::Pong { token } => {
+                if let Some(Waiter::Pong(tx)) = self.take_waiter(token) {
+                    let _ = tx.send(Ok(()));
+                }
+                None
+            }
+            Frame::Noop => None,
+            other => return Err(other),
+        })
+    }
+
+    fn on_membership(&self, group: GroupName, subject: Bytes, reason: Reason, size: u32) -> Event {
+        let mut st = self.lock();
+        if subject.as_ref() == st.member.as_bytes() {
+            let acks = match reason {
+                Reason::Join => {
+                    st.joined.insert(group.clone());
+                    st.joins.remove(&group)
+                }
+                Reason::Leave | Reason::Disconnect => {
+                    st.joined.remove(&group);
+                    st.leaves.remove(&group)
+                }
+                Reason::NodeDown => None,
+            };
+            for tx in acks.into_iter().flatten() {
+                let _ = tx.send(Ok(()));
+            }
+        }
+        drop(st);
+        let subject = String::from_utf8_lossy(&subject).into_owned();
+        Event::Membership { group, subject, reason, size }
+    }
+
+    fn on_members(&self, req: u32, last: bool, members: Vec<MemberId>) {
+        let mut st = self.lock();
+        let key = u64::from(req);
+        if let Some(Waiter::Members { parts, .. }) = st.requests.get_mut(&key) {
+            parts.extend(members);
+            if last {
+                if let Some(Waiter::Members { parts, tx }) = st.requests.remove(&key) {
+                    let _ = tx.send(Ok(parts));
+                }
+            }
+        }
+    }
+
+    /// Removes and returns the waiter of request `id`.
+    pub(crate) fn take_waiter(&self, id: u64) -> Option<Waiter> {
+        self.lock().requests.remove(&id)
+    }
+}

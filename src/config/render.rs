@@ -1,0 +1,232 @@
+//! Printing the effective configuration in Momentum syntax.
+//!
+//! Every option of every stanza, one per line, values not set in the files
+//! marked `# default`. The output parses back to the same settings (a unit
+//! test holds us to it), so `msgc-server --print-config > x.conf` is a
+//! valid starting point. Unset optional values print as `""`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::apply::{CLIENT, LISTENER, SERVER};
+use super::settings::{ClientSettings, ServerSettings};
+use super::types::Peer;
+use super::Config;
+
+/// The whole effective configuration as Momentum text.
+pub(crate) fn render(cfg: &Config) -> String {
+    let mut out = String::from(
+        "# Effective msgc configuration. `# default` marks values not set in the files.\n",
+    );
+    stanza(&mut out, cfg, SERVER, &server_lines(&cfg.server));
+    listener(&mut out, cfg);
+    stanza(&mut out, cfg, CLIENT, &client_lines(&cfg.client));
+    out
+}
+
+fn stanza(out: &mut String, cfg: &Config, name: &str, lines: &[(&str, String)]) {
+    let _ = writeln!(out, "{name} {{");
+    for (key, value) in lines {
+        let mark = if cfg.is_set(name, key) {
+            ""
+        } else {
+            "  # default"
+        };
+        let _ = writeln!(out, "  {key} = {value}{mark}");
+    }
+    out.push_str("}\n");
+}
+
+fn listener(out: &mut String, cfg: &Config) {
+    let _ = writeln!(out, "{LISTENER} {{");
+    let mark = if cfg.is_set(LISTENER, "listen") {
+        ""
+    } else {
+        "  # default"
+    };
+    for addr in cfg.listener.effective(cfg.server.port) {
+        let addr = super::ListenAddr(addr).to_string();
+        let _ = writeln!(out, "  listen {} {{ }}{mark}", quote(&addr));
+    }
+    out.push_str("}\n");
+}
+
+/// `msgc_server` options in table order (sorted).
+pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "bind_address",
+            opt_quote(s.bind_address.map(|ip| ip.to_string())),
+        ),
+        ("connect_timeout", secs(s.connect_timeout)),
+        ("debug_level", s.debug_level.to_string()),
+        ("idle_timeout", secs(s.idle_timeout)),
+        ("io_backend", s.io_backend.to_string()),
+        ("keepalive_interval", secs(s.keepalive_interval)),
+        ("max_backlog", s.max_backlog.to_string()),
+        ("max_message_size", s.max_message_size.to_string()),
+        ("messages_per_iter", s.messages_per_iter.to_string()),
+        ("node", opt_quote(s.node.clone())),
+        ("peers", peers(&s.peers)),
+        ("port", s.port.to_string()),
+        ("reconnect_interval", secs(s.reconnect_interval)),
+        (
+            "shards",
+            s.shards
+                .map_or_else(|| "auto".to_string(), |n| n.to_string()),
+        ),
+        ("tcpbuf_size", s.tcpbuf_size.to_string()),
+    ]
+}
+
+/// `msgc_client` options in table order (sorted).
+pub(crate) fn client_lines(c: &ClientSettings) -> Vec<(&'static str, String)> {
+    let servers: Vec<String> = c.server.iter().map(|s| quote(s)).collect();
+    vec![
+        (
+            "bind_address",
+            opt_quote(c.bind_address.map(|ip| ip.to_string())),
+        ),
+        ("connect_timeout", secs(c.connect_timeout)),
+        ("debug_level", c.debug_level.to_string()),
+        ("idle_timeout", secs(c.idle_timeout)),
+        ("keepalive_interval", secs(c.keepalive_interval)),
+        ("max_backlog", c.max_backlog.to_string()),
+        ("messages_per_iter", c.messages_per_iter.to_string()),
+        ("reconnect_interval", secs(c.reconnect_interval)),
+        ("server", format!("( {} )", servers.join(" "))),
+        ("tcpbuf_size", c.tcpbuf_size.to_string()),
+    ]
+}
+
+/// Seconds, with a decimal part only when needed (`60`, `0.5`).
+fn secs(d: Duration) -> String {
+    let nanos = d.subsec_nanos();
+    if nanos == 0 {
+        return d.as_secs().to_string();
+    }
+    let frac = format!("{nanos:09}");
+    format!("{}.{}", d.as_secs(), frac.trim_end_matches('0'))
+}
+
+fn peers(peers: &[Peer]) -> String {
+    if peers.is_empty() {
+        return "[ ]".to_string();
+    }
+    let entries: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} = {}", key(&p.name), quote(&p.spec())))
+        .collect();
+    format!("[ {} ]", entries.join(" "))
+}
+
+/// A dictionary key: bare when the lexer would read it back as one word.
+fn key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if bare {
+        name.to_string()
+    } else {
+        quote(name)
+    }
+}
+
+fn opt_quote(value: Option<String>) -> String {
+    quote(value.as_deref().unwrap_or(""))
+}
+
+/// A Momentum string literal.
+pub(crate) fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::apply::{CLIENT_OPTIONS, SERVER_OPTIONS};
+
+    #[test]
+    fn every_option_is_rendered() {
+        let server: Vec<&str> = server_lines(&ServerSettings::default())
+            .iter()
+            .map(|l| l.0)
+            .collect();
+        let table: Vec<&str> = SERVER_OPTIONS.iter().map(|d| d.name).collect();
+        assert_eq!(server, table);
+        let client: Vec<&str> = client_lines(&ClientSettings::default())
+            .iter()
+            .map(|l| l.0)
+            .collect();
+        let table: Vec<&str> = CLIENT_OPTIONS.iter().map(|d| d.name).collect();
+        assert_eq!(client, table);
+    }
+
+    #[test]
+    fn seconds_and_quotes() {
+        assert_eq!(secs(Duration::from_secs(60)), "60");
+        assert_eq!(secs(Duration::from_millis(500)), "0.5");
+        assert_eq!(secs(Duration::new(1, 1)), "1.000000001");
+        assert_eq!(quote("a\"b\\c\n"), r#""a\"b\\c\n""#);
+        assert_eq!(key("node-1"), "node-1");
+        assert_eq!(key("a b"), "\"a b\"");
+    }
+
+    #[test]
+    fn defaults_render_marked_and_parse_back() {
+        let cfg = Config::default();
+        let text = cfg.render_effective();
+        assert!(text.contains("  port = 4809  # default\n"), "{text}");
+        assert!(
+            text.contains("  listen \":4809\" { }  # default\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  server = ( \"127.0.0.1:4809\" )  # default\n"),
+            "{text}"
+        );
+        let back = Config::parse_str("rendered", &text).expect("rendered text parses");
+        assert_eq!((back.server, back.client), (cfg.server, cfg.client));
+    }
+
+    #[test]
+    fn explicit_values_round_trip_unmarked() {
+        let text = r#"
+            msgc_server {
+              peers = [ a = "10.0.0.1" "b c" = "[::1]:7" ]
+              node = a
+              keepalive_interval = 0.25
+              shards = 4
+              bind_address = 10.0.0.1
+            }
+            msgcserver_listener { listen "127.0.0.1:5000" { } }
+            msgc_client { server = ( "h:1", "[::1]:2" ) debug_level = crit }
+        "#;
+        let cfg = Config::parse_str("t", text).expect("valid");
+        let out = cfg.render_effective();
+        assert!(out.contains("  keepalive_interval = 0.25\n"), "{out}");
+        assert!(
+            out.contains("  peers = [ a = \"10.0.0.1\" \"b c\" = \"[::1]:7\" ]\n"),
+            "{out}"
+        );
+        assert!(out.contains("  debug_level = CRITICAL\n"), "{out}");
+        let back = Config::parse_str("rendered", &out).expect("rendered text parses");
+        assert_eq!(back.server, cfg.server);
+        assert_eq!(back.listener, cfg.listener);
+        assert_eq!(back.client, cfg.client);
+    }
+}

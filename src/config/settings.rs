@@ -1,0 +1,172 @@
+//! Typed settings of the three msgc stanzas, with the seed's defaults.
+//!
+//! Owns the fields, their defaults and their documented ranges. Reading them
+//! from a syntax tree lives in `apply.rs`; printing them in `render.rs`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::types::{DebugLevel, IoBackend, ListenAddr, Peer};
+
+/// The seed's port for msgc traffic (`msgc_server.port`, `listen ":4809"`).
+pub const DEFAULT_PORT: u16 = 4809;
+/// Smallest non-zero `tcpbuf_size`.
+pub const MIN_TCPBUF: usize = 4096;
+/// Largest `tcpbuf_size` (256 MiB).
+pub const MAX_TCPBUF: usize = 256 * 1024 * 1024;
+/// Largest `max_backlog`.
+pub const MAX_BACKLOG: usize = 100_000_000;
+/// Largest `messages_per_iter`.
+pub const MAX_MESSAGES_PER_ITER: usize = 1_000_000;
+/// Largest `max_message_size` (64 MiB).
+pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
+/// Largest `shards`.
+pub const MAX_SHARDS: usize = 64;
+
+/// `msgc_server { … }`: the router process and its peer mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Local IP for outbound peer connections. Default: none (the kernel
+    /// chooses). Written `""` for "not set".
+    pub bind_address: Option<IpAddr>,
+    /// Longest wait for an outbound `connect`. Default 60 s; > 0.
+    pub connect_timeout: Duration,
+    /// Log verbosity of this module. Default `ERROR`.
+    pub debug_level: DebugLevel,
+    /// How long an idle connection is held open. Default 30 s; > 0.
+    pub idle_timeout: Duration,
+    /// Which I/O engine the shards run. Default `auto`.
+    pub io_backend: IoBackend,
+    /// Silence after which a no-op frame is sent. Default 5 s; > 0.
+    pub keepalive_interval: Duration,
+    /// Queued messages after which a connection is stuck and closed.
+    /// Default 5000; 1..=[`MAX_BACKLOG`].
+    pub max_backlog: usize,
+    /// Largest frame accepted, in bytes. Default 1 MiB (1048576);
+    /// 1..=[`MAX_MESSAGE_SIZE`].
+    pub max_message_size: usize,
+    /// Frames read from (or written to) one connection before serving
+    /// others. Default 20; 1..=[`MAX_MESSAGES_PER_ITER`].
+    pub messages_per_iter: usize,
+    /// This node's name in `peers`. Default: none (found by matching a local
+    /// address). When `peers` is non-empty it names one of them.
+    pub node: Option<String>,
+    /// Cluster nodes in file order. Default: empty (a single node). Names
+    /// are unique, and so are their `host:port` addresses.
+    pub peers: Vec<Peer>,
+    /// Port of peers without one, and of the default listener. Default 4809;
+    /// 1..=65535.
+    pub port: u16,
+    /// Wait before re-dialling a failed connection. Default 5 s; > 0.
+    pub reconnect_interval: Duration,
+    /// Worker threads. Default `None` (written `auto`): one per CPU;
+    /// otherwise 1..=[`MAX_SHARDS`].
+    pub shards: Option<usize>,
+    /// SO_SNDBUF/SO_RCVBUF in bytes. Default 131072. 0 leaves the kernel's
+    /// default and autotuning (our extension); otherwise
+    /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
+    pub tcpbuf_size: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            bind_address: None,
+            connect_timeout: Duration::from_secs(60),
+            debug_level: DebugLevel::Error,
+            idle_timeout: Duration::from_secs(30),
+            io_backend: IoBackend::Auto,
+            keepalive_interval: Duration::from_secs(5),
+            max_backlog: 5000,
+            max_message_size: 1024 * 1024,
+            messages_per_iter: 20,
+            node: None,
+            peers: Vec::new(),
+            port: DEFAULT_PORT,
+            reconnect_interval: Duration::from_secs(5),
+            shards: None,
+            tcpbuf_size: 131_072,
+        }
+    }
+}
+
+impl ServerSettings {
+    /// The peer named by `node`, if any.
+    pub fn local_peer(&self) -> Option<&Peer> {
+        let node = self.node.as_deref()?;
+        self.peers.iter().find(|p| p.name == node)
+    }
+
+    /// The peer called `name`.
+    pub fn peer(&self, name: &str) -> Option<&Peer> {
+        self.peers.iter().find(|p| p.name == name)
+    }
+}
+
+/// `msgcserver_listener { listen "ADDR" { } … }`: where the server accepts
+/// clients and peers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListenerSettings {
+    /// Addresses from the `listen` scopes, in file order, no duplicates.
+    /// Default: empty, meaning "not configured": the server listens on
+    /// `":PORT"` with `msgc_server.port` (see [`ListenerSettings::effective`]).
+    pub listen: Vec<ListenAddr>,
+}
+
+impl ListenerSettings {
+    /// The addresses to bind: `listen` if any, else every IPv4 address on
+    /// `port`.
+    pub fn effective(&self, port: u16) -> Vec<SocketAddr> {
+        if self.listen.is_empty() {
+            vec![ListenAddr::any(port).0]
+        } else {
+            self.listen.iter().map(|a| a.0).collect()
+        }
+    }
+}
+
+/// `msgc_client { … }`: a client's connection to its msgc_server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// Local IP for the outbound connection. Default: none.
+    pub bind_address: Option<IpAddr>,
+    /// Longest wait for `connect`. Default 60 s; > 0.
+    pub connect_timeout: Duration,
+    /// Log verbosity of this module. Default `ERROR`.
+    pub debug_level: DebugLevel,
+    /// How long an idle connection is held open. Default 30 s; > 0.
+    pub idle_timeout: Duration,
+    /// Silence after which a no-op frame is sent. Default 5 s; > 0.
+    pub keepalive_interval: Duration,
+    /// Queued messages before the connection is declared stuck.
+    /// Default 5000; 1..=[`MAX_BACKLOG`].
+    pub max_backlog: usize,
+    /// Frames handled per connection turn. Default 20;
+    /// 1..=[`MAX_MESSAGES_PER_ITER`].
+    pub messages_per_iter: usize,
+    /// Wait before reconnecting. Default 5 s; > 0.
+    pub reconnect_interval: Duration,
+    /// Servers as `host:port` (or `[v6]:port`), tried in order; never empty.
+    /// Default `["127.0.0.1:4809"]`.
+    pub server: Vec<String>,
+    /// SO_SNDBUF/SO_RCVBUF in bytes. Default 131072; 0 = kernel default,
+    /// else [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
+    pub tcpbuf_size: usize,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            bind_address: None,
+            connect_timeout: Duration::from_secs(60),
+            debug_level: DebugLevel::Error,
+            idle_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
+            max_backlog: 5000,
+            messages_per_iter: 20,
+            reconnect_interval: Duration::from_secs(5),
+            server: vec![format!("127.0.0.1:{DEFAULT_PORT}")],
+            tcpbuf_size: 131_072,
+        }
+    }
+}

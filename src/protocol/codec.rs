@@ -1,0 +1,607 @@
+//! Byte layout of every frame: `encode` into a `BytesMut`, two-step
+//! `decode` out of one.
+//!
+//! A frame is a 4-byte big-endian length `N`, then `N` bytes: one type byte
+//! and the body. Decoding never allocates for a frame before it is whole and
+//! its length is within the limit; payloads and names are slices of the read
+//! buffer. Incomplete input is `Ok(None)`; anything malformed is a
+//! [`DecodeError`] that maps to an [`ErrorCode`].
+
+use super::frame::{
+    snapshot_flags, ErrorCode, Frame, FrameType, Hello, Reason, Role, Welcome, MAGIC,
+};
+use super::names::{GroupName, MemberId, NameError, NodeName};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// Bytes of a frame that are not payload, at the most: length, type, two
+/// names with their length bytes, and fixed fields. The frame limit is
+/// `max_message_size + FRAME_OVERHEAD`.
+pub const FRAME_OVERHEAD: usize = 1024;
+
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Why bytes could not be decoded into a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The length prefix is larger than the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Declared length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// The length prefix is zero (a frame needs at least its type byte).
+    #[error("frame length is zero")]
+    ZeroLength,
+    /// The type byte is not known.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownType(u8),
+    /// The body does not match the type's layout.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+    /// A name field breaks the name rules.
+    #[error("invalid name: {0}")]
+    InvalidName(#[from] NameError),
+    /// `HELLO` without the magic bytes.
+    #[error("bad magic in HELLO")]
+    BadMagic,
+}
+
+impl DecodeError {
+    /// The wire error code reported to the sender before closing.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::TooLarge { .. } => ErrorCode::TOO_LARGE,
+            Self::ZeroLength | Self::Malformed(_) => ErrorCode::MALFORMED,
+            Self::UnknownType(_) => ErrorCode::UNKNOWN_TYPE,
+            Self::InvalidName(_) => ErrorCode::INVALID_NAME,
+            Self::BadMagic => ErrorCode::UNSUPPORTED_VERSION,
+        }
+    }
+}
+
+/// Decodes one frame from the front of `buf`, removing its bytes.
+///
+/// `max_frame` bounds the length prefix (type byte and body).
+///
+/// # Errors
+/// [`DecodeError`] when the bytes cannot be a valid frame; the connection
+/// should be answered with `ERROR` and closed. A bad length prefix leaves
+/// `buf` as it was; a bad body has already been removed from it.
+pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, DecodeError> {
+    let Some(len) = peek_len(buf, max_frame)? else {
+        return Ok(None);
+    };
+    if buf.len() < LEN_PREFIX + len {
+        return Ok(None);
+    }
+    let mut body = buf.split_to(LEN_PREFIX + len).freeze();
+    body.advance(LEN_PREFIX);
+    let ty = body.get_u8();
+    decode_body(FrameType(ty), body).map(Some)
+}
+
+/// Reads and checks the length prefix, if four bytes are there.
+///
+/// # Errors
+/// [`DecodeError::TooLarge`] or [`DecodeError::ZeroLength`].
+pub fn peek_len(buf: &[u8], max_frame: usize) -> Result<Option<usize>, DecodeError> {
+    let Some(prefix) = buf.get(..LEN_PREFIX) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if len == 0 {
+        return Err(DecodeError::ZeroLength);
+    }
+    if len > max_frame {
+        return Err(DecodeError::TooLarge {
+            len,
+            max: max_frame,
+        });
+    }
+    Ok(Some(len))
+}
+
+/// Decodes a frame body of type `ty` (the bytes after the type byte).
+///
+/// # Errors
+/// [`DecodeError`] when the body does not match the type's layout.
+pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
+    let frame = match ty {
+        FrameType::HELLO => Frame::Hello(decode_hello(&mut b)?),
+        FrameType::WELCOME => Frame::Welcome(decode_welcome(&mut b)?),
+        FrameType::NOOP => Frame::Noop,
+        FrameType::ERROR => decode_error(&mut b)?,
+        FrameType::PING => Frame::Ping {
+            token: u64_(&mut b)?,
+        },
+        FrameType::PONG => Frame::Pong {
+            token: u64_(&mut b)?,
+        },
+        FrameType::JOIN => Frame::Join {
+            group: group(&mut b)?,
+        },
+        FrameType::LEAVE => Frame::Leave {
+            group: group(&mut b)?,
+        },
+        FrameType::PUBLISH => Frame::Publish {
+            group: group(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType::SEND => Frame::Send {
+            to: member(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType::MEMBERS_REQUEST => Frame::MembersRequest {
+            req: u32_(&mut b)?,
+            group: group(&mut b)?,
+        },
+        FrameType::STATS_REQUEST => Frame::StatsRequest { req: u32_(&mut b)? },
+        FrameType::DELIVER => Frame::Deliver {
+            group: group(&mut b)?,
+            sender: member(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType::DIRECT => Frame::Direct {
+            sender: member(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType::MEMBERSHIP => decode_membership(&mut b)?,
+        FrameType::MEMBERS_REPLY => decode_members_reply(&mut b)?,
+        FrameType::STATS_REPLY => Frame::StatsReply {
+            req: u32_(&mut b)?,
+            json: rest(&mut b),
+        },
+        FrameType::SNAPSHOT => decode_snapshot(&mut b)?,
+        FrameType::PEER_JOIN => Frame::PeerJoin {
+            group: group(&mut b)?,
+            member: member(&mut b)?,
+        },
+        FrameType::PEER_LEAVE => Frame::PeerLeave {
+            group: group(&mut b)?,
+            member: member(&mut b)?,
+            reason: reason(&mut b)?,
+        },
+        FrameType::FORWARD => Frame::Forward {
+            group: group(&mut b)?,
+            sender: member(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType::FORWARD_DIRECT => Frame::ForwardDirect {
+            to: member(&mut b)?,
+            sender: member(&mut b)?,
+            payload: rest(&mut b),
+        },
+        FrameType(other) => return Err(DecodeError::UnknownType(other)),
+    };
+    if b.has_remaining() {
+        return Err(DecodeError::Malformed(
+            "trailing bytes after the last field",
+        ));
+    }
+    Ok(frame)
+}
+
+fn decode_hello(b: &mut Bytes) -> Result<Hello, DecodeError> {
+    if b.remaining() < MAGIC.len() || &b[..MAGIC.len()] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    b.advance(MAGIC.len());
+    let version = u16_(b)?;
+    let role = match u8_(b)? {
+        1 => Role::Client,
+        2 => Role::Peer,
+        _ => {
+            return Err(DecodeError::Malformed(
+                "role must be 1 (client) or 2 (peer)",
+            ))
+        }
+    };
+    let name = opt_name(b)?.map(NodeName::new).transpose()?;
+    let len = u16_(b)? as usize;
+    let credentials = take(b, len)?;
+    Ok(Hello {
+        version,
+        role,
+        name,
+        credentials,
+    })
+}
+
+fn decode_welcome(b: &mut Bytes) -> Result<Welcome, DecodeError> {
+    Ok(Welcome {
+        version: u16_(b)?,
+        node: NodeName::new(str8(b)?)?,
+        member: opt_name(b)?.map(MemberId::new).transpose()?,
+        max_message_size: u32_(b)?,
+        idle_timeout_ms: u32_(b)?,
+    })
+}
+
+fn decode_error(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let code = ErrorCode(u16_(b)?);
+    let len = u16_(b)? as usize;
+    let text = take(b, len)?;
+    let message = String::from_utf8(text.to_vec())
+        .map_err(|_| DecodeError::Malformed("error message is not UTF-8"))?;
+    Ok(Frame::Error { code, message })
+}
+
+fn decode_membership(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let group = group(b)?;
+    let reason = reason(b)?;
+    let size = u32_(b)?;
+    let subject = str8(b)?;
+    super::names::validate_name(&subject)?;
+    Ok(Frame::Membership {
+        group,
+        subject,
+        reason,
+        size,
+    })
+}
+
+fn decode_members_reply(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let req = u32_(b)?;
+    let last = match u8_(b)? {
+        0 => false,
+        1 => true,
+        _ => return Err(DecodeError::Malformed("members reply flags must be 0 or 1")),
+    };
+    let group = group(b)?;
+    let count = count(b, 2)?;
+    let mut members = Vec::with_capacity(prealloc::<MemberId>(count, b));
+    for _ in 0..count {
+        members.push(member(b)?);
+    }
+    Ok(Frame::MembersReply {
+        req,
+        last,
+        group,
+        members,
+    })
+}
+
+fn decode_snapshot(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let flags = u8_(b)?;
+    if flags & !(snapshot_flags::FIRST | snapshot_flags::LAST) != 0 {
+        return Err(DecodeError::Malformed("unknown snapshot flags"));
+    }
+    let count = count(b, 4)?;
+    let mut entries = Vec::with_capacity(prealloc::<(GroupName, MemberId)>(count, b));
+    for _ in 0..count {
+        entries.push((group(b)?, member(b)?));
+    }
+    Ok(Frame::Snapshot { flags, entries })
+}
+
+/// Reads a u32 element count and checks that `count * min_entry` bytes remain,
+/// so a forged count cannot make us allocate.
+fn count(b: &mut Bytes, min_entry: usize) -> Result<usize, DecodeError> {
+    let n = u32_(b)? as usize;
+    if n.saturating_mul(min_entry) > b.remaining() {
+        return Err(DecodeError::Malformed("element count exceeds the frame"));
+    }
+    Ok(n)
+}
+
+/// How many of `count` list elements of type `T` to reserve up front: no
+/// more than the rest of the frame's own size in memory. An element in
+/// memory (32 or 64 bytes) is larger than its smallest encoding (2 or 4
+/// bytes), so reserving `count` outright would let a frame whose count
+/// passes [`count`] but whose entries are garbage cost 16 times its size;
+/// past this the list grows only with entries actually decoded.
+fn prealloc<T>(count: usize, b: &Bytes) -> usize {
+    count.min(b.remaining() / std::mem::size_of::<T>().max(1))
+}
+
+fn u8_(b: &mut Bytes) -> Result<u8, DecodeError> {
+    b.try_get_u8()
+        .map_err(|_| DecodeError::Malformed("truncated field"))
+}
+
+fn u16_(b: &mut Bytes) -> Result<u16, DecodeError> {
+    b.try_get_u16()
+        .map_err(|_| DecodeError::Malformed("truncated field"))
+}
+
+fn u32_(b: &mut Bytes) -> Result<u32, DecodeError> {
+    b.try_get_u32()
+        .map_err(|_| DecodeError::Malformed("truncated field"))
+}
+
+fn u64_(b: &mut Bytes) -> Result<u64, DecodeError> {
+    b.try_get_u64()
+        .map_err(|_| DecodeError::Malformed("truncated field"))
+}
+
+fn take(b: &mut Bytes, len: usize) -> Result<Bytes, DecodeError> {
+    if b.remaining() < len {
+        return Err(DecodeError::Malformed(
+            "field runs past the end of the frame",
+        ));
+    }
+    Ok(b.split_to(len))
+}
+
+fn str8(b: &mut Bytes) -> Result<Bytes, DecodeError> {
+    let len = u8_(b)? as usize;
+    take(b, len)
+}
+
+fn opt_name(b: &mut Bytes) -> Result<Option<Bytes>, DecodeError> {
+    let s = str8(b)?;
+    Ok((!s.is_empty()).then_some(s))
+}
+
+fn group(b: &mut Bytes) -> Result<GroupName, DecodeError> {
+    Ok(GroupName::new(str8(b)?)?)
+}
+
+fn member(b: &mut Bytes) -> Result<MemberId, DecodeError> {
+    Ok(MemberId::new(str8(b)?)?)
+}
+
+fn reason(b: &mut Bytes) -> Result<Reason, DecodeError> {
+    Reason::from_u8(u8_(b)?).ok_or(DecodeError::Malformed("unknown membership reason"))
+}
+
+fn rest(b: &mut Bytes) -> Bytes {
+    b.split_off(0)
+}
+
+// ---------------------------------------------------------------- encoding
+
+/// Writes the length prefix and type byte for a body of `body_len` bytes.
+fn header(dst: &mut BytesMut, ty: FrameType, body_len: usize) {
+    dst.reserve(LEN_PREFIX + 1 + body_len);
+    // Frames are bounded by the frame limit (far below 4 GiB) before encoding.
+    dst.put_u32((body_len + 1) as u32);
+    dst.put_u8(ty.0);
+}
+
+fn put_str8(dst: &mut BytesMut, s: &[u8]) {
+    // Names are validated to at most 255 bytes; longer input is cut, never wrapped.
+    let s = &s[..s.len().min(255)];
+    dst.put_u8(s.len() as u8);
+    dst.put_slice(s);
+}
+
+fn put_str16(dst: &mut BytesMut, s: &[u8]) {
+    let s = &s[..s.len().min(u16::MAX as usize)];
+    dst.put_u16(s.len() as u16);
+    dst.put_slice(s);
+}
+
+/// Encodes a `DELIVER` (or, with `ty = FORWARD`, a `FORWARD`) frame into a
+/// fresh shared buffer: the one copy of a publish's payload that every
+/// recipient then shares.
+pub fn encode_group_message(
+    ty: FrameType,
+    group: &GroupName,
+    sender: &MemberId,
+    payload: &[u8],
+) -> Bytes {
+    let body = 2 + group.as_bytes().len() + sender.as_bytes().len() + payload.len();
+    let mut dst = BytesMut::with_capacity(LEN_PREFIX + 1 + body);
+    header(&mut dst, ty, body);
+    put_str8(&mut dst, group.as_bytes());
+    put_str8(&mut dst, sender.as_bytes());
+    dst.put_slice(payload);
+    dst.freeze()
+}
+
+/// Encodes a `PUBLISH` frame (what clients send).
+pub fn encode_publish(dst: &mut BytesMut, group: &GroupName, payload: &[u8]) {
+    header(
+        dst,
+        FrameType::PUBLISH,
+        1 + group.as_bytes().len() + payload.len(),
+    );
+    put_str8(dst, group.as_bytes());
+    dst.put_slice(payload);
+}
+
+impl Frame {
+    /// Appends this frame's bytes to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let mut body = BytesMut::new();
+        self.encode_body(&mut body);
+        header(dst, self.frame_type(), body.len());
+        dst.put_slice(&body);
+    }
+
+    /// This frame as a fresh buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut dst = BytesMut::new();
+        self.encode(&mut dst);
+        dst.freeze()
+    }
+
+    fn encode_body(&self, b: &mut BytesMut) {
+        match self {
+            Frame::Hello(h) => encode_hello(b, h),
+            Frame::Welcome(w) => encode_welcome(b, w),
+            Frame::Noop => {}
+            Frame::Error { code, message } => {
+                b.put_u16(code.0);
+                put_str16(b, utf8_prefix(message, u16::MAX as usize).as_bytes());
+            }
+            Frame::Ping { token } | Frame::Pong { token } => b.put_u64(*token),
+            Frame::Join { group } | Frame::Leave { group } => put_str8(b, group.as_bytes()),
+            Frame::Publish { group, payload } => put_name_payload(b, group.as_bytes(), payload),
+            Frame::Send { to, payload } => put_name_payload(b, to.as_bytes(), payload),
+            Frame::MembersRequest { req, group } => {
+                b.put_u32(*req);
+                put_str8(b, group.as_bytes());
+            }
+            Frame::StatsRequest { req } => b.put_u32(*req),
+            Frame::Deliver {
+                group,
+                sender,
+                payload,
+            }
+            | Frame::Forward {
+                group,
+                sender,
+                payload,
+            } => {
+                put_str8(b, group.as_bytes());
+                put_name_payload(b, sender.as_bytes(), payload);
+            }
+            Frame::Direct { sender, payload } => put_name_payload(b, sender.as_bytes(), payload),
+            Frame::Membership {
+                group,
+                subject,
+                reason,
+                size,
+            } => {
+                put_str8(b, group.as_bytes());
+                b.put_u8(*reason as u8);
+                b.put_u32(*size);
+                put_str8(b, subject);
+            }
+            Frame::MembersReply {
+                req,
+                last,
+                group,
+                members,
+            } => {
+                b.put_u32(*req);
+                b.put_u8(u8::from(*last));
+                put_str8(b, group.as_bytes());
+                b.put_u32(members.len() as u32);
+                members.iter().for_each(|m| put_str8(b, m.as_bytes()));
+            }
+            Frame::StatsReply { req, json } => {
+                b.put_u32(*req);
+                b.put_slice(json);
+            }
+            Frame::Snapshot { flags, entries } => {
+                b.put_u8(*flags);
+                b.put_u32(entries.len() as u32);
+                for (g, m) in entries {
+                    put_str8(b, g.as_bytes());
+                    put_str8(b, m.as_bytes());
+                }
+            }
+            Frame::PeerJoin { group, member } => {
+                put_str8(b, group.as_bytes());
+                put_str8(b, member.as_bytes());
+            }
+            Frame::PeerLeave {
+                group,
+                member,
+                reason,
+            } => {
+                put_str8(b, group.as_bytes());
+                put_str8(b, member.as_bytes());
+                b.put_u8(*reason as u8);
+            }
+            Frame::ForwardDirect {
+                to,
+                sender,
+                payload,
+            } => {
+                put_str8(b, to.as_bytes());
+                put_name_payload(b, sender.as_bytes(), payload);
+            }
+        }
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character
+/// boundary, so that a cut `ERROR` message is still valid UTF-8.
+fn utf8_prefix(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_name_payload(b: &mut BytesMut, name: &[u8], payload: &[u8]) {
+    put_str8(b, name);
+    b.put_slice(payload);
+}
+
+fn encode_hello(b: &mut BytesMut, h: &Hello) {
+    b.put_slice(MAGIC);
+    b.put_u16(h.version);
+    b.put_u8(h.role as u8);
+    put_str8(b, h.name.as_ref().map_or(&[][..], |n| n.as_bytes()));
+    put_str16(b, &h.credentials);
+}
+
+fn encode_welcome(b: &mut BytesMut, w: &Welcome) {
+    b.put_u16(w.version);
+    put_str8(b, w.node.as_bytes());
+    put_str8(b, w.member.as_ref().map_or(&[][..], |m| m.as_bytes()));
+    b.put_u32(w.max_message_size);
+    b.put_u32(w.idle_timeout_ms);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(s: &str) -> GroupName {
+        GroupName::from_str_checked(s).unwrap()
+    }
+
+    #[test]
+    fn partial_input_is_not_an_error() {
+        let bytes = Frame::Join { group: g("orders") }.to_bytes();
+        let mut buf = BytesMut::new();
+        for (i, byte) in bytes.iter().enumerate() {
+            assert_eq!(decode(&mut buf, 64).unwrap(), None, "after {i} bytes");
+            buf.put_u8(*byte);
+        }
+        assert_eq!(
+            decode(&mut buf, 64).unwrap(),
+            Some(Frame::Join { group: g("orders") })
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn limits_and_unknown_types() {
+        let mut buf = BytesMut::from(&[0, 0, 1, 0, 0x12][..]);
+        assert_eq!(
+            decode(&mut buf, 255),
+            Err(DecodeError::TooLarge { len: 256, max: 255 })
+        );
+        let mut buf = BytesMut::from(&[0, 0, 0, 0][..]);
+        assert_eq!(decode(&mut buf, 255), Err(DecodeError::ZeroLength));
+        let mut buf = BytesMut::from(&[0, 0, 0, 1, 0x7f][..]);
+        assert_eq!(decode(&mut buf, 255), Err(DecodeError::UnknownType(0x7f)));
+        let mut buf = BytesMut::from(&[0, 0, 0, 2, 0x10, 0][..]);
+        assert_eq!(
+            decode(&mut buf, 255),
+            Err(DecodeError::InvalidName(NameError::Empty))
+        );
+        let mut buf = BytesMut::from(&[0, 0, 0, 1, 0x10][..]);
+        assert_eq!(
+            decode(&mut buf, 255),
+            Err(DecodeError::Malformed("truncated field"))
+        );
+    }
+
+    #[test]
+    fn group_message_matches_generic_encoding() {
+        let m = MemberId::from_str_checked("n/0.1").unwrap();
+        let fast = encode_group_message(FrameType::DELIVER, &g("a"), &m, b"hi");
+        let slow = Frame::Deliver {
+            group: g("a"),
+            sender: m,
+            payload: Bytes::from_static(b"hi"),
+        };
+        assert_eq!(fast, slow.to_bytes());
+    }
+}

@@ -1,0 +1,385 @@
+//! The frames of the wire protocol: their types, fields and codes.
+//!
+//! One enum variant per frame kind; [`crate::protocol::codec`] owns the
+//! byte layout. PROTOCOL.md is the normative description; keep the two in
+//! step.
+
+use super::names::{GroupName, MemberId, NodeName};
+use bytes::Bytes;
+
+/// Protocol version spoken by this implementation.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The four bytes that open every `HELLO` body.
+pub const MAGIC: &[u8; 4] = b"MSGC";
+
+/// A frame's type byte. A newtype so that unknown types stay representable
+/// (they are rejected by the decoder with [`ErrorCode::UNKNOWN_TYPE`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrameType(pub u8);
+
+impl FrameType {
+    /// Handshake, first frame from a client or a dialling peer.
+    pub const HELLO: Self = Self(0x01);
+    /// Handshake answer from the server.
+    pub const WELCOME: Self = Self(0x02);
+    /// Keepalive; no body.
+    pub const NOOP: Self = Self(0x03);
+    /// An error; the sender closes the connection after it.
+    pub const ERROR: Self = Self(0x04);
+    /// Ping with a token; answered by `PONG`.
+    pub const PING: Self = Self(0x05);
+    /// Answer to `PING`.
+    pub const PONG: Self = Self(0x06);
+    /// Client joins a group.
+    pub const JOIN: Self = Self(0x10);
+    /// Client leaves a group.
+    pub const LEAVE: Self = Self(0x11);
+    /// Client publishes to a group.
+    pub const PUBLISH: Self = Self(0x12);
+    /// Client sends to one member.
+    pub const SEND: Self = Self(0x13);
+    /// Client asks for a group's members.
+    pub const MEMBERS_REQUEST: Self = Self(0x14);
+    /// Client asks for the server's counters.
+    pub const STATS_REQUEST: Self = Self(0x15);
+    /// Server delivers a group message.
+    pub const DELIVER: Self = Self(0x20);
+    /// Server delivers a message sent to this member alone.
+    pub const DIRECT: Self = Self(0x21);
+    /// Server reports a membership change.
+    pub const MEMBERSHIP: Self = Self(0x22);
+    /// Server answers `MEMBERS_REQUEST` (possibly in several parts).
+    pub const MEMBERS_REPLY: Self = Self(0x23);
+    /// Server answers `STATS_REQUEST`.
+    pub const STATS_REPLY: Self = Self(0x24);
+    /// Peer: one chunk of a membership snapshot.
+    pub const SNAPSHOT: Self = Self(0x30);
+    /// Peer: a member joined a group on the sending node.
+    pub const PEER_JOIN: Self = Self(0x31);
+    /// Peer: a member left a group on the sending node.
+    pub const PEER_LEAVE: Self = Self(0x32);
+    /// Peer: a group message published on the sending node.
+    pub const FORWARD: Self = Self(0x33);
+    /// Peer: a message for one member living on the receiving node.
+    pub const FORWARD_DIRECT: Self = Self(0x34);
+}
+
+/// Which side of the bus a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// An application (msgc_client).
+    Client = 1,
+    /// Another msgc server of the cluster.
+    Peer = 2,
+}
+
+/// An error code carried by `ERROR`. A newtype so unknown codes survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// The frame's body does not match its type's layout, or the length
+    /// prefix is zero.
+    pub const MALFORMED: Self = Self(1);
+    /// The length prefix exceeds the frame limit.
+    pub const TOO_LARGE: Self = Self(2);
+    /// The type byte is not one this version knows.
+    pub const UNKNOWN_TYPE: Self = Self(3);
+    /// Something other than `HELLO` came first, or `HELLO` came twice.
+    pub const HANDSHAKE_REQUIRED: Self = Self(4);
+    /// Bad magic or a protocol version the server does not speak.
+    pub const UNSUPPORTED_VERSION: Self = Self(5);
+    /// A group, member or node name breaks the name rules.
+    pub const INVALID_NAME: Self = Self(6);
+    /// The peer is not in `peers`, or credentials were refused.
+    pub const NOT_ALLOWED: Self = Self(7);
+    /// The outbound queue passed `max_backlog`: the connection is stuck.
+    pub const STUCK: Self = Self(8);
+    /// Nothing was received for `idle_timeout`.
+    pub const IDLE: Self = Self(9);
+    /// The server is shutting down.
+    pub const SHUTTING_DOWN: Self = Self(10);
+    /// A second link to the same peer; the other one is kept.
+    pub const DUPLICATE_LINK: Self = Self(11);
+    /// A valid frame that this role may not send (e.g. a client `FORWARD`).
+    pub const UNEXPECTED: Self = Self(12);
+    /// A payload larger than `max_message_size`.
+    pub const MESSAGE_TOO_LARGE: Self = Self(13);
+
+    /// A short lower-case name for logs and counters.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            1 => "malformed",
+            2 => "too_large",
+            3 => "unknown_type",
+            4 => "handshake_required",
+            5 => "unsupported_version",
+            6 => "invalid_name",
+            7 => "not_allowed",
+            8 => "stuck",
+            9 => "idle",
+            10 => "shutting_down",
+            11 => "duplicate_link",
+            12 => "unexpected",
+            13 => "message_too_large",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Why a membership changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The member joined.
+    Join = 1,
+    /// The member left of its own accord.
+    Leave = 2,
+    /// The member's connection closed.
+    Disconnect = 3,
+    /// The node the members lived on is unreachable; `subject` is the node.
+    NodeDown = 4,
+}
+
+impl Reason {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Join,
+            2 => Self::Leave,
+            3 => Self::Disconnect,
+            4 => Self::NodeDown,
+            _ => return None,
+        })
+    }
+
+    /// A short lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::Disconnect => "disconnect",
+            Self::NodeDown => "node-down",
+        }
+    }
+}
+
+/// `HELLO`: the first frame on every connection, from the dialling side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the sender speaks.
+    pub version: u16,
+    /// Client or peer.
+    pub role: Role,
+    /// Peer: its node name (required). Client: a name for logs (may be absent).
+    pub name: Option<NodeName>,
+    /// Opaque credentials, empty when none; reserved for authentication.
+    pub credentials: Bytes,
+}
+
+/// `WELCOME`: the server's answer to a `HELLO` it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Protocol version the server speaks.
+    pub version: u16,
+    /// The server's node name.
+    pub node: NodeName,
+    /// The id assigned to this client; absent on peer links.
+    pub member: Option<MemberId>,
+    /// Largest payload the server accepts, in bytes.
+    pub max_message_size: u32,
+    /// The server's `idle_timeout`, in milliseconds: send something more often.
+    pub idle_timeout_ms: u32,
+}
+
+/// One entry of a membership snapshot.
+pub type SnapshotEntry = (GroupName, MemberId);
+
+/// Flags of a `SNAPSHOT` chunk.
+pub mod snapshot_flags {
+    /// The first chunk: the receiver starts a new view of the sender's members.
+    pub const FIRST: u8 = 1;
+    /// The last chunk: the receiver applies the view.
+    pub const LAST: u8 = 2;
+}
+
+/// A decoded frame. Payloads and names share the read buffer ([`Bytes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Frame {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// Keepalive.
+    Noop,
+    /// An error; the connection closes after it.
+    Error {
+        /// What went wrong.
+        code: ErrorCode,
+        /// Human-readable detail (UTF-8, at most 65,535 bytes).
+        message: String,
+    },
+    /// Liveness probe.
+    Ping {
+        /// Echoed in the `PONG`.
+        token: u64,
+    },
+    /// Answer to `PING`.
+    Pong {
+        /// The `PING`'s token.
+        token: u64,
+    },
+    /// Join `group`.
+    Join {
+        /// The group.
+        group: GroupName,
+    },
+    /// Leave `group`.
+    Leave {
+        /// The group.
+        group: GroupName,
+    },
+    /// Publish `payload` to every member of `group`.
+    Publish {
+        /// The group.
+        group: GroupName,
+        /// The message.
+        payload: Bytes,
+    },
+    /// Send `payload` to member `to` alone.
+    Send {
+        /// The recipient.
+        to: MemberId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// Ask for `group`'s members.
+    MembersRequest {
+        /// Echoed in the reply.
+        req: u32,
+        /// The group.
+        group: GroupName,
+    },
+    /// Ask for the server's counters.
+    StatsRequest {
+        /// Echoed in the reply.
+        req: u32,
+    },
+    /// A group message for this member.
+    Deliver {
+        /// The group it was published to.
+        group: GroupName,
+        /// Who published it.
+        sender: MemberId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// A message sent to this member alone.
+    Direct {
+        /// Who sent it.
+        sender: MemberId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// A membership change in a group this member belongs to.
+    Membership {
+        /// The group.
+        group: GroupName,
+        /// The member that changed, or for [`Reason::NodeDown`] the node lost.
+        subject: Bytes,
+        /// Why.
+        reason: Reason,
+        /// The group's cluster-wide size after the change.
+        size: u32,
+    },
+    /// (Part of) the answer to `MEMBERS_REQUEST`.
+    MembersReply {
+        /// The request's id.
+        req: u32,
+        /// True on the last part.
+        last: bool,
+        /// The group.
+        group: GroupName,
+        /// Members in this part.
+        members: Vec<MemberId>,
+    },
+    /// The answer to `STATS_REQUEST`: a UTF-8 JSON document.
+    StatsReply {
+        /// The request's id.
+        req: u32,
+        /// JSON text.
+        json: Bytes,
+    },
+    /// Peer: a chunk of the sender's local memberships.
+    Snapshot {
+        /// [`snapshot_flags`].
+        flags: u8,
+        /// Entries in this chunk.
+        entries: Vec<SnapshotEntry>,
+    },
+    /// Peer: a member on the sending node joined `group`.
+    PeerJoin {
+        /// The group.
+        group: GroupName,
+        /// The member.
+        member: MemberId,
+    },
+    /// Peer: a member on the sending node left `group`.
+    PeerLeave {
+        /// The group.
+        group: GroupName,
+        /// The member.
+        member: MemberId,
+        /// `Leave` or `Disconnect`.
+        reason: Reason,
+    },
+    /// Peer: a group message to deliver to the receiver's local members.
+    Forward {
+        /// The group.
+        group: GroupName,
+        /// Who published it.
+        sender: MemberId,
+        /// The message.
+        payload: Bytes,
+    },
+    /// Peer: a message for one member on the receiving node.
+    ForwardDirect {
+        /// The recipient.
+        to: MemberId,
+        /// Who sent it.
+        sender: MemberId,
+        /// The message.
+        payload: Bytes,
+    },
+}
+
+impl Frame {
+    /// The type byte this frame encodes with.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Self::Hello(_) => FrameType::HELLO,
+            Self::Welcome(_) => FrameType::WELCOME,
+            Self::Noop => FrameType::NOOP,
+            Self::Error { .. } => FrameType::ERROR,
+            Self::Ping { .. } => FrameType::PING,
+            Self::Pong { .. } => FrameType::PONG,
+            Self::Join { .. } => FrameType::JOIN,
+            Self::Leave { .. } => FrameType::LEAVE,
+            Self::Publish { .. } => FrameType::PUBLISH,
+            Self::Send { .. } => FrameType::SEND,
+            Self::MembersRequest { .. } => FrameType::MEMBERS_REQUEST,
+            Self::StatsRequest { .. } => FrameType::STATS_REQUEST,
+            Self::Deliver { .. } => FrameType::DELIVER,
+            Self::Direct { .. } => FrameType::DIRECT,
+            Self::Membership { .. } => FrameType::MEMBERSHIP,
+            Self::MembersReply { .. } => FrameType::MEMBERS_REPLY,
+            Self::StatsReply { .. } => FrameType::STATS_REPLY,
+            Self::Snapshot { .. } => FrameType::SNAPSHOT,
+            Self::PeerJoin { .. } => FrameType::PEER_JOIN,
+            Self::PeerLeave { .. } => FrameType::PEER_LEAVE,
+            Self::Forward { .. } => FrameType::FORWARD,
+            Self::ForwardDirect { .. } => FrameType::FORWARD_DIRECT,
+        }
+    }
+}

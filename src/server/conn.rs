@@ -1,0 +1,355 @@
+//! A connection on its shard: handshake, the reader loop, client frames.
+//!
+//! One reader loop per connection runs until end of stream (it is never
+//! raced or timed out: see `io`); a writer task drains the outbound queue.
+//! Timeouts and kills close the socket with `shutdown`, which ends both.
+//! Peer links share this machinery; their frames go to `cluster`.
+
+use super::io::{AnyStream, Stream};
+use super::outbound::{write_loop, Outbound, Phase, Written};
+use super::shard::{Kill, Shard};
+use super::Live;
+use crate::protocol::{
+    decode, max_frame_for, ErrorCode, Frame, GroupName, Hello, MemberId, Reason, Role, Welcome,
+    PROTOCOL_VERSION,
+};
+use crate::stats::ShardStats;
+use bytes::BytesMut;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Read buffer growth step; a read never has less spare room than `MIN_SPARE`.
+const READ_BUF: usize = 64 * 1024;
+const MIN_SPARE: usize = 8 * 1024;
+/// Members per MEMBERS_REPLY part.
+const MEMBERS_PER_REPLY: usize = 1000;
+
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnRole {
+    /// No HELLO yet.
+    Pending,
+    /// An application.
+    Client,
+    /// Another node of the cluster (index into the mesh's peers).
+    Peer(usize),
+}
+
+/// A frame's handling failed: answer with this error and close.
+pub type Reject = (ErrorCode, String);
+
+/// One connection's state, shared by its reader, its writer and the shard.
+pub struct Conn {
+    /// Sequence number on its shard.
+    pub seq: u64,
+    /// Its member id (meaningful for clients).
+    pub id: MemberId,
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// What waits to be written.
+    pub out: Outbound,
+    /// Groups this client has joined.
+    pub groups: RefCell<HashSet<GroupName>>,
+    /// Client, peer, or not yet known.
+    pub role: Cell<ConnRole>,
+    /// When the last bytes arrived.
+    pub last_rx: Cell<Instant>,
+    /// Past this instant a draining connection is closed regardless.
+    close_deadline: Cell<Option<Instant>>,
+    /// Why it is closing, to count what it could not flush.
+    closing_as: Cell<Kill>,
+    shutdown: Box<dyn Fn()>,
+}
+
+impl Conn {
+    fn new(seq: u64, id: MemberId, addr: SocketAddr, shutdown: Box<dyn Fn()>) -> Self {
+        let now = Instant::now();
+        Self {
+            seq,
+            id,
+            addr,
+            out: Outbound::new(now),
+            groups: RefCell::new(HashSet::new()),
+            role: Cell::new(ConnRole::Pending),
+            last_rx: Cell::new(now),
+            close_deadline: Cell::new(None),
+            closing_as: Cell::new(Kill::Closed),
+            shutdown,
+        }
+    }
+
+    /// True once the handshake made this a client.
+    pub fn is_client(&self) -> bool {
+        self.role.get() == ConnRole::Client
+    }
+
+    /// Shuts the socket down (both directions); the reader sees end of stream.
+    pub fn shutdown(&self) {
+        (self.shutdown)();
+    }
+
+    /// Flushes what is queued (then `last`), then closes; forced after `grace`.
+    pub fn close_gracefully(&self, last: Option<bytes::Bytes>, grace: Duration) {
+        if self.out.drain_with(last) {
+            self.close_deadline.set(Some(Instant::now() + grace));
+        }
+    }
+
+    /// Records why the connection is closing (for counting leftovers).
+    pub fn closing_as(&self, why: Kill) {
+        self.closing_as.set(why);
+    }
+
+    /// Upkeep from the shard's sweep: idle timeout, keepalive, deadlines.
+    pub fn sweep(&self, shard: &Shard, now: Instant, live: &Live) {
+        match self.out.phase() {
+            Phase::Closed => {}
+            Phase::Draining => {
+                if self.close_deadline.get().is_some_and(|d| now >= d) {
+                    shard.kill(self, self.closing_as.get());
+                }
+            }
+            Phase::Open if now.duration_since(self.last_rx.get()) > live.idle_timeout => {
+                ShardStats::add(&shard.stats().idle_kills, 1);
+                tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
+                self.closing_as(Kill::Idle);
+                shard.close_with_error(self, ErrorCode::IDLE, "idle_timeout: nothing received");
+            }
+            Phase::Open => {
+                let quiet = now.duration_since(self.out.last_tx()) >= live.keepalive_interval;
+                if quiet && self.role.get() != ConnRole::Pending && self.out.is_empty() {
+                    shard.push(self, Frame::Noop.to_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Starts serving an accepted connection on `shard`.
+pub fn spawn(shard: Rc<Shard>, stream: AnyStream, addr: SocketAddr) {
+    let opts = super::sockets::SocketOpts { tcpbuf_size: shard.live.get().tcpbuf_size };
+    if let Err(e) = opts.apply_fd(stream.raw_fd()) {
+        tracing::warn!(error = %e, peer = %addr, "could not set socket options");
+    }
+    spawn_with(shard, stream, addr, |_, _| {});
+}
+
+/// Starts serving `stream`; `setup` runs once the connection is registered
+/// (a dialled peer link sends its HELLO there).
+pub fn spawn_with(
+    shard: Rc<Shard>,
+    stream: AnyStream,
+    addr: SocketAddr,
+    setup: impl FnOnce(&Rc<Shard>, &Rc<Conn>) + 'static,
+) {
+    match stream {
+        AnyStream::Uring(s) => {
+            tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
+        }
+        AnyStream::Epoll(s) => {
+            tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
+        }
+    }
+}
+
+async fn serve<S: Stream>(
+    shard: Rc<Shard>,
+    stream: Rc<S>,
+    addr: SocketAddr,
+    setup: impl FnOnce(&Rc<Shard>, &Rc<Conn>),
+) {
+    let seq = shard.next_seq();
+    let id = MemberId::assign(&shard.shared.node, shard.index, seq);
+    let closer = stream.clone();
+    let conn = Rc::new(Conn::new(seq, id, addr, Box::new(move || closer.shutdown())));
+    shard.conns.borrow_mut().insert(seq, conn.clone());
+    ShardStats::add(&shard.stats().connections, 1);
+    ShardStats::add(&shard.stats().connections_total, 1);
+    tracing::debug!(conn = %conn.id, peer = %addr, shard = shard.index, "connection opened");
+    setup(&shard, &conn);
+
+    let writer = tokio::task::spawn_local(writer(shard.clone(), conn.clone(), stream.clone()));
+    read_loop(&shard, &conn, &*stream).await;
+
+    // The reader saw end of stream (or an error): the member is gone.
+    match conn.role.get() {
+        ConnRole::Client => shard.leave_all(&conn),
+        ConnRole::Peer(p) => crate::cluster::link_closed(&shard, &conn, p),
+        ConnRole::Pending => {}
+    }
+    conn.close_gracefully(None, shard.live.get().idle_timeout);
+    let _ = writer.await;
+    shard.conns.borrow_mut().remove(&seq);
+    ShardStats::sub(&shard.stats().connections, 1);
+    tracing::debug!(conn = %conn.id, peer = %addr, "connection closed");
+}
+
+async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
+    let st = shard.stats();
+    let dropped = write_loop(
+        &conn.out,
+        &*stream,
+        || shard.live.get().messages_per_iter,
+        |w: Written| {
+            ShardStats::add(&st.msgs_out, w.frames);
+            ShardStats::add(&st.bytes_out, w.bytes);
+        },
+    )
+    .await;
+    ShardStats::add(&st.dropped_closed, dropped as u64);
+}
+
+async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    loop {
+        if buf.capacity() - buf.len() < MIN_SPARE {
+            buf.reserve(READ_BUF);
+        }
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        let n = match res {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        conn.last_rx.set(Instant::now());
+        ShardStats::add(&shard.stats().bytes_in, n as u64);
+        if conn.out.phase() != Phase::Open {
+            // Closing: input is no longer acted on; read on until the end.
+            buf.clear();
+            continue;
+        }
+        decode_all(shard, conn, &mut buf).await;
+    }
+}
+
+/// Decodes and handles every whole frame in `buf`, yielding to other
+/// connections every `messages_per_iter` frames.
+async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+    let mut handled = 0;
+    while conn.out.phase() == Phase::Open {
+        let live = shard.live.get();
+        match decode(buf, max_frame_for(live.max_message_size)) {
+            Ok(Some(frame)) => {
+                ShardStats::add(&shard.stats().msgs_in, 1);
+                if let Err((code, msg)) = dispatch(shard, conn, frame) {
+                    protocol_error(shard, conn, code, &msg);
+                    buf.clear();
+                    return;
+                }
+                handled += 1;
+                if handled >= live.messages_per_iter {
+                    handled = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                protocol_error(shard, conn, e.code(), &e.to_string());
+                buf.clear();
+                return;
+            }
+        }
+    }
+}
+
+fn protocol_error(shard: &Shard, conn: &Conn, code: ErrorCode, msg: &str) {
+    ShardStats::add(&shard.stats().protocol_errors, 1);
+    tracing::info!(conn = %conn.id, peer = %conn.addr, code = code.name(), "bad input: {msg}; closing");
+    conn.closing_as(Kill::Protocol);
+    shard.close_with_error(conn, code, msg);
+}
+
+fn dispatch(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
+    match conn.role.get() {
+        ConnRole::Pending => handshake(shard, conn, frame),
+        ConnRole::Client => client_frame(shard, conn, frame),
+        ConnRole::Peer(p) => crate::cluster::peer_frame(shard, conn, p, frame),
+    }
+}
+
+fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
+    let Frame::Hello(hello) = frame else {
+        return Err((ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO".into()));
+    };
+    if hello.version != PROTOCOL_VERSION {
+        let msg = format!("protocol version {} not supported (this server speaks {PROTOCOL_VERSION})", hello.version);
+        return Err((ErrorCode::UNSUPPORTED_VERSION, msg));
+    }
+    match hello.role {
+        Role::Client => welcome_client(shard, conn, &hello),
+        Role::Peer => crate::cluster::accept_peer(shard, conn, &hello),
+    }
+}
+
+fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Reject> {
+    conn.role.set(ConnRole::Client);
+    let live = shard.live.get();
+    let welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        node: shard.shared.node.clone(),
+        member: Some(conn.id.clone()),
+        max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
+        idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let name = hello.name.as_ref().map_or("-", |n| n.as_str());
+    tracing::debug!(conn = %conn.id, peer = %conn.addr, name, "client joined the bus");
+    shard.push(conn, Frame::Welcome(welcome).to_bytes());
+    Ok(())
+}
+
+fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
+    let max = shard.live.get().max_message_size;
+    if len > max {
+        return Err((ErrorCode::MESSAGE_TOO_LARGE, format!("payload of {len} bytes exceeds max_message_size {max}")));
+    }
+    Ok(())
+}
+
+fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
+    match frame {
+        Frame::Publish { group, payload } => {
+            check_size(shard, payload.len())?;
+            shard.publish(&conn.id, &group, &payload);
+        }
+        Frame::Send { to, payload } => {
+            check_size(shard, payload.len())?;
+            shard.send_direct(&conn.id, &to, &payload);
+        }
+        Frame::Join { group } => shard.join(conn, &group),
+        Frame::Leave { group } => shard.leave(conn, &group, Reason::Leave),
+        Frame::Noop => {}
+        Frame::Ping { token } => {
+            shard.push(conn, Frame::Pong { token }.to_bytes());
+        }
+        Frame::MembersRequest { req, group } => members_reply(shard, conn, req, group),
+        Frame::StatsRequest { req } => {
+            let json = shard.shared.stats_json().to_string();
+            shard.push(conn, Frame::StatsReply { req, json: json.into() }.to_bytes());
+        }
+        Frame::Error { code, message } => {
+            tracing::info!(conn = %conn.id, code = code.name(), "client reported an error: {message}");
+            conn.close_gracefully(None, shard.live.get().idle_timeout);
+        }
+        Frame::Hello(_) => return Err((ErrorCode::HANDSHAKE_REQUIRED, "HELLO sent twice".into())),
+        other => {
+            let ty = other.frame_type().0;
+            return Err((ErrorCode::UNEXPECTED, format!("frame type 0x{ty:02x} is not one a client sends")));
+        }
+    }
+    Ok(())
+}
+
+fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
+    let all = shard.shared.table.members(&group);
+    let parts = all.len().div_ceil(MEMBERS_PER_REPLY).max(1);
+    let mut chunks = all.chunks(MEMBERS_PER_REPLY);
+    for i in 0..parts {
+        let members = chunks.next().map(<[MemberId]>::to_vec).unwrap_or_default();
+        let last = i + 1 == parts;
+        let frame = Frame::MembersReply { req, last, group: group.clone(), members };
+        shard.push(conn, frame.to_bytes());
+    }
+}

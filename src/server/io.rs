@@ -1,0 +1,215 @@
+//! Two I/O backends behind one small owned-buffer interface.
+//!
+//! [`Stream`] is what connection logic sees: `read` into an owned
+//! `BytesMut` that comes back with the result, `writev` of owned `Bytes`
+//! likewise, and `shutdown`. Buffers move to the kernel and back, which is
+//! what io_uring needs and costs epoll nothing. Timers, tasks and channels
+//! are tokio in both backends (tokio-uring runs on a tokio current-thread
+//! runtime with a `LocalSet`).
+//!
+//! Hazard (tokio-uring): dropping an in-flight read future does not cancel
+//! the kernel operation, and bytes it reads are lost. Callers therefore
+//! never race a read in `select!` nor wrap it in a timeout; they stop a
+//! reader by shutting the socket down, which completes the read with 0.
+
+use bytes::{Bytes, BytesMut};
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+/// A connected TCP stream, owned-buffer style.
+#[allow(async_fn_in_trait)] // single-threaded runtimes: futures need not be Send
+pub trait Stream: 'static {
+    /// Reads into the spare capacity of `buf` (after its current length),
+    /// returning how many bytes arrived (0 at end of stream) and the buffer.
+    async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut);
+    /// Writes as much of `bufs` as the kernel takes in one call.
+    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>);
+    /// The socket's descriptor (for socket options and shutdown).
+    fn raw_fd(&self) -> RawFd;
+    /// Shuts both directions down: a pending read completes with 0, a
+    /// pending write fails. Safe to call more than once.
+    fn shutdown(&self) {
+        // SAFETY: the descriptor is owned by `self`, which outlives this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.raw_fd()) };
+        let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A tokio-uring stream.
+pub struct UringStream(pub tokio_uring::net::TcpStream);
+
+impl Stream for UringStream {
+    async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        self.0.read(buf).await
+    }
+
+    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+        self.0.writev(bufs).await
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A plain tokio (epoll) stream.
+pub struct EpollStream(pub tokio::net::TcpStream);
+
+impl Stream for EpollStream {
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        loop {
+            if let Err(e) = self.0.readable().await {
+                return (Err(e), buf);
+            }
+            match self.0.try_read_buf(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return (res, buf),
+            }
+        }
+    }
+
+    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+        loop {
+            if let Err(e) = self.0.writable().await {
+                return (Err(e), bufs);
+            }
+            let res = {
+                let slices: smallvec_slices::Slices<'_> = smallvec_slices::Slices::new(&bufs);
+                self.0.try_write_vectored(slices.as_slice())
+            };
+            match res {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                res => return (res, bufs),
+            }
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// IoSlices for a batch without a heap allocation for batches up to 64
+/// frames (the writer's batches are bounded by messages_per_iter).
+mod smallvec_slices {
+    use super::*;
+
+    const INLINE: usize = 64;
+
+    pub(super) enum Slices<'a> {
+        Inline([IoSlice<'a>; INLINE], usize),
+        Heap(Vec<IoSlice<'a>>),
+    }
+
+    impl<'a> Slices<'a> {
+        pub(super) fn new(bufs: &'a [Bytes]) -> Self {
+            if bufs.len() <= INLINE {
+                let mut arr = [IoSlice::new(&[]); INLINE];
+                for (slot, b) in arr.iter_mut().zip(bufs) {
+                    *slot = IoSlice::new(b);
+                }
+                Slices::Inline(arr, bufs.len())
+            } else {
+                Slices::Heap(bufs.iter().map(|b| IoSlice::new(b)).collect())
+            }
+        }
+
+        pub(super) fn as_slice(&self) -> &[IoSlice<'a>] {
+            match self {
+                Slices::Inline(arr, n) => &arr[..*n],
+                Slices::Heap(v) => v,
+            }
+        }
+    }
+}
+
+/// A listening socket of either backend.
+pub enum Listener {
+    /// tokio-uring.
+    Uring(tokio_uring::net::TcpListener),
+    /// tokio (epoll).
+    Epoll(tokio::net::TcpListener),
+}
+
+/// An accepted or dialled stream of either backend.
+pub enum AnyStream {
+    /// tokio-uring.
+    Uring(UringStream),
+    /// tokio (epoll).
+    Epoll(EpollStream),
+}
+
+impl Listener {
+    /// Wraps a bound, listening std socket for the given backend.
+    ///
+    /// # Errors
+    /// When the socket cannot be registered with the runtime.
+    pub fn from_std(std: std::net::TcpListener, uring: bool) -> io::Result<Self> {
+        if uring {
+            Ok(Self::Uring(tokio_uring::net::TcpListener::from_std(std)))
+        } else {
+            std.set_nonblocking(true)?;
+            Ok(Self::Epoll(tokio::net::TcpListener::from_std(std)?))
+        }
+    }
+
+    /// Accepts one connection.
+    ///
+    /// # Errors
+    /// What accept(2) reports (EMFILE and the like): callers back off and retry.
+    pub async fn accept(&self) -> io::Result<(AnyStream, SocketAddr)> {
+        match self {
+            Self::Uring(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((AnyStream::Uring(UringStream(s)), a))
+            }
+            Self::Epoll(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((AnyStream::Epoll(EpollStream(s)), a))
+            }
+        }
+    }
+}
+
+impl Listener {
+    /// Shuts the listening socket down so a pending accept returns.
+    pub fn shutdown(&self) {
+        let fd = match self {
+            Self::Uring(l) => l.as_raw_fd(),
+            Self::Epoll(l) => l.as_raw_fd(),
+        };
+        // SAFETY: the descriptor is owned by `self`, which outlives this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = socket2::SockRef::from(&fd).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl AnyStream {
+    /// Converts a connected std stream (e.g. a dialled one) for the backend.
+    ///
+    /// # Errors
+    /// When the socket cannot be registered with the runtime.
+    pub fn from_std(std: std::net::TcpStream, uring: bool) -> io::Result<Self> {
+        if uring {
+            Ok(Self::Uring(UringStream(tokio_uring::net::TcpStream::from_std(std))))
+        } else {
+            std.set_nonblocking(true)?;
+            Ok(Self::Epoll(EpollStream(tokio::net::TcpStream::from_std(std)?)))
+        }
+    }
+
+    /// The descriptor, for socket options.
+    pub fn raw_fd(&self) -> RawFd {
+        match self {
+            Self::Uring(s) => s.raw_fd(),
+            Self::Epoll(s) => s.raw_fd(),
+        }
+    }
+}
+
+/// True when this process can set up an io_uring instance (it cannot under
+/// Docker's default seccomp profile or with `kernel.io_uring_disabled`).
+pub fn uring_available() -> Result<(), io::Error> {
+    tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop)
+}

@@ -1,0 +1,401 @@
+//! The server process: shards, sockets, connections, outbound queues.
+//!
+//! [`Server::start`] binds the listeners (every shard its own, on the same
+//! address, SO_REUSEPORT), starts one thread per shard with its own
+//! single-threaded runtime (tokio-uring, or tokio current-thread on the
+//! epoll backend) pinned to a core where possible, and returns a handle
+//! that reloads settings and shuts the server down.
+
+pub mod conn;
+pub mod io;
+pub mod outbound;
+pub mod shard;
+pub mod shared;
+pub mod sockets;
+
+use crate::config::{Config, IoBackend, ServerSettings};
+use crate::protocol::NodeName;
+use crate::router::{GroupTable, MAX_SHARDS};
+use shard::Shard;
+use shared::{ShardMsg, Shared};
+use sockets::SocketOpts;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long shutdown waits for connections to flush before closing them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The settings every shard reads on every turn; replaced whole on reload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Live {
+    /// Close a connection that received nothing for this long.
+    pub idle_timeout: Duration,
+    /// Send NOOP after this long without sending.
+    pub keepalive_interval: Duration,
+    /// Frames a connection may have queued before it is stuck.
+    pub max_backlog: usize,
+    /// Frames read or written per connection per turn.
+    pub messages_per_iter: usize,
+    /// SO_SNDBUF/SO_RCVBUF for sockets made from now on (0: kernel default).
+    pub tcpbuf_size: usize,
+    /// Largest payload accepted.
+    pub max_message_size: usize,
+    /// Bound on a dial.
+    pub connect_timeout: Duration,
+    /// Wait between re-dials of a peer link.
+    pub reconnect_interval: Duration,
+    /// Local address for outbound peer links.
+    pub bind_address: Option<IpAddr>,
+}
+
+impl Live {
+    /// The live part of `msgc_server`'s settings.
+    pub fn from_settings(s: &ServerSettings) -> Self {
+        Self {
+            idle_timeout: s.idle_timeout,
+            keepalive_interval: s.keepalive_interval,
+            max_backlog: s.max_backlog,
+            messages_per_iter: s.messages_per_iter,
+            tcpbuf_size: s.tcpbuf_size,
+            max_message_size: s.max_message_size,
+            connect_timeout: s.connect_timeout,
+            reconnect_interval: s.reconnect_interval,
+            bind_address: s.bind_address,
+        }
+    }
+}
+
+/// Why the server could not start or reload.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The node's identity could not be settled.
+    #[error("{0}")]
+    Node(String),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What the kernel said.
+        source: std::io::Error,
+    },
+    /// `io_backend = uring` was asked for but io_uring cannot be set up.
+    #[error("io_backend = uring, but io_uring is not available here: {0} (use io_backend = auto or epoll)")]
+    UringUnavailable(std::io::Error),
+    /// A shard thread could not be started.
+    #[error("cannot start shard thread: {0}")]
+    Thread(std::io::Error),
+    /// A reload asked for a change that needs a restart.
+    #[error("{0} cannot change without a restart")]
+    NeedsRestart(&'static str),
+}
+
+/// A running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    addrs: Vec<SocketAddr>,
+    restart_only: RestartOnly,
+}
+
+/// Settings fixed at start; a reload that changes them is refused.
+#[derive(Debug, Clone, PartialEq)]
+struct RestartOnly {
+    node: String,
+    shards: usize,
+    io_backend: IoBackend,
+    listen: Vec<SocketAddr>,
+}
+
+impl Server {
+    /// Starts a server from `config`; `node` (the `--node` flag) overrides
+    /// `msgc_server.node`.
+    ///
+    /// # Errors
+    /// [`Error`] when the node is ambiguous, an address cannot be bound, or
+    /// io_uring was required and is unavailable.
+    pub fn start(config: &Config, node: Option<&str>) -> Result<Server, Error> {
+        let s = &config.server;
+        let node = resolve_node(s, node)?;
+        let listen = listen_addrs(config, &node);
+        let uring = choose_backend(s.io_backend)?;
+        let shards = s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS);
+        let live = Live::from_settings(s);
+        let (listeners, addrs) = bind_all(&listen, shards, SocketOpts { tcpbuf_size: s.tcpbuf_size })?;
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::unbounded()).unzip();
+        let shared = Arc::new(Shared {
+            node: node.clone(),
+            table: GroupTable::new(),
+            inboxes: txs,
+            stats: (0..shards).map(|_| Default::default()).collect(),
+            started: Instant::now(),
+            backend: if uring { "uring" } else { "epoll" },
+            stopping: AtomicBool::new(false),
+            live: Mutex::new(live),
+            cluster: crate::cluster::Mesh::new(&node, s),
+        });
+        let threads = spawn_shards(&shared, listeners, rxs, uring)?;
+        tracing::info!(node = %node, shards, backend = shared.backend, listen = ?addrs, "msgc-server running");
+        let restart_only = RestartOnly { node: node.to_string(), shards, io_backend: s.io_backend, listen };
+        Ok(Server { shared, threads, addrs, restart_only })
+    }
+
+    /// The addresses the server listens on (ports resolved when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &NodeName {
+        &self.shared.node
+    }
+
+    /// The stats document (as answered to STATS_REQUEST).
+    pub fn stats_json(&self) -> serde_json::Value {
+        self.shared.stats_json()
+    }
+
+    /// The shared state (for the cluster and tests).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Applies a re-read configuration without a restart: timeouts,
+    /// keepalive, backlog, messages_per_iter, buffer size for new sockets,
+    /// max_message_size and peers. `debug_level` is the binary's to apply.
+    ///
+    /// # Errors
+    /// [`Error::NeedsRestart`] when node, shards, io_backend or the listen
+    /// addresses changed; nothing is applied then.
+    pub fn reload(&self, config: &Config, node: Option<&str>) -> Result<(), Error> {
+        let s = &config.server;
+        let wanted = resolve_node(s, node)?;
+        let new = RestartOnly {
+            node: wanted.to_string(),
+            shards: s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS),
+            io_backend: s.io_backend,
+            listen: listen_addrs(config, &wanted),
+        };
+        let old = &self.restart_only;
+        for (changed, what) in [
+            (new.node != old.node, "node"),
+            (new.shards != old.shards, "shards"),
+            (new.io_backend != old.io_backend, "io_backend"),
+            (new.listen != old.listen, "the listen address"),
+        ] {
+            if changed {
+                return Err(Error::NeedsRestart(what));
+            }
+        }
+        let live = Live::from_settings(s);
+        *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
+        for i in 0..self.shared.shards() {
+            self.shared.send(i, ShardMsg::Reload(live));
+        }
+        crate::cluster::reconfigure(&self.shared, s);
+        Ok(())
+    }
+
+    /// Stops accepting, flushes what is queued (bounded by
+    /// [`SHUTDOWN_GRACE`]), closes every connection and joins the shards.
+    pub fn shutdown(self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        for i in 0..self.shared.shards() {
+            self.shared.send(i, ShardMsg::Shutdown);
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// This node's name: the flag, else `node`, else the one peer entry whose
+/// host is an address of this machine, else (no peers) the host name.
+fn resolve_node(s: &ServerSettings, flag: Option<&str>) -> Result<NodeName, Error> {
+    let bad = |n: &str, e| Error::Node(format!("node name {n:?} is not valid: {e}"));
+    if let Some(n) = flag.or(s.node.as_deref()) {
+        if !s.peers.is_empty() && s.peer(n).is_none() {
+            let names: Vec<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
+            return Err(Error::Node(format!("node {n:?} is not in peers ({})", names.join(", "))));
+        }
+        return NodeName::from_str_checked(n).map_err(|e| bad(n, e));
+    }
+    if s.peers.is_empty() {
+        let host = hostname();
+        return NodeName::from_str_checked(&host).map_err(|e| bad(&host, e));
+    }
+    let local: Vec<&str> = s
+        .peers
+        .iter()
+        .filter(|p| resolve(&p.addr_string(s.port)).is_some_and(|a| sockets::is_local_ip(a.ip())))
+        .map(|p| p.name.as_str())
+        .collect();
+    match local.as_slice() {
+        [one] => NodeName::from_str_checked(one).map_err(|e| bad(one, e)),
+        [] => Err(Error::Node("no entry of peers is an address of this machine; give --node NAME".into())),
+        many => Err(Error::Node(format!(
+            "several entries of peers ({}) are addresses of this machine; give --node NAME",
+            many.join(", ")
+        ))),
+    }
+}
+
+/// Where to listen: the listener's `listen` scopes; else this node's own
+/// peer address; else 127.0.0.1 on `port` (never every address by default).
+fn listen_addrs(config: &Config, node: &NodeName) -> Vec<SocketAddr> {
+    if !config.listener.listen.is_empty() {
+        return config.listener.listen.iter().map(|a| a.socket_addr()).collect();
+    }
+    let s = &config.server;
+    if let Some(addr) = s.peer(node.as_str()).and_then(|p| resolve(&p.addr_string(s.port))) {
+        return vec![addr];
+    }
+    vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.port)]
+}
+
+/// Resolves `host:port` to its first address.
+pub fn resolve(spec: &str) -> Option<SocketAddr> {
+    spec.to_socket_addrs().ok()?.next()
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = String::from_utf8_lossy(&buf[..end]).replace(|c: char| !c.is_ascii_graphic(), "");
+    if rc != 0 || name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+fn choose_backend(want: IoBackend) -> Result<bool, Error> {
+    match want {
+        IoBackend::Epoll => Ok(false),
+        IoBackend::Uring => io::uring_available().map(|()| true).map_err(Error::UringUnavailable),
+        IoBackend::Auto => match io::uring_available() {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::warn!(error = %e, "io_uring is not available here (seccomp or kernel.io_uring_disabled?); using epoll");
+                Ok(false)
+            }
+        },
+    }
+}
+
+type ShardListeners = Vec<Vec<std::net::TcpListener>>;
+
+/// Binds each address once per shard; a port of 0 is resolved by the first
+/// bind and reused by the others so that all shards share one port.
+fn bind_all(
+    listen: &[SocketAddr],
+    shards: usize,
+    opts: SocketOpts,
+) -> Result<(ShardListeners, Vec<SocketAddr>), Error> {
+    let mut per_shard: ShardListeners = (0..shards).map(|_| Vec::new()).collect();
+    let mut actual = Vec::new();
+    for &addr in listen {
+        let mut addr = addr;
+        for slot in per_shard.iter_mut() {
+            let l = sockets::listener(addr, opts).map_err(|source| Error::Listen { addr, source })?;
+            addr = l.local_addr().map_err(|source| Error::Listen { addr, source })?;
+            slot.push(l);
+        }
+        actual.push(addr);
+    }
+    Ok((per_shard, actual))
+}
+
+fn spawn_shards(
+    shared: &Arc<Shared>,
+    listeners: ShardListeners,
+    rxs: Vec<flume::Receiver<ShardMsg>>,
+    uring: bool,
+) -> Result<Vec<JoinHandle<()>>, Error> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::new();
+    for (i, (ls, rx)) in listeners.into_iter().zip(rxs).enumerate() {
+        let shared = shared.clone();
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let t = std::thread::Builder::new()
+            .name(format!("msgc-shard-{i}"))
+            .spawn(move || {
+                if let Some(c) = core {
+                    core_affinity::set_for_current(c);
+                }
+                run_shard(i, shared, ls, rx, uring);
+            })
+            .map_err(Error::Thread)?;
+        threads.push(t);
+    }
+    Ok(threads)
+}
+
+fn run_shard(
+    i: usize,
+    shared: Arc<Shared>,
+    ls: Vec<std::net::TcpListener>,
+    rx: flume::Receiver<ShardMsg>,
+    uring: bool,
+) {
+    let fut = shard_main(i, shared, ls, rx, uring);
+    if uring {
+        match tokio_uring::Runtime::new(tokio_uring::builder().entries(1024)) {
+            Ok(rt) => rt.block_on(fut),
+            Err(e) => tracing::error!(shard = i, error = %e, "cannot start io_uring runtime"),
+        }
+    } else {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => tokio::task::LocalSet::new().block_on(&rt, fut),
+            Err(e) => tracing::error!(shard = i, error = %e, "cannot start runtime"),
+        }
+    }
+}
+
+async fn shard_main(
+    i: usize,
+    shared: Arc<Shared>,
+    ls: Vec<std::net::TcpListener>,
+    rx: flume::Receiver<ShardMsg>,
+    uring: bool,
+) {
+    let shard = Shard::new(i, shared, uring);
+    let mut listeners = Vec::new();
+    for l in ls {
+        match io::Listener::from_std(l, uring) {
+            Ok(l) => listeners.push(Rc::new(l)),
+            Err(e) => tracing::error!(shard = i, error = %e, "cannot register listener"),
+        }
+    }
+    for l in &listeners {
+        tokio::task::spawn_local(shard.clone().accept_loop(l.clone()));
+    }
+    tokio::task::spawn_local(shard.clone().sweep_loop());
+    crate::cluster::start_shard(&shard);
+    shard.clone().inbox_loop(rx).await;
+    for l in &listeners {
+        l.shutdown();
+    }
+    // Connections are flushing; each is force-closed at its deadline.
+    let deadline = Instant::now() + SHUTDOWN_GRACE + Duration::from_millis(500);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for c in left {
+        shard.kill(&c, shard::Kill::Closed);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}

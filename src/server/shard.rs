@@ -1,0 +1,369 @@
+//! One shard: a thread with its own single-threaded runtime that owns the
+//! connections it accepted (and the peer links assigned to it), the local
+//! member lists of its groups, and an inbox for other shards' traffic.
+//!
+//! Fan-out happens here: a publish is encoded once, queued by reference to
+//! each local member, and sent once to each other shard with members.
+
+use super::conn::Conn;
+use super::io::Listener;
+use super::outbound::Push;
+use super::shared::{ShardMsg, Shared};
+use super::Live;
+use crate::protocol::{
+    encode_group_message, ErrorCode, Frame, FrameType, GroupName, MemberId, Reason,
+};
+use crate::router::bits;
+use crate::stats::ShardStats;
+use bytes::Bytes;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why a connection is being closed, for counting what it held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// Its queue passed max_backlog.
+    Stuck,
+    /// Nothing received for idle_timeout.
+    Idle,
+    /// It sent bad input.
+    Protocol,
+    /// It closed, or the server is shutting down.
+    Closed,
+}
+
+/// A shard's state. Lives in an `Rc` on its own thread.
+pub struct Shard {
+    /// This shard's index.
+    pub index: usize,
+    /// What all shards share.
+    pub shared: Arc<Shared>,
+    /// True on the io_uring backend.
+    pub uring: bool,
+    /// The live settings, replaced on reload.
+    pub live: Cell<Live>,
+    /// Connections accepted here, by sequence number.
+    pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
+    /// Local members of each group (shard-local; the hot path's list).
+    members: RefCell<HashMap<GroupName, Vec<Rc<Conn>>>>,
+    next_seq: Cell<u64>,
+    /// Set when this shard's shutdown has begun.
+    pub stopping: Cell<bool>,
+    /// The cluster's per-shard state (peer links living on this shard).
+    pub links: crate::cluster::ShardLinks,
+}
+
+impl Shard {
+    /// A new shard with no connections.
+    pub fn new(index: usize, shared: Arc<Shared>, uring: bool) -> Rc<Self> {
+        let live = shared.live();
+        Rc::new(Self {
+            index,
+            shared,
+            uring,
+            live: Cell::new(live),
+            conns: RefCell::new(HashMap::new()),
+            members: RefCell::new(HashMap::new()),
+            next_seq: Cell::new(1),
+            stopping: Cell::new(false),
+            links: Default::default(),
+        })
+    }
+
+    /// This shard's counters.
+    #[inline]
+    pub fn stats(&self) -> &ShardStats {
+        &self.shared.stats[self.index]
+    }
+
+    /// A fresh connection sequence number.
+    pub fn next_seq(&self) -> u64 {
+        let s = self.next_seq.get();
+        self.next_seq.set(s + 1);
+        s
+    }
+
+    /// Queues `frame` to `conn`, killing it as stuck when its queue is full.
+    #[inline]
+    pub fn push(&self, conn: &Conn, frame: Bytes) -> bool {
+        match conn.out.push(frame, self.live.get().max_backlog) {
+            Push::Queued => true,
+            Push::Closed => {
+                ShardStats::add(&self.stats().dropped_closed, 1);
+                false
+            }
+            Push::Full => {
+                ShardStats::add(&self.stats().dropped_stuck, 1);
+                self.kill(conn, Kill::Stuck);
+                false
+            }
+        }
+    }
+
+    /// Closes `conn` now, dropping and counting what it had queued.
+    pub fn kill(&self, conn: &Conn, why: Kill) {
+        let was_open = conn.out.phase() != super::outbound::Phase::Closed;
+        let dropped = conn.out.close_now() as u64;
+        let st = self.stats();
+        let counter = match why {
+            Kill::Stuck => &st.dropped_stuck,
+            Kill::Idle => &st.dropped_idle,
+            Kill::Protocol => &st.dropped_protocol,
+            Kill::Closed => &st.dropped_closed,
+        };
+        ShardStats::add(counter, dropped);
+        if was_open && why == Kill::Stuck {
+            ShardStats::add(&st.stuck_kills, 1);
+            tracing::warn!(conn = %conn.id, peer = %conn.addr, dropped, "connection stuck: outbound queue passed max_backlog; closed");
+        }
+        conn.shutdown();
+    }
+
+    /// Sends ERROR then closes `conn` once it is flushed.
+    pub fn close_with_error(&self, conn: &Conn, code: ErrorCode, message: &str) {
+        let frame = Frame::Error { code, message: message.to_owned() }.to_bytes();
+        conn.close_gracefully(Some(frame), self.live.get().idle_timeout);
+    }
+
+    /// Queues `frame` to every local member of `group`; returns how many.
+    #[inline]
+    pub fn to_local_members(&self, group: &GroupName, frame: &Bytes) -> u64 {
+        let members = self.members.borrow();
+        let Some(list) = members.get(group) else {
+            return 0;
+        };
+        let mut n = 0;
+        for conn in list {
+            n += u64::from(self.push(conn, frame.clone()));
+        }
+        n
+    }
+
+    /// Queues `frame` to the members of `group` on every shard in `mask`.
+    pub fn to_shards(&self, group: &GroupName, frame: &Bytes, mask: u64, event: bool) -> u64 {
+        let mut local = 0;
+        for s in bits(mask) {
+            if s == self.index {
+                local = self.to_local_members(group, frame);
+            } else {
+                let (group, frame) = (group.clone(), frame.clone());
+                let msg = if event {
+                    ShardMsg::Event { group, frame }
+                } else {
+                    ShardMsg::Deliver { group, frame }
+                };
+                self.shared.send(s, msg);
+            }
+        }
+        local
+    }
+
+    /// Routes a publish by `sender` to `group`: encoded once, queued by
+    /// reference to local members, once per other shard, once per peer.
+    pub fn publish(&self, sender: &MemberId, group: &GroupName, payload: &[u8]) {
+        let st = self.stats();
+        ShardStats::add(&st.publishes, 1);
+        let (shards, remote) = self.shared.table.with(group, |e| {
+            e.map_or((0, false), |e| (e.shard_mask(), e.node_mask().any()))
+        });
+        if shards == 0 && !remote {
+            ShardStats::add(&st.unrouted, 1);
+            return;
+        }
+        if shards != 0 {
+            let frame = encode_group_message(FrameType::DELIVER, group, sender, payload);
+            let n = self.to_shards(group, &frame, shards, false);
+            ShardStats::add(&st.deliveries, n);
+        }
+        if remote {
+            crate::cluster::forward(self, sender, group, payload);
+        }
+    }
+
+    /// Sends `payload` from `sender` to member `to`, wherever it lives.
+    pub fn send_direct(&self, sender: &MemberId, to: &MemberId, payload: &[u8]) {
+        let parts = to.parts();
+        match parts {
+            Some((node, shard, seq)) if node == self.shared.node.as_str() => {
+                let frame = Frame::Direct {
+                    sender: sender.clone(),
+                    payload: Bytes::copy_from_slice(payload),
+                }
+                .to_bytes();
+                if shard == self.index {
+                    self.direct_local(seq, frame);
+                } else if shard < self.shared.shards() {
+                    self.shared.send(shard, ShardMsg::Direct { seq, frame });
+                } else {
+                    ShardStats::add(&self.stats().dropped_unknown_member, 1);
+                }
+            }
+            Some((node, _, _)) => crate::cluster::forward_direct(self, node, sender, to, payload),
+            None => ShardStats::add(&self.stats().dropped_unknown_member, 1),
+        }
+    }
+
+    /// Queues a DIRECT frame to local connection `seq`.
+    pub fn direct_local(&self, seq: u64, frame: Bytes) {
+        let conn = self.conns.borrow().get(&seq).cloned();
+        match conn.filter(|c| c.is_client()) {
+            Some(c) => {
+                self.push(&c, frame);
+            }
+            None => ShardStats::add(&self.stats().dropped_unknown_member, 1),
+        }
+    }
+
+    /// `conn` joins `group` (idempotent): tables updated, events sent.
+    pub fn join(&self, conn: &Rc<Conn>, group: &GroupName) {
+        if !conn.groups.borrow_mut().insert(group.clone()) {
+            return;
+        }
+        let ch = self.shared.table.join_local(group, &conn.id, self.index);
+        self.members.borrow_mut().entry(group.clone()).or_default().push(conn.clone());
+        self.membership_event(group, conn.id.bytes(), Reason::Join, ch.size, ch.shards);
+        crate::cluster::local_join(self, group, &conn.id);
+    }
+
+    /// `conn` leaves `group` (a no-op when not a member).
+    pub fn leave(&self, conn: &Conn, group: &GroupName, reason: Reason) {
+        if !conn.groups.borrow_mut().remove(group) {
+            return;
+        }
+        self.forget(conn, group, reason);
+    }
+
+    /// Leaves every group `conn` belongs to (its connection closed).
+    pub fn leave_all(&self, conn: &Conn) {
+        let groups: Vec<GroupName> = conn.groups.borrow_mut().drain().collect();
+        for g in &groups {
+            self.forget(conn, g, Reason::Disconnect);
+        }
+    }
+
+    fn forget(&self, conn: &Conn, group: &GroupName, reason: Reason) {
+        let ch = self.shared.table.leave_local(group, &conn.id);
+        {
+            let mut members = self.members.borrow_mut();
+            if let Some(list) = members.get_mut(group) {
+                list.retain(|c| c.seq != conn.seq);
+                if list.is_empty() {
+                    members.remove(group);
+                }
+            }
+        }
+        let frame = self.event_frame(group, conn.id.bytes(), reason, ch.size);
+        if reason == Reason::Leave {
+            // The leaver's own event is its acknowledgement.
+            self.push(conn, frame.clone());
+        }
+        self.to_shards(group, &frame, ch.shards, true);
+        crate::cluster::local_leave(self, group, &conn.id, reason);
+    }
+
+    /// Encodes a MEMBERSHIP frame.
+    pub fn event_frame(&self, group: &GroupName, subject: &Bytes, reason: Reason, size: u32) -> Bytes {
+        Frame::Membership { group: group.clone(), subject: subject.clone(), reason, size }
+            .to_bytes()
+    }
+
+    /// Sends a membership event to the group's members on every shard in `mask`.
+    pub fn membership_event(&self, group: &GroupName, subject: &Bytes, reason: Reason, size: u32, mask: u64) {
+        let frame = self.event_frame(group, subject, reason, size);
+        self.to_shards(group, &frame, mask, true);
+    }
+
+    /// Handles one message from another shard; false after `Shutdown`.
+    pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Deliver { group, frame } => {
+                let n = self.to_local_members(&group, &frame);
+                ShardStats::add(&self.stats().deliveries, n);
+            }
+            ShardMsg::Event { group, frame } => {
+                self.to_local_members(&group, &frame);
+            }
+            ShardMsg::Direct { seq, frame } => self.direct_local(seq, frame),
+            ShardMsg::Cluster(m) => crate::cluster::handle_shard_msg(self, m),
+            ShardMsg::Reload(live) => self.live.set(live),
+            ShardMsg::Shutdown => {
+                self.begin_shutdown();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Stops accepting, tells every connection the server is going away and
+    /// closes each once flushed (bounded by the sweep's deadline).
+    pub fn begin_shutdown(&self) {
+        if self.stopping.replace(true) {
+            return;
+        }
+        let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+        for c in conns {
+            self.close_with_error(&c, ErrorCode::SHUTTING_DOWN, "server shutting down");
+        }
+        crate::cluster::shutdown_links(self);
+    }
+
+    /// Handles the inbox until `Shutdown` (or every sender is gone).
+    pub async fn inbox_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            if !self.handle_msg(msg) {
+                return;
+            }
+            // Take what else is waiting without going back to the runtime,
+            // then yield so connections get their turn.
+            for _ in 0..256 {
+                let Ok(m) = rx.try_recv() else { break };
+                if !self.handle_msg(m) {
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Accepts connections on `listener` until shutdown.
+    pub async fn accept_loop(self: Rc<Self>, listener: Rc<Listener>) {
+        while !self.stopping.get() {
+            match listener.accept().await {
+                Ok((stream, addr)) => {
+                    if self.stopping.get() {
+                        break;
+                    }
+                    super::conn::spawn(self.clone(), stream, addr);
+                }
+                Err(e) if self.stopping.get() => {
+                    tracing::debug!(error = %e, "accept ended at shutdown");
+                    break;
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, shard = self.index, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Periodic upkeep: keepalives, idle timeouts, close deadlines.
+    pub async fn sweep_loop(self: Rc<Self>) {
+        loop {
+            let live = self.live.get();
+            let tick = (live.keepalive_interval.min(live.idle_timeout) / 4)
+                .clamp(Duration::from_millis(10), Duration::from_millis(500));
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+            for c in conns {
+                c.sweep(&self, now, &live);
+            }
+            crate::cluster::sweep(&self, now);
+        }
+    }
+}

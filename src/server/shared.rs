@@ -1,0 +1,129 @@
+//! State shared by every shard of one server: identity, the group table,
+//! the shards' inboxes and counters, and the live settings. Nothing here is
+//! locked on the publish path: the table is lock-free for readers and the
+//! inboxes are flume channels.
+
+use super::Live;
+use crate::protocol::{GroupName, NodeName};
+use crate::router::GroupTable;
+use crate::stats::{Counts, ShardStats};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A message from one shard to another.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// A group message (DELIVER frame) for the local members of `group`.
+    Deliver {
+        /// The group.
+        group: GroupName,
+        /// The encoded frame, shared by all recipients.
+        frame: Bytes,
+    },
+    /// A membership event (MEMBERSHIP frame) for the local members of `group`.
+    Event {
+        /// The group.
+        group: GroupName,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// A DIRECT frame for connection `seq` of the receiving shard.
+    Direct {
+        /// The connection's sequence number.
+        seq: u64,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// Cluster traffic for a peer link or the mesh (see `cluster`).
+    Cluster(crate::cluster::ClusterMsg),
+    /// New live settings.
+    Reload(Live),
+    /// Stop: flush and close every connection, then exit.
+    Shutdown,
+}
+
+/// Everything the shards of one server share.
+#[derive(Debug)]
+pub struct Shared {
+    /// This node's name.
+    pub node: NodeName,
+    /// Which groups have members where.
+    pub table: GroupTable,
+    /// One inbox per shard, by index.
+    pub inboxes: Vec<flume::Sender<ShardMsg>>,
+    /// One set of counters per shard, by index.
+    pub stats: Vec<ShardStats>,
+    /// When the server started.
+    pub started: Instant,
+    /// "uring" or "epoll".
+    pub backend: &'static str,
+    /// Set when shutdown has begun.
+    pub stopping: AtomicBool,
+    /// The live settings (changed by reload).
+    pub live: Mutex<Live>,
+    /// The cluster's shared state.
+    pub cluster: crate::cluster::Mesh,
+}
+
+impl Shared {
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Sum of every shard's counters.
+    pub fn totals(&self) -> Counts {
+        let mut t = Counts::default();
+        for s in &self.stats {
+            t += s.snapshot();
+        }
+        t
+    }
+
+    /// Sends to shard `i`'s inbox (unbounded: a shard never waits on another).
+    #[inline]
+    pub fn send(&self, i: usize, msg: ShardMsg) {
+        if let Some(tx) = self.inboxes.get(i) {
+            // Fails only when that shard has exited (shutdown): nothing to do.
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// True once shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// The live settings now.
+    pub fn live(&self) -> Live {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stats document answered to STATS_REQUEST.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let per_shard: Vec<Counts> = self.stats.iter().map(ShardStats::snapshot).collect();
+        let totals = self.totals();
+        serde_json::json!({
+            "node": self.node.as_str(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs_f64(),
+            "io_backend": self.backend,
+            "shards": self.shards(),
+            "groups": self.table.len(),
+            "totals": totals,
+            "dropped": totals.dropped(),
+            "drops": {
+                "stuck": totals.dropped_stuck,
+                "idle": totals.dropped_idle,
+                "protocol_error": totals.dropped_protocol,
+                "closed": totals.dropped_closed,
+                "unknown_member": totals.dropped_unknown_member,
+                "peer": totals.dropped_peer,
+            },
+            "per_shard": per_shard,
+            "peers": self.cluster.stats_json(),
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Socket options, applied in one place through socket2: listeners that
+//! every shard binds on the same address (SO_REUSEPORT), `tcpbuf_size` for
+//! SO_SNDBUF/SO_RCVBUF, TCP_NODELAY, and dialling from `bind_address`
+//! within `connect_timeout`.
+//!
+//! Linux doubles the value given to SO_SNDBUF/SO_RCVBUF, caps it at
+//! `net.core.wmem_max`/`rmem_max`, and turns autotuning off for that
+//! socket; `tcpbuf_size = 0` leaves the kernel's defaults and autotuning.
+
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{BorrowedFd, RawFd};
+use std::time::Duration;
+
+/// Options for sockets the server makes or accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketOpts {
+    /// SO_SNDBUF and SO_RCVBUF in bytes; 0 leaves the kernel default.
+    pub tcpbuf_size: usize,
+}
+
+impl SocketOpts {
+    /// Applies the options to a socket.
+    ///
+    /// # Errors
+    /// When the kernel refuses an option.
+    pub fn apply(&self, sock: &SockRef<'_>) -> io::Result<()> {
+        if self.tcpbuf_size > 0 {
+            sock.set_send_buffer_size(self.tcpbuf_size)?;
+            sock.set_recv_buffer_size(self.tcpbuf_size)?;
+        }
+        sock.set_tcp_nodelay(true)
+    }
+
+    /// Applies the options to a descriptor owned by the caller.
+    ///
+    /// # Errors
+    /// When the kernel refuses an option.
+    pub fn apply_fd(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: the caller owns `fd` and keeps it open during this call.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        self.apply(&SockRef::from(&fd))
+    }
+}
+
+/// Binds a listening socket that other shards may bind too (SO_REUSEPORT):
+/// the kernel spreads incoming connections over them.
+///
+/// # Errors
+/// When the address cannot be bound (in use, not local, no permission).
+pub fn listener(addr: SocketAddr, opts: SocketOpts) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    // Accepted sockets inherit buffer sizes from the listener; setting them
+    // before listen() also lets the window scale be chosen for them.
+    opts.apply(&SockRef::from(&sock))?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Dials `addr` from `bind` (when given), bounded by `timeout`, and returns
+/// a connected blocking-mode std stream with the options applied.
+///
+/// # Errors
+/// Connection refused, unreachable, timed out, or a bad bind address.
+pub async fn dial(
+    addr: SocketAddr,
+    bind: Option<IpAddr>,
+    opts: SocketOpts,
+    timeout: Duration,
+) -> io::Result<std::net::TcpStream> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    opts.apply(&SockRef::from(&sock))?;
+    if let Some(ip) = bind {
+        sock.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    sock.set_nonblocking(true)?;
+    let std: std::net::TcpStream = sock.into();
+    let tokio_sock = tokio::net::TcpSocket::from_std_stream(std);
+    let stream = tokio::time::timeout(timeout, tokio_sock.connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect_timeout passed"))??;
+    let std = stream.into_std()?;
+    std.set_nonblocking(false)?;
+    Ok(std)
+}
+
+/// True when `ip` is an address of this machine (a socket can bind to it).
+pub fn is_local_ip(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}

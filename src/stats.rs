@@ -1,0 +1,97 @@
+//! Counters: per shard, written only by their shard (relaxed atomics, no
+//! contention), summed on a stats query. Every dropped message is counted
+//! here under the reason it was dropped.
+
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$fdoc])* pub $field: AtomicU64,)* }
+
+        impl $name {
+            /// A plain copy of every counter.
+            pub fn snapshot(&self) -> Counts {
+                Counts { $($field: self.$field.load(Relaxed),)* }
+            }
+        }
+
+        /// A point-in-time copy of [`ShardStats`], summable.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+        pub struct Counts { $($(#[$fdoc])* pub $field: u64,)* }
+
+        impl std::ops::AddAssign for Counts {
+            fn add_assign(&mut self, o: Counts) { $(self.$field += o.$field;)* }
+        }
+    };
+}
+
+counters!(
+    /// The counters of one shard.
+    ShardStats {
+        /// Client connections open now.
+        connections,
+        /// Client connections accepted since start.
+        connections_total,
+        /// Frames received from clients.
+        msgs_in,
+        /// Frames written to clients and peers.
+        msgs_out,
+        /// Bytes received.
+        bytes_in,
+        /// Bytes written.
+        bytes_out,
+        /// Group publishes received (from local clients).
+        publishes,
+        /// Group messages queued to local members.
+        deliveries,
+        /// Publishes to a group with no member anywhere.
+        unrouted,
+        /// Connections killed because their queue passed max_backlog.
+        stuck_kills,
+        /// Connections closed by idle_timeout.
+        idle_kills,
+        /// Connections closed for bad input.
+        protocol_errors,
+        /// Messages dropped: queued to a connection killed as stuck.
+        dropped_stuck,
+        /// Messages dropped: queued to a connection closed as idle.
+        dropped_idle,
+        /// Messages dropped: queued to a connection closed for bad input.
+        dropped_protocol,
+        /// Messages dropped: queued to a connection that closed (EOF, reset, shutdown).
+        dropped_closed,
+        /// Direct messages to a member that does not exist.
+        dropped_unknown_member,
+        /// Messages dropped: queued to a peer link that went down.
+        dropped_peer,
+    }
+);
+
+impl ShardStats {
+    /// Adds `n` to a counter (relaxed; each shard writes only its own).
+    #[inline]
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    /// Subtracts `n` from a gauge.
+    #[inline]
+    pub fn sub(c: &AtomicU64, n: u64) {
+        c.fetch_sub(n, Relaxed);
+    }
+}
+
+impl Counts {
+    /// All messages dropped, whatever the reason.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_stuck
+            + self.dropped_idle
+            + self.dropped_protocol
+            + self.dropped_closed
+            + self.dropped_unknown_member
+            + self.dropped_peer
+    }
+}
