@@ -2,9 +2,10 @@
 //! io_uring, per-core-sharded multicast router.
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod protocol;
-pub mod cluster;
 pub mod router;
 pub mod server;
 pub mod stats;

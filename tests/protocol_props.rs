@@ -128,19 +128,41 @@ fn reason() -> impl Strategy<Value = Reason> {
 
 fn hello() -> impl Strategy<Value = Frame> {
     let role = prop_oneof![Just(Role::Client), Just(Role::Peer)];
-    (any::<u16>(), role, proptest::option::of(node()), vec(any::<u8>(), 0..64)).prop_map(
-        |(version, role, name, credentials)| {
-            Frame::Hello(Hello { version, role, name, credentials: Bytes::from(credentials) })
-        },
+    (
+        any::<u16>(),
+        role,
+        proptest::option::of(node()),
+        vec(any::<u8>(), 0..64),
     )
+        .prop_map(|(version, role, name, credentials)| {
+            Frame::Hello(Hello {
+                version,
+                role,
+                name,
+                credentials: Bytes::from(credentials),
+            })
+        })
 }
 
 fn welcome() -> impl Strategy<Value = Frame> {
-    (any::<u16>(), node(), proptest::option::of(member()), any::<u32>(), any::<u32>()).prop_map(
-        |(version, node, member, max_message_size, idle_timeout_ms)| {
-            Frame::Welcome(Welcome { version, node, member, max_message_size, idle_timeout_ms })
-        },
+    (
+        any::<u16>(),
+        node(),
+        proptest::option::of(member()),
+        any::<u32>(),
+        any::<u32>(),
     )
+        .prop_map(
+            |(version, node, member, max_message_size, idle_timeout_ms)| {
+                Frame::Welcome(Welcome {
+                    version,
+                    node,
+                    member,
+                    max_message_size,
+                    idle_timeout_ms,
+                })
+            },
+        )
 }
 
 /// Frames sent by clients and by the server to clients.
@@ -149,8 +171,10 @@ fn client_frame() -> impl Strategy<Value = Frame> {
         hello(),
         welcome(),
         Just(Frame::Noop),
-        (any::<u16>(), ".{0,100}")
-            .prop_map(|(c, message)| Frame::Error { code: ErrorCode(c), message }),
+        (any::<u16>(), ".{0,100}").prop_map(|(c, message)| Frame::Error {
+            code: ErrorCode(c),
+            message
+        }),
         any::<u64>().prop_map(|token| Frame::Ping { token }),
         any::<u64>().prop_map(|token| Frame::Pong { token }),
         group().prop_map(|group| Frame::Join { group }),
@@ -165,25 +189,55 @@ fn client_frame() -> impl Strategy<Value = Frame> {
 /// Frames sent by the server to clients (continued) and between peers.
 fn server_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (group(), member(), payload())
-            .prop_map(|(group, sender, payload)| Frame::Deliver { group, sender, payload }),
+        (group(), member(), payload()).prop_map(|(group, sender, payload)| Frame::Deliver {
+            group,
+            sender,
+            payload
+        }),
         (member(), payload()).prop_map(|(sender, payload)| Frame::Direct { sender, payload }),
         (group(), name_text(), reason(), any::<u32>()).prop_map(|(group, s, reason, size)| {
-            Frame::Membership { group, subject: Bytes::from(s), reason, size }
+            Frame::Membership {
+                group,
+                subject: Bytes::from(s),
+                reason,
+                size,
+            }
         }),
         (any::<u32>(), any::<bool>(), group(), vec(member(), 0..50)).prop_map(
-            |(req, last, group, members)| Frame::MembersReply { req, last, group, members }
+            |(req, last, group, members)| Frame::MembersReply {
+                req,
+                last,
+                group,
+                members
+            }
         ),
         (any::<u32>(), payload()).prop_map(|(req, json)| Frame::StatsReply { req, json }),
-        (0..=snapshot_flags::FIRST | snapshot_flags::LAST, vec((group(), member()), 0..50))
+        (
+            0..=snapshot_flags::FIRST | snapshot_flags::LAST,
+            vec((group(), member()), 0..50)
+        )
             .prop_map(|(flags, entries)| Frame::Snapshot { flags, entries }),
         (group(), member()).prop_map(|(group, member)| Frame::PeerJoin { group, member }),
-        (group(), member(), prop_oneof![Just(Reason::Leave), Just(Reason::Disconnect)])
-            .prop_map(|(group, member, reason)| Frame::PeerLeave { group, member, reason }),
-        (group(), member(), payload())
-            .prop_map(|(group, sender, payload)| Frame::Forward { group, sender, payload }),
-        (member(), member(), payload())
-            .prop_map(|(to, sender, payload)| Frame::ForwardDirect { to, sender, payload }),
+        (
+            group(),
+            member(),
+            prop_oneof![Just(Reason::Leave), Just(Reason::Disconnect)]
+        )
+            .prop_map(|(group, member, reason)| Frame::PeerLeave {
+                group,
+                member,
+                reason
+            }),
+        (group(), member(), payload()).prop_map(|(group, sender, payload)| Frame::Forward {
+            group,
+            sender,
+            payload
+        }),
+        (member(), member(), payload()).prop_map(|(to, sender, payload)| Frame::ForwardDirect {
+            to,
+            sender,
+            payload
+        }),
     ]
 }
 
@@ -265,16 +319,26 @@ fn decode_all(input: &[u8], limit: usize, bound_allocations: bool) -> Result<(),
         let before = buf.clone();
         let (result, largest) = largest_allocation(|| decode(&mut buf, limit));
         if bound_allocations {
-            prop_assert!(largest <= limit + SLACK, "allocated {largest} bytes, limit {limit}");
+            prop_assert!(
+                largest <= limit + SLACK,
+                "allocated {largest} bytes, limit {limit}"
+            );
         }
         match result {
             Ok(None) => {
-                prop_assert_eq!(&buf[..], &before[..], "Ok(None) must leave the buffer alone");
+                prop_assert_eq!(
+                    &buf[..],
+                    &before[..],
+                    "Ok(None) must leave the buffer alone"
+                );
                 return Ok(());
             }
             Ok(Some(frame)) => {
                 let used = before.len() - buf.len();
-                prop_assert!(used >= 5 && used - 4 <= limit, "{used} bytes, limit {limit}");
+                prop_assert!(
+                    used >= 5 && used - 4 <= limit,
+                    "{used} bytes, limit {limit}"
+                );
                 // The encoding is canonical: an accepted frame re-encodes to its input.
                 prop_assert_eq!(&frame.to_bytes()[..], &before[..used]);
             }
@@ -442,7 +506,10 @@ fn element_count_of_u32_max_is_rejected_at_once() {
         let started = Instant::now();
         let (result, largest) = largest_allocation(|| decode(&mut buf, limit()));
         assert!(started.elapsed() < Duration::from_secs(1));
-        assert_eq!(result, Err(DecodeError::Malformed("element count exceeds the frame")));
+        assert_eq!(
+            result,
+            Err(DecodeError::Malformed("element count exceeds the frame"))
+        );
         assert_eq!(result.map_err(|e| e.code()), Err(ErrorCode::MALFORMED));
         assert!(largest <= SLACK, "allocated {largest} bytes");
     }
@@ -458,8 +525,15 @@ fn plausible_count_with_garbage_entries_reserves_no_more_than_the_frame() {
         let input = list_frame(members, count, &[], &garbage);
         let mut buf = BytesMut::from(&input[..]);
         let (result, largest) = largest_allocation(|| decode(&mut buf, limit()));
-        assert!(matches!(result, Err(DecodeError::InvalidName(_))), "{result:?}");
-        assert!(largest <= input.len() + SLACK, "allocated {largest} for {} bytes", input.len());
+        assert!(
+            matches!(result, Err(DecodeError::InvalidName(_))),
+            "{result:?}"
+        );
+        assert!(
+            largest <= input.len() + SLACK,
+            "allocated {largest} for {} bytes",
+            input.len()
+        );
     }
 }
 
@@ -468,10 +542,16 @@ fn plausible_count_with_garbage_entries_reserves_no_more_than_the_frame() {
 #[test]
 fn long_error_message_is_cut_on_a_char_boundary() {
     let message = format!("{}é and more", "a".repeat(65_534));
-    let frame = Frame::Error { code: ErrorCode::MALFORMED, message };
+    let frame = Frame::Error {
+        code: ErrorCode::MALFORMED,
+        message,
+    };
     let mut buf = BytesMut::from(&frame.to_bytes()[..]);
     let decoded = decode(&mut buf, limit());
-    let expected = Frame::Error { code: ErrorCode::MALFORMED, message: "a".repeat(65_534) };
+    let expected = Frame::Error {
+        code: ErrorCode::MALFORMED,
+        message: "a".repeat(65_534),
+    };
     assert_eq!(decoded, Ok(Some(expected)));
 }
 
@@ -481,7 +561,9 @@ fn strategy_generates_every_frame_type() {
     let strategy = frame();
     let mut seen = BTreeSet::new();
     for _ in 0..4000 {
-        let tree = strategy.new_tree(&mut runner).expect("strategy never rejects");
+        let tree = strategy
+            .new_tree(&mut runner)
+            .expect("strategy never rejects");
         seen.insert(tree.current().frame_type().0);
     }
     assert_eq!(seen, known_codes());
@@ -515,27 +597,72 @@ fn examples() -> Vec<(&'static str, Frame)> {
         max_message_size: 1 << 20,
         idle_timeout_ms: 30_000,
     };
-    let hello = |role, name| Hello { version: PROTOCOL_VERSION, role, name, credentials: Bytes::new() };
+    let hello = |role, name| Hello {
+        version: PROTOCOL_VERSION,
+        role,
+        name,
+        credentials: Bytes::new(),
+    };
     vec![
-        ("hello-client", Frame::Hello(hello(Role::Client, Some(n("app-7"))))),
-        ("hello-peer", Frame::Hello(hello(Role::Peer, Some(n("node2"))))),
+        (
+            "hello-client",
+            Frame::Hello(hello(Role::Client, Some(n("app-7")))),
+        ),
+        (
+            "hello-peer",
+            Frame::Hello(hello(Role::Peer, Some(n("node2")))),
+        ),
         ("welcome-client", Frame::Welcome(welcome(Some(a())))),
         ("welcome-peer", Frame::Welcome(welcome(None))),
         ("noop", Frame::Noop),
         (
             "error",
-            Frame::Error { code: ErrorCode::INVALID_NAME, message: "bad group name".into() },
+            Frame::Error {
+                code: ErrorCode::INVALID_NAME,
+                message: "bad group name".into(),
+            },
         ),
         ("ping", Frame::Ping { token: 42 }),
         ("pong", Frame::Pong { token: 42 }),
         ("join", Frame::Join { group: g("orders") }),
         ("leave", Frame::Leave { group: g("orders") }),
-        ("publish", Frame::Publish { group: g("orders"), payload: text("hello") }),
-        ("send", Frame::Send { to: b(), payload: text("hi") }),
-        ("members-request", Frame::MembersRequest { req: 7, group: g("orders") }),
+        (
+            "publish",
+            Frame::Publish {
+                group: g("orders"),
+                payload: text("hello"),
+            },
+        ),
+        (
+            "send",
+            Frame::Send {
+                to: b(),
+                payload: text("hi"),
+            },
+        ),
+        (
+            "members-request",
+            Frame::MembersRequest {
+                req: 7,
+                group: g("orders"),
+            },
+        ),
         ("stats-request", Frame::StatsRequest { req: 8 }),
-        ("deliver", Frame::Deliver { group: g("orders"), sender: a(), payload: text("hello") }),
-        ("direct", Frame::Direct { sender: b(), payload: text("hi") }),
+        (
+            "deliver",
+            Frame::Deliver {
+                group: g("orders"),
+                sender: a(),
+                payload: text("hello"),
+            },
+        ),
+        (
+            "direct",
+            Frame::Direct {
+                sender: b(),
+                payload: text("hi"),
+            },
+        ),
         (
             "membership-join",
             Frame::Membership {
@@ -556,9 +683,20 @@ fn examples() -> Vec<(&'static str, Frame)> {
         ),
         (
             "members-reply",
-            Frame::MembersReply { req: 7, last: true, group: g("orders"), members: vec![a(), b()] },
+            Frame::MembersReply {
+                req: 7,
+                last: true,
+                group: g("orders"),
+                members: vec![a(), b()],
+            },
         ),
-        ("stats-reply", Frame::StatsReply { req: 8, json: text(r#"{"node":"node1"}"#) }),
+        (
+            "stats-reply",
+            Frame::StatsReply {
+                req: 8,
+                json: text(r#"{"node":"node1"}"#),
+            },
+        ),
         (
             "snapshot",
             Frame::Snapshot {
@@ -566,37 +704,79 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 entries: vec![(g("orders"), b()), (g("prices"), b())],
             },
         ),
-        ("peer-join", Frame::PeerJoin { group: g("orders"), member: b() }),
+        (
+            "peer-join",
+            Frame::PeerJoin {
+                group: g("orders"),
+                member: b(),
+            },
+        ),
         (
             "peer-leave",
-            Frame::PeerLeave { group: g("orders"), member: b(), reason: Reason::Disconnect },
+            Frame::PeerLeave {
+                group: g("orders"),
+                member: b(),
+                reason: Reason::Disconnect,
+            },
         ),
-        ("forward", Frame::Forward { group: g("orders"), sender: b(), payload: text("hello") }),
-        ("forward-direct", Frame::ForwardDirect { to: a(), sender: b(), payload: text("hi") }),
+        (
+            "forward",
+            Frame::Forward {
+                group: g("orders"),
+                sender: b(),
+                payload: text("hello"),
+            },
+        ),
+        (
+            "forward-direct",
+            Frame::ForwardDirect {
+                to: a(),
+                sender: b(),
+                payload: text("hi"),
+            },
+        ),
     ]
 }
 
-/// Every `<!-- example: NAME -->` of PROTOCOL.md with the bytes of the
-/// ```` ```text ```` block that follows it (hex pairs; `#` starts a comment).
-fn documented_examples() -> Vec<(String, Vec<u8>)> {
+fn protocol_md() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/PROTOCOL.md");
-    let doc = std::fs::read_to_string(path).expect("PROTOCOL.md at the crate root");
-    let marker = "<!-- example: ";
+    std::fs::read_to_string(path).expect("PROTOCOL.md at the crate root")
+}
+
+/// Every `<!-- KIND: ARGS -->` of `doc` with the ```` ```text ```` block
+/// that follows it.
+fn marked_blocks<'d>(doc: &'d str, kind: &str) -> Vec<(&'d str, &'d str)> {
+    let marker = format!("<!-- {kind}: ");
     let mut out = Vec::new();
-    let mut rest = doc.as_str();
-    while let Some(at) = rest.find(marker) {
-        let (name, after) = rest[at + marker.len()..].split_once(" -->").expect("closed marker");
+    let mut rest = doc;
+    while let Some(at) = rest.find(&marker) {
+        let (args, after) = rest[at + marker.len()..]
+            .split_once(" -->")
+            .expect("closed marker");
         let block = after.trim_start().strip_prefix("```text\n");
-        let block = block.unwrap_or_else(|| panic!("example {name}: no ```text block follows"));
+        let block = block.unwrap_or_else(|| panic!("{kind} {args}: no ```text block follows"));
         let (block, after) = block.split_once("```").expect("closed block");
-        out.push((name.to_owned(), parse_hex(name, block)));
+        out.push((args, block));
         rest = after;
     }
     out
 }
 
+/// Every `<!-- example: NAME -->` of PROTOCOL.md with the bytes of its block
+/// (hex pairs; `#` starts a comment).
+fn documented_examples() -> Vec<(String, Vec<u8>)> {
+    let doc = protocol_md();
+    let blocks = marked_blocks(&doc, "example");
+    blocks
+        .into_iter()
+        .map(|(name, block)| (name.to_owned(), parse_hex(name, block)))
+        .collect()
+}
+
 fn parse_hex(name: &str, block: &str) -> Vec<u8> {
-    let tokens = block.lines().flat_map(|l| l.split('#').next().unwrap_or("").split_whitespace());
+    let tokens = block
+        .lines()
+        .flat_map(|l| l.split('#').next().unwrap_or("").split_whitespace());
     tokens
         .map(|t| {
             assert_eq!(t.len(), 2, "example {name}: {t:?} is not a hex byte");
@@ -606,7 +786,11 @@ fn parse_hex(name: &str, block: &str) -> Vec<u8> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[test]
@@ -620,10 +804,49 @@ fn documented_examples_match_the_encoder() {
             .unwrap_or_else(|| panic!("PROTOCOL.md shows example {name:?} that this test lacks"));
         assert_eq!(hex(bytes), hex(&frame.to_bytes()), "example {name}");
         let mut buf = BytesMut::from(&bytes[..]);
-        assert_eq!(decode(&mut buf, limit()), Ok(Some(frame.clone())), "example {name}");
+        assert_eq!(
+            decode(&mut buf, limit()),
+            Ok(Some(frame.clone())),
+            "example {name}"
+        );
     }
     for (name, _) in &examples {
-        assert!(documented.iter().any(|(n, _)| n == name), "PROTOCOL.md lacks example {name:?}");
+        assert!(
+            documented.iter().any(|(n, _)| n == name),
+            "PROTOCOL.md lacks example {name:?}"
+        );
+    }
+}
+
+/// The worked session: `<!-- transcript: NAME… -->` then the named
+/// examples' bytes in order, each starting on a line that says its direction.
+#[test]
+fn documented_transcript_matches_the_encoder() {
+    let doc = protocol_md();
+    let transcripts = marked_blocks(&doc, "transcript");
+    assert!(!transcripts.is_empty(), "PROTOCOL.md has no transcript");
+    let examples = examples();
+    for (names, block) in transcripts {
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let mut expected = Vec::new();
+        for name in &names {
+            let (_, frame) = examples
+                .iter()
+                .find(|(n, _)| n == name)
+                .expect("a known example");
+            expected.extend_from_slice(&frame.to_bytes());
+        }
+        let lines: Vec<&str> = block.lines().collect();
+        let starts = lines
+            .iter()
+            .filter(|l| l.starts_with("C→S") || l.starts_with("S→C"));
+        assert_eq!(starts.count(), names.len(), "one direction per frame");
+        let bytes: String = lines
+            .iter()
+            .map(|l| l.trim_start_matches("C→S").trim_start_matches("S→C"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(hex(&parse_hex("transcript", &bytes)), hex(&expected));
     }
 }
 

@@ -57,7 +57,10 @@ fn check_config(path: &PathBuf, node: Option<&str>) -> ExitCode {
     };
     if let Some(n) = node {
         if !config.server.peers.is_empty() && config.server.peer(n).is_none() {
-            eprintln!("{}: --node {n:?} is not an entry of msgc_server.peers", path.display());
+            eprintln!(
+                "{}: --node {n:?} is not an entry of msgc_server.peers",
+                path.display()
+            );
             return ExitCode::from(2);
         }
         config.server.node = Some(n.to_owned());
@@ -79,7 +82,11 @@ fn load(args: &Args) -> anyhow::Result<Config> {
         config.listener.listen = args
             .listen
             .iter()
-            .map(|a| a.parse().map(ListenAddr).with_context(|| format!("--listen {a:?}: expected IP:PORT")))
+            .map(|a| {
+                a.parse()
+                    .map(ListenAddr)
+                    .with_context(|| format!("--listen {a:?}: expected IP:PORT"))
+            })
             .collect::<anyhow::Result<_>>()?;
     }
     if let Some(n) = args.shards {
@@ -123,11 +130,21 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let server = Server::start(&config, args.node.as_deref())?;
-    let source = args.config.as_ref().map_or("the embedded default config".into(), |p| p.display().to_string());
+    let source = args
+        .config
+        .as_ref()
+        .map_or("the embedded default config".into(), |p| {
+            p.display().to_string()
+        });
     eprintln!(
         "msgc-server: node {} listening on {} ({} shards, {} backend), settings from {source}:",
         server.node(),
-        server.local_addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        server
+            .local_addrs()
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         server.stats_json()["shards"],
         server.stats_json()["io_backend"].as_str().unwrap_or("?"),
     );
@@ -143,7 +160,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// Blocks until SIGINT or SIGTERM; SIGHUP re-reads the configuration.
 fn wait_for_signals(server: &Server, args: &Args, log: &FilterHandle) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -166,12 +185,18 @@ fn reload_config(server: &Server, args: &Args, log: &FilterHandle) {
     let config = match load(args) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("SIGHUP: {} not reloaded, the running settings stay: {e:#}", path.display());
+            tracing::error!(
+                "SIGHUP: {} not reloaded, the running settings stay: {e:#}",
+                path.display()
+            );
             return;
         }
     };
     if let Err(e) = server.reload(&config, args.node.as_deref()) {
-        tracing::error!("SIGHUP: {} not reloaded, the running settings stay: {e}", path.display());
+        tracing::error!(
+            "SIGHUP: {} not reloaded, the running settings stay: {e}",
+            path.display()
+        );
         return;
     }
     if let Err(e) = log.reload(log_filter(&config)) {

@@ -188,9 +188,15 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let c = ClientConfig { servers: vec![], ..ClientConfig::default() };
+        let c = ClientConfig {
+            servers: vec![],
+            ..ClientConfig::default()
+        };
         assert!(c.validate().is_err());
-        let c = ClientConfig { name: Some("a b".into()), ..ClientConfig::default() };
+        let c = ClientConfig {
+            name: Some("a b".into()),
+            ..ClientConfig::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("name"));
     }
 }

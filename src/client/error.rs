@@ -141,7 +141,10 @@ mod tests {
         let e = ClientError::Connect {
             attempts: vec![("127.0.0.1:4809".into(), describe_io(&refused))],
         };
-        assert_eq!(e.to_string(), "cannot connect to 127.0.0.1:4809: connection refused");
+        assert_eq!(
+            e.to_string(),
+            "cannot connect to 127.0.0.1:4809: connection refused"
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 use crate::protocol::{Frame, GroupName, MemberId, NodeName, Reason, Welcome};
 
@@ -104,6 +104,9 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// Wakes the supervisor out of its re-dial wait when closing.
     pub stop: Notify,
+    /// `None` while the supervisor runs; then whether everything queued
+    /// before `close` was written.
+    finished: watch::Sender<Option<bool>>,
 }
 
 impl Shared {
@@ -124,6 +127,7 @@ impl Shared {
             next_req: AtomicU32::new(1),
             closing: AtomicBool::new(false),
             stop: Notify::new(),
+            finished: watch::Sender::new(None),
         }
     }
 
@@ -156,6 +160,17 @@ impl Shared {
         was
     }
 
+    /// The supervisor has stopped; `flushed` says whether everything queued
+    /// was written.
+    pub(crate) fn finish(&self, flushed: bool) {
+        self.finished.send_replace(Some(flushed));
+    }
+
+    /// Watches for the supervisor's end (see [`Shared::finish`]).
+    pub(crate) fn finished(&self) -> watch::Receiver<Option<bool>> {
+        self.finished.subscribe()
+    }
+
     /// A new connection is up: records its facts and registers a join
     /// waiter for every group to re-join. Returns the groups and waiters.
     pub(crate) fn on_connected(
@@ -163,7 +178,10 @@ impl Shared {
         server: ServerInfo,
         member: MemberId,
     ) -> Vec<(GroupName, oneshot::Receiver<Result<(), ClientError>>)> {
-        let limit = self.cfg.max_message_size.min(server.max_message_size as usize);
+        let limit = self
+            .cfg
+            .max_message_size
+            .min(server.max_message_size as usize);
         self.send_limit.store(limit, Ordering::Relaxed);
         let mut st = self.lock();
         st.connected = true;
@@ -210,12 +228,25 @@ impl Shared {
     /// send).
     pub(crate) fn on_frame(&self, frame: Frame) -> Result<Option<Event>, Frame> {
         Ok(match frame {
-            Frame::Deliver { group, sender, payload } => Some(Event::Message { group, sender, payload }),
+            Frame::Deliver {
+                group,
+                sender,
+                payload,
+            } => Some(Event::Message {
+                group,
+                sender,
+                payload,
+            }),
             Frame::Direct { sender, payload } => Some(Event::Direct { sender, payload }),
-            Frame::Membership { group, subject, reason, size } => {
-                Some(self.on_membership(group, subject, reason, size))
-            }
-            Frame::MembersReply { req, last, members, .. } => {
+            Frame::Membership {
+                group,
+                subject,
+                reason,
+                size,
+            } => Some(self.on_membership(group, subject, reason, size)),
+            Frame::MembersReply {
+                req, last, members, ..
+            } => {
                 self.on_members(req, last, members);
                 None
             }
@@ -256,7 +287,12 @@ impl Shared {
         }
         drop(st);
         let subject = String::from_utf8_lossy(&subject).into_owned();
-        Event::Membership { group, subject, reason, size }
+        Event::Membership {
+            group,
+            subject,
+            reason,
+            size,
+        }
     }
 
     fn on_members(&self, req: u32, last: bool, members: Vec<MemberId>) {

@@ -1,45 +1,202 @@
-//! The mesh (filled in by the cluster work): hooks the server calls.
-#![allow(missing_docs, unused_variables)]
+//! The mesh: one link to every other node in `peers`, membership carried
+//! across them, publishes forwarded once per interested node.
+//!
+//! - `mesh`: the shared peer list, link states and the admission rule that
+//!   keeps one link per pair.
+//! - `link`: a link on its shard: snapshot on link-up, peer frames,
+//!   node-down on link loss.
+//! - `dial`: the per-peer dialler, re-dialling every reconnect_interval.
+//!
+//! A publish goes to this node's members and once to each node with
+//! members (encoded once for all of them); the receiving node delivers
+//! locally and never forwards again, so the full mesh has no loops.
+
+pub mod dial;
+pub mod link;
+pub mod mesh;
+
+pub use link::{accept_peer, link_closed, peer_frame};
+pub use mesh::Mesh;
 
 use crate::config::ServerSettings;
-use crate::protocol::{Frame, GroupName, Hello, MemberId, NodeName, Reason, ErrorCode};
-use crate::server::conn::{Conn, Reject};
+use crate::protocol::{encode_group_message, Frame, FrameType, GroupName, MemberId, Reason};
+use crate::server::conn::Conn;
 use crate::server::shard::Shard;
-use crate::server::shared::Shared;
+use crate::server::shared::{ShardMsg, Shared};
+use crate::stats::ShardStats;
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::atomic::Ordering::Relaxed;
 
+/// Cluster traffic between shards.
 #[derive(Debug)]
-pub enum ClusterMsg {}
+pub enum ClusterMsg {
+    /// Queue `frame` on peer `peer`'s link (which lives on the receiving shard).
+    ToPeer {
+        /// The peer's index.
+        peer: usize,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// Start dialling peer `peer` from the receiving shard.
+    StartDialer {
+        /// The peer's index.
+        peer: usize,
+    },
+    /// Close connection `seq` of the receiving shard (a replaced or removed link).
+    Close {
+        /// The connection's sequence number.
+        seq: u64,
+    },
+}
 
-#[derive(Debug, Default)]
-pub struct Mesh {}
-impl Mesh {
-    pub fn new(node: &NodeName, s: &ServerSettings) -> Self {
-        Self {}
+/// The peer links living on one shard, by peer index.
+#[derive(Default)]
+pub struct ShardLinks(RefCell<HashMap<usize, Rc<Conn>>>);
+
+impl ShardLinks {
+    /// Registers `conn` as peer `i`'s link.
+    pub fn insert(&self, i: usize, conn: Rc<Conn>) {
+        self.0.borrow_mut().insert(i, conn);
     }
-    pub fn stats_json(&self) -> serde_json::Value {
-        serde_json::json!([])
+
+    /// Forgets peer `i`'s link if it is connection `seq`.
+    pub fn remove(&self, i: usize, seq: u64) {
+        let mut m = self.0.borrow_mut();
+        if m.get(&i).is_some_and(|c| c.seq == seq) {
+            m.remove(&i);
+        }
+    }
+
+    /// True when connection `seq` is peer `i`'s link here.
+    pub fn is(&self, i: usize, seq: u64) -> bool {
+        self.0.borrow().get(&i).is_some_and(|c| c.seq == seq)
+    }
+
+    /// Peer `i`'s link here.
+    pub fn get(&self, i: usize) -> Option<Rc<Conn>> {
+        self.0.borrow().get(&i).cloned()
     }
 }
-#[derive(Debug, Default)]
-pub struct ShardLinks {}
 
-pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, payload: &[u8]) {}
+/// Sends `frame` to peer `i` over its link, wherever the link lives.
+#[inline]
+pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
+    match shard.shared.cluster.link_shard(i) {
+        Some(s) if s == shard.index => match shard.links.get(i) {
+            Some(conn) => link::push_link(shard, &conn, i, frame),
+            None => drop_for_peer(shard, i),
+        },
+        Some(s) => shard
+            .shared
+            .send(s, ShardMsg::Cluster(ClusterMsg::ToPeer { peer: i, frame })),
+        None => drop_for_peer(shard, i),
+    }
+}
+
+fn drop_for_peer(shard: &Shard, i: usize) {
+    shard.shared.cluster.counters[i]
+        .dropped
+        .fetch_add(1, Relaxed);
+    ShardStats::add(&shard.stats().dropped_peer, 1);
+}
+
+/// Forwards a local publish once to every node with members in `group`.
+pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, payload: &[u8]) {
+    let frame = encode_group_message(FrameType::FORWARD, group, sender, payload);
+    shard.shared.table.with(group, |e| {
+        if let Some(e) = e {
+            e.node_mask()
+                .for_each(|j| route_to_peer(shard, j, frame.clone()));
+        }
+    });
+}
+
+/// Sends a direct message to member `to` living on node `node`.
 pub fn forward_direct(shard: &Shard, node: &str, sender: &MemberId, to: &MemberId, payload: &[u8]) {
-    crate::stats::ShardStats::add(&shard.stats().dropped_unknown_member, 1);
+    let Some(i) = shard.shared.cluster.index_of(node) else {
+        ShardStats::add(&shard.stats().dropped_unknown_member, 1);
+        return;
+    };
+    let frame = Frame::ForwardDirect {
+        to: to.clone(),
+        sender: sender.clone(),
+        payload: Bytes::copy_from_slice(payload),
+    };
+    route_to_peer(shard, i, frame.to_bytes());
 }
-pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {}
-pub fn local_leave(shard: &Shard, group: &GroupName, member: &MemberId, reason: Reason) {}
-pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {}
-pub fn shutdown_links(shard: &Shard) {}
-pub fn sweep(shard: &Shard, now: Instant) {}
-pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, p: usize) {}
-pub fn peer_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, p: usize, frame: Frame) -> Result<(), Reject> {
-    Ok(())
+
+/// A local member joined: tell every peer.
+pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {
+    if shard.shared.cluster.high_water() > 0 {
+        let frame = Frame::PeerJoin {
+            group: group.clone(),
+            member: member.clone(),
+        };
+        link::broadcast(shard, &frame.to_bytes());
+    }
 }
-pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<(), Reject> {
-    Err((ErrorCode::NOT_ALLOWED, "this node has no peers".into()))
+
+/// A local member left: tell every peer.
+pub fn local_leave(shard: &Shard, group: &GroupName, member: &MemberId, reason: Reason) {
+    if shard.shared.cluster.high_water() > 0 {
+        let frame = Frame::PeerLeave {
+            group: group.clone(),
+            member: member.clone(),
+            reason,
+        };
+        link::broadcast(shard, &frame.to_bytes());
+    }
 }
-pub fn reconfigure(shared: &Shared, s: &ServerSettings) {}
-pub fn start_shard(shard: &Rc<Shard>) {}
+
+/// Handles cluster traffic from another shard.
+pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
+    match m {
+        ClusterMsg::ToPeer { peer, frame } => match shard.links.get(peer) {
+            Some(conn) => link::push_link(shard, &conn, peer, frame),
+            None => drop_for_peer(shard, peer),
+        },
+        ClusterMsg::StartDialer { peer } => dial::spawn(shard, peer),
+        ClusterMsg::Close { seq } => link::close_conn(shard, seq),
+    }
+}
+
+/// Starts the diallers of the peers assigned to `shard` (index mod shards).
+pub fn start_shard(shard: &Rc<Shard>) {
+    let n = shard.shared.shards();
+    for i in shard.shared.cluster.indices() {
+        if i % n == shard.index {
+            dial::spawn(shard, i);
+        }
+    }
+}
+
+/// Applies a reloaded peer list: dial new peers, close links to removed or
+/// re-addressed ones (the latter are re-dialled at their new address).
+pub fn reconfigure(shared: &Shared, s: &ServerSettings) {
+    let mesh = &shared.cluster;
+    let (added, removed, moved) = mesh.apply_peers(s);
+    for i in removed.iter().chain(&moved) {
+        let name = mesh.slot(*i).map(|p| p.name).unwrap_or_default();
+        tracing::info!(peer = name, "peers changed: closing its link");
+        if let Some(p) = mesh.slot(*i) {
+            if let mesh::LinkState::Up { shard, seq, .. }
+            | mesh::LinkState::Dialling { shard, seq } = p.state
+            {
+                shared.send(shard, ShardMsg::Cluster(ClusterMsg::Close { seq }));
+            }
+        }
+    }
+    for i in added {
+        tracing::info!(
+            peer = mesh.slot(i).map(|p| p.name).unwrap_or_default(),
+            "peers changed: new peer"
+        );
+        shared.send(
+            i % shared.shards(),
+            ShardMsg::Cluster(ClusterMsg::StartDialer { peer: i }),
+        );
+    }
+}

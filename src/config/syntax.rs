@@ -290,29 +290,7 @@ impl Parser {
                 items.push(Item::Scope(self.scope(ctx, name, None, depth)?));
                 Ok(())
             }
-            Tok::Str(_) | Tok::Word(_) => {
-                let is_include =
-                    name.node.eq_ignore_ascii_case("include") && *self.peek_at(1) != Tok::LBrace;
-                let (tok, span) = self.bump();
-                let arg = Spanned {
-                    node: word_text(tok),
-                    span,
-                };
-                if is_include {
-                    items.extend(ctx.include(&arg, &self.dir, depth));
-                    return Ok(());
-                }
-                if *self.peek() != Tok::LBrace {
-                    let (what, value) = (&name.node, &arg.node);
-                    let msg = format!(
-                        "expected `=` between `{what}` and `{value}` \
-                         (or `{{` after them to open a scope)"
-                    );
-                    return Err((arg.span, msg));
-                }
-                items.push(Item::Scope(self.scope(ctx, name, Some(arg), depth)?));
-                Ok(())
-            }
+            Tok::Str(_) | Tok::Word(_) => self.include_or_scope(ctx, items, name, depth),
             other => {
                 let found = other.describe();
                 let what = &name.node;
@@ -321,6 +299,38 @@ impl Parser {
                 ))
             }
         }
+    }
+
+    /// `include "file"` or `name "arg" { … }`; the cursor is on the word or
+    /// string after `name`.
+    fn include_or_scope(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        items: &mut Vec<Item>,
+        name: Spanned<String>,
+        depth: usize,
+    ) -> PResult<()> {
+        let is_include =
+            name.node.eq_ignore_ascii_case("include") && *self.peek_at(1) != Tok::LBrace;
+        let (tok, span) = self.bump();
+        let arg = Spanned {
+            node: word_text(tok),
+            span,
+        };
+        if is_include {
+            items.extend(ctx.include(&arg, &self.dir, depth));
+            return Ok(());
+        }
+        if *self.peek() != Tok::LBrace {
+            let (what, value) = (&name.node, &arg.node);
+            let msg = format!(
+                "expected `=` between `{what}` and `{value}` \
+                 (or `{{` after them to open a scope)"
+            );
+            return Err((arg.span, msg));
+        }
+        items.push(Item::Scope(self.scope(ctx, name, Some(arg), depth)?));
+        Ok(())
     }
 
     /// A scope body; the cursor is on its `{`.

@@ -282,3 +282,28 @@ fn arbitrary_bytes_never_panic() {
         let _ = parse(s);
     }
 }
+
+proptest::proptest! {
+    #[test]
+    fn never_panics_on_any_text(text in "\\PC{0,200}") {
+        let _ = crate::config::parse_for_fuzz(&text);
+    }
+
+    #[test]
+    fn never_panics_on_config_like_text(
+        text in "[{}()\\[\\]=;,\"#\\\\\n a-z0-9.:_-]{0,300}"
+    ) {
+        let _ = crate::config::parse_for_fuzz(&text);
+    }
+
+    #[test]
+    fn errors_point_inside_the_text(text in "[{}()\\[\\]=;,\"#\n ab1]{0,80}") {
+        if let Err(err) = crate::config::parse_for_fuzz(&text) {
+            let lines = u32::try_from(text.lines().count().max(1)).unwrap_or(u32::MAX);
+            for d in err.diagnostics() {
+                proptest::prop_assert!(d.line >= 1 && d.col >= 1);
+                proptest::prop_assert!(d.line <= lines + 1, "{} in {:?}", d, text);
+            }
+        }
+    }
+}

@@ -27,7 +27,9 @@ impl NodeMask {
 
     /// Reads bit `i`.
     pub fn get(&self, i: usize) -> bool {
-        self.0.get(i / 64).is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
+        self.0
+            .get(i / 64)
+            .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (i % 64)) != 0)
     }
 
     /// True when any bit is set.

@@ -7,7 +7,7 @@
 //! *connections* live shard-local (see `server::shard`); this module owns no
 //! sockets and no clocks.
 
-mod mask;
+pub mod mask;
 
 pub use mask::NodeMask;
 
@@ -156,7 +156,10 @@ impl GroupTable {
         // second look-up finds a fresh one (or none).
         for _ in 0..16 {
             let entry = if create {
-                self.map.pin().get_or_insert_with(group.clone(), Default::default).clone()
+                self.map
+                    .pin()
+                    .get_or_insert_with(group.clone(), Default::default)
+                    .clone()
             } else {
                 self.map.pin().get(group)?.clone()
             };
@@ -184,7 +187,11 @@ impl GroupTable {
             }
             change(entry, st, changed)
         })
-        .unwrap_or(Change { changed: false, size: 0, shards: 0 })
+        .unwrap_or(Change {
+            changed: false,
+            size: 0,
+            shards: 0,
+        })
     }
 
     /// Removes local `member` from `group`.
@@ -203,7 +210,11 @@ impl GroupTable {
             }
             change(entry, st, true)
         })
-        .unwrap_or(Change { changed: false, size: 0, shards: 0 })
+        .unwrap_or(Change {
+            changed: false,
+            size: 0,
+            shards: 0,
+        })
     }
 
     /// Adds `member` living on peer node `peer` to `group`.
@@ -213,7 +224,11 @@ impl GroupTable {
             entry.nodes.set(peer);
             change(entry, st, changed)
         })
-        .unwrap_or(Change { changed: false, size: 0, shards: 0 })
+        .unwrap_or(Change {
+            changed: false,
+            size: 0,
+            shards: 0,
+        })
     }
 
     /// Removes `member` of peer node `peer` from `group`.
@@ -227,7 +242,11 @@ impl GroupTable {
             }
             change(entry, st, changed)
         })
-        .unwrap_or(Change { changed: false, size: 0, shards: 0 })
+        .unwrap_or(Change {
+            changed: false,
+            size: 0,
+            shards: 0,
+        })
     }
 
     /// Removes every member of peer node `peer` from `group` (node lost).
@@ -238,7 +257,14 @@ impl GroupTable {
             entry.nodes.clear(peer);
             (change(entry, st, gone > 0), gone)
         })
-        .unwrap_or((Change { changed: false, size: 0, shards: 0 }, 0))
+        .unwrap_or((
+            Change {
+                changed: false,
+                size: 0,
+                shards: 0,
+            },
+            0,
+        ))
     }
 
     /// Groups in which peer `peer` has members, with those members.
@@ -271,12 +297,18 @@ impl GroupTable {
 
     /// The cluster-wide members of `group`, sorted; empty when unknown.
     pub fn members(&self, group: &GroupName) -> Vec<MemberId> {
-        self.get(group).map(|e| e.lock().members()).unwrap_or_default()
+        self.get(group)
+            .map(|e| e.lock().members())
+            .unwrap_or_default()
     }
 }
 
 fn change(entry: &GroupEntry, st: &GroupState, changed: bool) -> Change {
-    Change { changed, size: st.size(), shards: entry.shard_mask() }
+    Change {
+        changed,
+        size: st.size(),
+        shards: entry.shard_mask(),
+    }
 }
 
 /// Iterates the set bits of a shard mask, lowest first.
@@ -306,7 +338,14 @@ mod tests {
     fn join_leave_masks_and_sizes() {
         let t = GroupTable::new();
         let c = t.join_local(&g("a"), &m("n/0.1"), 0);
-        assert_eq!(c, Change { changed: true, size: 1, shards: 1 });
+        assert_eq!(
+            c,
+            Change {
+                changed: true,
+                size: 1,
+                shards: 1
+            }
+        );
         assert!(!t.join_local(&g("a"), &m("n/0.1"), 0).changed);
         let c = t.join_local(&g("a"), &m("n/1.1"), 1);
         assert_eq!((c.size, c.shards), (2, 0b11));

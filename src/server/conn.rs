@@ -130,7 +130,9 @@ impl Conn {
 
 /// Starts serving an accepted connection on `shard`.
 pub fn spawn(shard: Rc<Shard>, stream: AnyStream, addr: SocketAddr) {
-    let opts = super::sockets::SocketOpts { tcpbuf_size: shard.live.get().tcpbuf_size };
+    let opts = super::sockets::SocketOpts {
+        tcpbuf_size: shard.live.get().tcpbuf_size,
+    };
     if let Err(e) = opts.apply_fd(stream.raw_fd()) {
         tracing::warn!(error = %e, peer = %addr, "could not set socket options");
     }
@@ -164,7 +166,12 @@ async fn serve<S: Stream>(
     let seq = shard.next_seq();
     let id = MemberId::assign(&shard.shared.node, shard.index, seq);
     let closer = stream.clone();
-    let conn = Rc::new(Conn::new(seq, id, addr, Box::new(move || closer.shutdown())));
+    let conn = Rc::new(Conn::new(
+        seq,
+        id,
+        addr,
+        Box::new(move || closer.shutdown()),
+    ));
     shard.conns.borrow_mut().insert(seq, conn.clone());
     ShardStats::add(&shard.stats().connections, 1);
     ShardStats::add(&shard.stats().connections_total, 1);
@@ -272,10 +279,16 @@ fn dispatch(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reje
 
 fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
     let Frame::Hello(hello) = frame else {
-        return Err((ErrorCode::HANDSHAKE_REQUIRED, "the first frame must be HELLO".into()));
+        return Err((
+            ErrorCode::HANDSHAKE_REQUIRED,
+            "the first frame must be HELLO".into(),
+        ));
     };
     if hello.version != PROTOCOL_VERSION {
-        let msg = format!("protocol version {} not supported (this server speaks {PROTOCOL_VERSION})", hello.version);
+        let msg = format!(
+            "protocol version {} not supported (this server speaks {PROTOCOL_VERSION})",
+            hello.version
+        );
         return Err((ErrorCode::UNSUPPORTED_VERSION, msg));
     }
     match hello.role {
@@ -303,7 +316,10 @@ fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Rejec
 fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
     let max = shard.live.get().max_message_size;
     if len > max {
-        return Err((ErrorCode::MESSAGE_TOO_LARGE, format!("payload of {len} bytes exceeds max_message_size {max}")));
+        return Err((
+            ErrorCode::MESSAGE_TOO_LARGE,
+            format!("payload of {len} bytes exceeds max_message_size {max}"),
+        ));
     }
     Ok(())
 }
@@ -327,7 +343,14 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
         Frame::MembersRequest { req, group } => members_reply(shard, conn, req, group),
         Frame::StatsRequest { req } => {
             let json = shard.shared.stats_json().to_string();
-            shard.push(conn, Frame::StatsReply { req, json: json.into() }.to_bytes());
+            shard.push(
+                conn,
+                Frame::StatsReply {
+                    req,
+                    json: json.into(),
+                }
+                .to_bytes(),
+            );
         }
         Frame::Error { code, message } => {
             tracing::info!(conn = %conn.id, code = code.name(), "client reported an error: {message}");
@@ -336,7 +359,10 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
         Frame::Hello(_) => return Err((ErrorCode::HANDSHAKE_REQUIRED, "HELLO sent twice".into())),
         other => {
             let ty = other.frame_type().0;
-            return Err((ErrorCode::UNEXPECTED, format!("frame type 0x{ty:02x} is not one a client sends")));
+            return Err((
+                ErrorCode::UNEXPECTED,
+                format!("frame type 0x{ty:02x} is not one a client sends"),
+            ));
         }
     }
     Ok(())
@@ -349,7 +375,12 @@ fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
     for i in 0..parts {
         let members = chunks.next().map(<[MemberId]>::to_vec).unwrap_or_default();
         let last = i + 1 == parts;
-        let frame = Frame::MembersReply { req, last, group: group.clone(), members };
+        let frame = Frame::MembersReply {
+            req,
+            last,
+            group: group.clone(),
+            members,
+        };
         shard.push(conn, frame.to_bytes());
     }
 }

@@ -192,10 +192,14 @@ impl AnyStream {
     /// When the socket cannot be registered with the runtime.
     pub fn from_std(std: std::net::TcpStream, uring: bool) -> io::Result<Self> {
         if uring {
-            Ok(Self::Uring(UringStream(tokio_uring::net::TcpStream::from_std(std))))
+            Ok(Self::Uring(UringStream(
+                tokio_uring::net::TcpStream::from_std(std),
+            )))
         } else {
             std.set_nonblocking(true)?;
-            Ok(Self::Epoll(EpollStream(tokio::net::TcpStream::from_std(std)?)))
+            Ok(Self::Epoll(EpollStream(tokio::net::TcpStream::from_std(
+                std,
+            )?)))
         }
     }
 

@@ -126,7 +126,13 @@ impl Server {
         let uring = choose_backend(s.io_backend)?;
         let shards = s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS);
         let live = Live::from_settings(s);
-        let (listeners, addrs) = bind_all(&listen, shards, SocketOpts { tcpbuf_size: s.tcpbuf_size })?;
+        let (listeners, addrs) = bind_all(
+            &listen,
+            shards,
+            SocketOpts {
+                tcpbuf_size: s.tcpbuf_size,
+            },
+        )?;
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::unbounded()).unzip();
         let shared = Arc::new(Shared {
             node: node.clone(),
@@ -141,8 +147,18 @@ impl Server {
         });
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
         tracing::info!(node = %node, shards, backend = shared.backend, listen = ?addrs, "msgc-server running");
-        let restart_only = RestartOnly { node: node.to_string(), shards, io_backend: s.io_backend, listen };
-        Ok(Server { shared, threads, addrs, restart_only })
+        let restart_only = RestartOnly {
+            node: node.to_string(),
+            shards,
+            io_backend: s.io_backend,
+            listen,
+        };
+        Ok(Server {
+            shared,
+            threads,
+            addrs,
+            restart_only,
+        })
     }
 
     /// The addresses the server listens on (ports resolved when 0 was asked).
@@ -225,7 +241,10 @@ fn resolve_node(s: &ServerSettings, flag: Option<&str>) -> Result<NodeName, Erro
     if let Some(n) = flag.or(s.node.as_deref()) {
         if !s.peers.is_empty() && s.peer(n).is_none() {
             let names: Vec<&str> = s.peers.iter().map(|p| p.name.as_str()).collect();
-            return Err(Error::Node(format!("node {n:?} is not in peers ({})", names.join(", "))));
+            return Err(Error::Node(format!(
+                "node {n:?} is not in peers ({})",
+                names.join(", ")
+            )));
         }
         return NodeName::from_str_checked(n).map_err(|e| bad(n, e));
     }
@@ -241,7 +260,9 @@ fn resolve_node(s: &ServerSettings, flag: Option<&str>) -> Result<NodeName, Erro
         .collect();
     match local.as_slice() {
         [one] => NodeName::from_str_checked(one).map_err(|e| bad(one, e)),
-        [] => Err(Error::Node("no entry of peers is an address of this machine; give --node NAME".into())),
+        [] => Err(Error::Node(
+            "no entry of peers is an address of this machine; give --node NAME".into(),
+        )),
         many => Err(Error::Node(format!(
             "several entries of peers ({}) are addresses of this machine; give --node NAME",
             many.join(", ")
@@ -253,10 +274,18 @@ fn resolve_node(s: &ServerSettings, flag: Option<&str>) -> Result<NodeName, Erro
 /// peer address; else 127.0.0.1 on `port` (never every address by default).
 fn listen_addrs(config: &Config, node: &NodeName) -> Vec<SocketAddr> {
     if !config.listener.listen.is_empty() {
-        return config.listener.listen.iter().map(|a| a.socket_addr()).collect();
+        return config
+            .listener
+            .listen
+            .iter()
+            .map(|a| a.socket_addr())
+            .collect();
     }
     let s = &config.server;
-    if let Some(addr) = s.peer(node.as_str()).and_then(|p| resolve(&p.addr_string(s.port))) {
+    if let Some(addr) = s
+        .peer(node.as_str())
+        .and_then(|p| resolve(&p.addr_string(s.port)))
+    {
         return vec![addr];
     }
     vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.port)]
@@ -284,7 +313,9 @@ fn hostname() -> String {
 fn choose_backend(want: IoBackend) -> Result<bool, Error> {
     match want {
         IoBackend::Epoll => Ok(false),
-        IoBackend::Uring => io::uring_available().map(|()| true).map_err(Error::UringUnavailable),
+        IoBackend::Uring => io::uring_available()
+            .map(|()| true)
+            .map_err(Error::UringUnavailable),
         IoBackend::Auto => match io::uring_available() {
             Ok(()) => Ok(true),
             Err(e) => {
@@ -309,8 +340,11 @@ fn bind_all(
     for &addr in listen {
         let mut addr = addr;
         for slot in per_shard.iter_mut() {
-            let l = sockets::listener(addr, opts).map_err(|source| Error::Listen { addr, source })?;
-            addr = l.local_addr().map_err(|source| Error::Listen { addr, source })?;
+            let l =
+                sockets::listener(addr, opts).map_err(|source| Error::Listen { addr, source })?;
+            addr = l
+                .local_addr()
+                .map_err(|source| Error::Listen { addr, source })?;
             slot.push(l);
         }
         actual.push(addr);
@@ -357,7 +391,10 @@ fn run_shard(
             Err(e) => tracing::error!(shard = i, error = %e, "cannot start io_uring runtime"),
         }
     } else {
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => tokio::task::LocalSet::new().block_on(&rt, fut),
             Err(e) => tracing::error!(shard = i, error = %e, "cannot start runtime"),
         }

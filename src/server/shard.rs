@@ -115,6 +115,12 @@ impl Shard {
             Kill::Closed => &st.dropped_closed,
         };
         ShardStats::add(counter, dropped);
+        if let super::conn::ConnRole::Peer(i) = conn.role.get() {
+            let peer = &self.shared.cluster.counters[i];
+            peer.dropped
+                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            ShardStats::add(&st.dropped_peer, dropped);
+        }
         if was_open && why == Kill::Stuck {
             ShardStats::add(&st.stuck_kills, 1);
             tracing::warn!(conn = %conn.id, peer = %conn.addr, dropped, "connection stuck: outbound queue passed max_backlog; closed");
@@ -124,7 +130,11 @@ impl Shard {
 
     /// Sends ERROR then closes `conn` once it is flushed.
     pub fn close_with_error(&self, conn: &Conn, code: ErrorCode, message: &str) {
-        let frame = Frame::Error { code, message: message.to_owned() }.to_bytes();
+        let frame = Frame::Error {
+            code,
+            message: message.to_owned(),
+        }
+        .to_bytes();
         conn.close_gracefully(Some(frame), self.live.get().idle_timeout);
     }
 
@@ -223,7 +233,11 @@ impl Shard {
             return;
         }
         let ch = self.shared.table.join_local(group, &conn.id, self.index);
-        self.members.borrow_mut().entry(group.clone()).or_default().push(conn.clone());
+        self.members
+            .borrow_mut()
+            .entry(group.clone())
+            .or_default()
+            .push(conn.clone());
         self.membership_event(group, conn.id.bytes(), Reason::Join, ch.size, ch.shards);
         crate::cluster::local_join(self, group, &conn.id);
     }
@@ -265,13 +279,31 @@ impl Shard {
     }
 
     /// Encodes a MEMBERSHIP frame.
-    pub fn event_frame(&self, group: &GroupName, subject: &Bytes, reason: Reason, size: u32) -> Bytes {
-        Frame::Membership { group: group.clone(), subject: subject.clone(), reason, size }
-            .to_bytes()
+    pub fn event_frame(
+        &self,
+        group: &GroupName,
+        subject: &Bytes,
+        reason: Reason,
+        size: u32,
+    ) -> Bytes {
+        Frame::Membership {
+            group: group.clone(),
+            subject: subject.clone(),
+            reason,
+            size,
+        }
+        .to_bytes()
     }
 
     /// Sends a membership event to the group's members on every shard in `mask`.
-    pub fn membership_event(&self, group: &GroupName, subject: &Bytes, reason: Reason, size: u32, mask: u64) {
+    pub fn membership_event(
+        &self,
+        group: &GroupName,
+        subject: &Bytes,
+        reason: Reason,
+        size: u32,
+        mask: u64,
+    ) {
         let frame = self.event_frame(group, subject, reason, size);
         self.to_shards(group, &frame, mask, true);
     }
@@ -307,7 +339,6 @@ impl Shard {
         for c in conns {
             self.close_with_error(&c, ErrorCode::SHUTTING_DOWN, "server shutting down");
         }
-        crate::cluster::shutdown_links(self);
     }
 
     /// Handles the inbox until `Shutdown` (or every sender is gone).
@@ -363,7 +394,6 @@ impl Shard {
             for c in conns {
                 c.sweep(&self, now, &live);
             }
-            crate::cluster::sweep(&self, now);
         }
     }
 }

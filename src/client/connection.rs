@@ -1,0 +1,382 @@
+//! One connection to a server: dialling (socket2 options), the HELLO →
+//! WELCOME handshake, and the reader and writer tasks.
+//!
+//! The writer drains the outbound queue into one buffer and writes each
+//! batch with a single `write_all`; PUBLISH frames are encoded straight into
+//! that buffer. The reader decodes from a large `BytesMut` and hands frames
+//! to [`Shared::on_frame`]. Each task returns an [`End`] saying why it
+//! stopped; reconnecting is the supervisor's business, not this file's.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+
+use crate::protocol::{
+    decode, encode_publish, max_frame_for, DecodeError, ErrorCode, Frame, FrameType, GroupName,
+    Hello, Role, Welcome, PROTOCOL_VERSION,
+};
+use crate::protocol::{MemberId, NodeName};
+
+use super::config::ClientConfig;
+use super::error::{describe_io, fmt_duration, ClientError};
+use super::event::Event;
+use super::state::Shared;
+
+/// Initial (and minimum refill) size of the read buffer.
+pub(crate) const READ_BUF: usize = 64 * 1024;
+/// The writer stops coalescing once a batch holds this many bytes.
+pub(crate) const WRITE_BATCH: usize = 256 * 1024;
+
+/// An item of the outbound queue.
+pub(crate) enum Out {
+    /// A PUBLISH, encoded by the writer straight into its batch buffer.
+    Publish { group: GroupName, payload: Bytes },
+    /// Any other frame.
+    Frame(Frame),
+    /// Frames already encoded (`publish_batch`).
+    Encoded(Bytes),
+    /// `close`: flush everything before this, then shut the socket down.
+    Close,
+}
+
+/// Why a connection task stopped.
+pub(crate) enum End {
+    /// The server closed the connection.
+    Eof,
+    /// A read or write failed.
+    Io(io::Error),
+    /// Nothing was received for this long.
+    Idle(Duration),
+    /// A write made no progress for this long.
+    WriteStall(Duration),
+    /// The server sent an undecodable frame.
+    Protocol(DecodeError),
+    /// The server sent `ERROR`.
+    Server { code: ErrorCode, message: String },
+    /// The server sent a frame a server may not send.
+    Unexpected(FrameType),
+    /// `close`: the queue was flushed (or the flush failed) and the socket
+    /// shut down.
+    Closing {
+        /// Whether everything queued before `Close` was written.
+        flushed: bool,
+    },
+    /// Every handle of the client was dropped.
+    ClientGone,
+    /// A task panicked or was cancelled.
+    TaskFailed(String),
+}
+
+impl End {
+    /// Why, in words, for [`Event::Disconnected`] and logs.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            End::Eof => "connection closed by the server".into(),
+            End::Io(e) => describe_io(e),
+            End::Idle(d) => format!("nothing received for {}", fmt_duration(*d)),
+            End::WriteStall(d) => format!("write made no progress for {}", fmt_duration(*d)),
+            End::Protocol(e) => format!("protocol error from the server: {e}"),
+            End::Server { code, message } => {
+                format!("server error {} ({}): {message}", code.0, code.name())
+            }
+            End::Unexpected(t) => format!("unexpected frame type 0x{:02x} from the server", t.0),
+            End::Closing { .. } => "closed by the client".into(),
+            End::ClientGone => "client dropped".into(),
+            End::TaskFailed(e) => format!("connection task failed: {e}"),
+        }
+    }
+
+    /// The error handed to requests that were waiting on this connection.
+    pub(crate) fn waiter_error(&self) -> ClientError {
+        match self {
+            End::Server { code, message } => ClientError::Server {
+                code: *code,
+                message: message.clone(),
+            },
+            End::Protocol(e) => ClientError::Protocol(e.clone()),
+            End::Closing { .. } | End::ClientGone => ClientError::Closed,
+            _ => ClientError::Disconnected,
+        }
+    }
+}
+
+/// A connection that has completed the handshake.
+pub(crate) struct Conn {
+    /// The server as configured.
+    pub server: String,
+    /// The server's WELCOME.
+    pub welcome: Welcome,
+    /// Our member id (checked present in WELCOME).
+    pub member: MemberId,
+    pub rd: OwnedReadHalf,
+    pub wr: OwnedWriteHalf,
+    /// Bytes read after WELCOME, not yet decoded.
+    pub leftover: BytesMut,
+}
+
+/// Tries every server in order; the first to complete the handshake wins.
+///
+/// # Errors
+/// [`ClientError::Connect`] listing every attempt's failure.
+pub(crate) async fn connect_any(cfg: &ClientConfig) -> Result<Conn, ClientError> {
+    let mut attempts = Vec::new();
+    for server in &cfg.servers {
+        match connect_one(cfg, server).await {
+            Ok(conn) => return Ok(conn),
+            Err(reason) => {
+                tracing::debug!(server, %reason, "msgc client: connect failed");
+                attempts.push((server.clone(), reason));
+            }
+        }
+    }
+    Err(ClientError::Connect { attempts })
+}
+
+/// Dials one configured server (every address it resolves to, in order),
+/// then greets it. The error is a short reason for [`ClientError::Connect`].
+async fn connect_one(cfg: &ClientConfig, server: &str) -> Result<Conn, String> {
+    let addrs = match timeout(cfg.connect_timeout, tokio::net::lookup_host(server)).await {
+        Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
+        Ok(Err(e)) => return Err(format!("cannot resolve address: {}", describe_io(&e))),
+        Err(_) => {
+            return Err(format!(
+                "name resolution timed out after {}",
+                fmt_duration(cfg.connect_timeout)
+            ))
+        }
+    };
+    let mut last = String::from("address resolved to nothing");
+    for addr in addrs {
+        let stream = match timeout(cfg.connect_timeout, dial(cfg, addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                last = describe_io(&e);
+                continue;
+            }
+            Err(_) => {
+                last = format!(
+                    "connect timed out after {}",
+                    fmt_duration(cfg.connect_timeout)
+                );
+                continue;
+            }
+        };
+        return match timeout(cfg.connect_timeout, handshake(cfg, server, stream)).await {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no WELCOME within {}",
+                fmt_duration(cfg.connect_timeout)
+            )),
+        };
+    }
+    Err(last)
+}
+
+/// Opens a TCP connection with the configured socket options.
+async fn dial(cfg: &ClientConfig, addr: SocketAddr) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if cfg.tcpbuf_size > 0 {
+        sock.set_send_buffer_size(cfg.tcpbuf_size)?;
+        sock.set_recv_buffer_size(cfg.tcpbuf_size)?;
+    }
+    sock.set_tcp_nodelay(true)?;
+    if let Some(ip) = cfg.bind_address {
+        if ip.is_ipv4() == addr.is_ipv4() {
+            sock.bind(&SocketAddr::new(ip, 0).into())?;
+        }
+    }
+    sock.set_nonblocking(true)?;
+    TcpSocket::from_std_stream(sock.into()).connect(addr).await
+}
+
+/// Sends HELLO and waits for WELCOME.
+async fn handshake(
+    cfg: &ClientConfig,
+    server: &str,
+    mut stream: TcpStream,
+) -> Result<Conn, ClientError> {
+    let name = match &cfg.name {
+        Some(n) => {
+            Some(
+                NodeName::from_str_checked(n).map_err(|error| ClientError::InvalidName {
+                    name: n.clone(),
+                    error,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let hello = Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Client,
+        name,
+        credentials: Bytes::new(),
+    });
+    stream.write_all(&hello.to_bytes()).await?;
+    let max_frame = max_frame_for(cfg.max_message_size);
+    let mut buf = BytesMut::with_capacity(READ_BUF);
+    let welcome = loop {
+        match decode(&mut buf, max_frame)? {
+            Some(Frame::Welcome(w)) => break w,
+            Some(Frame::Error { code, message }) => {
+                return Err(ClientError::Server { code, message })
+            }
+            Some(_) => return Err(DecodeError::Malformed("expected WELCOME").into()),
+            None => {}
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed during the handshake",
+            )
+            .into());
+        }
+    };
+    if welcome.version != PROTOCOL_VERSION {
+        return Err(DecodeError::Malformed("server speaks another protocol version").into());
+    }
+    let Some(member) = welcome.member.clone() else {
+        return Err(DecodeError::Malformed("WELCOME without a member id").into());
+    };
+    let (rd, wr) = stream.into_split();
+    Ok(Conn {
+        server: server.to_string(),
+        welcome,
+        member,
+        rd,
+        wr,
+        leftover: buf,
+    })
+}
+
+/// What the reader needs besides its socket.
+pub(crate) struct ReadCtx {
+    pub shared: Arc<Shared>,
+    pub events: flume::Sender<Event>,
+    pub max_frame: usize,
+    pub idle: Duration,
+    pub per_iter: usize,
+}
+
+/// Reads, decodes and dispatches until the connection ends.
+pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: ReadCtx) -> End {
+    let mut since_yield = 0usize;
+    loop {
+        loop {
+            let frame = match decode(&mut buf, ctx.max_frame) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return End::Protocol(e),
+            };
+            if let Err(end) = dispatch(&ctx, frame).await {
+                return end;
+            }
+            since_yield += 1;
+            if since_yield >= ctx.per_iter {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+        if buf.capacity() - buf.len() < READ_BUF / 8 {
+            buf.reserve(READ_BUF);
+        }
+        match timeout(ctx.idle, rd.read_buf(&mut buf)).await {
+            Ok(Ok(0)) => return End::Eof,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return End::Io(e),
+            Err(_) => return End::Idle(ctx.idle),
+        }
+    }
+}
+
+async fn dispatch(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
+    match ctx.shared.on_frame(frame) {
+        Ok(Some(event)) => ctx
+            .events
+            .send_async(event)
+            .await
+            .map_err(|_| End::ClientGone),
+        Ok(None) => Ok(()),
+        Err(Frame::Error { code, message }) => Err(End::Server { code, message }),
+        Err(other) => Err(End::Unexpected(other.frame_type())),
+    }
+}
+
+/// Drains the outbound queue in batches until the connection ends.
+///
+/// Sends a NOOP after `keepalive` without anything to send; a write that
+/// makes no progress for `stall` ends the connection.
+pub(crate) async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    queue: flume::Receiver<Out>,
+    keepalive: Duration,
+    stall: Duration,
+) -> End {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    loop {
+        let mut close = match timeout(keepalive, queue.recv_async()).await {
+            Ok(Ok(item)) => push(&mut buf, item),
+            Ok(Err(_)) => return flush_and_end(&mut wr, &buf, stall, End::ClientGone).await,
+            Err(_) => {
+                Frame::Noop.encode(&mut buf);
+                false
+            }
+        };
+        while !close && buf.len() < WRITE_BATCH {
+            match queue.try_recv() {
+                Ok(item) => close = push(&mut buf, item),
+                Err(_) => break,
+            }
+        }
+        if close {
+            return flush_and_end(&mut wr, &buf, stall, End::Closing { flushed: true }).await;
+        }
+        if let Err(end) = write_batch(&mut wr, &buf, stall).await {
+            return end;
+        }
+        buf.clear();
+    }
+}
+
+/// Appends one queue item to the batch; returns whether it was `Close`.
+fn push(buf: &mut BytesMut, item: Out) -> bool {
+    match item {
+        Out::Publish { group, payload } => encode_publish(buf, &group, &payload),
+        Out::Frame(frame) => frame.encode(buf),
+        Out::Encoded(bytes) => buf.extend_from_slice(&bytes),
+        Out::Close => return true,
+    }
+    false
+}
+
+async fn write_batch(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration) -> Result<(), End> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    match timeout(stall, wr.write_all(buf)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Io(e)),
+        Err(_) => Err(End::WriteStall(stall)),
+    }
+}
+
+/// Writes what is batched, shuts the write side down, and ends with `end`
+/// (or with the write's failure; when closing, with `flushed: false`).
+async fn flush_and_end(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration, end: End) -> End {
+    if let Err(failed) = write_batch(wr, buf, stall).await {
+        return match end {
+            End::Closing { .. } => End::Closing { flushed: false },
+            _ => failed,
+        };
+    }
+    let _ = timeout(stall, wr.shutdown()).await;
+    end
+}

@@ -1,0 +1,87 @@
+//! The dialler: one task per peer, on the shard the peer is assigned to,
+//! that dials while the link is down, every reconnect_interval, from
+//! bind_address (or this node's own peer address), within connect_timeout.
+
+use crate::protocol::{Frame, Hello, Role, PROTOCOL_VERSION};
+use crate::server::conn::{spawn_with, ConnRole};
+use crate::server::io::AnyStream;
+use crate::server::shard::Shard;
+use crate::server::sockets::{dial, SocketOpts};
+use std::rc::Rc;
+
+/// Starts the dialler of peer `i` on `shard`.
+pub fn spawn(shard: &Rc<Shard>, i: usize) {
+    let Some(generation) = shard.shared.cluster.slot(i).map(|p| p.generation) else {
+        return;
+    };
+    tokio::task::spawn_local(dial_loop(shard.clone(), i, generation));
+}
+
+async fn dial_loop(shard: Rc<Shard>, i: usize, generation: u64) {
+    loop {
+        if shard.stopping.get() {
+            return;
+        }
+        let Some(slot) = shard.shared.cluster.slot(i) else {
+            return;
+        };
+        if slot.removed || slot.generation != generation {
+            return;
+        }
+        if slot.state == super::mesh::LinkState::Down {
+            dial_once(&shard, i, &slot.name, &slot.addr).await;
+        }
+        tokio::time::sleep(shard.live.get().reconnect_interval).await;
+    }
+}
+
+async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
+    let mesh = &shard.shared.cluster;
+    if !mesh.begin_dial(i, shard.index, 0) {
+        return;
+    }
+    let Some(addr) = crate::server::resolve(spec) else {
+        tracing::warn!(peer = name, addr = spec, "cannot resolve peer address");
+        mesh.down(i, shard.index, 0);
+        return;
+    };
+    let live = shard.live.get();
+    let from = live.bind_address.or_else(|| mesh.own_ip());
+    let opts = SocketOpts {
+        tcpbuf_size: live.tcpbuf_size,
+    };
+    let std = match dial(addr, from, opts, live.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(peer = name, %addr, error = %e, "dial failed; retrying after reconnect_interval");
+            mesh.down(i, shard.index, 0);
+            return;
+        }
+    };
+    let stream = match AnyStream::from_std(std, shard.uring) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = name, error = %e, "cannot register dialled socket");
+            mesh.down(i, shard.index, 0);
+            return;
+        }
+    };
+    spawn_with(shard.clone(), stream, addr, move |shard, conn| {
+        conn.role.set(ConnRole::Peer(i));
+        if !shard
+            .shared
+            .cluster
+            .dial_connected(i, shard.index, conn.seq)
+        {
+            conn.close_gracefully(None, shard.live.get().idle_timeout);
+            return;
+        }
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            name: Some(shard.shared.node.clone()),
+            credentials: bytes::Bytes::new(),
+        };
+        shard.push(conn, Frame::Hello(hello).to_bytes());
+    });
+}

@@ -1,0 +1,397 @@
+//! The mesh's shared state: the configured peers, each one's link state
+//! (down, dialling, up on shard S as connection N), and per-peer counters.
+//!
+//! Link admission is decided here, under one mutex that only link set-up
+//! and tear-down take (never the publish path, which reads the atomics in
+//! `link_shard`). The rule that keeps exactly one link per pair, decided
+//! before any data flows on a link: see [`Mesh::admit`].
+
+use crate::config::ServerSettings;
+use crate::protocol::NodeName;
+use crate::router::mask::MAX_PEERS;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+/// No link: the value of `link_shard` for a peer that is not up.
+pub const NO_LINK: usize = usize::MAX;
+
+/// Where a peer's link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No link; the dialler will try again after reconnect_interval.
+    Down,
+    /// We dialled: connection `seq` on shard `shard` awaits WELCOME.
+    Dialling {
+        /// The dialling shard.
+        shard: usize,
+        /// The connection's sequence number there.
+        seq: u64,
+    },
+    /// The link is up: connection `seq` on shard `shard`.
+    Up {
+        /// The shard holding the link.
+        shard: usize,
+        /// The connection's sequence number there.
+        seq: u64,
+        /// True when this node dialled it.
+        dialled: bool,
+    },
+}
+
+/// One configured peer.
+#[derive(Debug, Clone)]
+pub struct PeerSlot {
+    /// Its name in `peers`.
+    pub name: String,
+    /// `host:port` to dial.
+    pub addr: String,
+    /// Link state.
+    pub state: LinkState,
+    /// When the state last changed.
+    pub since: SystemTime,
+    /// Times the link came up after the first time.
+    pub reconnects: u64,
+    /// Times the link came up at all.
+    ups: u64,
+    /// Set when a reload removed the peer.
+    pub removed: bool,
+    /// Distinguishes this peer from an earlier one at the same index.
+    pub generation: u64,
+}
+
+/// Counters of one peer link (written by the shards that use it).
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Frames received from the peer.
+    pub msgs_in: AtomicU64,
+    /// Frames queued to the peer.
+    pub msgs_out: AtomicU64,
+    /// Bytes received.
+    pub bytes_in: AtomicU64,
+    /// Bytes queued.
+    pub bytes_out: AtomicU64,
+    /// Frames for the peer dropped (no link, or the link was killed).
+    pub dropped: AtomicU64,
+}
+
+/// Verdict on a HELLO from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Accept; if `replace` names a link, close it first (it is stale).
+    Accept {
+        /// The link this one replaces, if any.
+        replace: Option<(usize, u64)>,
+    },
+    /// A link (or our own dial) is kept instead: refuse with DUPLICATE_LINK.
+    Duplicate,
+}
+
+/// The mesh: who the peers are and how their links stand.
+#[derive(Debug)]
+pub struct Mesh {
+    /// This node's name.
+    pub me: NodeName,
+    inner: Mutex<Vec<Option<PeerSlot>>>,
+    /// Per peer index: the shard holding its up link, or [`NO_LINK`].
+    link_shard: Vec<AtomicUsize>,
+    /// Per peer index: counters.
+    pub counters: Vec<PeerCounters>,
+    /// One past the highest peer index in use (bounds loops over peers).
+    high_water: AtomicUsize,
+    /// Source of [`PeerSlot::generation`].
+    generations: AtomicU64,
+    /// Address to dial from when `bind_address` is unset.
+    own_ip: Mutex<Option<IpAddr>>,
+}
+
+impl Mesh {
+    /// The mesh for `settings.peers`, minus this node itself.
+    pub fn new(me: &NodeName, s: &ServerSettings) -> Self {
+        let mesh = Self {
+            me: me.clone(),
+            inner: Mutex::new(Vec::new()),
+            link_shard: (0..MAX_PEERS).map(|_| AtomicUsize::new(NO_LINK)).collect(),
+            counters: (0..MAX_PEERS).map(|_| PeerCounters::default()).collect(),
+            high_water: AtomicUsize::new(0),
+            generations: AtomicU64::new(1),
+            own_ip: Mutex::new(None),
+        };
+        mesh.apply_peers(s);
+        mesh
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<PeerSlot>>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the peer list in line with `s.peers`: new peers get a free
+    /// index, removed ones are marked, changed addresses are updated.
+    /// Returns (added, removed, re-addressed) peer indices.
+    pub fn apply_peers(&self, s: &ServerSettings) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+        let mut slots = self.lock();
+        let (mut added, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let Some(p) = slot.as_mut().filter(|p| !p.removed) else {
+                continue;
+            };
+            match s.peer(&p.name) {
+                None => {
+                    p.removed = true;
+                    removed.push(i);
+                }
+                Some(cfg) if cfg.addr_string(s.port) != p.addr => {
+                    p.addr = cfg.addr_string(s.port);
+                    moved.push(i);
+                }
+                Some(_) => {}
+            }
+        }
+        for cfg in s.peers.iter().filter(|p| p.name != self.me.as_str()) {
+            if slots
+                .iter()
+                .flatten()
+                .any(|p| p.name == cfg.name && !p.removed)
+            {
+                continue;
+            }
+            let free = slots.iter().position(|p| {
+                p.as_ref()
+                    .is_none_or(|p| p.removed && p.state == LinkState::Down)
+            });
+            let idx = free.unwrap_or(slots.len());
+            if idx >= MAX_PEERS {
+                tracing::error!(peer = %cfg.name, "more than {MAX_PEERS} peers; ignored");
+                continue;
+            }
+            let slot = PeerSlot {
+                name: cfg.name.clone(),
+                addr: cfg.addr_string(s.port),
+                state: LinkState::Down,
+                since: SystemTime::now(),
+                reconnects: 0,
+                ups: 0,
+                removed: false,
+                generation: self.generations.fetch_add(1, Relaxed),
+            };
+            if idx == slots.len() {
+                slots.push(Some(slot));
+            } else {
+                slots[idx] = Some(slot);
+            }
+            self.counters[idx].reset();
+            added.push(idx);
+        }
+        self.high_water.store(slots.len(), Release);
+        *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = Self::own_ip_of(s, &self.me);
+        (added, removed, moved)
+    }
+
+    /// The address outbound links are dialled from when `bind_address` is unset.
+    pub fn own_ip(&self) -> Option<IpAddr> {
+        *self.own_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One past the highest peer index in use. Lock-free.
+    #[inline]
+    pub fn high_water(&self) -> usize {
+        self.high_water.load(Acquire)
+    }
+
+    /// Our dial of peer `i` from `shard` connected as connection `seq`:
+    /// false when the dial was overtaken meanwhile (close the connection).
+    pub fn dial_connected(&self, i: usize, shard: usize, seq: u64) -> bool {
+        let mut slots = self.lock();
+        match slots.get_mut(i).and_then(Option::as_mut) {
+            Some(p) if p.state == (LinkState::Dialling { shard, seq: 0 }) => {
+                p.state = LinkState::Dialling { shard, seq };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Index of the (current) peer called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.lock()
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name && !p.removed))
+    }
+
+    /// A copy of peer `i`'s slot.
+    pub fn slot(&self, i: usize) -> Option<PeerSlot> {
+        self.lock().get(i).cloned().flatten()
+    }
+
+    /// Every current peer's index.
+    pub fn indices(&self) -> Vec<usize> {
+        let slots = self.lock();
+        (0..slots.len())
+            .filter(|&i| slots[i].as_ref().is_some_and(|p| !p.removed))
+            .collect()
+    }
+
+    /// The shard holding peer `i`'s up link, if it is up. Lock-free.
+    #[inline]
+    pub fn link_shard(&self, i: usize) -> Option<usize> {
+        let s = self.link_shard.get(i)?.load(Acquire);
+        (s != NO_LINK).then_some(s)
+    }
+
+    /// Decides on a HELLO from peer `i` arriving as connection `seq` on `shard`.
+    ///
+    /// The rule, with `lower` meaning "the peer's name sorts below ours":
+    /// no link and no dial of ours → accept; our dial in progress (both
+    /// dialled at once) → the dial of the lower-named node wins; a link
+    /// already up → the peer evidently considers it dead, so replace it —
+    /// unless we dialled it and our name is the lower, in which case it may
+    /// be the peer's abandoned simultaneous dial: refuse it.
+    pub fn admit(&self, i: usize, shard: usize, seq: u64) -> Admit {
+        let mut slots = self.lock();
+        let Some(p) = slots
+            .get_mut(i)
+            .and_then(Option::as_mut)
+            .filter(|p| !p.removed)
+        else {
+            return Admit::Duplicate;
+        };
+        let lower = p.name.as_str() < self.me.as_str();
+        let verdict = match p.state {
+            LinkState::Down => Admit::Accept { replace: None },
+            LinkState::Dialling { .. } if lower => Admit::Accept { replace: None },
+            LinkState::Dialling { .. } => Admit::Duplicate,
+            LinkState::Up { dialled: true, .. } if !lower => Admit::Duplicate,
+            LinkState::Up { shard, seq, .. } => Admit::Accept {
+                replace: Some((shard, seq)),
+            },
+        };
+        if let Admit::Accept { .. } = verdict {
+            Self::set_up(p, &self.link_shard[i], shard, seq, false);
+        }
+        verdict
+    }
+
+    /// Our dial of peer `i` is starting; false when it should not (a link
+    /// is up or being dialled, or the peer was removed).
+    pub fn begin_dial(&self, i: usize, shard: usize, seq: u64) -> bool {
+        let mut slots = self.lock();
+        match slots.get_mut(i).and_then(Option::as_mut) {
+            Some(p) if !p.removed && p.state == LinkState::Down => {
+                p.state = LinkState::Dialling { shard, seq };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Our dial of peer `i` (connection `seq` on `shard`) got WELCOME:
+    /// true if it becomes the link, false if it was overtaken (close it).
+    pub fn dial_welcomed(&self, i: usize, shard: usize, seq: u64) -> bool {
+        let mut slots = self.lock();
+        match slots.get_mut(i).and_then(Option::as_mut) {
+            Some(p) if p.state == (LinkState::Dialling { shard, seq }) => {
+                Self::set_up(p, &self.link_shard[i], shard, seq, true);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Connection `seq` on `shard` for peer `i` is gone (or a dial failed
+    /// before it had a connection, with `seq` 0). True when it was the up
+    /// link, whose members must now leave every view.
+    pub fn down(&self, i: usize, shard: usize, seq: u64) -> bool {
+        let mut slots = self.lock();
+        let Some(p) = slots.get_mut(i).and_then(Option::as_mut) else {
+            return false;
+        };
+        let was_up = match p.state {
+            LinkState::Up {
+                shard: s, seq: q, ..
+            } if (s, q) == (shard, seq) => true,
+            LinkState::Dialling { shard: s, seq: q } if (s, q) == (shard, seq) => false,
+            _ => return false,
+        };
+        p.state = LinkState::Down;
+        p.since = SystemTime::now();
+        if was_up {
+            self.link_shard[i].store(NO_LINK, Release);
+        }
+        was_up
+    }
+
+    /// True when connection `seq` on `shard` is peer `i`'s up link.
+    pub fn is_link(&self, i: usize, shard: usize, seq: u64) -> bool {
+        self.lock().get(i).cloned().flatten().is_some_and(
+            |p| matches!(p.state, LinkState::Up { shard: s, seq: q, .. } if (s, q) == (shard, seq)),
+        )
+    }
+
+    fn set_up(p: &mut PeerSlot, link: &AtomicUsize, shard: usize, seq: u64, dialled: bool) {
+        p.state = LinkState::Up {
+            shard,
+            seq,
+            dialled,
+        };
+        p.since = SystemTime::now();
+        p.ups += 1;
+        p.reconnects = p.ups - 1;
+        link.store(shard, Release);
+    }
+
+    /// The peers' part of the stats document.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let slots = self.lock();
+        let peers: Vec<serde_json::Value> = slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((i, p.as_ref().filter(|p| !p.removed)?)))
+            .map(|(i, p)| self.peer_json(i, p))
+            .collect();
+        serde_json::Value::Array(peers)
+    }
+
+    fn peer_json(&self, i: usize, p: &PeerSlot) -> serde_json::Value {
+        let (state, direction) = match p.state {
+            LinkState::Down => ("down", None),
+            LinkState::Dialling { .. } => ("dialling", None),
+            LinkState::Up { dialled, .. } => ("up", Some(if dialled { "out" } else { "in" })),
+        };
+        let since = p
+            .since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let c = &self.counters[i];
+        serde_json::json!({
+            "name": p.name, "address": p.addr, "state": state, "direction": direction,
+            "since_unix": since,
+            "since_secs": p.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
+            "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),
+            "bytes_in": c.bytes_in.load(Relaxed), "bytes_out": c.bytes_out.load(Relaxed),
+            "dropped": c.dropped.load(Relaxed), "reconnects": p.reconnects,
+        })
+    }
+
+    /// This node's own address to dial from when `bind_address` is unset:
+    /// its own peer entry's host, when that is an address of this machine.
+    fn own_ip_of(s: &ServerSettings, me: &NodeName) -> Option<IpAddr> {
+        let p = s.peer(me.as_str())?;
+        let ip = crate::server::resolve(&p.addr_string(s.port))?.ip();
+        crate::server::sockets::is_local_ip(ip).then_some(ip)
+    }
+}
+
+impl PeerCounters {
+    fn reset(&self) {
+        for c in [
+            &self.msgs_in,
+            &self.msgs_out,
+            &self.bytes_in,
+            &self.bytes_out,
+            &self.dropped,
+        ] {
+            c.store(0, Relaxed);
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! The client against an in-test mock server speaking `msgc::protocol`:
+//! handshake, join acknowledgement, publish → message, multi-part members
+//! replies, stats, ping, server errors, flushing on close, keepalive, idle
+//! detection and reconnection with re-join.
+//!
+//! Every wait is bounded; no test sleeps where an event can be awaited.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use msgc::client::{Client, ClientConfig, ClientError, Event};
+use msgc::protocol::{
+    decode, max_frame_for, ErrorCode, Frame, GroupName, MemberId, NodeName, Reason, Welcome,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+/// Bound on every wait in these tests.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// How the mock behaves.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// Answer HELLO with ERROR instead of WELCOME.
+    reject_hello: bool,
+    /// Advertised max_message_size (0 = 1 MiB).
+    max_message_size: u32,
+    /// Never send anything after WELCOME (to trigger the client's idle check).
+    silent: bool,
+}
+
+/// A mock server on 127.0.0.1, port 0. Each connection is numbered from 1;
+/// its member id is `mock/0.N`. Frames received go to `log`.
+struct Mock {
+    addr: String,
+    log: flume::Receiver<(u64, Frame)>,
+    kill: watch::Sender<u64>,
+}
+
+impl Mock {
+    async fn start(behaviour: Behaviour) -> Mock {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (log_tx, log) = flume::unbounded();
+        let (kill, kill_rx) = watch::channel(0u64);
+        let seq = Arc::new(AtomicU64::new(0));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+                let conn = MockConn {
+                    n,
+                    log: log_tx.clone(),
+                    b: behaviour.clone(),
+                };
+                tokio::spawn(conn.run(stream, kill_rx.clone()));
+            }
+        });
+        Mock { addr, log, kill }
+    }
+
+    /// Closes every open connection.
+    fn kill_all(&self) {
+        self.kill.send_modify(|g| *g += 1);
+    }
+
+    /// Waits for a logged frame matching `pred`; returns its connection.
+    async fn expect(&self, what: &str, pred: impl Fn(&Frame) -> bool) -> u64 {
+        let found = timeout(WAIT, async {
+            loop {
+                match self.log.recv_async().await {
+                    Ok((n, frame)) if pred(&frame) => return n,
+                    Ok(_) => {}
+                    Err(_) => panic!("mock log closed"),
+                }
+            }
+        });
+        found
+            .await
+            .unwrap_or_else(|_| panic!("mock never received {what}"))
+    }
+
+    fn config(&self) -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+            reconnect_interval: Duration::from_millis(50),
+            ..ClientConfig::with_servers([self.addr.clone()])
+        }
+    }
+}
+
+struct MockConn {
+    n: u64,
+    log: flume::Sender<(u64, Frame)>,
+    b: Behaviour,
+}
+
+impl MockConn {
+    fn member(&self) -> MemberId {
+        MemberId::from_str_checked(&format!("mock/0.{}", self.n)).expect("member id")
+    }
+
+    async fn run(self, mut stream: TcpStream, mut kill: watch::Receiver<u64>) {
+        kill.mark_unchanged();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let max_frame = max_frame_for(2 * 1024 * 1024);
+        let mut greeted = false;
+        loop {
+            while let Ok(Some(frame)) = decode(&mut buf, max_frame) {
+                let _ = self.log.send((self.n, frame.clone()));
+                let replies = if greeted {
+                    self.answer(frame)
+                } else {
+                    self.greet()
+                };
+                greeted = true;
+                if !self.send(&mut stream, &replies).await {
+                    return;
+                }
+            }
+            tokio::select! {
+                read = stream.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) { return },
+                _ = kill.changed() => return,
+            }
+        }
+    }
+
+    /// Writes `replies`; false when the connection should close (after an
+    /// ERROR, or on a write failure).
+    async fn send(&self, stream: &mut TcpStream, replies: &[Frame]) -> bool {
+        let mut out = BytesMut::new();
+        replies.iter().for_each(|f| f.encode(&mut out));
+        if stream.write_all(&out).await.is_err() {
+            return false;
+        }
+        !replies.iter().any(|f| matches!(f, Frame::Error { .. }))
+    }
+
+    fn greet(&self) -> Vec<Frame> {
+        if self.b.reject_hello {
+            return vec![Frame::Error {
+                code: ErrorCode::UNSUPPORTED_VERSION,
+                message: "go away".into(),
+            }];
+        }
+        let max = if self.b.max_message_size == 0 {
+            1024 * 1024
+        } else {
+            self.b.max_message_size
+        };
+        vec![Frame::Welcome(Welcome {
+            version: PROTOCOL_VERSION,
+            node: NodeName::from_str_checked("mock").expect("node"),
+            member: Some(self.member()),
+            max_message_size: max,
+            idle_timeout_ms: 30_000,
+        })]
+    }
+
+    fn answer(&self, frame: Frame) -> Vec<Frame> {
+        if self.b.silent {
+            return vec![];
+        }
+        let me = self.member();
+        match frame {
+            Frame::Join { group } if group.as_str() == "forbidden" => {
+                vec![Frame::Error {
+                    code: ErrorCode::NOT_ALLOWED,
+                    message: "not this one".into(),
+                }]
+            }
+            Frame::Join { group } => vec![membership(group, &me, Reason::Join)],
+            Frame::Leave { group } => vec![membership(group, &me, Reason::Leave)],
+            Frame::Publish { group, payload } => vec![Frame::Deliver {
+                group,
+                sender: me,
+                payload,
+            }],
+            Frame::MembersRequest { req, group } => vec![
+                Frame::MembersReply {
+                    req,
+                    last: false,
+                    group: group.clone(),
+                    members: ids(&["a/0.1", "a/0.2"]),
+                },
+                Frame::MembersReply {
+                    req,
+                    last: true,
+                    group,
+                    members: ids(&["b/1.7"]),
+                },
+            ],
+            Frame::StatsRequest { req } => vec![Frame::StatsReply {
+                req,
+                json: Bytes::from_static(br#"{"node":"mock","totals":{"published":3}}"#),
+            }],
+            Frame::Ping { token } => vec![Frame::Pong { token }],
+            _ => vec![],
+        }
+    }
+}
+
+fn membership(group: GroupName, who: &MemberId, reason: Reason) -> Frame {
+    Frame::Membership {
+        group,
+        subject: who.bytes().clone(),
+        reason,
+        size: 1,
+    }
+}
+
+fn ids(list: &[&str]) -> Vec<MemberId> {
+    list.iter()
+        .map(|s| MemberId::from_str_checked(s).expect("id"))
+        .collect()
+}
+
+/// Next event, bounded.
+async fn next_event(events: &flume::Receiver<Event>) -> Event {
+    timeout(WAIT, events.recv_async())
+        .await
+        .expect("no event within the bound")
+        .expect("event stream ended")
+}
+
+async fn connect(mock: &Mock) -> Client {
+    Client::connect(mock.config()).await.expect("connect")
+}
+
+#[tokio::test]
+async fn handshake_assigns_member_id() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    assert_eq!(client.member_id().as_str(), "mock/0.1");
+    assert_eq!(client.server().node.as_str(), "mock");
+    assert!(client.is_connected());
+    mock.expect("HELLO", |f| matches!(f, Frame::Hello(_))).await;
+}
+
+#[tokio::test]
+async fn join_waits_for_own_membership_event() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    timeout(WAIT, client.join("orders"))
+        .await
+        .expect("bounded")
+        .expect("join");
+    match next_event(&events).await {
+        Event::Membership {
+            group,
+            subject,
+            reason,
+            ..
+        } => {
+            assert_eq!(group.as_str(), "orders");
+            assert_eq!(subject, "mock/0.1");
+            assert_eq!(reason, Reason::Join);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // A second join returns at once and sends nothing.
+    client.join("orders").await.expect("second join");
+    client.join("other").await.expect("join other");
+    let joins: Vec<String> = mock
+        .log
+        .drain()
+        .filter_map(|(_, f)| match f {
+            Frame::Join { group } => Some(group.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joins, ["orders", "other"]);
+    client.leave("orders").await.expect("leave");
+    client
+        .leave("never-joined")
+        .await
+        .expect("leave of a group not joined returns at once");
+}
+
+#[tokio::test]
+async fn publish_comes_back_as_message() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    client
+        .publish("g", Bytes::from_static(b"hello"))
+        .await
+        .expect("publish");
+    match next_event(&events).await {
+        Event::Message {
+            group,
+            sender,
+            payload,
+        } => {
+            assert_eq!(group.as_str(), "g");
+            assert_eq!(sender, client.member_id());
+            assert_eq!(&payload[..], b"hello");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    client
+        .publish_batch("g", ["a", "b", "c"])
+        .await
+        .expect("batch");
+    client.try_publish("g", "d").expect("try_publish");
+    for want in ["a", "b", "c", "d"] {
+        match next_event(&events).await {
+            Event::Message { payload, .. } => assert_eq!(&payload[..], want.as_bytes()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn members_reply_is_assembled_from_parts() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let members = client.members("g").await.expect("members");
+    let names: Vec<&str> = members.iter().map(|m| m.as_str()).collect();
+    assert_eq!(names, ["a/0.1", "a/0.2", "b/1.7"]);
+}
+
+#[tokio::test]
+async fn stats_and_ping() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let stats = client.stats().await.expect("stats");
+    assert_eq!(stats["totals"]["published"], 3);
+    let rtt = client.ping().await.expect("ping");
+    assert!(rtt < WAIT);
+}
+
+#[tokio::test]
+async fn server_error_surfaces_as_server_error() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    match client.join("forbidden").await {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::NOT_ALLOWED);
+            assert_eq!(message, "not this one");
+        }
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_rejoins_and_announces() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    client.join("g").await.expect("join");
+    assert!(matches!(
+        next_event(&events).await,
+        Event::Membership { .. }
+    ));
+    mock.log.drain().for_each(drop); // forget the first connection's frames
+
+    mock.kill_all();
+    match next_event(&events).await {
+        Event::Disconnected { reason } => assert!(reason.contains("closed"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let mut rejoined = false;
+    loop {
+        match next_event(&events).await {
+            Event::Membership {
+                subject,
+                reason: Reason::Join,
+                ..
+            } if subject == "mock/0.2" => rejoined = true,
+            Event::Reconnected { server, member } => {
+                assert_eq!(server, mock.addr);
+                assert_eq!(member.as_str(), "mock/0.2");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(rejoined, "the re-join was acknowledged before Reconnected");
+    assert_eq!(client.member_id().as_str(), "mock/0.2");
+    let conn = mock
+        .expect(
+            "re-JOIN",
+            |f| matches!(f, Frame::Join { group } if group.as_str() == "g"),
+        )
+        .await;
+    assert_eq!(conn, 2);
+    client.publish("g", "after").await.expect("publish");
+    assert!(matches!(next_event(&events).await, Event::Message { .. }));
+}
+
+#[tokio::test]
+async fn close_flushes_everything_queued() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    for i in 0..2000u32 {
+        client.publish("g", i.to_string()).await.expect("publish");
+    }
+    client.close().await.expect("close");
+    let mut count = 0u32;
+    while count < 2000 {
+        let (_, frame) = timeout(WAIT, mock.log.recv_async())
+            .await
+            .expect("bounded")
+            .expect("log");
+        if let Frame::Publish { payload, .. } = frame {
+            assert_eq!(&payload[..], count.to_string().as_bytes(), "in order");
+            count += 1;
+        }
+    }
+    assert!(matches!(
+        client.publish("g", "late").await,
+        Err(ClientError::Closed)
+    ));
+    assert!(client.close().await.is_ok(), "a second close is a no-op");
+    // The event stream ends once the client is closed.
+    let ended = timeout(WAIT, async {
+        while client.events().recv_async().await.is_ok() {}
+    })
+    .await;
+    assert!(ended.is_ok());
+}
+
+#[tokio::test]
+async fn limits_and_names_are_checked_locally() {
+    let mock = Mock::start(Behaviour {
+        max_message_size: 1024,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = connect(&mock).await;
+    match client.publish("g", vec![0u8; 2000]).await {
+        Err(ClientError::MessageTooLarge {
+            size: 2000,
+            max: 1024,
+        }) => {}
+        other => panic!("expected MessageTooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        client.join("bad name").await,
+        Err(ClientError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        client.send("", "x").await,
+        Err(ClientError::InvalidName { .. })
+    ));
+}
+
+#[tokio::test]
+async fn refused_and_rejected_connections_say_why() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let err = Client::connect(ClientConfig::with_servers([addr.clone()]))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        err.to_string(),
+        format!("cannot connect to {addr}: connection refused")
+    );
+
+    let mock = Mock::start(Behaviour {
+        reject_hello: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        servers: vec![addr.clone(), mock.addr.clone()],
+        ..mock.config()
+    };
+    let err = Client::connect(cfg).await.expect_err("rejected");
+    let text = err.to_string();
+    assert!(
+        text.contains("connection refused") && text.contains("go away"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn failover_to_the_next_server() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dead = listener.local_addr().expect("addr").to_string();
+    drop(listener);
+    let mock = Mock::start(Behaviour::default()).await;
+    let cfg = ClientConfig {
+        servers: vec![dead, mock.addr.clone()],
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    assert_eq!(client.server().address, mock.addr);
+}
+
+#[tokio::test]
+async fn keepalive_and_idle_timeout() {
+    let mock = Mock::start(Behaviour {
+        silent: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        keepalive_interval: Duration::from_millis(50),
+        idle_timeout: Duration::from_millis(300),
+        reconnect_interval: Duration::from_secs(60),
+        max_backlog: 4,
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    let events = client.events();
+    mock.expect("NOOP", |f| matches!(f, Frame::Noop)).await;
+    match next_event(&events).await {
+        Event::Disconnected { reason } => assert!(reason.contains("nothing received"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(!client.is_connected());
+    assert!(matches!(
+        client.ping().await,
+        Err(ClientError::Disconnected)
+    ));
+    // While disconnected, publishes queue until the queue is full, then fail.
+    for i in 0..4 {
+        client
+            .publish("g", format!("{i}"))
+            .await
+            .expect("queued while disconnected");
+    }
+    assert!(matches!(
+        client.publish("g", "x").await,
+        Err(ClientError::Disconnected)
+    ));
+    assert!(matches!(
+        client.try_publish("g", "x"),
+        Err(ClientError::Disconnected)
+    ));
+    // Closing cannot flush them: close says so.
+    assert!(matches!(
+        client.close().await,
+        Err(ClientError::Disconnected)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usable_from_spawned_tasks() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<Client>();
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client.join(format!("g{i}")).await?;
+                client.publish(format!("g{i}"), "x").await?;
+                client.members(format!("g{i}")).await.map(drop)
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("requests");
+    }
+    let mut messages = 0;
+    while messages < 4 {
+        if let Event::Message { .. } = next_event(&events).await {
+            messages += 1;
+        }
+    }
+}
