@@ -1,0 +1,452 @@
+//! `msgc`: the msgc bus from a terminal.
+//!
+//! `msgc sub GROUP…`, `msgc pub GROUP [MESSAGE]`, `msgc members GROUP`,
+//! `msgc stats [--json]`, `msgc ping`. Output meant for pipes goes to
+//! stdout (payloads, member ids, stats); everything else to stderr. Errors
+//! are one line, `msgc: …`, with exit status 1; usage errors exit 2.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{ArgAction, Parser, Subcommand};
+use msgc::client::{Client, ClientConfig, Event};
+use msgc::protocol::GroupName;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+/// Talk to an msgc server: subscribe, publish, list members, read stats.
+#[derive(Parser)]
+#[command(name = "msgc", version)]
+struct Cli {
+    /// Server to connect to as HOST:PORT; repeat or comma-separate to give
+    /// failover servers, tried in order [default: 127.0.0.1:4809]
+    #[arg(long = "server", short = 's', value_name = "HOST:PORT", value_delimiter = ',', global = true)]
+    servers: Vec<String>,
+    /// Momentum-syntax config file whose msgc_client stanza to use
+    /// (--server overrides its `server`)
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    /// -v: membership events and reconnections on stderr (sub) and info
+    /// logs; -vv: debug logs
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join GROUPs and print each message's payload on its own line
+    Sub {
+        /// Groups to join
+        #[arg(required = true, value_name = "GROUP")]
+        groups: Vec<String>,
+        /// Exit (status 0) after N messages
+        #[arg(long, short = 'n', value_name = "N")]
+        count: Option<u64>,
+        /// Give up after SECS: status 0 without --count, else 1 if fewer
+        /// than N messages arrived
+        #[arg(long, short = 't', value_name = "SECS", value_parser = parse_secs)]
+        timeout: Option<Duration>,
+    },
+    /// Publish MESSAGE to GROUP, or each line of standard input as one message
+    Pub {
+        /// Group to publish to
+        group: String,
+        /// The message; without it, standard input is read line by line
+        message: Option<String>,
+    },
+    /// Print GROUP's members, one member id per line
+    Members {
+        /// The group
+        group: String,
+    },
+    /// Print the server's counters (a table, or the raw JSON)
+    Stats {
+        /// Print the JSON document as the server sent it (pretty-printed)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check that the server answers and print the round-trip time
+    Ping,
+}
+
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!("`{text}` is not a positive number of seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = runtime
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            for line in format!("{e:#}").lines() {
+                eprintln!("msgc: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let cfg = client_config(&cli)?;
+    init_logging(&cfg, cli.verbose);
+    match cli.command {
+        Command::Sub { groups, count, timeout } => sub(cfg, &groups, count, timeout, cli.verbose > 0).await,
+        Command::Pub { group, message } => publish(cfg, &group, message).await,
+        Command::Members { group } => members(cfg, &group).await,
+        Command::Stats { json } => stats(cfg, json).await,
+        Command::Ping => ping(cfg).await,
+    }
+}
+
+/// The config file's `msgc_client` stanza (or the defaults), with
+/// `--server` applied.
+fn client_config(cli: &Cli) -> Result<ClientConfig> {
+    let mut cfg = match &cli.config {
+        Some(path) => ClientConfig::load(path)?,
+        None => ClientConfig::default(),
+    };
+    let servers: Vec<String> = cli
+        .servers
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if !servers.is_empty() {
+        cfg.servers = servers;
+    }
+    cfg.name = Some("msgc-cli".to_string());
+    Ok(cfg)
+}
+
+/// Logs to stderr: `RUST_LOG` if set, else the config's `debug_level`,
+/// raised to `info` by -v and `debug` by -vv.
+fn init_logging(cfg: &ClientConfig, verbose: u8) {
+    let level = match verbose {
+        0 => cfg.debug_level.as_tracing_filter(),
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn group_name(text: &str) -> Result<GroupName> {
+    GroupName::from_str_checked(text).map_err(|e| anyhow!("invalid group name `{text}`: {e}"))
+}
+
+async fn sub(
+    cfg: ClientConfig,
+    groups: &[String],
+    count: Option<u64>,
+    limit: Option<Duration>,
+    verbose: bool,
+) -> Result<ExitCode> {
+    let groups = groups.iter().map(|g| group_name(g)).collect::<Result<Vec<_>>>()?;
+    let deadline = limit.map(|d| Instant::now() + d);
+    let setup = async {
+        let client = Client::connect(cfg).await?;
+        for group in &groups {
+            client.join(group).await.with_context(|| format!("cannot join {group}"))?;
+        }
+        anyhow::Ok(client)
+    };
+    let client = match deadline {
+        Some(at) => tokio::time::timeout_at(at, setup)
+            .await
+            .map_err(|_| anyhow!("timed out before joining every group"))??,
+        None => setup.await?,
+    };
+    let got = receive(&client, count, deadline, verbose).await;
+    let _ = client.close().await;
+    let got = got?;
+    match count {
+        Some(want) if got < want => {
+            let secs = limit.map_or(0.0, |d| d.as_secs_f64());
+            Err(anyhow!("timed out after {secs}s: received {got} of {want} messages"))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Prints messages until `count` is reached, the deadline passes or stdout
+/// is closed; returns how many were printed.
+async fn receive(client: &Client, count: Option<u64>, deadline: Option<Instant>, verbose: bool) -> Result<u64> {
+    let events = client.events();
+    let stdout = std::io::stdout();
+    let mut got = 0u64;
+    while count.is_none_or(|want| got < want) {
+        let next = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, events.recv_async()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => events.recv_async().await,
+        };
+        let event = next.map_err(|_| anyhow!("the client stopped"))?;
+        match event {
+            Event::Message { payload, .. } => {
+                let mut out = stdout.lock();
+                let written = out.write_all(&payload).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+                match written {
+                    Ok(()) => got += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(e) => return Err(e).context("cannot write to stdout"),
+                }
+            }
+            other => report(other, verbose),
+        }
+    }
+    Ok(got)
+}
+
+/// Events other than group messages, on stderr.
+fn report(event: Event, verbose: bool) {
+    match event {
+        Event::Disconnected { reason } => eprintln!("msgc: connection lost: {reason}; reconnecting"),
+        Event::Reconnected { server, member } => eprintln!("msgc: reconnected to {server} as {member}"),
+        Event::Membership { group, subject, reason, size } if verbose => {
+            eprintln!("{group}: {subject} {} (size {size})", reason.name());
+        }
+        Event::Direct { sender, payload } if verbose => {
+            eprintln!("direct from {sender}: {}", String::from_utf8_lossy(&payload));
+        }
+        _ => {}
+    }
+}
+
+async fn publish(cfg: ClientConfig, group: &str, message: Option<String>) -> Result<ExitCode> {
+    let group = group_name(group)?;
+    let client = Client::connect(cfg).await?;
+    match message {
+        Some(message) => client.publish(&group, message).await?,
+        None => publish_stdin(&client, &group).await?,
+    }
+    client.close().await.context("not every message was sent")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes each line of stdin (without its `\n` or `\r\n`), batching
+/// lines that are already available.
+async fn publish_stdin(client: &Client, group: &GroupName) -> Result<()> {
+    let lines = stdin_lines();
+    let mut batch: Vec<Vec<u8>> = Vec::new();
+    while let Ok(first) = lines.recv_async().await {
+        batch.clear();
+        batch.push(first.context("cannot read standard input")?);
+        while batch.len() < 256 {
+            match lines.try_recv() {
+                Ok(line) => batch.push(line.context("cannot read standard input")?),
+                Err(_) => break,
+            }
+        }
+        client.publish_batch(group, &batch).await?;
+    }
+    Ok(())
+}
+
+/// Reads stdin on a thread (tokio's stdin needs a feature we do not use),
+/// one line per item; the channel closes at end of input.
+fn stdin_lines() -> flume::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = flume::bounded(4096);
+    std::thread::spawn(move || {
+        let mut input = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match input.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    if tx.send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+async fn members(cfg: ClientConfig, group: &str) -> Result<ExitCode> {
+    let group = group_name(group)?;
+    let client = Client::connect(cfg).await?;
+    let members = client.members(&group).await?;
+    let _ = client.close().await;
+    let mut out = std::io::stdout().lock();
+    for member in members {
+        writeln!(out, "{member}").context("cannot write to stdout")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ping(cfg: ClientConfig) -> Result<ExitCode> {
+    let client = Client::connect(cfg).await?;
+    let rtt = client.ping().await?;
+    let server = client.server();
+    let _ = client.close().await;
+    println!(
+        "pong from {} (node {}) in {:.3} ms",
+        server.address,
+        server.node,
+        rtt.as_secs_f64() * 1000.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn stats(cfg: ClientConfig, json: bool) -> Result<ExitCode> {
+    let client = Client::connect(cfg).await?;
+    let stats = client.stats().await?;
+    let _ = client.close().await;
+    let text = if json {
+        serde_json::to_string_pretty(&stats).context("cannot format the stats")?
+    } else {
+        render(&stats)
+    };
+    println!("{}", text.trim_end());
+    Ok(ExitCode::SUCCESS)
+}
+
+// ------------------------------------------------------------ stats table
+
+/// The stats document as indented `key  value` lines; arrays of flat
+/// objects (per shard, per peer…) as tables. Generic: whatever keys the
+/// server sends are shown.
+fn render(value: &Value) -> String {
+    let mut out = String::new();
+    match value {
+        Value::Object(map) => render_object(map, 0, &mut out),
+        other => out.push_str(&scalar(other)),
+    }
+    out
+}
+
+fn render_object(map: &Map<String, Value>, indent: usize, out: &mut String) {
+    let width = map.keys().map(|k| k.len()).max().unwrap_or(0);
+    let pad = " ".repeat(indent);
+    for (key, value) in map {
+        match value {
+            Value::Object(inner) if !inner.is_empty() => {
+                out.push_str(&format!("{pad}{key}\n"));
+                render_object(inner, indent + 2, out);
+            }
+            Value::Array(items) if is_table(items) => {
+                out.push_str(&format!("{pad}{key}\n"));
+                render_table(items, indent + 2, out);
+            }
+            Value::Array(items) if items.iter().any(|v| v.is_object() || v.is_array()) => {
+                out.push_str(&format!("{pad}{key}\n"));
+                for (i, item) in items.iter().enumerate() {
+                    let mut one = Map::new();
+                    one.insert(format!("[{i}]"), item.clone());
+                    render_object(&one, indent + 2, out);
+                }
+            }
+            other => out.push_str(&format!("{pad}{key:width$}  {}\n", scalar(other))),
+        }
+    }
+}
+
+/// A non-empty array of objects whose values are all scalars.
+fn is_table(items: &[Value]) -> bool {
+    !items.is_empty()
+        && items.iter().all(|item| {
+            item.as_object()
+                .is_some_and(|m| m.values().all(|v| !v.is_object() && !v.is_array()))
+        })
+}
+
+fn render_table(items: &[Value], indent: usize, out: &mut String) {
+    let mut columns: Vec<&str> = Vec::new();
+    for map in items.iter().filter_map(Value::as_object) {
+        for key in map.keys() {
+            if !columns.contains(&key.as_str()) {
+                columns.push(key);
+            }
+        }
+    }
+    let rows: Vec<Vec<(String, bool)>> = items
+        .iter()
+        .filter_map(Value::as_object)
+        .map(|m| columns.iter().map(|c| m.get(*c).map_or(("-".into(), false), |v| (scalar(v), v.is_number()))).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| rows.iter().map(|r| r[i].0.len()).chain([c.len()]).max().unwrap_or(0))
+        .collect();
+    let pad = " ".repeat(indent);
+    let header: Vec<String> = columns.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+    out.push_str(&format!("{pad}{}\n", header.join("  ").trim_end()));
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|((text, numeric), w)| if *numeric { format!("{text:>w$}") } else { format!("{text:<w$}") })
+            .collect();
+        out.push_str(&format!("{pad}{}\n", cells.join("  ").trim_end()));
+    }
+}
+
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(", "),
+        Value::Object(map) if map.is_empty() => "-".to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_render_generically() {
+        let v: Value = serde_json::json!({
+            "node": "n1",
+            "totals": {"published": 10, "delivered": 20},
+            "drops": {},
+            "shards": [{"id": 0, "connections": 3}, {"id": 1, "connections": 12}],
+            "peers": ["a", "b"],
+        });
+        let text = render(&v);
+        assert!(text.contains("node    n1"), "{text}");
+        assert!(text.contains("totals\n  published  10\n  delivered  20"), "{text}");
+        assert!(text.contains("drops   -"), "{text}");
+        assert!(text.contains("shards\n  id  connections\n   0            3\n   1           12"), "{text}");
+        assert!(text.contains("peers   a, b"), "{text}");
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_secs("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_secs("0").is_err());
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("nan").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! msgc-loadgen scenarios against spawned servers.

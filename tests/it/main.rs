@@ -1,0 +1,6 @@
+//! The integration suite: real servers on loopback, real clients.
+
+mod cluster;
+mod server;
+mod util;
+mod loadgen;

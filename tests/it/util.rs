@@ -1,0 +1,308 @@
+//! Test harness: servers on loopback (in-process on an ephemeral port, or
+//! `msgc-server` processes for kill/stop/HUP tests), raw-socket frames, and
+//! bounded waits. Every wait is bounded in count and time; every process
+//! started is killed on drop.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use msgc::client::{Client, ClientConfig, Event};
+use msgc::config::Config;
+use msgc::protocol::{decode, Frame, GroupName, Hello, Role, PROTOCOL_VERSION};
+use msgc::server::Server;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it holds or `limit` passes; panics with `what` then.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Async flavour of [`wait_for`].
+pub async fn wait_for_async<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("msgc-it-{}-{tag}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An in-process server on 127.0.0.1 and an ephemeral port; stopped on drop.
+pub struct TestServer {
+    server: Option<Server>,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Starts with `extra` lines inside `msgc_server { }` (e.g. "max_backlog = 10").
+    pub fn start(shards: usize, backend: &str, extra: &str) -> Self {
+        let text = format!(
+            "msgc_server {{\n node = \"test\"\n shards = {shards}\n io_backend = {backend}\n {extra}\n}}\n\
+             msgcserver_listener {{ listen \"127.0.0.1:0\" {{ }} }}\n"
+        );
+        let config = Config::parse_str("test.conf", &text).expect("test config parses");
+        let server = Server::start(&config, None).expect("server starts");
+        let addr = server.local_addrs()[0];
+        Self { server: Some(server), addr }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.server().stats_json()
+    }
+
+    /// A client config pointing at this server.
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::with_servers([self.addr.to_string()])
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.client_config()).await.expect("client connects")
+    }
+
+    pub fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+    }
+}
+
+/// A port free on every one of `ips` right now (bind-and-release; the
+/// kernel hands out ephemeral ports in a way that makes reuse unlikely).
+pub fn free_port(ips: &[&str]) -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind((ips[0], 0)).expect("bind ephemeral");
+        let port = l.local_addr().expect("local addr").port();
+        let others: Vec<_> = ips[1..].iter().map(|ip| TcpListener::bind((*ip, port))).collect();
+        if others.iter().all(Result::is_ok) {
+            return port;
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
+/// A `msgc-server` process; killed on drop.
+pub struct NodeProc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub name: String,
+    args: Vec<String>,
+}
+
+impl NodeProc {
+    /// Starts `msgc-server --config CONFIG --node NAME` and waits until `addr` accepts.
+    pub fn start(config: PathBuf, name: &str, addr: SocketAddr) -> Self {
+        let args = vec!["--config".into(), config.display().to_string(), "--node".into(), name.into()];
+        let child = spawn_server(&args);
+        let node = Self { child, addr, config, name: name.into(), args };
+        node.wait_listening();
+        node
+    }
+
+    fn wait_listening(&self) {
+        wait_for(&format!("{} to listen on {}", self.name, self.addr), WAIT, || {
+            TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+        });
+    }
+
+    /// Restarts a stopped or killed node with the same arguments.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_server(&self.args);
+        self.wait_listening();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for a clean exit; returns its status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::with_servers([self.addr.to_string()])
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(args: &[String]) -> Child {
+    let log = if std::env::var_os("MSGC_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() };
+    Command::new(env!("CARGO_BIN_EXE_msgc-server"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn msgc-server")
+}
+
+/// A raw protocol connection with blocking reads bounded by a timeout.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("raw connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("set timeout");
+        Self { s, buf: BytesMut::new() }
+    }
+
+    /// Connects and completes the client handshake.
+    pub fn client(addr: SocketAddr) -> Self {
+        let mut r = Self::connect(addr);
+        r.send(&Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Client,
+            name: None,
+            credentials: bytes::Bytes::new(),
+        }));
+        match r.recv() {
+            Some(Frame::Welcome(_)) => r,
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    pub fn send(&mut self, f: &Frame) {
+        self.send_bytes(&f.to_bytes());
+    }
+
+    pub fn send_bytes(&mut self, b: &[u8]) {
+        self.s.write_all(b).expect("raw write");
+    }
+
+    /// The next frame, or None at end of stream / timeout.
+    pub fn recv(&mut self) -> Option<Frame> {
+        loop {
+            match decode(&mut self.buf, 64 << 20) {
+                Ok(Some(f)) => return Some(f),
+                Ok(None) => {}
+                Err(e) => panic!("server sent a bad frame: {e}"),
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads until end of stream; true if the server closed within the read timeout.
+    pub fn closed(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        for _ in 0..10_000 {
+            match self.s.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+pub fn group(s: &str) -> GroupName {
+    GroupName::from_str_checked(s).expect("valid group")
+}
+
+/// The next event matching `pick` within `limit` (others are skipped).
+pub async fn next_event<T>(
+    rx: &flume::Receiver<Event>,
+    limit: Duration,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(end, rx.recv_async()).await {
+            Ok(Ok(ev)) => {
+                if let Some(t) = pick(ev) {
+                    return t;
+                }
+            }
+            Ok(Err(_)) => panic!("event stream ended"),
+            Err(_) => panic!("timed out after {limit:?} waiting for an event"),
+        }
+    }
+}
