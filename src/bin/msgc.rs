@@ -5,7 +5,7 @@
 //! stdout (payloads, member ids, stats); everything else to stderr. Errors
 //! are one line, `msgc: …`, with exit status 1; usage errors exit 2.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,14 +23,20 @@ use tokio::time::Instant;
 struct Cli {
     /// Server to connect to as HOST:PORT; repeat or comma-separate to give
     /// failover servers, tried in order [default: 127.0.0.1:4809]
-    #[arg(long = "server", short = 's', value_name = "HOST:PORT", value_delimiter = ',', global = true)]
+    #[arg(
+        long = "server",
+        short = 's',
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        global = true
+    )]
     servers: Vec<String>,
     /// Momentum-syntax config file whose msgc_client stanza to use
     /// (--server overrides its `server`)
     #[arg(long, short = 'c', value_name = "FILE", global = true)]
     config: Option<PathBuf>,
-    /// -v: membership events and reconnections on stderr (sub) and info
-    /// logs; -vv: debug logs
+    /// -v: membership events and direct messages on stderr (sub);
+    /// -vv: also info logs; -vvv: debug logs
     #[arg(short, long, action = ArgAction::Count, global = true)]
     verbose: u8,
     #[command(subcommand)]
@@ -76,14 +82,18 @@ enum Command {
 
 fn parse_secs(text: &str) -> Result<Duration, String> {
     match text.parse::<f64>() {
-        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => Ok(Duration::from_secs_f64(secs)),
+        Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => {
+            Ok(Duration::from_secs_f64(secs))
+        }
         _ => Err(format!("`{text}` is not a positive number of seconds")),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let result = runtime
         .context("cannot start the async runtime")
         .and_then(|rt| rt.block_on(run(cli)));
@@ -102,7 +112,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let cfg = client_config(&cli)?;
     init_logging(&cfg, cli.verbose);
     match cli.command {
-        Command::Sub { groups, count, timeout } => sub(cfg, &groups, count, timeout, cli.verbose > 0).await,
+        Command::Sub {
+            groups,
+            count,
+            timeout,
+        } => sub(cfg, &groups, count, timeout, cli.verbose > 0).await,
         Command::Pub { group, message } => publish(cfg, &group, message).await,
         Command::Members { group } => members(cfg, &group).await,
         Command::Stats { json } => stats(cfg, json).await,
@@ -131,11 +145,11 @@ fn client_config(cli: &Cli) -> Result<ClientConfig> {
 }
 
 /// Logs to stderr: `RUST_LOG` if set, else the config's `debug_level`,
-/// raised to `info` by -v and `debug` by -vv.
+/// raised to `info` by -vv and `debug` by -vvv.
 fn init_logging(cfg: &ClientConfig, verbose: u8) {
     let level = match verbose {
-        0 => cfg.debug_level.as_tracing_filter(),
-        1 => "info",
+        0 | 1 => cfg.debug_level.as_tracing_filter(),
+        2 => "info",
         _ => "debug",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -143,6 +157,7 @@ fn init_logging(cfg: &ClientConfig, verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
@@ -157,12 +172,18 @@ async fn sub(
     limit: Option<Duration>,
     verbose: bool,
 ) -> Result<ExitCode> {
-    let groups = groups.iter().map(|g| group_name(g)).collect::<Result<Vec<_>>>()?;
+    let groups = groups
+        .iter()
+        .map(|g| group_name(g))
+        .collect::<Result<Vec<_>>>()?;
     let deadline = limit.map(|d| Instant::now() + d);
     let setup = async {
         let client = Client::connect(cfg).await?;
         for group in &groups {
-            client.join(group).await.with_context(|| format!("cannot join {group}"))?;
+            client
+                .join(group)
+                .await
+                .with_context(|| format!("cannot join {group}"))?;
         }
         anyhow::Ok(client)
     };
@@ -178,17 +199,25 @@ async fn sub(
     match count {
         Some(want) if got < want => {
             let secs = limit.map_or(0.0, |d| d.as_secs_f64());
-            Err(anyhow!("timed out after {secs}s: received {got} of {want} messages"))
+            Err(anyhow!(
+                "timed out after {secs}s: received {got} of {want} messages"
+            ))
         }
         _ => Ok(ExitCode::SUCCESS),
     }
 }
 
 /// Prints messages until `count` is reached, the deadline passes or stdout
-/// is closed; returns how many were printed.
-async fn receive(client: &Client, count: Option<u64>, deadline: Option<Instant>, verbose: bool) -> Result<u64> {
+/// is closed; returns how many were printed. Every line is flushed before
+/// waiting for the next event; lines already waiting are written together.
+async fn receive(
+    client: &Client,
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    verbose: bool,
+) -> Result<u64> {
     let events = client.events();
-    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut got = 0u64;
     while count.is_none_or(|want| got < want) {
         let next = match deadline {
@@ -199,32 +228,53 @@ async fn receive(client: &Client, count: Option<u64>, deadline: Option<Instant>,
             None => events.recv_async().await,
         };
         let event = next.map_err(|_| anyhow!("the client stopped"))?;
-        match event {
-            Event::Message { payload, .. } => {
-                let mut out = stdout.lock();
-                let written = out.write_all(&payload).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
-                match written {
-                    Ok(()) => got += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
-                    Err(e) => return Err(e).context("cannot write to stdout"),
-                }
-            }
-            other => report(other, verbose),
+        let Event::Message { payload, .. } = event else {
+            report(event, verbose);
+            continue;
+        };
+        got += 1;
+        let last = events.is_empty() || count == Some(got);
+        match write_line(&mut out, &payload, last) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            Err(e) => return Err(e).context("cannot write to stdout"),
         }
     }
     Ok(got)
 }
 
+/// Writes `payload` and a newline; flushes when `flush`.
+fn write_line(out: &mut impl Write, payload: &[u8], flush: bool) -> std::io::Result<()> {
+    out.write_all(payload)?;
+    out.write_all(b"\n")?;
+    if flush {
+        out.flush()?;
+    }
+    Ok(())
+}
+
 /// Events other than group messages, on stderr.
 fn report(event: Event, verbose: bool) {
     match event {
-        Event::Disconnected { reason } => eprintln!("msgc: connection lost: {reason}; reconnecting"),
-        Event::Reconnected { server, member } => eprintln!("msgc: reconnected to {server} as {member}"),
-        Event::Membership { group, subject, reason, size } if verbose => {
+        Event::Disconnected { reason } => {
+            eprintln!("msgc: connection lost: {reason}; reconnecting")
+        }
+        Event::Reconnected { server, member } => {
+            eprintln!("msgc: reconnected to {server} as {member}")
+        }
+        Event::Membership {
+            group,
+            subject,
+            reason,
+            size,
+        } if verbose => {
             eprintln!("{group}: {subject} {} (size {size})", reason.name());
         }
         Event::Direct { sender, payload } if verbose => {
-            eprintln!("direct from {sender}: {}", String::from_utf8_lossy(&payload));
+            eprintln!(
+                "direct from {sender}: {}",
+                String::from_utf8_lossy(&payload)
+            );
         }
         _ => {}
     }
@@ -379,33 +429,75 @@ fn is_table(items: &[Value]) -> bool {
         })
 }
 
+/// One cell: its text and whether it is a number (right-aligned).
+type Cell = (String, bool);
+
+/// Keys that name an entry (a shard, a peer): shown first, or as labels.
+fn is_id(key: &str) -> bool {
+    matches!(key, "id" | "shard" | "name" | "node" | "peer")
+}
+
+/// Prints flat objects as rows, or, when they have many more fields than
+/// there are objects (per-shard counters), as columns.
 fn render_table(items: &[Value], indent: usize, out: &mut String) {
+    let maps: Vec<&Map<String, Value>> = items.iter().filter_map(Value::as_object).collect();
     let mut columns: Vec<&str> = Vec::new();
-    for map in items.iter().filter_map(Value::as_object) {
-        for key in map.keys() {
-            if !columns.contains(&key.as_str()) {
-                columns.push(key);
-            }
+    for key in maps.iter().flat_map(|m| m.keys()) {
+        if !columns.contains(&key.as_str()) {
+            columns.push(key);
         }
     }
-    let rows: Vec<Vec<(String, bool)>> = items
-        .iter()
-        .filter_map(Value::as_object)
-        .map(|m| columns.iter().map(|c| m.get(*c).map_or(("-".into(), false), |v| (scalar(v), v.is_number()))).collect())
-        .collect();
-    let widths: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| rows.iter().map(|r| r[i].0.len()).chain([c.len()]).max().unwrap_or(0))
+    columns.sort_by_key(|c| !is_id(c)); // JSON objects come with sorted keys
+    let cell = |m: &Map<String, Value>, c: &str| -> Cell {
+        m.get(c)
+            .map_or(("-".into(), false), |v| (scalar(v), v.is_number()))
+    };
+    let grid: Vec<Vec<Cell>> = if columns.len() > 8 && columns.len() > 2 * maps.len() {
+        let label = columns.first().copied().filter(|c| is_id(c));
+        let mut header = vec![(String::new(), false)];
+        header.extend(maps.iter().enumerate().map(|(i, m)| match label {
+            Some(c) => (scalar(&m[c]), true),
+            None => (format!("[{i}]"), true),
+        }));
+        let rows = columns.iter().filter(|c| Some(**c) != label).map(|c| {
+            let mut row = vec![(c.to_string(), false)];
+            row.extend(maps.iter().map(|m| cell(m, c)));
+            row
+        });
+        std::iter::once(header).chain(rows).collect()
+    } else {
+        let header = columns.iter().map(|c| (c.to_string(), false)).collect();
+        let rows = maps
+            .iter()
+            .map(|m| columns.iter().map(|c| cell(m, c)).collect());
+        std::iter::once(header).chain(rows).collect()
+    };
+    print_grid(&grid, indent, out);
+}
+
+fn print_grid(grid: &[Vec<Cell>], indent: usize, out: &mut String) {
+    let columns = grid.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            grid.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.0.len())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let pad = " ".repeat(indent);
-    let header: Vec<String> = columns.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-    out.push_str(&format!("{pad}{}\n", header.join("  ").trim_end()));
-    for row in rows {
+    for row in grid {
         let cells: Vec<String> = row
             .iter()
             .zip(&widths)
-            .map(|((text, numeric), w)| if *numeric { format!("{text:>w$}") } else { format!("{text:<w$}") })
+            .map(|((text, numeric), w)| {
+                if *numeric {
+                    format!("{text:>w$}")
+                } else {
+                    format!("{text:<w$}")
+                }
+            })
             .collect();
         out.push_str(&format!("{pad}{}\n", cells.join("  ").trim_end()));
     }
@@ -415,6 +507,7 @@ fn scalar(value: &Value) -> String {
     match value {
         Value::Null => "-".to_string(),
         Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".to_string(),
         Value::Array(items) => items.iter().map(scalar).collect::<Vec<_>>().join(", "),
         Value::Object(map) if map.is_empty() => "-".to_string(),
         other => other.to_string(),
@@ -436,9 +529,15 @@ mod tests {
         });
         let text = render(&v);
         assert!(text.contains("node    n1"), "{text}");
-        assert!(text.contains("totals\n  published  10\n  delivered  20"), "{text}");
+        assert!(
+            text.contains("totals\n  delivered  20\n  published  10"),
+            "{text}"
+        );
         assert!(text.contains("drops   -"), "{text}");
-        assert!(text.contains("shards\n  id  connections\n   0            3\n   1           12"), "{text}");
+        assert!(
+            text.contains("shards\n  id  connections\n   0            3\n   1           12"),
+            "{text}"
+        );
         assert!(text.contains("peers   a, b"), "{text}");
     }
 

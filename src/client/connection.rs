@@ -299,11 +299,16 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
 
 async fn dispatch(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
     match ctx.shared.on_frame(frame) {
-        Ok(Some(event)) => ctx
-            .events
-            .send_async(event)
-            .await
-            .map_err(|_| End::ClientGone),
+        Ok(Some(event)) => match ctx.events.try_send(event) {
+            Ok(()) => Ok(()),
+            // Full: wait for the application; this is the backpressure.
+            Err(flume::TrySendError::Full(event)) => ctx
+                .events
+                .send_async(event)
+                .await
+                .map_err(|_| End::ClientGone),
+            Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
+        },
         Ok(None) => Ok(()),
         Err(Frame::Error { code, message }) => Err(End::Server { code, message }),
         Err(other) => Err(End::Unexpected(other.frame_type())),
@@ -322,7 +327,12 @@ pub(crate) async fn write_loop(
 ) -> End {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     loop {
-        let mut close = match timeout(keepalive, queue.recv_async()).await {
+        let first = match queue.try_recv() {
+            Ok(item) => Ok(Ok(item)),
+            // Only arm the keepalive timer when there is nothing to send.
+            Err(_) => timeout(keepalive, queue.recv_async()).await,
+        };
+        let mut close = match first {
             Ok(Ok(item)) => push(&mut buf, item),
             Ok(Err(_)) => return flush_and_end(&mut wr, &buf, stall, End::ClientGone).await,
             Err(_) => {

@@ -90,7 +90,7 @@ impl From<DecodeError> for ClientError {
 
 /// An I/O error as a short lower-case phrase: `connection refused` rather
 /// than `Connection refused (os error 111)`.
-pub fn describe_io(e: &std::io::Error) -> String {
+pub(crate) fn describe_io(e: &std::io::Error) -> String {
     let text = e.to_string();
     let text = match text.rfind(" (os error ") {
         Some(at) if text.ends_with(')') => text[..at].to_string(),

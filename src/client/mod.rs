@@ -46,7 +46,8 @@
 //! - Events go through a channel of `max_backlog` events. A consumer that
 //!   stops reading stops the reader, and so, honestly, the TCP flow: the
 //!   server then sees this client as stuck. While the reader waits, replies
-//!   to requests wait too. Read [`Client::events`] if you join groups.
+//!   to requests wait too, and so does reconnection (it emits events).
+//!   Read [`Client::events`] if you join groups.
 
 mod config;
 mod connection;
@@ -65,7 +66,7 @@ use tokio::time::timeout;
 use crate::protocol::{encode_publish, DecodeError, Frame, GroupName, MemberId};
 
 pub use config::{ClientConfig, DEFAULT_MAX_MESSAGE_SIZE};
-pub use error::{describe_io, ClientError};
+pub use error::ClientError;
 pub use event::Event;
 pub use state::ServerInfo;
 
@@ -549,6 +550,9 @@ fn register(
 ) -> (oneshot::Receiver<Result<(), ClientError>>, bool) {
     let (tx, rx) = oneshot::channel();
     let list = waiters.entry(group.clone()).or_default();
+    // Waiters whose callers gave up (timeout, dropped future) do not count:
+    // the first may have been dropped before its frame was queued.
+    list.retain(|w| !w.is_closed());
     list.push(tx);
     (rx, list.len() == 1)
 }
