@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Some(frame)) => {
                 let used = before.len() - buf.len();
-                assert!(used - 4 <= limit, "a {used}-byte frame passed limit {limit}");
+                assert!(
+                    used - 4 <= limit,
+                    "a {used}-byte frame passed limit {limit}"
+                );
                 let bytes = frame.to_bytes();
                 assert_eq!(&bytes[..], &before[..used], "re-encoding differs");
                 let mut again = BytesMut::from(&bytes[..]);

@@ -1,5 +1,6 @@
 //! The integration suite: real servers on loopback, real clients.
 
+mod cli;
 mod cluster;
 mod server;
 mod util;

@@ -1,0 +1,91 @@
+//! The `msgc` CLI against a running `msgc-server` process.
+
+use crate::util::{free_port, wait_for, NodeProc, TempDir, WAIT};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Output, Stdio};
+
+fn msgc(server: SocketAddr, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .arg("--server")
+        .arg(server.to_string())
+        .args(args)
+        .output()
+        .expect("run msgc")
+}
+
+fn start_server(dir: &TempDir) -> NodeProc {
+    let port = free_port(&["127.0.0.1"]);
+    let conf = dir.write(
+        "server.conf",
+        &format!("msgc_server {{ shards = 2 }}\nmsgcserver_listener {{ listen \"127.0.0.1:{port}\" {{ }} }}\n"),
+    );
+    NodeProc::start(conf, "cli", format!("127.0.0.1:{port}").parse().expect("addr"))
+}
+
+#[test]
+fn pub_lines_reach_sub() {
+    let dir = TempDir::new("cli");
+    let node = start_server(&dir);
+    let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &node.addr.to_string(), "sub", "news", "--count", "3", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc sub");
+    // The subscriber is in the group once `members` lists it.
+    wait_for("msgc sub to join", WAIT, || {
+        let out = msgc(node.addr, &["members", "news"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() == 1
+    });
+    let mut publisher = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &node.addr.to_string(), "pub", "news"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc pub");
+    publisher.stdin.take().expect("stdin").write_all(b"first line\nsecond\nthird one\n").expect("write stdin");
+    assert!(publisher.wait().expect("pub exits").success());
+    let out = sub.wait_with_output().expect("sub exits");
+    assert!(out.status.success(), "sub failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "first line\nsecond\nthird one\n");
+}
+
+#[test]
+fn pub_argument_ping_stats_and_members() {
+    let dir = TempDir::new("cli2");
+    let node = start_server(&dir);
+    let ping = msgc(node.addr, &["ping"]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &node.addr.to_string(), "sub", "a", "b", "--count", "2", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc sub");
+    wait_for("msgc sub to join both groups", WAIT, || {
+        ["a", "b"].iter().all(|g| String::from_utf8_lossy(&msgc(node.addr, &["members", g]).stdout).lines().count() == 1)
+    });
+    assert!(msgc(node.addr, &["pub", "a", "to a"]).status.success());
+    assert!(msgc(node.addr, &["pub", "b", "to b"]).status.success());
+    let out = sub.wait_with_output().expect("sub exits");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "to a\nto b\n");
+    let stats = msgc(node.addr, &["stats", "--json"]);
+    assert!(stats.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats --json is JSON");
+    assert!(v["totals"]["publishes"].as_u64().expect("publishes") >= 2);
+    let human = msgc(node.addr, &["stats"]);
+    assert!(human.status.success() && !human.stdout.is_empty());
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() {
+    let port = free_port(&["127.0.0.1"]);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let out = msgc(addr, &["ping"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("msgc: "), "{err:?}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_msgc")).args(["pub", "bad group name", "x"]).output().expect("run");
+    assert!(!bad.status.success());
+    assert_eq!(String::from_utf8_lossy(&bad.stderr).trim_end().lines().count(), 1);
+}
