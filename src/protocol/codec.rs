@@ -408,15 +408,20 @@ pub fn encode_publish(dst: &mut BytesMut, group: &GroupName, payload: &[u8]) {
 impl Frame {
     /// Appends this frame's bytes to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
-        let mut body = BytesMut::new();
-        self.encode_body(&mut body);
-        header(dst, self.frame_type(), body.len());
-        dst.put_slice(&body);
+        // Write the body in place, then patch the length prefix: no
+        // intermediate buffer.
+        let start = dst.len();
+        dst.put_u32(0);
+        dst.put_u8(self.frame_type().0);
+        self.encode_body(dst);
+        // Frames are bounded by the frame limit (far below 4 GiB).
+        let len = (dst.len() - start - LEN_PREFIX) as u32;
+        dst[start..start + LEN_PREFIX].copy_from_slice(&len.to_be_bytes());
     }
 
     /// This frame as a fresh buffer.
     pub fn to_bytes(&self) -> Bytes {
-        let mut dst = BytesMut::new();
+        let mut dst = BytesMut::with_capacity(64);
         self.encode(&mut dst);
         dst.freeze()
     }
