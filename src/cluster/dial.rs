@@ -42,7 +42,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
     }
     let Some(addr) = crate::server::resolve(spec) else {
         tracing::warn!(peer = name, addr = spec, "cannot resolve peer address");
-        mesh.down(i, shard.index, 0);
+        mesh.dial_failed(i, shard.index);
         return;
     };
     let live = shard.live.get();
@@ -54,7 +54,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(peer = name, %addr, error = %e, "dial failed; retrying after reconnect_interval");
-            mesh.down(i, shard.index, 0);
+            mesh.dial_failed(i, shard.index);
             return;
         }
     };
@@ -62,7 +62,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(peer = name, error = %e, "cannot register dialled socket");
-            mesh.down(i, shard.index, 0);
+            mesh.dial_failed(i, shard.index);
             return;
         }
     };

@@ -38,7 +38,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             format!("{} is not the address of node {name:?}", conn.addr.ip()),
         ));
     }
-    match mesh.admit(i, shard.index, conn.seq) {
+    match mesh.admit(i, shard.index, conn.seq, || node_down(shard, i, &name)) {
         super::mesh::Admit::Duplicate => {
             tracing::debug!(peer = %name, "refused a duplicate link");
             Err((
@@ -48,8 +48,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         }
         super::mesh::Admit::Accept { replace } => {
             if let Some((s, seq)) = replace {
-                tracing::info!(peer = %name, "a new link from the peer replaces the old one");
-                node_down(shard, i);
+                tracing::info!(peer = %name, "a new link from the peer replaced the old one");
                 shard.shared.send(
                     s,
                     crate::server::shared::ShardMsg::Cluster(ClusterMsg::Close { seq }),
@@ -83,6 +82,11 @@ fn address_matches(spec: Option<&str>, ip: std::net::IpAddr) -> bool {
 pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     shard.links.insert(i, conn.clone());
     tracing::info!(peer = name, addr = %conn.addr, shard = shard.index, "peer link up");
+    // The link is published (mesh state) before the snapshot reads the
+    // table; a join elsewhere writes the table before reading the link
+    // state (`local_join`). The fences make sure at least one of the two
+    // sees the other, so no join falls between snapshot and broadcast.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     let entries = shard.shared.table.local_snapshot();
     let chunks = entries.len().div_ceil(SNAPSHOT_CHUNK).max(1);
     let mut rest = entries.as_slice();
@@ -118,16 +122,32 @@ pub fn push_link(shard: &Shard, conn: &Conn, i: usize, frame: Bytes) {
 }
 
 /// Handles a frame from peer `i` on `conn`.
+///
+/// Only the peer's up link is listened to. Our dial awaiting WELCOME gets
+/// its reply; any other connection of the peer (a link replaced by a newer
+/// one, our dial overtaken by the peer's) is closed, and what it still
+/// carries is dropped, so that its membership frames cannot undo what the
+/// newer link reported, nor its messages overtake the newer link's.
 pub fn peer_frame(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     i: usize,
     frame: Frame,
 ) -> Result<(), Reject> {
-    let c = &shard.shared.cluster.counters[i];
+    let mesh = &shard.shared.cluster;
+    let c = &mesh.counters[i];
     c.msgs_in.fetch_add(1, Relaxed);
-    if !shard.links.is(i, conn.seq) {
-        return dialled_reply(shard, conn, i, frame);
+    if !mesh.is_current(i, shard.index, conn.seq) {
+        if mesh.is_dialling(i, shard.index, conn.seq) {
+            return dialled_reply(shard, conn, i, frame);
+        }
+        // A replaced link, or our dial overtaken by the peer's: it goes.
+        if let Frame::Forward { .. } | Frame::ForwardDirect { .. } = frame {
+            c.dropped.fetch_add(1, Relaxed);
+            ShardStats::add(&shard.stats().dropped_peer, 1);
+        }
+        conn.close_gracefully(None, shard.live.get().idle_timeout);
+        return Ok(());
     }
     match frame {
         Frame::Forward {
@@ -151,16 +171,29 @@ pub fn peer_frame(
                 _ => ShardStats::add(&shard.stats().dropped_unknown_member, 1),
             }
         }
-        Frame::PeerJoin { group, member } => remote_join(shard, i, &group, &member),
+        // Membership is applied (and announced) with the link state locked,
+        // so a replacement of this link cannot come in between: what it
+        // drops stays dropped, and its node-down events follow ours.
+        Frame::PeerJoin { group, member } => {
+            mesh.while_link(i, shard.index, conn.seq, || {
+                remote_join(shard, i, &group, &member);
+            });
+        }
         Frame::PeerLeave {
             group,
             member,
             reason,
-        } => remote_leave(shard, i, &group, &member, reason),
+        } => {
+            mesh.while_link(i, shard.index, conn.seq, || {
+                remote_leave(shard, i, &group, &member, reason);
+            });
+        }
         Frame::Snapshot { entries, .. } => {
-            for (group, member) in &entries {
-                remote_join(shard, i, group, member);
-            }
+            mesh.while_link(i, shard.index, conn.seq, || {
+                for (group, member) in &entries {
+                    remote_join(shard, i, group, member);
+                }
+            });
         }
         Frame::Noop => {}
         Frame::Ping { token } => {
@@ -234,6 +267,7 @@ fn deliver_forward(shard: &Shard, group: &GroupName, sender: &MemberId, payload:
     ShardStats::add(&shard.stats().deliveries, n);
 }
 
+/// A member of peer `i` joined `group`. Runs with the link state locked.
 fn remote_join(shard: &Shard, i: usize, group: &GroupName, member: &MemberId) {
     let ch = shard.shared.table.join_remote(group, member, i);
     if ch.changed {
@@ -241,6 +275,7 @@ fn remote_join(shard: &Shard, i: usize, group: &GroupName, member: &MemberId) {
     }
 }
 
+/// A member of peer `i` left `group`. Runs with the link state locked.
 fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, reason: Reason) {
     let ch = shard.shared.table.leave_remote(group, member, i);
     if ch.changed {
@@ -253,20 +288,18 @@ fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, r
     }
 }
 
-/// Every member of peer `i` leaves every view; local members of those
-/// groups get one node-down event per group.
-pub fn node_down(shard: &Shard, i: usize) {
-    let name = shard
-        .shared
-        .cluster
-        .slot(i)
-        .map(|p| p.name)
-        .unwrap_or_default();
-    let subject = Bytes::from(name.clone());
-    let groups = shard.shared.table.remote_groups(i);
+/// Every member of peer `i` (node `name`) leaves every view; local members
+/// of those groups get one node-down event per group. Runs with the link
+/// state locked (by [`Mesh::down`](super::Mesh::down) or
+/// [`Mesh::admit`](super::Mesh::admit)): it must not call into the mesh.
+fn node_down(shard: &Shard, i: usize, name: &str) {
+    let subject = Bytes::from(name.to_owned());
+    let valid = crate::protocol::validate_name(&subject).is_ok();
+    let table = &shard.shared.table;
+    let groups = table.remote_groups(i);
     for (group, _) in &groups {
-        let (ch, gone) = shard.shared.table.drop_remote(group, i);
-        if gone > 0 && crate::protocol::validate_name(&subject).is_ok() {
+        let (ch, gone) = table.drop_remote(group, i);
+        if gone > 0 && valid {
             shard.membership_event(group, &subject, Reason::NodeDown, ch.size, ch.shards);
         }
     }
@@ -280,9 +313,9 @@ pub fn node_down(shard: &Shard, i: usize) {
 /// `conn`, a link (or dial) of peer `i`, closed.
 pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
     shard.links.remove(i, conn.seq);
-    if shard.shared.cluster.down(i, shard.index, conn.seq) {
-        node_down(shard, i);
-    }
+    let mesh = &shard.shared.cluster;
+    let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
+    mesh.down(i, shard.index, conn.seq, || node_down(shard, i, &name));
 }
 
 /// Closes connection `seq` on this shard (a link replaced or removed).

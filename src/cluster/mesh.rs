@@ -5,17 +5,37 @@
 //! and tear-down take (never the publish path, which reads the atomics in
 //! `link_shard`). The rule that keeps exactly one link per pair, decided
 //! before any data flows on a link: see [`Mesh::admit`].
+//!
+//! A peer's members are tied to its up link. When that link ends (or is
+//! replaced) they are dropped under the same lock that changes the link
+//! state, and membership frames from a link are applied under that lock
+//! only while it is still the up link (see [`Mesh::while_link`]): a new
+//! link's snapshot can then never be undone by the old link's tear-down,
+//! and frames still buffered on a replaced link can never re-add members
+//! after the replacement dropped them.
 
 use crate::config::ServerSettings;
 use crate::protocol::NodeName;
 use crate::router::mask::MAX_PEERS;
+use crate::router::MAX_SHARDS;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
-/// No link: the value of `link_shard` for a peer that is not up.
-pub const NO_LINK: usize = usize::MAX;
+/// No link: the value of a peer's link word when it is not up.
+pub const NO_LINK: u64 = u64::MAX;
+
+/// Bits of a link word holding the shard (below them: the connection's
+/// sequence number on that shard).
+const SHARD_BITS: u32 = MAX_SHARDS.trailing_zeros();
+
+const _: () = assert!(MAX_SHARDS.is_power_of_two());
+
+/// The link word of connection `seq` on `shard`.
+fn link_word(shard: usize, seq: u64) -> u64 {
+    (seq << SHARD_BITS) | shard as u64
+}
 
 /// Where a peer's link stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,8 +114,9 @@ pub struct Mesh {
     /// This node's name.
     pub me: NodeName,
     inner: Mutex<Vec<Option<PeerSlot>>>,
-    /// Per peer index: the shard holding its up link, or [`NO_LINK`].
-    link_shard: Vec<AtomicUsize>,
+    /// Per peer index: its up link (shard and connection, see
+    /// [`link_word`]), or [`NO_LINK`]. Written under `inner`'s lock.
+    link: Vec<AtomicU64>,
     /// Per peer index: counters.
     pub counters: Vec<PeerCounters>,
     /// One past the highest peer index in use (bounds loops over peers).
@@ -112,7 +133,7 @@ impl Mesh {
         let mesh = Self {
             me: me.clone(),
             inner: Mutex::new(Vec::new()),
-            link_shard: (0..MAX_PEERS).map(|_| AtomicUsize::new(NO_LINK)).collect(),
+            link: (0..MAX_PEERS).map(|_| AtomicU64::new(NO_LINK)).collect(),
             counters: (0..MAX_PEERS).map(|_| PeerCounters::default()).collect(),
             high_water: AtomicUsize::new(0),
             generations: AtomicU64::new(1),
@@ -200,13 +221,15 @@ impl Mesh {
     }
 
     /// Our dial of peer `i` from `shard` connected as connection `seq`:
-    /// false when the dial was overtaken meanwhile (close the connection).
+    /// false when the dial was overtaken meanwhile, or the peer removed by
+    /// a reload while it connected (close the connection; in the latter
+    /// case its closing then marks the removed slot down, free for reuse).
     pub fn dial_connected(&self, i: usize, shard: usize, seq: u64) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(i).and_then(Option::as_mut) {
             Some(p) if p.state == (LinkState::Dialling { shard, seq: 0 }) => {
                 p.state = LinkState::Dialling { shard, seq };
-                true
+                !p.removed
             }
             _ => false,
         }
@@ -235,8 +258,51 @@ impl Mesh {
     /// The shard holding peer `i`'s up link, if it is up. Lock-free.
     #[inline]
     pub fn link_shard(&self, i: usize) -> Option<usize> {
-        let s = self.link_shard.get(i)?.load(Acquire);
-        (s != NO_LINK).then_some(s)
+        self.link_of(i).map(|(shard, _)| shard)
+    }
+
+    /// Peer `i`'s up link as (shard, connection sequence number), if it is
+    /// up. Lock-free.
+    #[inline]
+    pub fn link_of(&self, i: usize) -> Option<(usize, u64)> {
+        let w = self.link.get(i)?.load(Acquire);
+        (w != NO_LINK).then_some(((w & ((1 << SHARD_BITS) - 1)) as usize, w >> SHARD_BITS))
+    }
+
+    /// True when connection `seq` on `shard` is peer `i`'s up link. Lock-free
+    /// (a link being replaced may still pass it for a moment: see
+    /// [`Mesh::while_link`] for what must not race with a replacement).
+    #[inline]
+    pub fn is_current(&self, i: usize, shard: usize, seq: u64) -> bool {
+        self.link
+            .get(i)
+            .is_some_and(|w| w.load(Acquire) == link_word(shard, seq))
+    }
+
+    /// True when connection `seq` on `shard` is our dial of peer `i`,
+    /// awaiting WELCOME.
+    pub fn is_dialling(&self, i: usize, shard: usize, seq: u64) -> bool {
+        self.lock()
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.state == LinkState::Dialling { shard, seq })
+    }
+
+    /// Runs `f` if connection `seq` on `shard` is peer `i`'s up link, with
+    /// the link state locked: no admission or tear-down of peer `i` can
+    /// come between the check and `f`. `f` must not call into the mesh.
+    pub fn while_link<R>(
+        &self,
+        i: usize,
+        shard: usize,
+        seq: u64,
+        f: impl FnOnce() -> R,
+    ) -> Option<R> {
+        let slots = self.lock();
+        let up = slots.get(i).and_then(Option::as_ref).is_some_and(
+            |p| matches!(p.state, LinkState::Up { shard: s, seq: q, .. } if (s, q) == (shard, seq)),
+        );
+        up.then(f)
     }
 
     /// Decides on a HELLO from peer `i` arriving as connection `seq` on `shard`.
@@ -247,7 +313,10 @@ impl Mesh {
     /// already up → the peer evidently considers it dead, so replace it —
     /// unless we dialled it and our name is the lower, in which case it may
     /// be the peer's abandoned simultaneous dial: refuse it.
-    pub fn admit(&self, i: usize, shard: usize, seq: u64) -> Admit {
+    ///
+    /// When a link is replaced, `drop_members` runs under the lock, before
+    /// the new link is up (the peer's members go with the old link).
+    pub fn admit(&self, i: usize, shard: usize, seq: u64, drop_members: impl FnOnce()) -> Admit {
         let mut slots = self.lock();
         let Some(p) = slots
             .get_mut(i)
@@ -266,8 +335,11 @@ impl Mesh {
                 replace: Some((shard, seq)),
             },
         };
-        if let Admit::Accept { .. } = verdict {
-            Self::set_up(p, &self.link_shard[i], shard, seq, false);
+        if let Admit::Accept { replace } = verdict {
+            if replace.is_some() {
+                drop_members();
+            }
+            Self::set_up(p, &self.link[i], shard, seq, false);
         }
         verdict
     }
@@ -286,12 +358,13 @@ impl Mesh {
     }
 
     /// Our dial of peer `i` (connection `seq` on `shard`) got WELCOME:
-    /// true if it becomes the link, false if it was overtaken (close it).
+    /// true if it becomes the link, false if it was overtaken or the peer
+    /// removed meanwhile (close it).
     pub fn dial_welcomed(&self, i: usize, shard: usize, seq: u64) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(i).and_then(Option::as_mut) {
-            Some(p) if p.state == (LinkState::Dialling { shard, seq }) => {
-                Self::set_up(p, &self.link_shard[i], shard, seq, true);
+            Some(p) if !p.removed && p.state == (LinkState::Dialling { shard, seq }) => {
+                Self::set_up(p, &self.link[i], shard, seq, true);
                 true
             }
             _ => false,
@@ -300,8 +373,9 @@ impl Mesh {
 
     /// Connection `seq` on `shard` for peer `i` is gone (or a dial failed
     /// before it had a connection, with `seq` 0). True when it was the up
-    /// link, whose members must now leave every view.
-    pub fn down(&self, i: usize, shard: usize, seq: u64) -> bool {
+    /// link; its members are then dropped by `drop_members`, under the lock
+    /// (so a new link admitted right after cannot lose its snapshot to it).
+    pub fn down(&self, i: usize, shard: usize, seq: u64, drop_members: impl FnOnce()) -> bool {
         let mut slots = self.lock();
         let Some(p) = slots.get_mut(i).and_then(Option::as_mut) else {
             return false;
@@ -316,19 +390,18 @@ impl Mesh {
         p.state = LinkState::Down;
         p.since = SystemTime::now();
         if was_up {
-            self.link_shard[i].store(NO_LINK, Release);
+            self.link[i].store(NO_LINK, Release);
+            drop_members();
         }
         was_up
     }
 
-    /// True when connection `seq` on `shard` is peer `i`'s up link.
-    pub fn is_link(&self, i: usize, shard: usize, seq: u64) -> bool {
-        self.lock().get(i).cloned().flatten().is_some_and(
-            |p| matches!(p.state, LinkState::Up { shard: s, seq: q, .. } if (s, q) == (shard, seq)),
-        )
+    /// Our dial of peer `i` from `shard` failed before it had a connection.
+    pub fn dial_failed(&self, i: usize, shard: usize) {
+        self.down(i, shard, 0, || {});
     }
 
-    fn set_up(p: &mut PeerSlot, link: &AtomicUsize, shard: usize, seq: u64, dialled: bool) {
+    fn set_up(p: &mut PeerSlot, link: &AtomicU64, shard: usize, seq: u64, dialled: bool) {
         p.state = LinkState::Up {
             shard,
             seq,
@@ -337,7 +410,7 @@ impl Mesh {
         p.since = SystemTime::now();
         p.ups += 1;
         p.reconnects = p.ups - 1;
-        link.store(shard, Release);
+        link.store(link_word(shard, seq), Release);
     }
 
     /// The peers' part of the stats document.

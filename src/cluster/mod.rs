@@ -33,10 +33,15 @@ use std::sync::atomic::Ordering::Relaxed;
 /// Cluster traffic between shards.
 #[derive(Debug)]
 pub enum ClusterMsg {
-    /// Queue `frame` on peer `peer`'s link (which lives on the receiving shard).
+    /// Queue `frame` on peer `peer`'s link, connection `seq` of the
+    /// receiving shard: the link up when the frame was routed. If that
+    /// link is gone by now the frame is dropped, never sent on a newer link
+    /// (whose snapshot it may predate: a stale join would then stick).
     ToPeer {
         /// The peer's index.
         peer: usize,
+        /// The link's connection sequence number.
+        seq: u64,
         /// The encoded frame.
         frame: Bytes,
     },
@@ -70,28 +75,28 @@ impl ShardLinks {
         }
     }
 
-    /// True when connection `seq` is peer `i`'s link here.
-    pub fn is(&self, i: usize, seq: u64) -> bool {
-        self.0.borrow().get(&i).is_some_and(|c| c.seq == seq)
-    }
-
-    /// Peer `i`'s link here.
-    pub fn get(&self, i: usize) -> Option<Rc<Conn>> {
-        self.0.borrow().get(&i).cloned()
+    /// Peer `i`'s link here if it is connection `seq`.
+    pub fn get_if(&self, i: usize, seq: u64) -> Option<Rc<Conn>> {
+        self.0.borrow().get(&i).filter(|c| c.seq == seq).cloned()
     }
 }
 
-/// Sends `frame` to peer `i` over its link, wherever the link lives.
+/// Sends `frame` to peer `i` over its up link, wherever the link lives.
 #[inline]
 pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
-    match shard.shared.cluster.link_shard(i) {
-        Some(s) if s == shard.index => match shard.links.get(i) {
+    match shard.shared.cluster.link_of(i) {
+        Some((s, seq)) if s == shard.index => match shard.links.get_if(i, seq) {
             Some(conn) => link::push_link(shard, &conn, i, frame),
             None => drop_for_peer(shard, i),
         },
-        Some(s) => shard
-            .shared
-            .send(s, ShardMsg::Cluster(ClusterMsg::ToPeer { peer: i, frame })),
+        Some((s, seq)) => shard.shared.send(
+            s,
+            ShardMsg::Cluster(ClusterMsg::ToPeer {
+                peer: i,
+                seq,
+                frame,
+            }),
+        ),
         None => drop_for_peer(shard, i),
     }
 }
@@ -130,6 +135,9 @@ pub fn forward_direct(shard: &Shard, node: &str, sender: &MemberId, to: &MemberI
 
 /// A local member joined: tell every peer.
 pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {
+    // The join is in the table; read the link states only after it (see
+    // `link::link_up`, which does the converse before its snapshot).
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     if shard.shared.cluster.high_water() > 0 {
         let frame = Frame::PeerJoin {
             group: group.clone(),
@@ -141,6 +149,7 @@ pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {
 
 /// A local member left: tell every peer.
 pub fn local_leave(shard: &Shard, group: &GroupName, member: &MemberId, reason: Reason) {
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     if shard.shared.cluster.high_water() > 0 {
         let frame = Frame::PeerLeave {
             group: group.clone(),
@@ -154,7 +163,7 @@ pub fn local_leave(shard: &Shard, group: &GroupName, member: &MemberId, reason: 
 /// Handles cluster traffic from another shard.
 pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
     match m {
-        ClusterMsg::ToPeer { peer, frame } => match shard.links.get(peer) {
+        ClusterMsg::ToPeer { peer, seq, frame } => match shard.links.get_if(peer, seq) {
             Some(conn) => link::push_link(shard, &conn, peer, frame),
             None => drop_for_peer(shard, peer),
         },

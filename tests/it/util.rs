@@ -306,3 +306,50 @@ pub async fn next_event<T>(
         }
     }
 }
+
+// ---- Helpers for the cluster tests (appended). ----
+
+impl NodeProc {
+    /// Starts `msgc-server --config CONFIG --node NAME` without waiting for
+    /// its listener (several nodes can then start at once); see [`NodeProc::wait_ready`].
+    pub fn spawn(config: PathBuf, name: &str, addr: SocketAddr) -> Self {
+        let args = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--node".into(),
+            name.into(),
+        ];
+        let child = spawn_server(&args);
+        Self {
+            child,
+            addr,
+            config,
+            name: name.into(),
+            args,
+        }
+    }
+
+    /// Waits (bounded) until the node accepts connections.
+    pub fn wait_ready(&self) {
+        self.wait_listening();
+    }
+}
+
+impl Raw {
+    /// Connects to `addr` from the local address `from` (port chosen by the kernel).
+    pub fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> Self {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(from, 0).into())
+            .expect("bind source address");
+        sock.connect_timeout(&addr.into(), Duration::from_secs(5))
+            .expect("raw connect");
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        Self {
+            s,
+            buf: BytesMut::new(),
+        }
+    }
+}
