@@ -189,6 +189,8 @@ struct Tasks {
     writer: JoinHandle<End>,
     /// How long `close` waits for the server to close its side.
     linger: Duration,
+    /// Tells whether a `close` is in progress.
+    shared: Arc<Shared>,
 }
 
 impl Tasks {
@@ -215,6 +217,7 @@ impl Tasks {
             reader,
             writer,
             linger,
+            shared: links.shared.clone(),
         }
     }
 
@@ -223,7 +226,24 @@ impl Tasks {
     /// closes its side, at most `linger`. Cancel-safe until it returns.
     async fn finished(&mut self) -> End {
         let end = tokio::select! {
-            r = &mut self.reader => joined(r),
+            r = &mut self.reader => {
+                let end = joined(r);
+                // After a `close` the server ends the stream as soon as it
+                // has read our end of stream, which can reach the reader
+                // before the writer has reported its flush: the writer's
+                // verdict is the one that says whether everything went out.
+                if matches!(end, End::Eof) && self.shared.is_closing() {
+                    match timeout(self.linger, &mut self.writer).await {
+                        Ok(w) => match joined(w) {
+                            closing @ End::Closing { .. } => closing,
+                            _ => end,
+                        },
+                        Err(_) => end,
+                    }
+                } else {
+                    end
+                }
+            }
             w = &mut self.writer => {
                 let end = joined(w);
                 if matches!(end, End::Closing { .. }) {

@@ -1,6 +1,7 @@
 //! The integration suite: real servers on loopback, real clients.
 
 mod cli;
+mod client;
 mod cluster;
 mod server;
 mod util;

@@ -1,0 +1,30 @@
+//! The client library against a real server.
+
+use crate::util::{next_event, TestServer, WAIT};
+use msgc::client::{Client, Event};
+
+/// `close` flushes what is queued and reports success; a subscriber gets
+/// everything. Repeated, because the server's end of stream and the
+/// writer's own verdict race (a close once reported `Disconnected`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_flushes_everything_and_succeeds() {
+    let server = TestServer::start(2, "auto", "");
+    let sub = server.client().await;
+    sub.join("flush").await.expect("join");
+    let events = sub.events();
+    for round in 0..100u32 {
+        let publisher = Client::connect(server.client_config()).await.expect("connect");
+        for i in 0..20u32 {
+            publisher.publish("flush", format!("{round}.{i}")).await.expect("publish");
+        }
+        publisher.close().await.unwrap_or_else(|e| panic!("round {round}: close failed: {e}"));
+        for i in 0..20u32 {
+            let got = next_event(&events, WAIT, |ev| match ev {
+                Event::Message { payload, .. } => Some(payload),
+                _ => None,
+            })
+            .await;
+            assert_eq!(got, format!("{round}.{i}").as_bytes(), "round {round}");
+        }
+    }
+}
