@@ -40,11 +40,12 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
     }
     match mesh.admit(i, shard.index, conn.seq, || node_down(shard, i, &name)) {
         super::mesh::Admit::Duplicate => {
+            // Part of normal mesh formation (both nodes dialled at once),
+            // not bad input: refused, but not counted as a protocol error.
             tracing::debug!(peer = %name, "refused a duplicate link");
-            Err((
-                ErrorCode::DUPLICATE_LINK,
-                "a link to this node exists already".into(),
-            ))
+            let msg = "a link to this node exists already";
+            shard.close_with_error(conn, ErrorCode::DUPLICATE_LINK, msg);
+            Ok(())
         }
         super::mesh::Admit::Accept { replace } => {
             if let Some((s, seq)) = replace {
