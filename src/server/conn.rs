@@ -103,13 +103,18 @@ impl Conn {
         self.closing_as.set(why);
     }
 
+    /// Why the connection is closing (`Closed` unless recorded otherwise).
+    pub fn closing_reason(&self) -> Kill {
+        self.closing_as.get()
+    }
+
     /// Upkeep from the shard's sweep: idle timeout, keepalive, deadlines.
     pub fn sweep(&self, shard: &Shard, now: Instant, live: &Live) {
         match self.out.phase() {
             Phase::Closed => {}
             Phase::Draining => {
                 if self.close_deadline.get().is_some_and(|d| now >= d) {
-                    shard.kill(self, self.closing_as.get());
+                    shard.kill(self, self.closing_reason());
                 }
             }
             Phase::Open if now.duration_since(self.last_rx.get()) > live.idle_timeout => {
@@ -196,7 +201,7 @@ async fn serve<S: Stream>(
 
 async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
     let st = shard.stats();
-    let dropped = write_loop(
+    let unsent = write_loop(
         &conn.out,
         &*stream,
         || shard.live.get().messages_per_iter,
@@ -206,7 +211,9 @@ async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
         },
     )
     .await;
-    ShardStats::add(&st.dropped_closed, dropped as u64);
+    // Counted under the reason the connection closed: a stuck member's
+    // batch in flight when it was killed is dropped as stuck.
+    shard.count_dropped(&conn, conn.closing_reason(), unsent as u64);
 }
 
 async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {

@@ -16,6 +16,10 @@ use bytes::{Bytes, BytesMut};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use tokio_uring::buf::BoundedBuf;
+
+/// Spare room a read is given when the caller left none.
+const MIN_READ: usize = 8 * 1024;
 
 /// A connected TCP stream, owned-buffer style.
 #[allow(async_fn_in_trait)] // single-threaded runtimes: futures need not be Send
@@ -40,8 +44,17 @@ pub trait Stream: 'static {
 pub struct UringStream(pub tokio_uring::net::TcpStream);
 
 impl Stream for UringStream {
-    async fn read(&self, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
-        self.0.read(buf).await
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        // tokio-uring reads into the *start* of an `IoBufMut` (its pointer
+        // is `as_mut_ptr()`, its length the whole capacity), over whatever
+        // the buffer already holds: an unfinished frame kept from the last
+        // read would be overwritten. Read into a slice of the spare capacity.
+        let start = buf.len();
+        if buf.capacity() == start {
+            buf.reserve(MIN_READ);
+        }
+        let (res, slice) = self.0.read(buf.slice(start..)).await;
+        (res, slice.into_inner())
     }
 
     async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
@@ -97,6 +110,9 @@ mod smallvec_slices {
 
     const INLINE: usize = 64;
 
+    // A short-lived local on the writer's stack, never moved: keeping the
+    // inline array unboxed is the point.
+    #[allow(clippy::large_enum_variant)]
     pub(super) enum Slices<'a> {
         Inline([IoSlice<'a>; INLINE], usize),
         Heap(Vec<IoSlice<'a>>),
@@ -214,6 +230,16 @@ impl AnyStream {
 
 /// True when this process can set up an io_uring instance (it cannot under
 /// Docker's default seccomp profile or with `kernel.io_uring_disabled`).
+///
+/// The probe builds (and drops) a tokio-uring runtime on a thread of its
+/// own: that runtime holds a tokio runtime, and dropping one inside an
+/// async context panics, so probing on the caller's thread would make
+/// [`Server::start`](super::Server::start) panic when called from a tokio
+/// application (or test).
 pub fn uring_available() -> Result<(), io::Error> {
-    tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop)
+    std::thread::scope(|s| {
+        s.spawn(|| tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop))
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
+    })
 }

@@ -329,7 +329,9 @@ fn choose_backend(want: IoBackend) -> Result<bool, Error> {
 type ShardListeners = Vec<Vec<std::net::TcpListener>>;
 
 /// Binds each address once per shard; a port of 0 is resolved by the first
-/// bind and reused by the others so that all shards share one port.
+/// bind and reused by the others so that all shards share one port. An
+/// address something already listens on is refused (see
+/// [`sockets::check_not_listening`]).
 fn bind_all(
     listen: &[SocketAddr],
     shards: usize,
@@ -338,6 +340,7 @@ fn bind_all(
     let mut per_shard: ShardListeners = (0..shards).map(|_| Vec::new()).collect();
     let mut actual = Vec::new();
     for &addr in listen {
+        sockets::check_not_listening(addr).map_err(|source| Error::Listen { addr, source })?;
         let mut addr = addr;
         for slot in per_shard.iter_mut() {
             let l =

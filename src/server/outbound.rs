@@ -4,8 +4,9 @@
 //! refcounted frames; nobody copies a frame per recipient. The queue is
 //! bounded by `max_backlog` frames: a push that would pass it reports
 //! [`Push::Full`] and the caller kills the connection as stuck. The writer
-//! takes up to `messages_per_iter` frames per turn and hands them to one
-//! `writev`, owning the partial-write loop (tokio-uring has no `writev_all`).
+//! takes up to `messages_per_iter` frames per turn (at most [`MAX_IOV`]) and
+//! hands them to one `writev`, owning the partial-write loop (tokio-uring
+//! has no `writev_all`).
 
 use super::io::Stream;
 use bytes::{Buf, Bytes};
@@ -13,6 +14,13 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::time::Instant;
 use tokio::sync::Notify;
+
+/// Most frames in one `writev`: the kernel refuses more than `UIO_MAXIOV`
+/// (1024) buffers with EINVAL. std's vectored writes (the epoll backend)
+/// quietly write only the first 1024; tokio-uring passes the whole vector
+/// on, so a batch of `messages_per_iter` > 1024 frames would fail the
+/// write and close the connection.
+pub const MAX_IOV: usize = 1024;
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,7 +134,7 @@ impl Outbound {
 
     fn take_batch(&self, batch: &mut Vec<Bytes>, max: usize) {
         let mut q = self.queue.borrow_mut();
-        let n = q.len().min(max.max(1));
+        let n = q.len().min(max.clamp(1, MAX_IOV));
         batch.extend(q.drain(..n));
     }
 }
@@ -143,7 +151,8 @@ pub struct Written {
 /// Drains `out` into `stream` until the connection closes. `on_write` is
 /// told what each turn wrote; `batch_max` gives messages_per_iter (read
 /// each turn so a reload applies). Shuts the stream down on the way out and
-/// returns how many queued frames a failed write left unsent.
+/// returns how many frames a failed write left unsent: those of the batch
+/// being written that did not go out whole, and what was still queued.
 pub async fn write_loop<S: Stream>(
     out: &Outbound,
     stream: &S,
@@ -164,6 +173,7 @@ pub async fn write_loop<S: Stream>(
             }
         }
         if out.phase() == Phase::Closed {
+            dropped = batch.len();
             break;
         }
         let frames = batch.len() as u64;
@@ -173,8 +183,10 @@ pub async fn write_loop<S: Stream>(
                 out.last_tx.set(Instant::now());
                 on_write(Written { frames, bytes });
             }
-            Err(_) => {
-                dropped = out.close_now();
+            Err(unsent) => {
+                // The batch was taken off the queue: what of it did not go
+                // out whole is dropped too, not only what is still queued.
+                dropped = unsent + out.close_now();
                 break;
             }
         }
@@ -185,18 +197,19 @@ pub async fn write_loop<S: Stream>(
 }
 
 /// Writes every byte of `bufs`, looping over partial writes. Returns the
-/// byte count and the emptied vector (for reuse).
+/// byte count and the emptied vector (for reuse); on a failed write, how
+/// many frames did not go out whole.
 async fn write_all<S: Stream>(
     stream: &S,
     mut bufs: Vec<Bytes>,
-) -> std::io::Result<(u64, Vec<Bytes>)> {
+) -> Result<(u64, Vec<Bytes>), usize> {
     let mut total = 0u64;
     while !bufs.is_empty() {
         let (res, mut b) = stream.writev(bufs).await;
         let mut n = match res {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => n,
-            Err(e) => return Err(e),
+            Ok(n) if n > 0 => n,
+            // An error, or no progress (WriteZero): the connection is gone.
+            _ => return Err(b.len()),
         };
         total += n as u64;
         let mut done = 0;

@@ -103,10 +103,11 @@ impl Shard {
         }
     }
 
-    /// Closes `conn` now, dropping and counting what it had queued.
-    pub fn kill(&self, conn: &Conn, why: Kill) {
-        let was_open = conn.out.phase() != super::outbound::Phase::Closed;
-        let dropped = conn.out.close_now() as u64;
+    /// Counts `n` messages `conn` could not deliver, under `why`.
+    pub fn count_dropped(&self, conn: &Conn, why: Kill, n: u64) {
+        if n == 0 {
+            return;
+        }
         let st = self.stats();
         let counter = match why {
             Kill::Stuck => &st.dropped_stuck,
@@ -114,13 +115,27 @@ impl Shard {
             Kill::Protocol => &st.dropped_protocol,
             Kill::Closed => &st.dropped_closed,
         };
-        ShardStats::add(counter, dropped);
+        ShardStats::add(counter, n);
         if let super::conn::ConnRole::Peer(i) = conn.role.get() {
             let peer = &self.shared.cluster.counters[i];
             peer.dropped
-                .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
-            ShardStats::add(&st.dropped_peer, dropped);
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            ShardStats::add(&st.dropped_peer, n);
         }
+    }
+
+    /// Closes `conn` now, dropping and counting what it had queued (the
+    /// writer counts what it was writing, under the same reason).
+    pub fn kill(&self, conn: &Conn, why: Kill) {
+        let phase = conn.out.phase();
+        let was_open = phase != super::outbound::Phase::Closed;
+        if phase == super::outbound::Phase::Open {
+            // A draining connection keeps the reason it is closing for.
+            conn.closing_as(why);
+        }
+        let dropped = conn.out.close_now() as u64;
+        self.count_dropped(conn, conn.closing_reason(), dropped);
+        let st = self.stats();
         if was_open && why == Kill::Stuck {
             ShardStats::add(&st.stuck_kills, 1);
             tracing::warn!(conn = %conn.id, peer = %conn.addr, dropped, "connection stuck: outbound queue passed max_backlog; closed");

@@ -64,6 +64,29 @@ pub fn listener(addr: SocketAddr, opts: SocketOpts) -> io::Result<std::net::TcpL
     Ok(sock.into())
 }
 
+/// Fails (EADDRINUSE) when a socket already listens on `addr`.
+///
+/// The shards' listeners share their port through SO_REUSEPORT, and the
+/// kernel lets any later socket of the same user that sets it join the
+/// group: a second server started on a port in use would start fine and
+/// take part of the first one's connections. A probe bound with
+/// SO_REUSEADDR but without SO_REUSEPORT conflicts with any listener on the
+/// address (and not with the TIME_WAIT leftovers of a previous run).
+///
+/// # Errors
+/// When the address is in use (or cannot be bound at all).
+pub fn check_not_listening(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())
+}
+
 /// Dials `addr` from `bind` (when given), bounded by `timeout`, and returns
 /// a connected blocking-mode std stream with the options applied.
 ///
