@@ -353,3 +353,41 @@ impl Raw {
         }
     }
 }
+
+/// A port free on every one of `ips` right now and *below* the kernel's
+/// ephemeral range (`net.ipv4.ip_local_port_range`), for a server that a
+/// test kills and restarts on the same port. A port from [`free_port`] is an
+/// ephemeral one: while its server is down the kernel may hand it out as
+/// the source port of any outgoing connection (another test's, or a
+/// client's own re-dial to it: TCP self-connect), and the restart then
+/// fails with EADDRINUSE. Ports below the range are never handed out so.
+pub fn restartable_port(ips: &[&str]) -> u16 {
+    const FLOOR: u16 = 10_000;
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low < FLOOR + 1000 {
+        return free_port(ips);
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(nanos)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503));
+    for _ in 0..500 {
+        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let port = FLOOR + ((seed >> 8) % u32::from(low - FLOOR)) as u16;
+        if port == 4809 {
+            continue;
+        }
+        let held: Vec<_> = ips.iter().map(|ip| TcpListener::bind((*ip, port))).collect();
+        if held.iter().all(Result::is_ok) {
+            return port;
+        }
+    }
+    panic!("no port below {low} free on all of {ips:?}");
+}
