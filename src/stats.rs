@@ -31,9 +31,10 @@ macro_rules! counters {
 counters!(
     /// The counters of one shard.
     ShardStats {
-        /// Client connections open now.
+        /// Connections open now: clients, peer links, and sockets still
+        /// in the handshake.
         connections,
-        /// Client connections accepted since start.
+        /// Connections accepted or dialled since start.
         connections_total,
         /// Frames received from clients.
         msgs_in,
@@ -65,7 +66,9 @@ counters!(
         dropped_closed,
         /// Direct messages to a member that does not exist.
         dropped_unknown_member,
-        /// Messages dropped: queued to a peer link that went down.
+        /// Messages dropped for a peer node with no link up (or arriving on
+        /// a link that was replaced). Frames lost when a link is killed are
+        /// counted under the kill's reason instead.
         dropped_peer,
     }
 );

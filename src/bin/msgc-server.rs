@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &PathBuf, node: Option<&str>) -> ExitCode {
+fn check_config(path: &std::path::Path, node: Option<&str>) -> ExitCode {
     let mut config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -3,8 +3,8 @@
 
 use super::{route_to_peer, ClusterMsg};
 use crate::protocol::{
-    snapshot_flags, ErrorCode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Welcome,
-    PROTOCOL_VERSION,
+    list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType, GroupName, Hello,
+    MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, ConnRole, Reject};
 use crate::server::shard::{Kill, Shard};
@@ -12,9 +12,6 @@ use crate::stats::ShardStats;
 use bytes::Bytes;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
-
-/// Entries per SNAPSHOT chunk.
-const SNAPSHOT_CHUNK: usize = 1024;
 
 /// A HELLO with role peer arrived on `conn`: admit it or refuse it.
 pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<(), Reject> {
@@ -89,21 +86,23 @@ pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     // sees the other, so no join falls between snapshot and broadcast.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     let entries = shard.shared.table.local_snapshot();
-    let chunks = entries.len().div_ceil(SNAPSHOT_CHUNK).max(1);
-    let mut rest = entries.as_slice();
-    for c in 0..chunks {
-        let (now, later) = rest.split_at(rest.len().min(SNAPSHOT_CHUNK));
-        rest = later;
+    let parts = split_by_size(
+        &entries,
+        list_budget(shard.live.get().max_message_size),
+        |(g, m)| 2 + g.as_bytes().len() + m.as_bytes().len(),
+    );
+    let n = parts.len();
+    for (c, part) in parts.into_iter().enumerate() {
         let mut flags = 0;
         if c == 0 {
             flags |= snapshot_flags::FIRST;
         }
-        if c + 1 == chunks {
+        if c + 1 == n {
             flags |= snapshot_flags::LAST;
         }
         let frame = Frame::Snapshot {
             flags,
-            entries: now.to_vec(),
+            entries: part.to_vec(),
         }
         .to_bytes();
         push_link(shard, conn, i, frame);

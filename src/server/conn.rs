@@ -10,8 +10,8 @@ use super::outbound::{write_loop, Outbound, Phase, Written};
 use super::shard::{Kill, Shard};
 use super::Live;
 use crate::protocol::{
-    decode, max_frame_for, ErrorCode, Frame, GroupName, Hello, MemberId, Reason, Role, Welcome,
-    PROTOCOL_VERSION,
+    decode, list_budget, max_frame_for, split_by_size, ErrorCode, Frame, GroupName, Hello,
+    MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
 };
 use crate::stats::ShardStats;
 use bytes::BytesMut;
@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 /// Read buffer growth step; a read never has less spare room than `MIN_SPARE`.
 const READ_BUF: usize = 64 * 1024;
 const MIN_SPARE: usize = 8 * 1024;
-/// Members per MEMBERS_REPLY part.
-const MEMBERS_PER_REPLY: usize = 1000;
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,7 +341,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
         }
         Frame::Join { group } => shard.join(conn, &group),
         Frame::Leave { group } => shard.leave(conn, &group, Reason::Leave),
-        Frame::Noop => {}
+        Frame::Noop | Frame::Pong { .. } => {}
         Frame::Ping { token } => {
             shard.push(conn, Frame::Pong { token }.to_bytes());
         }
@@ -377,16 +375,16 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
 
 fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
     let all = shard.shared.table.members(&group);
-    let parts = all.len().div_ceil(MEMBERS_PER_REPLY).max(1);
-    let mut chunks = all.chunks(MEMBERS_PER_REPLY);
-    for i in 0..parts {
-        let members = chunks.next().map(<[MemberId]>::to_vec).unwrap_or_default();
-        let last = i + 1 == parts;
+    let parts = split_by_size(&all, list_budget(shard.live.get().max_message_size), |m| {
+        1 + m.as_bytes().len()
+    });
+    let n = parts.len();
+    for (i, part) in parts.into_iter().enumerate() {
         let frame = Frame::MembersReply {
             req,
-            last,
+            last: i + 1 == n,
             group: group.clone(),
-            members,
+            members: part.to_vec(),
         };
         shard.push(conn, frame.to_bytes());
     }

@@ -118,9 +118,10 @@ impl Shard {
         ShardStats::add(counter, n);
         if let super::conn::ConnRole::Peer(i) = conn.role.get() {
             let peer = &self.shared.cluster.counters[i];
+            // Counted once in the totals (under `why`); the peer's own
+            // counter shows which link lost them.
             peer.dropped
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            ShardStats::add(&st.dropped_peer, n);
         }
     }
 

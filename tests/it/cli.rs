@@ -20,7 +20,11 @@ fn start_server(dir: &TempDir) -> NodeProc {
         "server.conf",
         &format!("msgc_server {{ shards = 2 }}\nmsgcserver_listener {{ listen \"127.0.0.1:{port}\" {{ }} }}\n"),
     );
-    NodeProc::start(conf, "cli", format!("127.0.0.1:{port}").parse().expect("addr"))
+    NodeProc::start(
+        conf,
+        "cli",
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+    )
 }
 
 #[test]
@@ -28,7 +32,16 @@ fn pub_lines_reach_sub() {
     let dir = TempDir::new("cli");
     let node = start_server(&dir);
     let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
-        .args(["--server", &node.addr.to_string(), "sub", "news", "--count", "3", "--timeout", "30"])
+        .args([
+            "--server",
+            &node.addr.to_string(),
+            "sub",
+            "news",
+            "--count",
+            "3",
+            "--timeout",
+            "30",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -43,11 +56,23 @@ fn pub_lines_reach_sub() {
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn msgc pub");
-    publisher.stdin.take().expect("stdin").write_all(b"first line\nsecond\nthird one\n").expect("write stdin");
+    publisher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"first line\nsecond\nthird one\n")
+        .expect("write stdin");
     assert!(publisher.wait().expect("pub exits").success());
     let out = sub.wait_with_output().expect("sub exits");
-    assert!(out.status.success(), "sub failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "first line\nsecond\nthird one\n");
+    assert!(
+        out.status.success(),
+        "sub failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "first line\nsecond\nthird one\n"
+    );
 }
 
 #[test]
@@ -55,14 +80,33 @@ fn pub_argument_ping_stats_and_members() {
     let dir = TempDir::new("cli2");
     let node = start_server(&dir);
     let ping = msgc(node.addr, &["ping"]);
-    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stderr)
+    );
     let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
-        .args(["--server", &node.addr.to_string(), "sub", "a", "b", "--count", "2", "--timeout", "30"])
+        .args([
+            "--server",
+            &node.addr.to_string(),
+            "sub",
+            "a",
+            "b",
+            "--count",
+            "2",
+            "--timeout",
+            "30",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn msgc sub");
     wait_for("msgc sub to join both groups", WAIT, || {
-        ["a", "b"].iter().all(|g| String::from_utf8_lossy(&msgc(node.addr, &["members", g]).stdout).lines().count() == 1)
+        ["a", "b"].iter().all(|g| {
+            String::from_utf8_lossy(&msgc(node.addr, &["members", g]).stdout)
+                .lines()
+                .count()
+                == 1
+        })
     });
     assert!(msgc(node.addr, &["pub", "a", "to a"]).status.success());
     assert!(msgc(node.addr, &["pub", "b", "to b"]).status.success());
@@ -85,7 +129,16 @@ fn errors_are_one_line_and_non_zero() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     assert!(err.starts_with("msgc: "), "{err:?}");
-    let bad = Command::new(env!("CARGO_BIN_EXE_msgc")).args(["pub", "bad group name", "x"]).output().expect("run");
+    let bad = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["pub", "bad group name", "x"])
+        .output()
+        .expect("run");
     assert!(!bad.status.success());
-    assert_eq!(String::from_utf8_lossy(&bad.stderr).trim_end().lines().count(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr)
+            .trim_end()
+            .lines()
+            .count(),
+        1
+    );
 }

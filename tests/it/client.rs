@@ -13,11 +13,19 @@ async fn close_flushes_everything_and_succeeds() {
     sub.join("flush").await.expect("join");
     let events = sub.events();
     for round in 0..100u32 {
-        let publisher = Client::connect(server.client_config()).await.expect("connect");
+        let publisher = Client::connect(server.client_config())
+            .await
+            .expect("connect");
         for i in 0..20u32 {
-            publisher.publish("flush", format!("{round}.{i}")).await.expect("publish");
+            publisher
+                .publish("flush", format!("{round}.{i}"))
+                .await
+                .expect("publish");
         }
-        publisher.close().await.unwrap_or_else(|e| panic!("round {round}: close failed: {e}"));
+        publisher
+            .close()
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: close failed: {e}"));
         for i in 0..20u32 {
             let got = next_event(&events, WAIT, |ev| match ev {
                 Event::Message { payload, .. } => Some(payload),
@@ -27,4 +35,25 @@ async fn close_flushes_everything_and_succeeds() {
             assert_eq!(got, format!("{round}.{i}").as_bytes(), "round {round}");
         }
     }
+}
+
+/// A member list longer than one frame allows (tiny max_message_size)
+/// arrives in several parts, each within the frame limit, and the client
+/// puts them back together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_member_lists_come_in_parts() {
+    let server = TestServer::start(2, "auto", "max_message_size = 16");
+    let mut clients = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..150 {
+        let c = server.client().await;
+        c.join("crowd").await.expect("join");
+        ids.push(c.member_id());
+        clients.push(c);
+    }
+    ids.sort();
+    let listed = clients[0].members("crowd").await.expect("members");
+    assert_eq!(listed, ids);
+    let stats = server.stats();
+    assert_eq!(stats["totals"]["protocol_errors"], 0);
 }

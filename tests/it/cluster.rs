@@ -6,7 +6,7 @@
 //! that moment, so tests wait for the cluster-wide view (members query)
 //! before publishing across nodes.
 
-use crate::util::{free_port, wait_for_async, NodeProc, Raw, TempDir, WAIT};
+use crate::util::{free_port, restartable_port, wait_for_async, NodeProc, Raw, TempDir, WAIT};
 use bytes::Bytes;
 use msgc::client::{Client, ClientConfig, Event};
 use msgc::protocol::{ErrorCode, Frame, Hello, NodeName, Reason, Role, PROTOCOL_VERSION};
@@ -63,7 +63,7 @@ impl Cluster {
     fn new(tag: &str) -> Self {
         Self {
             dir: TempDir::new(tag),
-            port: free_port(&IPS),
+            port: restartable_port(&IPS),
             nodes: Vec::new(),
         }
     }

@@ -1,1 +1,263 @@
-//! msgc-loadgen scenarios against spawned servers.
+//! msgc-loadgen scenarios against spawned servers: each scenario runs for
+//! a second (`--spawn 1`, `cluster` on `--spawn 3`) through the built
+//! binary with `--json`, and its figures are checked for consistency.
+//!
+//! The runs take turns (one lock): they load the machine on purpose, and
+//! the backlog run needs healthy subscribers to keep up.
+
+use serde_json::Value;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::util::TempDir;
+
+/// One load generator at a time.
+static TURN: Mutex<()> = Mutex::new(());
+/// A run that takes longer than this is killed (and fails the test).
+const RUN_LIMIT: Duration = Duration::from_secs(45);
+
+/// Runs `msgc-loadgen ARGS --json --quiet` (1 s measured, 200 ms warm-up)
+/// and returns its exit status, stdout and stderr.
+fn loadgen(args: &[&str]) -> (bool, String, String) {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_msgc-loadgen"))
+        .args(args)
+        .args(["--duration", "1s", "--warmup", "200ms", "--json", "--quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start msgc-loadgen");
+    let end = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for msgc-loadgen") {
+            break st;
+        }
+        if Instant::now() > end {
+            // Its servers die with it (PR_SET_PDEATHSIG).
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("msgc-loadgen {args:?} did not finish within {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    let mut err = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_string(&mut out).expect("read stdout");
+    }
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).expect("read stderr");
+    }
+    (status.success(), out, err)
+}
+
+/// Runs a scenario that must succeed; returns its JSON object.
+fn run_json(args: &[&str]) -> Value {
+    let (ok, out, err) = loadgen(args);
+    assert!(ok, "msgc-loadgen {args:?} failed: {err}");
+    let line = out.lines().last().unwrap_or_default();
+    let j: Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("stdout of {args:?} is not JSON ({e}): {out}"));
+    check_fields(&j);
+    j
+}
+
+fn u(j: &Value, k: &str) -> u64 {
+    j[k].as_u64()
+        .unwrap_or_else(|| panic!("{k} is not a count in {j}"))
+}
+
+/// Every run reports these.
+fn check_fields(j: &Value) {
+    for k in [
+        "scenario",
+        "parameters",
+        "sent",
+        "delivered",
+        "delivered_per_sec",
+        "bytes_per_sec",
+        "latency_us",
+        "drops",
+        "stuck_kills",
+        "server_rss_bytes",
+    ] {
+        assert!(j.get(k).is_some(), "{k} missing from {j}");
+    }
+    for k in ["p50", "p90", "p99", "p99_9", "p99_99", "max"] {
+        assert!(
+            j["latency_us"][k].is_number(),
+            "latency_us.{k} missing from {j}"
+        );
+    }
+    assert!(
+        j["server_rss_bytes"].as_u64().is_some_and(|b| b > 0),
+        "spawned servers' peak memory is known: {j}"
+    );
+}
+
+/// delivered ≤ sent × recipients per message, equal when nothing dropped.
+fn check_counts(j: &Value) {
+    let (sent, delivered) = (u(j, "sent"), u(j, "delivered"));
+    let per_message = j["parameters"]["subscribers"]
+        .as_u64()
+        .expect("subscribers");
+    assert!(sent > 0 && delivered > 0, "no traffic: {j}");
+    assert!(
+        delivered <= sent * per_message,
+        "more delivered than sent: {j}"
+    );
+    if u(j, "drops") == 0 {
+        assert_eq!(
+            delivered,
+            sent * per_message,
+            "nothing dropped, nothing lost: {j}"
+        );
+        assert_eq!(u(j, "out_of_order"), 0, "order per sender: {j}");
+    }
+}
+
+#[test]
+fn fanout_counts_every_delivery_and_writes_hgrm_and_plot() {
+    let dir = TempDir::new("loadgen");
+    let hgrm = dir.0.join("lat.hgrm");
+    let svg = dir.0.join("lat.svg");
+    let j = run_json(&[
+        "fanout",
+        "--spawn",
+        "1",
+        "--subscribers",
+        "5",
+        "--hgrm",
+        hgrm.to_str().expect("utf-8 path"),
+        "--plot",
+        svg.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(j["scenario"], "fanout");
+    check_counts(&j);
+    let text = std::fs::read_to_string(&hgrm).expect("hgrm written");
+    assert!(
+        text.contains("Value     Percentile TotalCount 1/(1-Percentile)"),
+        "{text}"
+    );
+    assert!(text.contains("#[Max     ="), "{text}");
+    let plot = std::fs::read_to_string(&svg).expect("plot written");
+    assert!(plot.contains("<svg"), "not an SVG");
+}
+
+#[test]
+fn fanin_open_loop() {
+    let j = run_json(&[
+        "fanin",
+        "--spawn",
+        "1",
+        "--publishers",
+        "3",
+        "--rate",
+        "6000",
+    ]);
+    assert_eq!(j["parameters"]["publishers"], 3);
+    check_counts(&j);
+    assert!(
+        j["send_lag_us"].is_object(),
+        "open loop reports send lag: {j}"
+    );
+}
+
+#[test]
+fn groups_over_shared_connections() {
+    let j = run_json(&[
+        "groups",
+        "--spawn",
+        "1",
+        "--groups",
+        "200",
+        "--sub-conns",
+        "10",
+    ]);
+    assert_eq!(j["parameters"]["sub_conns"], 10);
+    check_counts(&j);
+}
+
+#[test]
+fn cluster_delivers_across_nodes() {
+    let j = run_json(&["cluster", "--spawn", "3", "--subscribers", "4"]);
+    assert_eq!(j["parameters"]["servers"].as_array().map(Vec::len), Some(3));
+    check_counts(&j);
+}
+
+#[test]
+fn backlog_kills_the_stalled_subscriber_and_spares_the_healthy() {
+    let j = run_json(&[
+        "backlog",
+        "--spawn",
+        "1",
+        "--shards",
+        "1",
+        "--set",
+        "max_backlog=50",
+        "--set",
+        "tcpbuf_size=4096",
+        "--size",
+        "1024",
+        "--subscribers",
+        "4",
+        "--stalled",
+        "1",
+        "--stalled-rcvbuf",
+        "4096",
+        "--rate",
+        "500",
+    ]);
+    assert!(
+        u(&j, "stuck_kills") >= 1,
+        "the stalled subscriber is killed: {j}"
+    );
+    assert!(u(&j, "drops") >= 1, "what it held is counted: {j}");
+    assert_eq!(
+        j["healthy_complete"], true,
+        "healthy subscribers lose nothing: {j}"
+    );
+    assert_eq!(u(&j, "healthy_delivered"), u(&j, "sent") * 3, "{j}");
+    assert!(
+        j["baseline"]["latency_us"]["p99"].is_number(),
+        "baseline ran: {j}"
+    );
+}
+
+#[test]
+fn churn_reports_joins_and_event_latency() {
+    let j = run_json(&[
+        "churn",
+        "--spawn",
+        "1",
+        "--subscribers",
+        "3",
+        "--members",
+        "5",
+        "--join-rate",
+        "200",
+        "--rate",
+        "5000",
+    ]);
+    check_counts(&j);
+    assert!(j["joins_per_sec"].as_f64().is_some_and(|r| r > 50.0), "{j}");
+    assert!(j["join_event_latency_us"]["p99"].is_number(), "{j}");
+}
+
+#[test]
+fn bad_options_are_one_line_errors() {
+    for args in [
+        &["fanout", "--spawn", "1", "--size", "8"][..],
+        &["cluster", "--spawn", "1"],
+        &["fanout", "--spawn", "1", "--set", "max_backlog"],
+        &["fanout", "--spawn", "1", "--duration", "soon"],
+    ] {
+        let (ok, out, err) = loadgen(args);
+        assert!(!ok, "{args:?} must fail");
+        assert!(out.is_empty(), "nothing on stdout: {out}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+}

@@ -3,6 +3,6 @@
 mod cli;
 mod client;
 mod cluster;
+mod loadgen;
 mod server;
 mod util;
-mod loadgen;

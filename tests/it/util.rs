@@ -88,7 +88,10 @@ impl TestServer {
         let config = Config::parse_str("test.conf", &text).expect("test config parses");
         let server = Server::start(&config, None).expect("server starts");
         let addr = server.local_addrs()[0];
-        Self { server: Some(server), addr }
+        Self {
+            server: Some(server),
+            addr,
+        }
     }
 
     pub fn server(&self) -> &Server {
@@ -105,7 +108,9 @@ impl TestServer {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(self.client_config()).await.expect("client connects")
+        Client::connect(self.client_config())
+            .await
+            .expect("client connects")
     }
 
     pub fn stop(mut self) {
@@ -129,7 +134,10 @@ pub fn free_port(ips: &[&str]) -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind((ips[0], 0)).expect("bind ephemeral");
         let port = l.local_addr().expect("local addr").port();
-        let others: Vec<_> = ips[1..].iter().map(|ip| TcpListener::bind((*ip, port))).collect();
+        let others: Vec<_> = ips[1..]
+            .iter()
+            .map(|ip| TcpListener::bind((*ip, port)))
+            .collect();
         if others.iter().all(Result::is_ok) {
             return port;
         }
@@ -149,17 +157,30 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `msgc-server --config CONFIG --node NAME` and waits until `addr` accepts.
     pub fn start(config: PathBuf, name: &str, addr: SocketAddr) -> Self {
-        let args = vec!["--config".into(), config.display().to_string(), "--node".into(), name.into()];
+        let args = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--node".into(),
+            name.into(),
+        ];
         let child = spawn_server(&args);
-        let node = Self { child, addr, config, name: name.into(), args };
+        let node = Self {
+            child,
+            addr,
+            config,
+            name: name.into(),
+            args,
+        };
         node.wait_listening();
         node
     }
 
     fn wait_listening(&self) {
-        wait_for(&format!("{} to listen on {}", self.name, self.addr), WAIT, || {
-            TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
-        });
+        wait_for(
+            &format!("{} to listen on {}", self.name, self.addr),
+            WAIT,
+            || TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok(),
+        );
     }
 
     /// Restarts a stopped or killed node with the same arguments.
@@ -207,7 +228,11 @@ impl Drop for NodeProc {
 }
 
 fn spawn_server(args: &[String]) -> Child {
-    let log = if std::env::var_os("MSGC_TEST_LOG").is_some() { Stdio::inherit() } else { Stdio::null() };
+    let log = if std::env::var_os("MSGC_TEST_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
     Command::new(env!("CARGO_BIN_EXE_msgc-server"))
         .args(args)
         .stdout(Stdio::null())
@@ -225,8 +250,12 @@ pub struct Raw {
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Self {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("raw connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("set timeout");
-        Self { s, buf: BytesMut::new() }
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set timeout");
+        Self {
+            s,
+            buf: BytesMut::new(),
+        }
     }
 
     /// Connects and completes the client handshake.
@@ -384,7 +413,10 @@ pub fn restartable_port(ips: &[&str]) -> u16 {
         if port == 4809 {
             continue;
         }
-        let held: Vec<_> = ips.iter().map(|ip| TcpListener::bind((*ip, port))).collect();
+        let held: Vec<_> = ips
+            .iter()
+            .map(|ip| TcpListener::bind((*ip, port)))
+            .collect();
         if held.iter().all(Result::is_ok) {
             return port;
         }
