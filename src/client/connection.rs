@@ -73,6 +73,8 @@ pub(crate) enum End {
     ClientGone,
     /// A task panicked or was cancelled.
     TaskFailed(String),
+    /// After a reconnect, a group could not be re-joined.
+    Rejoin(String),
 }
 
 impl End {
@@ -91,6 +93,7 @@ impl End {
             End::Closing { .. } => "closed by the client".into(),
             End::ClientGone => "client dropped".into(),
             End::TaskFailed(e) => format!("connection task failed: {e}"),
+            End::Rejoin(e) => e.clone(),
         }
     }
 

@@ -129,9 +129,15 @@ async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
     let Some(acks) = rejoin else {
         return tasks.finished().await;
     };
+    // `Reconnected` promises that every group is joined again: a re-join
+    // that fails or is not acknowledged drops this connection and redials.
     tokio::select! {
         end = tasks.finished() => return end,
-        () = await_rejoin(acks, cfg.request_timeout) => {}
+        res = await_rejoin(acks, cfg.request_timeout) => {
+            if let Err(end) = res {
+                return end;
+            }
+        }
     }
     tracing::info!(%server, %member, "msgc client: reconnected");
     if links
@@ -171,16 +177,21 @@ async fn send_joins<'a>(
 
 /// Waits for every re-join acknowledgement, at most `bound` in all. A group
 /// not acknowledged in time is logged; it stays in the joined set.
-async fn await_rejoin(acks: Rejoin, bound: Duration) {
+async fn await_rejoin(acks: Rejoin, bound: Duration) -> Result<(), End> {
     let deadline = tokio::time::Instant::now() + bound;
     for (group, rx) in acks {
         match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(%group, error = %e, "msgc client: re-join failed"),
+            Ok(Ok(Err(e))) => return Err(End::Rejoin(format!("re-join of {group} failed: {e}"))),
+            // The connection ended meanwhile: `finished` reports why.
             Ok(Err(_)) => {}
-            Err(_) => tracing::warn!(%group, "msgc client: re-join not acknowledged in time"),
+            Err(_) => {
+                let why = format!("re-join of {group} not acknowledged within {bound:?}");
+                return Err(End::Rejoin(why));
+            }
         }
     }
+    Ok(())
 }
 
 /// The reader and writer tasks of one connection.
@@ -255,6 +266,15 @@ impl Tasks {
         self.reader.abort();
         self.writer.abort();
         end
+    }
+}
+
+impl Drop for Tasks {
+    /// A connection given up on (a failed re-join) must not keep reading
+    /// or writing: dropping a `JoinHandle` alone would detach its task.
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
     }
 }
 

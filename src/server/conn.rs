@@ -119,7 +119,12 @@ impl Conn {
                 ShardStats::add(&shard.stats().idle_kills, 1);
                 tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
                 self.closing_as(Kill::Idle);
-                shard.close_with_error(self, ErrorCode::IDLE, "idle_timeout: nothing received");
+                // A silent peer is probably gone: give it one keepalive
+                // interval to take the ERROR, so node loss is noticed within
+                // idle_timeout + keepalive_interval.
+                let grace = live.keepalive_interval.min(live.idle_timeout);
+                let msg = "idle_timeout: nothing received";
+                shard.close_with_error_within(self, ErrorCode::IDLE, msg, grace);
             }
             Phase::Open => {
                 let quiet = now.duration_since(self.out.last_tx()) >= live.keepalive_interval;

@@ -146,12 +146,23 @@ impl Shard {
 
     /// Sends ERROR then closes `conn` once it is flushed.
     pub fn close_with_error(&self, conn: &Conn, code: ErrorCode, message: &str) {
+        self.close_with_error_within(conn, code, message, self.live.get().idle_timeout);
+    }
+
+    /// As [`Shard::close_with_error`], forcing the close after `grace`.
+    pub fn close_with_error_within(
+        &self,
+        conn: &Conn,
+        code: ErrorCode,
+        message: &str,
+        grace: Duration,
+    ) {
         let frame = Frame::Error {
             code,
             message: message.to_owned(),
         }
         .to_bytes();
-        conn.close_gracefully(Some(frame), self.live.get().idle_timeout);
+        conn.close_gracefully(Some(frame), grace);
     }
 
     /// Queues `frame` to every local member of `group`; returns how many.
