@@ -1,0 +1,191 @@
+//! The routing index on the publish path: `GroupTable::with` (papaya,
+//! lock-free reads) over 10,000 groups, idle and while another thread
+//! joins and leaves as fast as it can; next to it the obvious alternative,
+//! `std::sync::RwLock<HashMap>`, under the same writer, so the choice is
+//! measured rather than assumed. Also papaya's resize mode: a resize
+//! left half-done by the last insert slows every later read.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use msgc::protocol::{GroupName, MemberId};
+use msgc::router::{GroupEntry, GroupTable};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+const GROUPS: usize = 10_000;
+/// Look-ups per iteration (one pass over a shuffled slice of the groups).
+const LOOKUPS: usize = 1000;
+
+fn group(i: usize) -> GroupName {
+    GroupName::from_str_checked(&format!("group.{i}")).expect("valid group")
+}
+
+fn member(i: usize) -> MemberId {
+    MemberId::from_str_checked(&format!("node1/0.{i}")).expect("valid member")
+}
+
+/// Group names to look up, in a scattered (not sequential) order.
+fn probes() -> Vec<GroupName> {
+    (0..LOOKUPS).map(|i| group((i * 7919) % GROUPS)).collect()
+}
+
+/// The baseline: one lock around a std map.
+type LockedMap = RwLock<HashMap<GroupName, Arc<GroupEntry>>>;
+
+/// A thread that churns memberships until stopped; counts its changes.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start(mut op: impl FnMut(usize) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ops = Arc::new(AtomicU64::new(0));
+        let (s, o) = (stop.clone(), ops.clone());
+        let handle = std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !s.load(Ordering::Relaxed) {
+                op(i);
+                i = i.wrapping_add(1);
+                o.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Self {
+            stop,
+            ops,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        eprintln!(
+            "  (writer thread made {} membership changes)",
+            self.ops.load(Ordering::Relaxed)
+        );
+    }
+}
+
+fn papaya_table() -> Arc<GroupTable> {
+    let t = Arc::new(GroupTable::new());
+    for i in 0..GROUPS {
+        t.join_local(&group(i), &member(i), i % 2);
+    }
+    t
+}
+
+fn locked_map() -> Arc<LockedMap> {
+    let m: HashMap<GroupName, Arc<GroupEntry>> = (0..GROUPS)
+        .map(|i| (group(i), Arc::new(GroupEntry::default())))
+        .collect();
+    Arc::new(RwLock::new(m))
+}
+
+fn lookups(c: &mut Criterion) {
+    let probes = probes();
+    let mut g = c.benchmark_group("router/lookup_10k_groups");
+    g.throughput(Throughput::Elements(LOOKUPS as u64));
+
+    let table = papaya_table();
+    let papaya = |b: &mut criterion::Bencher<'_>, t: &GroupTable| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in &probes {
+                acc ^= t.with(p, |e| e.map_or(0, GroupEntry::shard_mask));
+            }
+            black_box(acc)
+        })
+    };
+    g.bench_function("papaya/idle", |b| papaya(b, &table));
+    {
+        // Joins and leaves on the same 10k groups (a second member comes and
+        // goes), plus groups created and removed outright.
+        let t = table.clone();
+        let _churn = Churn::start(move |i| {
+            let (gr, m) = (group(i % GROUPS), member(GROUPS + i % GROUPS));
+            t.join_local(&gr, &m, 1);
+            t.leave_local(&gr, &m);
+            let fresh = group(GROUPS + i % 64);
+            t.join_local(&fresh, &m, 0);
+            t.leave_local(&fresh, &m);
+        });
+        g.bench_function("papaya/with_writer", |b| papaya(b, &table));
+    }
+    // The same table once the writer's inserts have finished the resize
+    // that the initial 10k joins left in progress (papaya's default
+    // incremental resize: readers search both tables until writers finish
+    // moving entries).
+    g.bench_function("papaya/idle_after_writes", |b| papaya(b, &table));
+
+    // A plain papaya map with blocking resizes: what GroupTable would get
+    // with `ResizeMode::Blocking` (keys change rarely next to reads).
+    let blocking: papaya::HashMap<GroupName, Arc<GroupEntry>> = papaya::HashMap::builder()
+        .resize_mode(papaya::ResizeMode::Blocking)
+        .build();
+    for i in 0..GROUPS {
+        blocking
+            .pin()
+            .insert(group(i), Arc::new(GroupEntry::default()));
+    }
+    g.bench_function("papaya_blocking_resize/idle", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in &probes {
+                acc ^= blocking.pin().get(p).map_or(0, |e| e.shard_mask());
+            }
+            black_box(acc)
+        })
+    });
+
+    let map = locked_map();
+    let locked = |b: &mut criterion::Bencher<'_>, m: &LockedMap| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in &probes {
+                let guard = m.read().unwrap_or_else(|e| e.into_inner());
+                acc ^= guard.get(p).map_or(0, |e| e.shard_mask());
+            }
+            black_box(acc)
+        })
+    };
+    g.bench_function("rwlock_hashmap/idle", |b| locked(b, &map));
+    {
+        // The same writes, each under the write lock: a member of an
+        // existing group comes and goes (the member list lives under the
+        // map's lock), and a fresh group is created and removed.
+        let m = map.clone();
+        let _churn = Churn::start(move |i| {
+            let existing = group(i % GROUPS);
+            for _ in 0..2 {
+                let w = m.write().unwrap_or_else(|e| e.into_inner());
+                black_box(w.get(&existing).map(|e| e.shard_mask()));
+            }
+            let fresh = group(GROUPS + i % 64);
+            m.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(fresh.clone(), Arc::new(GroupEntry::default()));
+            m.write().unwrap_or_else(|e| e.into_inner()).remove(&fresh);
+        });
+        g.bench_function("rwlock_hashmap/with_writer", |b| locked(b, &map));
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = lookups
+}
+criterion_main!(benches);
