@@ -102,15 +102,30 @@ pub struct Change {
 }
 
 /// The shared group table: lock-free reads, per-group locking for changes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupTable {
     map: papaya::HashMap<GroupName, Arc<GroupEntry>>,
 }
 
+impl Default for GroupTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl GroupTable {
     /// An empty table.
+    ///
+    /// Resizes are blocking (done by the writer that triggers them): with
+    /// papaya's default incremental mode a burst of joins leaves a resize
+    /// half done and every publish then searches two tables until more
+    /// writes come (measured: 344 ns against 23 ns a lookup; benches/router.rs).
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            map: papaya::HashMap::builder()
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build(),
+        }
     }
 
     /// The entry of `group`, if it has members anywhere. Lock-free.

@@ -375,8 +375,10 @@ impl Shard {
                 return;
             }
             // Take what else is waiting without going back to the runtime,
-            // then yield so connections get their turn.
-            for _ in 0..256 {
+            // up to messages_per_iter in all, then yield so connections (and
+            // their writers) get their turn: a long inbox batch would let
+            // healthy members' queues pile up past max_backlog.
+            for _ in 1..self.live.get().messages_per_iter {
                 let Ok(m) = rx.try_recv() else { break };
                 if !self.handle_msg(m) {
                     return;
