@@ -272,10 +272,19 @@ impl Client {
         group: impl IntoName<GroupName>,
         payload: impl Into<Bytes>,
     ) -> Result<(), ClientError> {
+        self.enqueue(self.publish_item(group, payload)?).await
+    }
+
+    /// Validates a publish and makes its queue entry.
+    fn publish_item(
+        &self,
+        group: impl IntoName<GroupName>,
+        payload: impl Into<Bytes>,
+    ) -> Result<Out, ClientError> {
         let group = group.into_name()?;
         let payload = payload.into();
         self.check_size(payload.len())?;
-        self.enqueue(Out::Publish { group, payload }).await
+        Ok(Out::Publish { group, payload })
     }
 
     /// Like [`Client::publish`] but never waits.
@@ -287,10 +296,7 @@ impl Client {
         group: impl IntoName<GroupName>,
         payload: impl Into<Bytes>,
     ) -> Result<(), ClientError> {
-        let group = group.into_name()?;
-        let payload = payload.into();
-        self.check_size(payload.len())?;
-        self.try_enqueue(Out::Publish { group, payload })
+        self.try_enqueue(self.publish_item(group, payload)?)
     }
 
     /// Publishes every payload to `group`, in order, as one queue entry
