@@ -1,5 +1,43 @@
-//! msgc: Message Systems Group Communication, re-implemented as an
-//! io_uring, per-core-sharded multicast router.
+//! msgc: Message Systems Group Communication (Momentum's `msgc_server`,
+//! `msgcserver_listener` and `msgc_client`), re-implemented as an io_uring,
+//! per-core-sharded multicast router.
+//!
+//! # Layout
+//!
+//! Dependencies point one way: [`protocol`] and [`config`] (sans-IO: bytes
+//! and values in, values out) → [`router`] → [`server`] / [`cluster`] → the
+//! binaries. The [`client`] uses only [`protocol`] and [`config`].
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`protocol`] | frames, validated names, the codec (PROTOCOL.md is its spec) |
+//! | [`config`] | Momentum syntax: lexer, parser with spans and includes, typed settings |
+//! | [`router`] | the shared group table: lock-free reads, per-group locking for changes |
+//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues |
+//! | [`cluster`] | the peer mesh: admission, dialling, snapshots, forwarding |
+//! | [`client`] | the async client library |
+//! | [`stats`] | per-shard counters and drops by reason |
+//!
+//! # Data flow of a publish
+//!
+//! ```text
+//! socket ─read─▶ Connection (on its shard) ─decode─▶ Shard::publish
+//!                                              │
+//!        group table (papaya, lock-free): group ─▶ {shards with members, nodes with members}
+//!                                              │
+//!             ┌────────────────────────────────┼──────────────────────────────┐
+//!    members on this shard          one flume message per           one FORWARD per
+//!    (shard-local member list)      other shard with members        node with members
+//!             └──────────────▶ each member's outbound queue ◀────────────────┘
+//!                                              │
+//!             writer: up to messages_per_iter queued frames per writev
+//! ```
+//!
+//! The DELIVER frame is encoded once per publish (and the FORWARD frame once
+//! for all peers) into a refcounted buffer; every recipient's queue holds a
+//! reference. A queue that passes `max_backlog` frames gets its connection
+//! killed as stuck, with what it held dropped and counted; no publisher ever
+//! waits for a slow reader.
 #![warn(missing_docs)]
 
 pub mod client;
