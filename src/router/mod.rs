@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Most shards a server runs (one bit each in [`GroupEntry::shards`]).
+/// Most shards a server runs (one bit each in a group's shard mask).
 pub const MAX_SHARDS: usize = 64;
 
 /// One group's routing facts and members.
