@@ -288,7 +288,11 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
                 tokio::task::yield_now().await;
             }
         }
-        if buf.capacity() - buf.len() < READ_BUF / 8 {
+        // Always read with a whole READ_BUF free: small reads open the TCP
+        // window by less than an MSS (64 KiB on loopback), and Linux then
+        // withholds the window update, leaving the sender to its 200 ms
+        // persist timer (see tuning.md).
+        if buf.capacity() - buf.len() < READ_BUF {
             buf.reserve(READ_BUF);
         }
         match timeout(ctx.idle, rd.read_buf(&mut buf)).await {

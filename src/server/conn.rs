@@ -23,7 +23,11 @@ use std::time::{Duration, Instant};
 
 /// Read buffer growth step; a read never has less spare room than `MIN_SPARE`.
 const READ_BUF: usize = 64 * 1024;
-const MIN_SPARE: usize = 8 * 1024;
+/// A whole READ_BUF: smaller reads open the receive window by less than an
+/// MSS (64 KiB on loopback) and Linux withholds the window update, so a
+/// sender that filled the window waited for its 200 ms persist timer
+/// (measured: 200 ms stalls on every 3-node run; tuning.md).
+const MIN_SPARE: usize = READ_BUF;
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
