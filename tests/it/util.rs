@@ -157,20 +157,7 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts `msgc-server --config CONFIG --node NAME` and waits until `addr` accepts.
     pub fn start(config: PathBuf, name: &str, addr: SocketAddr) -> Self {
-        let args = vec![
-            "--config".into(),
-            config.display().to_string(),
-            "--node".into(),
-            name.into(),
-        ];
-        let child = spawn_server(&args);
-        let node = Self {
-            child,
-            addr,
-            config,
-            name: name.into(),
-            args,
-        };
+        let node = Self::spawn(config, name, addr);
         node.wait_listening();
         node
     }
