@@ -249,10 +249,12 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
 /// Decodes and handles every whole frame in `buf`, yielding to other
 /// connections every `messages_per_iter` frames.
 async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+    // Settings are read once per read: a reload applies from the next one.
+    let live = shard.live.get();
+    let max_frame = max_frame_for(live.max_message_size);
     let mut handled = 0;
     while conn.out.phase() == Phase::Open {
-        let live = shard.live.get();
-        match decode(buf, max_frame_for(live.max_message_size)) {
+        match decode(buf, max_frame) {
             Ok(Some(frame)) => {
                 ShardStats::add(&shard.stats().msgs_in, 1);
                 if let Err((code, msg)) = dispatch(shard, conn, frame) {

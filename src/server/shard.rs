@@ -89,7 +89,14 @@ impl Shard {
     /// Queues `frame` to `conn`, killing it as stuck when its queue is full.
     #[inline]
     pub fn push(&self, conn: &Conn, frame: Bytes) -> bool {
-        match conn.out.push(frame, self.live.get().max_backlog) {
+        self.push_bounded(conn, frame, self.live.get().max_backlog)
+    }
+
+    /// [`Shard::push`] with the backlog bound already read (the fan-out
+    /// reads it once per publish, not once per recipient).
+    #[inline]
+    fn push_bounded(&self, conn: &Conn, frame: Bytes, max_backlog: usize) -> bool {
+        match conn.out.push(frame, max_backlog) {
             Push::Queued => true,
             Push::Closed => {
                 ShardStats::add(&self.stats().dropped_closed, 1);
@@ -172,9 +179,10 @@ impl Shard {
         let Some(list) = members.get(group) else {
             return 0;
         };
+        let max_backlog = self.live.get().max_backlog;
         let mut n = 0;
         for conn in list {
-            n += u64::from(self.push(conn, frame.clone()));
+            n += u64::from(self.push_bounded(conn, frame.clone(), max_backlog));
         }
         n
     }

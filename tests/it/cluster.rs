@@ -317,19 +317,23 @@ impl Member {
     }
 
     /// Polls the members query until it returns exactly `want` (sorted).
+    /// The members query's answer, as strings.
+    async fn view(&self, group: &str) -> Vec<String> {
+        self.client
+            .members(group)
+            .await
+            .expect("members query")
+            .iter()
+            .map(|m| m.to_string())
+            .collect()
+    }
+
     async fn wait_view(&self, group: &str, want: &[String]) {
         let mut want = want.to_vec();
         want.sort();
         let end = tokio::time::Instant::now() + WAIT;
         loop {
-            let got: Vec<String> = self
-                .client
-                .members(group)
-                .await
-                .expect("members query")
-                .iter()
-                .map(|m| m.to_string())
-                .collect();
+            let got = self.view(group).await;
             if got == want {
                 return;
             }
@@ -487,15 +491,7 @@ async fn membership_changes_are_seen_cluster_wide() {
     // The members query on node1 lists the members of all three nodes.
     let mut all = vec![a.id(), b.id(), cm.id()];
     all.sort();
-    let got: Vec<String> = a
-        .client
-        .members(g)
-        .await
-        .expect("members")
-        .iter()
-        .map(|m| m.to_string())
-        .collect();
-    assert_eq!(got, all);
+    assert_eq!(a.view(g).await, all);
     // node3 learnt a and b from the snapshots sent when its links came up.
     cm.wait_view(g, &all).await;
 
