@@ -176,7 +176,7 @@ pub fn peer_frame(
         // drops stays dropped, and its node-down events follow ours.
         Frame::PeerJoin { group, member } => {
             mesh.while_link(i, shard.index, conn.seq, || {
-                remote_join(shard, i, &group, &member);
+                remote_join(shard, i, &group, &member.compact());
             });
         }
         Frame::PeerLeave {
@@ -190,8 +190,16 @@ pub fn peer_frame(
         }
         Frame::Snapshot { entries, .. } => {
             mesh.while_link(i, shard.index, conn.seq, || {
+                // A member of many groups comes in consecutive entries:
+                // store one compact copy of its id for all of them.
+                let mut last: Option<MemberId> = None;
                 for (group, member) in &entries {
-                    remote_join(shard, i, group, member);
+                    let owned = match &last {
+                        Some(m) if m == member => m.clone(),
+                        _ => member.compact(),
+                    };
+                    remote_join(shard, i, group, &owned);
+                    last = Some(owned);
                 }
             });
         }
@@ -257,34 +265,40 @@ fn deliver_forward(shard: &Shard, group: &GroupName, sender: &MemberId, payload:
     let mask = shard
         .shared
         .table
-        .with(group, |e| e.map_or(0, |e| e.shard_mask()));
+        .with(group.as_bytes(), |e| e.map_or(0, |e| e.shard_mask()));
     if mask == 0 {
         ShardStats::add(&shard.stats().unrouted, 1);
         return;
     }
     let frame = crate::protocol::encode_group_message(FrameType::DELIVER, group, sender, payload);
-    let n = shard.to_shards(group, &frame, mask, false);
+    let n = shard.to_shards(group.as_bytes(), &frame, mask, false);
     ShardStats::add(&shard.stats().deliveries, n);
 }
 
-/// A member of peer `i` joined `group`. Runs with the link state locked.
+/// A member of peer `i` joined `group`; `member` is an owned copy (it is
+/// stored). Runs with the link state locked.
 fn remote_join(shard: &Shard, i: usize, group: &GroupName, member: &MemberId) {
-    let ch = shard.shared.table.join_remote(group, member, i);
+    let ch = shard.shared.table.join_remote(group.as_bytes(), member, i);
     if ch.changed {
-        shard.membership_event(group, member.bytes(), Reason::Join, ch.size, ch.shards);
+        let g = group.as_bytes();
+        shard.membership_event(g, member.as_bytes(), Reason::Join, ch.size, ch.shards);
     }
 }
 
 /// A member of peer `i` left `group`. Runs with the link state locked.
 fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, reason: Reason) {
-    let ch = shard.shared.table.leave_remote(group, member, i);
+    let ch = shard
+        .shared
+        .table
+        .leave_remote(group.as_bytes(), member.as_bytes(), i);
     if ch.changed {
         let reason = if reason == Reason::Leave {
             Reason::Leave
         } else {
             Reason::Disconnect
         };
-        shard.membership_event(group, member.bytes(), reason, ch.size, ch.shards);
+        let g = group.as_bytes();
+        shard.membership_event(g, member.as_bytes(), reason, ch.size, ch.shards);
     }
 }
 
@@ -293,14 +307,15 @@ fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, r
 /// state locked (by [`Mesh::down`](super::Mesh::down) or
 /// [`Mesh::admit`](super::Mesh::admit)): it must not call into the mesh.
 fn node_down(shard: &Shard, i: usize, name: &str) {
-    let subject = Bytes::from(name.to_owned());
-    let valid = crate::protocol::validate_name(&subject).is_ok();
+    let subject = name.as_bytes();
+    let valid = crate::protocol::validate_name(subject).is_ok();
     let table = &shard.shared.table;
     let groups = table.remote_groups(i);
-    for (group, _) in &groups {
+    for group in &groups {
         let (ch, gone) = table.drop_remote(group, i);
         if gone > 0 && valid {
-            shard.membership_event(group, &subject, Reason::NodeDown, ch.size, ch.shards);
+            let g = group.name();
+            shard.membership_event(g, subject, Reason::NodeDown, ch.size, ch.shards);
         }
     }
     tracing::warn!(

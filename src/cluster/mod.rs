@@ -20,6 +20,7 @@ pub use mesh::Mesh;
 
 use crate::config::ServerSettings;
 use crate::protocol::{encode_group_message, Frame, FrameType, GroupName, MemberId, Reason};
+use crate::router::Group;
 use crate::server::conn::Conn;
 use crate::server::shard::Shard;
 use crate::server::shared::{ShardMsg, Shared};
@@ -111,7 +112,7 @@ fn drop_for_peer(shard: &Shard, i: usize) {
 /// Forwards a local publish once to every node with members in `group`.
 pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, payload: &[u8]) {
     let frame = encode_group_message(FrameType::FORWARD, group, sender, payload);
-    shard.shared.table.with(group, |e| {
+    shard.shared.table.with(group.as_bytes(), |e| {
         if let Some(e) = e {
             e.node_mask()
                 .for_each(|j| route_to_peer(shard, j, frame.clone()));
@@ -134,13 +135,13 @@ pub fn forward_direct(shard: &Shard, node: &str, sender: &MemberId, to: &MemberI
 }
 
 /// A local member joined: tell every peer.
-pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {
+pub fn local_join(shard: &Shard, group: &Group, member: &MemberId) {
     // The join is in the table; read the link states only after it (see
     // `link::link_up`, which does the converse before its snapshot).
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     if shard.shared.cluster.high_water() > 0 {
         let frame = Frame::PeerJoin {
-            group: group.clone(),
+            group: group.group_name(),
             member: member.clone(),
         };
         link::broadcast(shard, &frame.to_bytes());
@@ -148,11 +149,11 @@ pub fn local_join(shard: &Shard, group: &GroupName, member: &MemberId) {
 }
 
 /// A local member left: tell every peer.
-pub fn local_leave(shard: &Shard, group: &GroupName, member: &MemberId, reason: Reason) {
+pub fn local_leave(shard: &Shard, group: &Group, member: &MemberId, reason: Reason) {
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     if shard.shared.cluster.high_water() > 0 {
         let frame = Frame::PeerLeave {
-            group: group.clone(),
+            group: group.group_name(),
             member: member.clone(),
             reason,
         };

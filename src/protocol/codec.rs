@@ -394,6 +394,28 @@ pub fn encode_group_message(
     dst.freeze()
 }
 
+/// Encodes a `MEMBERSHIP` frame from a group's raw name (already valid):
+/// the server's events, built once per change and shared by every member
+/// told of it.
+pub fn encode_membership(group: &[u8], reason: Reason, size: u32, subject: &[u8]) -> Bytes {
+    let body = 1 + group.len() + 1 + 4 + 1 + subject.len();
+    let mut dst = BytesMut::with_capacity(LEN_PREFIX + 1 + body);
+    header(&mut dst, FrameType::MEMBERSHIP, body);
+    put_str8(&mut dst, group);
+    dst.put_u8(reason as u8);
+    dst.put_u32(size);
+    put_str8(&mut dst, subject);
+    dst.freeze()
+}
+
+/// The group name of an encoded frame whose first field is the group
+/// (`DELIVER`, `MEMBERSHIP`): what a shard handed such a frame by another
+/// shard looks its members up by. `None` for anything shorter than that.
+pub fn group_of(frame: &[u8]) -> Option<&[u8]> {
+    let len = usize::from(*frame.get(LEN_PREFIX + 1)?);
+    frame.get(LEN_PREFIX + 2..LEN_PREFIX + 2 + len)
+}
+
 /// Encodes a `PUBLISH` frame (what clients send).
 pub fn encode_publish(dst: &mut BytesMut, group: &GroupName, payload: &[u8]) {
     header(
@@ -608,5 +630,20 @@ mod tests {
             payload: Bytes::from_static(b"hi"),
         };
         assert_eq!(fast, slow.to_bytes());
+        assert_eq!(group_of(&fast), Some(&b"a"[..]));
+    }
+
+    #[test]
+    fn membership_from_raw_names_matches_generic_encoding() {
+        let fast = encode_membership(b"orders", Reason::Leave, 7, b"n/0.1");
+        let slow = Frame::Membership {
+            group: g("orders"),
+            subject: Bytes::from_static(b"n/0.1"),
+            reason: Reason::Leave,
+            size: 7,
+        };
+        assert_eq!(fast, slow.to_bytes());
+        assert_eq!(group_of(&fast), Some(&b"orders"[..]));
+        assert_eq!(group_of(&fast[..5]), None, "too short to hold a group");
     }
 }

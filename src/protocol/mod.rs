@@ -9,8 +9,8 @@ pub mod frame;
 pub mod names;
 
 pub use codec::{
-    decode, decode_body, encode_group_message, encode_publish, peek_len, DecodeError,
-    FRAME_OVERHEAD, LEN_PREFIX,
+    decode, decode_body, encode_group_message, encode_membership, encode_publish, group_of,
+    peek_len, DecodeError, FRAME_OVERHEAD, LEN_PREFIX,
 };
 pub use frame::{
     snapshot_flags, ErrorCode, Frame, FrameType, Hello, Reason, Role, SnapshotEntry, Welcome,

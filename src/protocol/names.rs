@@ -83,6 +83,21 @@ macro_rules! name_type {
             pub fn bytes(&self) -> &Bytes {
                 &self.0
             }
+
+            /// An owned copy that shares no buffer with `self`. A decoded
+            /// name is a slice of the read buffer it arrived in and keeps
+            /// all of that buffer alive: whatever outlives the frame's
+            /// handling stores a compact copy instead.
+            pub fn compact(&self) -> Self {
+                Self(Bytes::copy_from_slice(&self.0))
+            }
+
+            /// Wraps bytes already known to be a valid name.
+            #[allow(dead_code)] // not every name type needs it
+            pub(crate) fn from_validated(bytes: Bytes) -> Self {
+                debug_assert!(validate_name(&bytes).is_ok());
+                Self(bytes)
+            }
         }
 
         impl fmt::Display for $name {

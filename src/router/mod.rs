@@ -1,18 +1,29 @@
 //! Who gets a publish: the shared group table.
 //!
-//! The table maps a group to a [`GroupEntry`]: two bit masks read on every
-//! publish without a lock (which shards have local members, which peer
-//! nodes have members) and, behind a per-group mutex touched only by joins,
-//! leaves and queries, the group's cluster-wide member list. The member
-//! *connections* live shard-local (see `server::shard`); this module owns no
-//! sockets and no clocks.
+//! The table holds one [`GroupEntry`] per group with members anywhere: two
+//! bit masks read on every publish without a lock (which shards have local
+//! members, which peer nodes have members) and, behind a per-group mutex
+//! touched only by joins, leaves and queries, the group's cluster-wide
+//! member set. The member *connections* live shard-local (see
+//! `server::shard`); this module owns no sockets and no clocks.
+//!
+//! # Memory
+//! A group's name is stored once, in its entry, as an exact-size copy: the
+//! table's key, every connection's set of joined groups and every shard's
+//! member lists hold a [`Group`] (one pointer to the entry), never a slice
+//! of the read buffer the name arrived in. Member ids handed to the table
+//! must be owned copies too (see [`MemberId::compact`]). A group with one
+//! member costs a few hundred bytes in all (measured in `tests/it/memory.rs`).
 
 pub mod mask;
+pub mod members;
 
 pub use mask::NodeMask;
+pub use members::{Loc, MemberSet};
 
 use crate::protocol::{GroupName, MemberId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -20,13 +31,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 pub const MAX_SHARDS: usize = 64;
 
 /// One group's routing facts and members.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GroupEntry {
-    /// Bit `i` set: shard `i` has at least one local member.
+    /// The name, an exact-size copy owned by the entry.
+    name: Box<[u8]>,
+    /// Bit `i` set: shard `i` has at least one local member. Each shard
+    /// sets and clears only its own bit.
     shards: AtomicU64,
     /// Bit `j` set: peer node `j` has at least one member.
     nodes: NodeMask,
-    /// The member list; `dead` once removed from the table.
+    /// The member set; `dead` once removed from the table.
     state: Mutex<GroupState>,
 }
 
@@ -36,40 +50,75 @@ pub struct GroupState {
     /// Set when the entry has been removed from the table: a joiner that
     /// finds a dead entry must look it up again.
     dead: bool,
-    /// Local members and the shard each lives on.
-    local: BTreeMap<MemberId, usize>,
-    /// Count of local members per shard (index < MAX_SHARDS).
-    per_shard: HashMap<usize, u32>,
-    /// Members on each peer node, by peer index.
-    remote: HashMap<usize, BTreeSet<MemberId>>,
+    /// Every member, local and remote, with where it lives.
+    members: MemberSet,
+    /// Members per peer node (index, count); no zero counts.
+    per_peer: Vec<(u16, u32)>,
 }
 
 impl GroupState {
     /// Cluster-wide member count.
     pub fn size(&self) -> u32 {
-        let remote: usize = self.remote.values().map(BTreeSet::len).sum();
-        u32::try_from(self.local.len() + remote).unwrap_or(u32::MAX)
+        u32::try_from(self.members.len()).unwrap_or(u32::MAX)
     }
 
     /// Every member, local and remote, sorted.
     pub fn members(&self) -> Vec<MemberId> {
-        let mut all: Vec<MemberId> = self.local.keys().cloned().collect();
-        all.extend(self.remote.values().flatten().cloned());
+        let mut all: Vec<MemberId> = self.members.iter().map(|(m, _)| m.clone()).collect();
         all.sort();
         all
     }
 
-    /// Local members only, sorted.
+    /// Local members only, unordered.
     pub fn local_members(&self) -> impl Iterator<Item = &MemberId> {
-        self.local.keys()
+        self.members
+            .iter()
+            .filter(|(_, l)| matches!(l, Loc::Local(_)))
+            .map(|(m, _)| m)
     }
 
-    fn is_empty(&self) -> bool {
-        self.local.is_empty() && self.remote.is_empty()
+    fn peer_count(&mut self, peer: u16, delta: i64) -> u32 {
+        let i = match self.per_peer.iter().position(|(p, _)| *p == peer) {
+            Some(i) => i,
+            None => {
+                self.per_peer.push((peer, 0));
+                self.per_peer.len() - 1
+            }
+        };
+        let n = (i64::from(self.per_peer[i].1) + delta).max(0) as u32;
+        if n == 0 {
+            self.per_peer.swap_remove(i);
+            if self.per_peer.is_empty() {
+                self.per_peer = Vec::new();
+            }
+        } else {
+            self.per_peer[i].1 = n;
+        }
+        n
     }
 }
 
 impl GroupEntry {
+    fn new(name: &[u8]) -> Self {
+        Self {
+            name: name.into(),
+            shards: AtomicU64::new(0),
+            nodes: NodeMask::default(),
+            state: Mutex::new(GroupState::default()),
+        }
+    }
+
+    /// The group's name.
+    #[inline]
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// The group's name as a [`GroupName`] (a fresh copy, for encoding).
+    pub fn group_name(&self) -> GroupName {
+        GroupName::from_validated(bytes::Bytes::copy_from_slice(&self.name))
+    }
+
     /// Shards with local members (a bit mask).
     #[inline]
     pub fn shard_mask(&self) -> u64 {
@@ -82,11 +131,52 @@ impl GroupEntry {
         &self.nodes
     }
 
-    /// Locks the member list (joins, leaves and queries only).
+    /// Locks the member set (joins, leaves and queries only).
     pub fn lock(&self) -> MutexGuard<'_, GroupState> {
         // A panic while holding the lock cannot leave the state half-updated
         // in a way that matters more than losing the group; keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// An interned group: a shared handle to its table entry. Hashes, compares
+/// and borrows as its name's bytes, so maps keyed by it are looked up with
+/// the name alone, and a map entry costs one pointer.
+#[derive(Debug, Clone)]
+pub struct Group(Arc<GroupEntry>);
+
+impl Group {
+    /// True when both handles are the same entry (not just the same name).
+    pub fn same(&self, other: &Group) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Group {
+    type Target = GroupEntry;
+    fn deref(&self) -> &GroupEntry {
+        &self.0
+    }
+}
+
+impl Hash for Group {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Must hash exactly as `[u8]` does, for `Borrow<[u8]>`.
+        self.0.name.hash(state);
+    }
+}
+
+impl PartialEq for Group {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name == other.0.name
+    }
+}
+
+impl Eq for Group {}
+
+impl Borrow<[u8]> for Group {
+    fn borrow(&self) -> &[u8] {
+        &self.0.name
     }
 }
 
@@ -101,10 +191,16 @@ pub struct Change {
     pub shards: u64,
 }
 
+const UNCHANGED: Change = Change {
+    changed: false,
+    size: 0,
+    shards: 0,
+};
+
 /// The shared group table: lock-free reads, per-group locking for changes.
 #[derive(Debug)]
 pub struct GroupTable {
-    map: papaya::HashMap<GroupName, Arc<GroupEntry>>,
+    map: papaya::HashMap<Group, ()>,
 }
 
 impl Default for GroupTable {
@@ -128,18 +224,18 @@ impl GroupTable {
         }
     }
 
-    /// The entry of `group`, if it has members anywhere. Lock-free.
+    /// The entry of group `name`, if it has members anywhere. Lock-free.
     #[inline]
-    pub fn get(&self, group: &GroupName) -> Option<Arc<GroupEntry>> {
-        self.map.pin().get(group).cloned()
+    pub fn get(&self, name: &[u8]) -> Option<Group> {
+        self.map.pin().get_key_value(name).map(|(k, _)| k.clone())
     }
 
-    /// Calls `f` with the entry of `group` without cloning the `Arc`
+    /// Calls `f` with the entry of group `name` without cloning the handle
     /// (the publish path). Lock-free.
     #[inline]
-    pub fn with<R>(&self, group: &GroupName, f: impl FnOnce(Option<&GroupEntry>) -> R) -> R {
+    pub fn with<R>(&self, name: &[u8], f: impl FnOnce(Option<&GroupEntry>) -> R) -> R {
         let pinned = self.map.pin();
-        f(pinned.get(group).map(|e| &**e))
+        f(pinned.get_key_value(name).map(|(k, _)| &*k.0))
     }
 
     /// Number of groups with at least one member.
@@ -152,168 +248,177 @@ impl GroupTable {
         self.map.is_empty()
     }
 
-    /// Every group with members, sorted (for snapshots and stats).
-    pub fn groups(&self) -> Vec<GroupName> {
-        let mut all: Vec<GroupName> = self.map.pin().keys().cloned().collect();
-        all.sort();
+    /// Every group with members, sorted by name.
+    pub fn groups(&self) -> Vec<Group> {
+        let mut all: Vec<Group> = self.map.pin().keys().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
         all
     }
 
-    /// Runs `f` on the live, locked state of `group`, creating the entry if
-    /// needed, then removes the entry if `f` left it empty.
+    /// The live entry of `name`, created when `create` and absent.
+    fn entry(&self, name: &[u8], create: bool) -> Option<Group> {
+        let map = self.map.pin();
+        if let Some((k, _)) = map.get_key_value(name) {
+            return Some(k.clone());
+        }
+        if !create {
+            return None;
+        }
+        let fresh = Group(Arc::new(GroupEntry::new(name)));
+        match map.try_insert(fresh.clone(), ()) {
+            Ok(_) => Some(fresh),
+            // Created meanwhile by another shard: use that one (or, if it
+            // went again already, let the caller retry).
+            Err(_) => map.get_key_value(name).map(|(k, _)| k.clone()),
+        }
+    }
+
+    /// Removes `group`'s entry (and only that entry) from the map.
+    fn remove(&self, group: &Group) {
+        let _ = self.map.pin().remove_if(group.name(), |k, _| k.same(group));
+    }
+
+    /// Runs `f` on the live, locked state of group `name`, creating the
+    /// entry if asked, then removes the entry if `f` left it empty.
     fn update<R>(
         &self,
-        group: &GroupName,
+        name: &[u8],
         create: bool,
         f: impl Fn(&GroupEntry, &mut GroupState) -> R,
-    ) -> Option<R> {
-        // Bounded: a dead entry is only ever seen after it left the map, so a
-        // second look-up finds a fresh one (or none).
+    ) -> Option<(Group, R)> {
+        // Bounded: a dead entry is removed by whoever finds it, so the next
+        // look-up finds a fresh one (or none).
         for _ in 0..16 {
-            let entry = if create {
-                self.map
-                    .pin()
-                    .get_or_insert_with(group.clone(), Default::default)
-                    .clone()
-            } else {
-                self.map.pin().get(group)?.clone()
-            };
-            let mut state = entry.lock();
-            if state.dead {
-                continue;
+            let group = self.entry(name, create)?;
+            let out = self.update_entry(&group, &f);
+            if let Some(out) = out {
+                return Some((group, out));
             }
-            let out = f(&entry, &mut state);
-            if state.is_empty() {
-                state.dead = true;
-                self.map.pin().remove(group);
-            }
-            return Some(out);
+            self.remove(&group);
         }
         None
     }
 
-    /// Adds local `member` on `shard` to `group`.
-    pub fn join_local(&self, group: &GroupName, member: &MemberId, shard: usize) -> Change {
-        self.update(group, true, |entry, st| {
-            let changed = st.local.insert(member.clone(), shard).is_none();
+    /// Runs `f` on `group`'s locked state unless it is dead (None then).
+    fn update_entry<R>(
+        &self,
+        group: &Group,
+        f: impl FnOnce(&GroupEntry, &mut GroupState) -> R,
+    ) -> Option<R> {
+        let mut state = group.lock();
+        if state.dead {
+            return None;
+        }
+        let out = f(group, &mut state);
+        if state.members.is_empty() {
+            state.dead = true;
+            drop(state);
+            self.remove(group);
+        }
+        Some(out)
+    }
+
+    /// Adds local `member` (an owned id) on `shard` to group `name`.
+    /// Returns the group's handle (for the caller's own lists) and the change.
+    pub fn join_local(
+        &self,
+        name: &[u8],
+        member: &MemberId,
+        shard: usize,
+    ) -> Option<(Group, Change)> {
+        self.update(name, true, |entry, st| {
+            let changed = st.members.insert(member.clone(), Loc::Local(shard as u16));
             if changed {
-                *st.per_shard.entry(shard).or_insert(0) += 1;
                 entry.shards.fetch_or(1 << shard, Ordering::AcqRel);
             }
             change(entry, st, changed)
         })
-        .unwrap_or(Change {
-            changed: false,
-            size: 0,
-            shards: 0,
-        })
     }
 
-    /// Removes local `member` from `group`.
-    pub fn leave_local(&self, group: &GroupName, member: &MemberId) -> Change {
-        self.update(group, false, |entry, st| {
-            let Some(shard) = st.local.remove(member) else {
-                return change(entry, st, false);
-            };
-            let left = st.per_shard.get_mut(&shard).map(|n| {
-                *n -= 1;
-                *n
-            });
-            if left == Some(0) {
-                st.per_shard.remove(&shard);
+    /// Removes local `member` from `group`; `last_on` names the member's
+    /// shard when it was that shard's last member of the group (its bit in
+    /// the shard mask is then cleared).
+    pub fn leave_local(&self, group: &Group, member: &MemberId, last_on: Option<usize>) -> Change {
+        self.update_entry(group, |entry, st| {
+            let changed = st.members.remove(member.as_bytes()).is_some();
+            if let Some(shard) = last_on {
                 entry.shards.fetch_and(!(1 << shard), Ordering::AcqRel);
             }
-            change(entry, st, true)
-        })
-        .unwrap_or(Change {
-            changed: false,
-            size: 0,
-            shards: 0,
-        })
-    }
-
-    /// Adds `member` living on peer node `peer` to `group`.
-    pub fn join_remote(&self, group: &GroupName, member: &MemberId, peer: usize) -> Change {
-        self.update(group, true, |entry, st| {
-            let changed = st.remote.entry(peer).or_default().insert(member.clone());
-            entry.nodes.set(peer);
             change(entry, st, changed)
         })
-        .unwrap_or(Change {
-            changed: false,
-            size: 0,
-            shards: 0,
-        })
+        .unwrap_or(UNCHANGED)
     }
 
-    /// Removes `member` of peer node `peer` from `group`.
-    pub fn leave_remote(&self, group: &GroupName, member: &MemberId, peer: usize) -> Change {
-        self.update(group, false, |entry, st| {
-            let set = st.remote.get_mut(&peer);
-            let changed = set.is_some_and(|s| s.remove(member));
-            if st.remote.get(&peer).is_some_and(BTreeSet::is_empty) {
-                st.remote.remove(&peer);
-                entry.nodes.clear(peer);
+    /// Adds `member` (an owned id) living on peer node `peer` to group `name`.
+    pub fn join_remote(&self, name: &[u8], member: &MemberId, peer: usize) -> Change {
+        self.update(name, true, |entry, st| {
+            let changed = st.members.insert(member.clone(), Loc::Remote(peer as u16));
+            if changed {
+                st.peer_count(peer as u16, 1);
+                entry.nodes.set(peer);
             }
             change(entry, st, changed)
         })
-        .unwrap_or(Change {
-            changed: false,
-            size: 0,
-            shards: 0,
+        .map_or(UNCHANGED, |(_, c)| c)
+    }
+
+    /// Removes `member` of peer node `peer` from group `name` (a member
+    /// that does not live there is left alone).
+    pub fn leave_remote(&self, name: &[u8], member: &[u8], peer: usize) -> Change {
+        self.update(name, false, |entry, st| {
+            let here = st.members.get(member) == Some(Loc::Remote(peer as u16));
+            if here {
+                st.members.remove(member);
+                if st.peer_count(peer as u16, -1) == 0 {
+                    entry.nodes.clear(peer);
+                }
+            }
+            change(entry, st, here)
         })
+        .map_or(UNCHANGED, |(_, c)| c)
     }
 
     /// Removes every member of peer node `peer` from `group` (node lost).
     /// Returns the change and how many members went.
-    pub fn drop_remote(&self, group: &GroupName, peer: usize) -> (Change, usize) {
-        self.update(group, false, |entry, st| {
-            let gone = st.remote.remove(&peer).map_or(0, |s| s.len());
+    pub fn drop_remote(&self, group: &Group, peer: usize) -> (Change, usize) {
+        self.update_entry(group, |entry, st| {
+            let at = Loc::Remote(peer as u16);
+            let gone = st.members.retain(|_, l| l != at);
+            st.per_peer.retain(|(p, _)| usize::from(*p) != peer);
             entry.nodes.clear(peer);
             (change(entry, st, gone > 0), gone)
         })
-        .unwrap_or((
-            Change {
-                changed: false,
-                size: 0,
-                shards: 0,
-            },
-            0,
-        ))
+        .unwrap_or((UNCHANGED, 0))
     }
 
-    /// Groups in which peer `peer` has members, with those members.
-    pub fn remote_groups(&self, peer: usize) -> Vec<(GroupName, Vec<MemberId>)> {
+    /// Groups in which peer `peer` has members.
+    pub fn remote_groups(&self, peer: usize) -> Vec<Group> {
         let pinned = self.map.pin();
-        let mut out = Vec::new();
-        for (group, entry) in pinned.iter() {
-            if entry.nodes.get(peer) {
-                let st = entry.lock();
-                if let Some(set) = st.remote.get(&peer) {
-                    out.push((group.clone(), set.iter().cloned().collect()));
-                }
-            }
-        }
-        out
+        pinned
+            .keys()
+            .filter(|g| g.nodes.get(peer))
+            .cloned()
+            .collect()
     }
 
     /// Every local (group, member) pair, for a membership snapshot.
     pub fn local_snapshot(&self) -> Vec<(GroupName, MemberId)> {
         let pinned = self.map.pin();
         let mut out = Vec::new();
-        for (group, entry) in pinned.iter() {
-            if entry.shard_mask() != 0 {
-                let st = entry.lock();
-                out.extend(st.local.keys().map(|m| (group.clone(), m.clone())));
+        for group in pinned.keys() {
+            if group.shard_mask() != 0 {
+                let name = group.group_name();
+                let st = group.lock();
+                out.extend(st.local_members().map(|m| (name.clone(), m.clone())));
             }
         }
         out
     }
 
-    /// The cluster-wide members of `group`, sorted; empty when unknown.
-    pub fn members(&self, group: &GroupName) -> Vec<MemberId> {
-        self.get(group)
-            .map(|e| e.lock().members())
+    /// The cluster-wide members of group `name`, sorted; empty when unknown.
+    pub fn members(&self, name: &[u8]) -> Vec<MemberId> {
+        self.get(name)
+            .map(|g| g.lock().members())
             .unwrap_or_default()
     }
 }
@@ -342,9 +447,6 @@ pub fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
 mod tests {
     use super::*;
 
-    fn g(s: &str) -> GroupName {
-        GroupName::from_str_checked(s).unwrap()
-    }
     fn m(s: &str) -> MemberId {
         MemberId::from_str_checked(s).unwrap()
     }
@@ -352,7 +454,7 @@ mod tests {
     #[test]
     fn join_leave_masks_and_sizes() {
         let t = GroupTable::new();
-        let c = t.join_local(&g("a"), &m("n/0.1"), 0);
+        let (a, c) = t.join_local(b"a", &m("n/0.1"), 0).unwrap();
         assert_eq!(
             c,
             Change {
@@ -361,19 +463,44 @@ mod tests {
                 shards: 1
             }
         );
-        assert!(!t.join_local(&g("a"), &m("n/0.1"), 0).changed);
-        let c = t.join_local(&g("a"), &m("n/1.1"), 1);
+        assert!(!t.join_local(b"a", &m("n/0.1"), 0).unwrap().1.changed);
+        let (_, c) = t.join_local(b"a", &m("n/1.1"), 1).unwrap();
         assert_eq!((c.size, c.shards), (2, 0b11));
-        t.join_remote(&g("a"), &m("p/0.9"), 3);
-        assert!(t.get(&g("a")).unwrap().node_mask().get(3));
-        assert_eq!(t.members(&g("a")), vec![m("n/0.1"), m("n/1.1"), m("p/0.9")]);
-        let c = t.leave_local(&g("a"), &m("n/0.1"));
+        t.join_remote(b"a", &m("p/0.9"), 3);
+        assert!(t.get(b"a").unwrap().node_mask().get(3));
+        assert_eq!(t.members(b"a"), vec![m("n/0.1"), m("n/1.1"), m("p/0.9")]);
+        assert!(
+            !t.leave_remote(b"a", b"n/0.1", 3).changed,
+            "not that peer's"
+        );
+        let c = t.leave_local(&a, &m("n/0.1"), Some(0));
         assert_eq!((c.changed, c.size, c.shards), (true, 2, 0b10));
-        assert_eq!(t.drop_remote(&g("a"), 3).1, 1);
-        assert!(!t.get(&g("a")).unwrap().node_mask().any());
-        t.leave_local(&g("a"), &m("n/1.1"));
-        assert!(t.get(&g("a")).is_none(), "an empty group leaves the table");
-        assert!(!t.leave_local(&g("a"), &m("n/1.1")).changed);
+        assert_eq!(t.drop_remote(&a, 3).1, 1);
+        assert!(!t.get(b"a").unwrap().node_mask().any());
+        t.leave_local(&a, &m("n/1.1"), Some(1));
+        assert!(t.get(b"a").is_none(), "an empty group leaves the table");
+        assert!(!t.leave_local(&a, &m("n/1.1"), None).changed);
+        let (again, _) = t.join_local(b"a", &m("n/0.2"), 0).unwrap();
+        assert!(
+            !again.same(&a),
+            "a group that emptied comes back as a new entry"
+        );
+    }
+
+    #[test]
+    fn remote_members_counted_per_peer() {
+        let t = GroupTable::new();
+        t.join_remote(b"g", &m("p/0.1"), 2);
+        t.join_remote(b"g", &m("p/0.2"), 2);
+        t.join_remote(b"g", &m("q/0.1"), 5);
+        let g = t.get(b"g").unwrap();
+        assert!(t.leave_remote(b"g", b"p/0.1", 2).changed);
+        assert!(g.node_mask().get(2), "p still has a member");
+        assert!(t.leave_remote(b"g", b"p/0.2", 2).changed);
+        assert!(!g.node_mask().get(2));
+        assert_eq!(t.remote_groups(5).len(), 1);
+        assert_eq!(t.drop_remote(&g, 5).1, 1);
+        assert!(t.get(b"g").is_none());
     }
 
     #[test]
@@ -391,15 +518,15 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..500 {
                         let id = m(&format!("n/{s}.{i}"));
-                        t.join_local(&g("x"), &id, s);
-                        t.leave_local(&g("x"), &id);
+                        let (g, _) = t.join_local(b"x", &id, s).unwrap();
+                        t.leave_local(&g, &id, Some(s));
                     }
-                    t.join_local(&g("x"), &m(&format!("n/{s}.last")), s);
+                    t.join_local(b"x", &m(&format!("n/{s}.last")), s).unwrap();
                 })
             })
             .collect();
         threads.into_iter().for_each(|h| h.join().unwrap());
-        let e = t.get(&g("x")).unwrap();
+        let e = t.get(b"x").unwrap();
         assert_eq!(e.lock().size(), 4);
         assert_eq!(e.shard_mask(), 0b1111);
     }

@@ -13,6 +13,7 @@ use crate::protocol::{
     decode, list_budget, max_frame_for, split_by_size, ErrorCode, Frame, GroupName, Hello,
     MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
 };
+use crate::router::Group;
 use crate::stats::ShardStats;
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
@@ -21,13 +22,15 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Read buffer growth step; a read never has less spare room than `MIN_SPARE`.
-const READ_BUF: usize = 64 * 1024;
-/// A whole READ_BUF: smaller reads open the receive window by less than an
-/// MSS (64 KiB on loopback) and Linux withholds the window update, so a
-/// sender that filled the window waited for its 200 ms persist timer
+/// Read buffer of a connection between bursts: what a connection that
+/// says little costs (an idle client's floor).
+const READ_SMALL: usize = 4 * 1024;
+/// Spare room of every read while the peer streams (a read filled its
+/// buffer): a whole 64 KiB. Smaller reads open the receive window by less
+/// than an MSS (64 KiB on loopback) and Linux withholds the window update,
+/// so a sender that filled the window waited for its 200 ms persist timer
 /// (measured: 200 ms stalls on every 3-node run; tuning.md).
-const MIN_SPARE: usize = READ_BUF;
+const READ_BURST: usize = 64 * 1024;
 
 /// Who is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +56,8 @@ pub struct Conn {
     pub addr: SocketAddr,
     /// What waits to be written.
     pub out: Outbound,
-    /// Groups this client has joined.
-    pub groups: RefCell<HashSet<GroupName>>,
+    /// Groups this client has joined (interned: no name is stored twice).
+    pub groups: RefCell<HashSet<Group>>,
     /// Client, peer, or not yet known.
     pub role: Cell<ConnRole>,
     /// When the last bytes arrived.
@@ -224,17 +227,17 @@ async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
 }
 
 async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
-    let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut rb = ReadBuf::default();
     loop {
-        if buf.capacity() - buf.len() < MIN_SPARE {
-            buf.reserve(READ_BUF);
-        }
+        let max_frame = max_frame_for(shard.live.get().max_message_size);
+        let buf = rb.prepare(max_frame);
+        let spare = buf.capacity() - buf.len();
         let (res, b) = stream.read(buf).await;
-        buf = b;
         let n = match res {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let buf = rb.done(b, n, spare);
         conn.last_rx.set(Instant::now());
         ShardStats::add(&shard.stats().bytes_in, n as u64);
         if conn.out.phase() != Phase::Open {
@@ -242,7 +245,51 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             buf.clear();
             continue;
         }
-        decode_all(shard, conn, &mut buf).await;
+        decode_all(shard, conn, buf).await;
+    }
+}
+
+/// A connection's read buffer: small while the peer says little, a whole
+/// [`READ_BURST`] of spare room while it streams, as large as a frame
+/// that does not fit, and small again once a burst is over. Nothing
+/// decoded from it is kept past a frame's handling (names are copied), so
+/// a buffer given up here is freed.
+#[derive(Default)]
+struct ReadBuf {
+    buf: BytesMut,
+    /// Spare room the next read gets.
+    want: usize,
+}
+
+impl ReadBuf {
+    /// The buffer, with room for the next read.
+    fn prepare(&mut self, max_frame: usize) -> BytesMut {
+        let mut buf = std::mem::take(&mut self.buf);
+        // A partial frame needs room for the rest of itself.
+        let missing = match crate::protocol::peek_len(&buf, max_frame) {
+            Ok(Some(len)) => (crate::protocol::LEN_PREFIX + len).saturating_sub(buf.len()),
+            _ => 0,
+        };
+        let want = self.want.max(READ_SMALL).max(missing);
+        if buf.is_empty() && want == READ_SMALL && buf.capacity() > 2 * READ_SMALL {
+            // The burst is over: give the big buffer back.
+            buf = BytesMut::new();
+        }
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        buf
+    }
+
+    /// Takes the buffer back after a read of `n` bytes into `spare` bytes
+    /// of room, and sizes the next read.
+    fn done(&mut self, buf: BytesMut, n: usize, spare: usize) -> &mut BytesMut {
+        // A read that filled its room left more behind: stream on with
+        // big reads. One that did not drained the socket: whatever comes
+        // next starts small (and grows at once if it fills that).
+        self.want = if n >= spare { READ_BURST } else { READ_SMALL };
+        self.buf = buf;
+        &mut self.buf
     }
 }
 
@@ -351,7 +398,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
             shard.send_direct(&conn.id, &to, &payload);
         }
         Frame::Join { group } => shard.join(conn, &group),
-        Frame::Leave { group } => shard.leave(conn, &group, Reason::Leave),
+        Frame::Leave { group } => shard.leave(conn, group.as_bytes(), Reason::Leave),
         Frame::Noop | Frame::Pong { .. } => {}
         Frame::Ping { token } => {
             shard.push(conn, Frame::Pong { token }.to_bytes());
@@ -385,7 +432,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
 }
 
 fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
-    let all = shard.shared.table.members(&group);
+    let all = shard.shared.table.members(group.as_bytes());
     let parts = split_by_size(&all, list_budget(shard.live.get().max_message_size), |m| {
         1 + m.as_bytes().len()
     });

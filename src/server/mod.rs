@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod io;
+pub mod memory;
 pub mod outbound;
 pub mod shard;
 pub mod shared;
@@ -99,6 +100,8 @@ pub enum Error {
 pub struct Server {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Gives freed memory back to the kernel; stops when the server drops.
+    _housekeeper: Option<memory::Housekeeper>,
     addrs: Vec<SocketAddr>,
     restart_only: RestartOnly,
 }
@@ -146,6 +149,9 @@ impl Server {
             cluster: crate::cluster::Mesh::new(&node, s),
         });
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
+        let housekeeper = memory::Housekeeper::start()
+            .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
+            .ok();
         tracing::info!(node = %node, shards, backend = shared.backend, listen = ?addrs, "msgc-server running");
         let restart_only = RestartOnly {
             node: node.to_string(),
@@ -156,6 +162,7 @@ impl Server {
         Ok(Server {
             shared,
             threads,
+            _housekeeper: housekeeper,
             addrs,
             restart_only,
         })

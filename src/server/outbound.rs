@@ -22,6 +22,10 @@ use tokio::sync::Notify;
 /// write and close the connection.
 pub const MAX_IOV: usize = 1024;
 
+/// Slots of a queue (or a write batch) kept once it is empty again; more
+/// is given back.
+const KEEP_CAPACITY: usize = 64;
+
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -58,7 +62,7 @@ impl Outbound {
     /// An empty, open queue.
     pub fn new(now: Instant) -> Self {
         Self {
-            queue: RefCell::new(VecDeque::with_capacity(16)),
+            queue: RefCell::new(VecDeque::new()),
             notify: Notify::new(),
             phase: Cell::new(Phase::Open),
             last_tx: Cell::new(now),
@@ -136,6 +140,10 @@ impl Outbound {
         let mut q = self.queue.borrow_mut();
         let n = q.len().min(max.clamp(1, MAX_IOV));
         batch.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > KEEP_CAPACITY {
+            // A burst is over: do not keep its room for every idle member.
+            *q = VecDeque::new();
+        }
     }
 }
 
@@ -160,7 +168,7 @@ pub async fn write_loop<S: Stream>(
     on_write: impl Fn(Written),
 ) -> usize {
     let mut dropped = 0;
-    let mut batch: Vec<Bytes> = Vec::with_capacity(batch_max());
+    let mut batch: Vec<Bytes> = Vec::new();
     loop {
         out.take_batch(&mut batch, batch_max());
         if batch.is_empty() {
@@ -180,6 +188,9 @@ pub async fn write_loop<S: Stream>(
         match write_all(stream, batch).await {
             Ok((bytes, b)) => {
                 batch = b;
+                if batch.capacity() > KEEP_CAPACITY {
+                    batch = Vec::new();
+                }
                 out.last_tx.set(Instant::now());
                 on_write(Written { frames, bytes });
             }

@@ -11,11 +11,13 @@ use super::outbound::Push;
 use super::shared::{ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
-    encode_group_message, ErrorCode, Frame, FrameType, GroupName, MemberId, Reason,
+    encode_group_message, encode_membership, group_of, ErrorCode, Frame, FrameType, GroupName,
+    MemberId, Reason,
 };
-use crate::router::bits;
+use crate::router::{bits, Group};
 use crate::stats::ShardStats;
 use bytes::Bytes;
+use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -35,6 +37,9 @@ pub enum Kill {
     Closed,
 }
 
+/// The local members of one group: most groups have one per shard.
+pub type Members = SmallVec<[Rc<Conn>; 1]>;
+
 /// A shard's state. Lives in an `Rc` on its own thread.
 pub struct Shard {
     /// This shard's index.
@@ -47,8 +52,9 @@ pub struct Shard {
     pub live: Cell<Live>,
     /// Connections accepted here, by sequence number.
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
-    /// Local members of each group (shard-local; the hot path's list).
-    members: RefCell<HashMap<GroupName, Vec<Rc<Conn>>>>,
+    /// Local members of each group (shard-local; the hot path's list),
+    /// keyed by the interned group (looked up by name).
+    members: RefCell<HashMap<Group, Members>>,
     next_seq: Cell<u64>,
     /// Set when this shard's shutdown has begun.
     pub stopping: Cell<bool>,
@@ -172,11 +178,11 @@ impl Shard {
         conn.close_gracefully(Some(frame), grace);
     }
 
-    /// Queues `frame` to every local member of `group`; returns how many.
+    /// Queues `frame` to every local member of group `name`; returns how many.
     #[inline]
-    pub fn to_local_members(&self, group: &GroupName, frame: &Bytes) -> u64 {
+    pub fn to_local_members(&self, name: &[u8], frame: &Bytes) -> u64 {
         let members = self.members.borrow();
-        let Some(list) = members.get(group) else {
+        let Some(list) = members.get(name) else {
             return 0;
         };
         let max_backlog = self.live.get().max_backlog;
@@ -187,18 +193,19 @@ impl Shard {
         n
     }
 
-    /// Queues `frame` to the members of `group` on every shard in `mask`.
-    pub fn to_shards(&self, group: &GroupName, frame: &Bytes, mask: u64, event: bool) -> u64 {
+    /// Queues `frame` (whose first field is group `name`) to the group's
+    /// members on every shard in `mask`.
+    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64, event: bool) -> u64 {
         let mut local = 0;
         for s in bits(mask) {
             if s == self.index {
-                local = self.to_local_members(group, frame);
+                local = self.to_local_members(name, frame);
             } else {
-                let (group, frame) = (group.clone(), frame.clone());
+                let frame = frame.clone();
                 let msg = if event {
-                    ShardMsg::Event { group, frame }
+                    ShardMsg::Event { frame }
                 } else {
-                    ShardMsg::Deliver { group, frame }
+                    ShardMsg::Deliver { frame }
                 };
                 self.shared.send(s, msg);
             }
@@ -211,7 +218,7 @@ impl Shard {
     pub fn publish(&self, sender: &MemberId, group: &GroupName, payload: &[u8]) {
         let st = self.stats();
         ShardStats::add(&st.publishes, 1);
-        let (shards, remote) = self.shared.table.with(group, |e| {
+        let (shards, remote) = self.shared.table.with(group.as_bytes(), |e| {
             e.map_or((0, false), |e| (e.shard_mask(), e.node_mask().any()))
         });
         if shards == 0 && !remote {
@@ -220,7 +227,7 @@ impl Shard {
         }
         if shards != 0 {
             let frame = encode_group_message(FrameType::DELIVER, group, sender, payload);
-            let n = self.to_shards(group, &frame, shards, false);
+            let n = self.to_shards(group.as_bytes(), &frame, shards, false);
             ShardStats::add(&st.deliveries, n);
         }
         if remote {
@@ -264,94 +271,98 @@ impl Shard {
 
     /// `conn` joins `group` (idempotent): tables updated, events sent.
     pub fn join(&self, conn: &Rc<Conn>, group: &GroupName) {
-        if !conn.groups.borrow_mut().insert(group.clone()) {
+        if conn.groups.borrow().contains(group.as_bytes()) {
             return;
         }
-        let ch = self.shared.table.join_local(group, &conn.id, self.index);
+        let table = &self.shared.table;
+        let Some((group, ch)) = table.join_local(group.as_bytes(), &conn.id, self.index) else {
+            return;
+        };
+        conn.groups.borrow_mut().insert(group.clone());
         self.members
             .borrow_mut()
             .entry(group.clone())
             .or_default()
             .push(conn.clone());
-        self.membership_event(group, conn.id.bytes(), Reason::Join, ch.size, ch.shards);
-        crate::cluster::local_join(self, group, &conn.id);
+        self.membership_event(
+            group.name(),
+            conn.id.bytes(),
+            Reason::Join,
+            ch.size,
+            ch.shards,
+        );
+        crate::cluster::local_join(self, &group, &conn.id);
     }
 
-    /// `conn` leaves `group` (a no-op when not a member).
-    pub fn leave(&self, conn: &Conn, group: &GroupName, reason: Reason) {
-        if !conn.groups.borrow_mut().remove(group) {
+    /// `conn` leaves group `name` (a no-op when not a member).
+    pub fn leave(&self, conn: &Conn, name: &[u8], reason: Reason) {
+        let Some(group) = conn.groups.borrow_mut().take(name) else {
             return;
-        }
-        self.forget(conn, group, reason);
+        };
+        self.forget(conn, &group, reason);
     }
 
     /// Leaves every group `conn` belongs to (its connection closed).
     pub fn leave_all(&self, conn: &Conn) {
-        let groups: Vec<GroupName> = conn.groups.borrow_mut().drain().collect();
+        let groups: Vec<Group> = conn.groups.borrow_mut().drain().collect();
         for g in &groups {
             self.forget(conn, g, Reason::Disconnect);
         }
+        *conn.groups.borrow_mut() = Default::default();
     }
 
-    fn forget(&self, conn: &Conn, group: &GroupName, reason: Reason) {
-        let ch = self.shared.table.leave_local(group, &conn.id);
-        {
+    fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
+        let last = {
             let mut members = self.members.borrow_mut();
-            if let Some(list) = members.get_mut(group) {
-                list.retain(|c| c.seq != conn.seq);
-                if list.is_empty() {
-                    members.remove(group);
+            match members.get_mut(group.name()) {
+                Some(list) => {
+                    list.retain(|c| c.seq != conn.seq);
+                    let empty = list.is_empty();
+                    if empty {
+                        members.remove(group.name());
+                    }
+                    empty
                 }
+                None => true,
             }
-        }
-        let frame = self.event_frame(group, conn.id.bytes(), reason, ch.size);
+        };
+        let ch = self
+            .shared
+            .table
+            .leave_local(group, &conn.id, last.then_some(self.index));
+        let frame = encode_membership(group.name(), reason, ch.size, conn.id.as_bytes());
         if reason == Reason::Leave {
             // The leaver's own event is its acknowledgement.
             self.push(conn, frame.clone());
         }
-        self.to_shards(group, &frame, ch.shards, true);
+        self.to_shards(group.name(), &frame, ch.shards, true);
         crate::cluster::local_leave(self, group, &conn.id, reason);
-    }
-
-    /// Encodes a MEMBERSHIP frame.
-    pub fn event_frame(
-        &self,
-        group: &GroupName,
-        subject: &Bytes,
-        reason: Reason,
-        size: u32,
-    ) -> Bytes {
-        Frame::Membership {
-            group: group.clone(),
-            subject: subject.clone(),
-            reason,
-            size,
-        }
-        .to_bytes()
     }
 
     /// Sends a membership event to the group's members on every shard in `mask`.
     pub fn membership_event(
         &self,
-        group: &GroupName,
-        subject: &Bytes,
+        name: &[u8],
+        subject: &[u8],
         reason: Reason,
         size: u32,
         mask: u64,
     ) {
-        let frame = self.event_frame(group, subject, reason, size);
-        self.to_shards(group, &frame, mask, true);
+        let frame = encode_membership(name, reason, size, subject);
+        self.to_shards(name, &frame, mask, true);
     }
 
     /// Handles one message from another shard; false after `Shutdown`.
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
         match msg {
-            ShardMsg::Deliver { group, frame } => {
-                let n = self.to_local_members(&group, &frame);
+            ShardMsg::Deliver { frame } => {
+                let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame));
                 ShardStats::add(&self.stats().deliveries, n);
             }
-            ShardMsg::Event { group, frame } => {
-                self.to_local_members(&group, &frame);
+            ShardMsg::Event { frame } => {
+                if let Some(g) = group_of(&frame) {
+                    self.to_local_members(g, &frame);
+                }
             }
             ShardMsg::Direct { seq, frame } => self.direct_local(seq, frame),
             ShardMsg::Cluster(m) => crate::cluster::handle_shard_msg(self, m),

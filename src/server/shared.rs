@@ -4,7 +4,7 @@
 //! inboxes are flume channels.
 
 use super::Live;
-use crate::protocol::{GroupName, NodeName};
+use crate::protocol::NodeName;
 use crate::router::GroupTable;
 use crate::stats::{Counts, ShardStats};
 use bytes::Bytes;
@@ -15,17 +15,14 @@ use std::time::Instant;
 /// A message from one shard to another.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// A group message (DELIVER frame) for the local members of `group`.
+    /// A group message (DELIVER frame) for the local members of its group
+    /// (the frame's first field).
     Deliver {
-        /// The group.
-        group: GroupName,
         /// The encoded frame, shared by all recipients.
         frame: Bytes,
     },
-    /// A membership event (MEMBERSHIP frame) for the local members of `group`.
+    /// A membership event (MEMBERSHIP frame) for the local members of its group.
     Event {
-        /// The group.
-        group: GroupName,
         /// The encoded frame.
         frame: Bytes,
     },
@@ -121,6 +118,10 @@ impl Shared {
                 "closed": totals.dropped_closed,
                 "unknown_member": totals.dropped_unknown_member,
                 "peer": totals.dropped_peer,
+            },
+            "memory": {
+                "rss_bytes": super::memory::rss_bytes(),
+                "free_heap_bytes": super::memory::free_heap_bytes(),
             },
             "per_shard": per_shard,
             "peers": self.cluster.stats_json(),

@@ -4,5 +4,6 @@ mod cli;
 mod client;
 mod cluster;
 mod loadgen;
+mod memory;
 mod server;
 mod util;

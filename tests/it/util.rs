@@ -410,3 +410,70 @@ pub fn restartable_port(ips: &[&str]) -> u16 {
     }
     panic!("no port below {low} free on all of {ips:?}");
 }
+
+// ---- Memory: what a server process holds (tests/it/memory.rs). ----
+
+impl NodeProc {
+    /// The process's resident set size in bytes (`VmRSS` in /proc).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status of the server");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
+    /// Starts a one-node server on `ip` and a free port with `extra` lines
+    /// inside `msgc_server { }`.
+    pub fn solo(dir: &TempDir, ip: &str, extra: &str) -> Self {
+        let port = free_port(&[ip]);
+        let addr: SocketAddr = format!("{ip}:{port}").parse().expect("address");
+        let text = format!(
+            "msgc_server {{\n  shards = 2\n  {extra}\n}}\n\
+             msgcserver_listener {{\n  listen \"{addr}\" {{ }}\n}}\n"
+        );
+        let config = dir.write("solo.conf", &text);
+        Self::start(config, "solo", addr)
+    }
+}
+
+/// Raises this process's open-file limit to its hard limit (children, such
+/// as a spawned server, inherit it): tests that hold thousands of sockets.
+pub fn raise_fd_limit(need: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    assert!(
+        lim.rlim_cur >= need,
+        "this test needs {need} open files; the limit is {} (ulimit -n)",
+        lim.rlim_cur
+    );
+}
+
+/// The server's STATS document, over a fresh raw client connection.
+pub fn raw_stats(addr: SocketAddr) -> serde_json::Value {
+    let mut r = Raw::client(addr);
+    r.send(&Frame::StatsRequest { req: 1 });
+    loop {
+        match r.recv() {
+            Some(Frame::StatsReply { json, .. }) => {
+                return serde_json::from_slice(&json).expect("STATS_REPLY is JSON")
+            }
+            Some(_) => {}
+            None => panic!("no STATS_REPLY from {addr}"),
+        }
+    }
+}
