@@ -50,8 +50,24 @@ counters!(
         deliveries,
         /// Publishes to a group with no member anywhere.
         unrouted,
-        /// Connections killed because their queue passed max_backlog.
+        /// Connections killed as stuck: their queue was full and their
+        /// socket accepted nothing for stuck_timeout.
         stuck_kills,
+        /// Times a connection's full queue made its producers wait (a slow
+        /// reader, not dropped).
+        slow_readers,
+        /// Times a producer's socket was not read because a queue or inbox
+        /// it feeds was full (TCP backpressure).
+        producer_waits,
+        /// Connections closed for sending no HELLO within handshake_timeout.
+        handshake_timeouts,
+        /// Gauge: frames pending in this shard's connection queues (as of
+        /// the last sweep).
+        queued_frames,
+        /// Gauge: bytes pending in this shard's connection queues.
+        queued_bytes,
+        /// Gauge: bytes pending in this shard's fullest connection queue.
+        max_queued_bytes,
         /// Connections closed by idle_timeout.
         idle_kills,
         /// Connections closed for bad input.
@@ -84,6 +100,12 @@ impl ShardStats {
     #[inline]
     pub fn sub(c: &AtomicU64, n: u64) {
         c.fetch_sub(n, Relaxed);
+    }
+
+    /// Sets a gauge.
+    #[inline]
+    pub fn set(c: &AtomicU64, n: u64) {
+        c.store(n, Relaxed);
     }
 }
 

@@ -70,6 +70,15 @@ fn assert_server_defaults(s: &ServerSettings) {
     assert_eq!(s.idle_timeout, secs(30));
     assert_eq!(s.keepalive_interval, secs(5));
     assert_eq!(s.max_backlog, 5000);
+    assert_eq!(s.max_backlog_bytes, 16 << 20);
+    assert_eq!(s.stuck_timeout, Duration::from_millis(200));
+    assert_eq!(s.handshake_timeout, secs(5));
+    assert_eq!(
+        (s.peer_max_backlog, s.peer_max_backlog_bytes),
+        (50_000, 64 << 20)
+    );
+    assert_eq!(s.peer_stuck_timeout, secs(2));
+    assert_eq!(s.shard_inbox_bytes, 4 << 20);
     assert_eq!(s.messages_per_iter, 20);
     assert_eq!(s.port, 4809);
     assert_eq!(s.reconnect_interval, secs(5));
@@ -207,6 +216,9 @@ fn every_option_set_explicitly() {
              idle_timeout = 0.5; io_backend = EPOLL; keepalive_interval = 1
              max_backlog = "100"; max_message_size = 4096; messages_per_iter = 7
              port = 4900; reconnect_interval = 0.25; shards = 3; tcpbuf_size = 0
+             max_backlog_bytes = 65536; stuck_timeout = 0.05; handshake_timeout = 3
+             peer_max_backlog = 7000; peer_max_backlog_bytes = "1048576"
+             peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -230,6 +242,19 @@ fn every_option_set_explicitly() {
     );
     assert_eq!((s.port, s.shards, s.tcpbuf_size), (4900, Some(3), 0));
     assert_eq!(s.reconnect_interval, Duration::from_millis(250));
+    assert_eq!(
+        (s.max_backlog_bytes, s.stuck_timeout, s.handshake_timeout),
+        (65536, Duration::from_millis(50), secs(3))
+    );
+    assert_eq!(
+        (
+            s.peer_max_backlog,
+            s.peer_max_backlog_bytes,
+            s.peer_stuck_timeout
+        ),
+        (7000, 1 << 20, Duration::from_millis(1500))
+    );
+    assert_eq!(s.shard_inbox_bytes, 131072);
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());
@@ -459,7 +484,7 @@ fn errors_are_collected_and_printed_one_per_line() {
     let printed = err.to_string();
     let lines: Vec<&str> = printed.lines().collect();
     assert_eq!(lines.len(), 3, "{printed}");
-    assert!(lines[0].starts_with("multi.conf:2:3: unknown option `prot` in msgc_server; valid options: bind_address, connect_timeout, debug_level, idle_timeout, io_backend,"), "{printed}");
+    assert!(lines[0].starts_with("multi.conf:2:3: unknown option `prot` in msgc_server; valid options: bind_address, connect_timeout, debug_level, handshake_timeout, idle_timeout, io_backend,"), "{printed}");
     assert_eq!(
         lines[1],
         "multi.conf:3:10: port: expected an integer, found `x`"

@@ -3,7 +3,7 @@
 //! bind_address (or this node's own peer address), within connect_timeout.
 
 use crate::protocol::{Frame, Hello, Role, PROTOCOL_VERSION};
-use crate::server::conn::{spawn_with, ConnRole};
+use crate::server::conn::spawn_with;
 use crate::server::io::AnyStream;
 use crate::server::shard::Shard;
 use crate::server::sockets::{dial, SocketOpts};
@@ -67,7 +67,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
         }
     };
     spawn_with(shard.clone(), stream, addr, move |shard, conn| {
-        conn.role.set(ConnRole::Peer(i));
+        conn.become_peer(i, &shard.live.get());
         if !shard
             .shared
             .cluster

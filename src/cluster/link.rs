@@ -6,7 +6,7 @@ use crate::protocol::{
     list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType, GroupName, Hello,
     MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
-use crate::server::conn::{Conn, ConnRole, Reject};
+use crate::server::conn::{Conn, Reject};
 use crate::server::shard::{Kill, Shard};
 use crate::stats::ShardStats;
 use bytes::Bytes;
@@ -52,8 +52,8 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
                     crate::server::shared::ShardMsg::Cluster(ClusterMsg::Close { seq }),
                 );
             }
-            conn.role.set(ConnRole::Peer(i));
             let live = shard.live.get();
+            conn.become_peer(i, &live);
             let welcome = Welcome {
                 version: PROTOCOL_VERSION,
                 node: shard.shared.node.clone(),

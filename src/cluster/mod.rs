@@ -22,6 +22,7 @@ use crate::config::ServerSettings;
 use crate::protocol::{encode_group_message, Frame, FrameType, GroupName, MemberId, Reason};
 use crate::router::Group;
 use crate::server::conn::Conn;
+use crate::server::flow::Gate;
 use crate::server::shard::Shard;
 use crate::server::shared::{ShardMsg, Shared};
 use crate::stats::ShardStats;
@@ -30,6 +31,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// Cluster traffic between shards.
 #[derive(Debug)]
@@ -45,6 +47,8 @@ pub enum ClusterMsg {
         seq: u64,
         /// The encoded frame.
         frame: Bytes,
+        /// Who made it (it may be told to wait for the link).
+        producer: Option<Arc<Gate>>,
     },
     /// Start dialling peer `peer` from the receiving shard.
     StartDialer {
@@ -96,6 +100,7 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
                 peer: i,
                 seq,
                 frame,
+                producer: shard.producer(),
             }),
         ),
         None => drop_for_peer(shard, i),
@@ -164,10 +169,18 @@ pub fn local_leave(shard: &Shard, group: &Group, member: &MemberId, reason: Reas
 /// Handles cluster traffic from another shard.
 pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
     match m {
-        ClusterMsg::ToPeer { peer, seq, frame } => match shard.links.get_if(peer, seq) {
-            Some(conn) => link::push_link(shard, &conn, peer, frame),
-            None => drop_for_peer(shard, peer),
-        },
+        ClusterMsg::ToPeer {
+            peer,
+            seq,
+            frame,
+            producer,
+        } => {
+            let _p = shard.producing(producer);
+            match shard.links.get_if(peer, seq) {
+                Some(conn) => link::push_link(shard, &conn, peer, frame),
+                None => drop_for_peer(shard, peer),
+            }
+        }
         ClusterMsg::StartDialer { peer } => dial::spawn(shard, peer),
         ClusterMsg::Close { seq } => link::close_conn(shard, seq),
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::settings::{
     ClientSettings, ListenerSettings, ServerSettings, MAX_BACKLOG, MAX_MESSAGES_PER_ITER,
-    MAX_MESSAGE_SIZE, MAX_SHARDS, MAX_TCPBUF, MIN_TCPBUF,
+    MAX_MESSAGE_SIZE, MAX_QUEUE_BYTES, MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
 use super::source::{Problem, Span};
 use super::syntax::{Item, Scope, Spanned, Value};
@@ -62,6 +62,11 @@ fn set_size(slot: &mut usize, v: &Spanned<Value>, max: usize) -> SetResult {
     Ok(())
 }
 
+fn set_bytes(slot: &mut usize, v: &Spanned<Value>) -> SetResult {
+    *slot = size(v, MIN_QUEUE_BYTES as u64..=MAX_QUEUE_BYTES as u64)?;
+    Ok(())
+}
+
 /// `msgc_server` options, sorted (the order of "valid options" lists).
 pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("bind_address", |s, v| {
@@ -73,6 +78,9 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("debug_level", |s, v| {
         set(&mut s.debug_level, parsed(v, "a debug level"))
     }),
+    opt("handshake_timeout", |s, v| {
+        set_secs(&mut s.handshake_timeout, v)
+    }),
     opt("idle_timeout", |s, v| set_secs(&mut s.idle_timeout, v)),
     opt("io_backend", |s, v| {
         set(&mut s.io_backend, parsed(v, "auto, uring or epoll"))
@@ -83,6 +91,9 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("max_backlog", |s, v| {
         set_size(&mut s.max_backlog, v, MAX_BACKLOG)
     }),
+    opt("max_backlog_bytes", |s, v| {
+        set_bytes(&mut s.max_backlog_bytes, v)
+    }),
     opt("max_message_size", |s, v| {
         set_size(&mut s.max_message_size, v, MAX_MESSAGE_SIZE)
     }),
@@ -90,12 +101,25 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
         set_size(&mut s.messages_per_iter, v, MAX_MESSAGES_PER_ITER)
     }),
     opt("node", |s, v| set(&mut s.node, optional_string(v))),
+    opt("peer_max_backlog", |s, v| {
+        set_size(&mut s.peer_max_backlog, v, MAX_BACKLOG)
+    }),
+    opt("peer_max_backlog_bytes", |s, v| {
+        set_bytes(&mut s.peer_max_backlog_bytes, v)
+    }),
+    opt("peer_stuck_timeout", |s, v| {
+        set_secs(&mut s.peer_stuck_timeout, v)
+    }),
     opt("peers", set_peers),
     opt("port", set_port),
     opt("reconnect_interval", |s, v| {
         set_secs(&mut s.reconnect_interval, v)
     }),
+    opt("shard_inbox_bytes", |s, v| {
+        set_bytes(&mut s.shard_inbox_bytes, v)
+    }),
     opt("shards", set_shards),
+    opt("stuck_timeout", |s, v| set_secs(&mut s.stuck_timeout, v)),
     opt("tcpbuf_size", |s, v| set(&mut s.tcpbuf_size, tcpbuf(v))),
 ];
 

@@ -60,21 +60,31 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
         ),
         ("connect_timeout", secs(s.connect_timeout)),
         ("debug_level", s.debug_level.to_string()),
+        ("handshake_timeout", secs(s.handshake_timeout)),
         ("idle_timeout", secs(s.idle_timeout)),
         ("io_backend", s.io_backend.to_string()),
         ("keepalive_interval", secs(s.keepalive_interval)),
         ("max_backlog", s.max_backlog.to_string()),
+        ("max_backlog_bytes", s.max_backlog_bytes.to_string()),
         ("max_message_size", s.max_message_size.to_string()),
         ("messages_per_iter", s.messages_per_iter.to_string()),
         ("node", opt_quote(s.node.clone())),
+        ("peer_max_backlog", s.peer_max_backlog.to_string()),
+        (
+            "peer_max_backlog_bytes",
+            s.peer_max_backlog_bytes.to_string(),
+        ),
+        ("peer_stuck_timeout", secs(s.peer_stuck_timeout)),
         ("peers", peers(&s.peers)),
         ("port", s.port.to_string()),
         ("reconnect_interval", secs(s.reconnect_interval)),
+        ("shard_inbox_bytes", s.shard_inbox_bytes.to_string()),
         (
             "shards",
             s.shards
                 .map_or_else(|| "auto".to_string(), |n| n.to_string()),
         ),
+        ("stuck_timeout", secs(s.stuck_timeout)),
         ("tcpbuf_size", s.tcpbuf_size.to_string()),
     ]
 }

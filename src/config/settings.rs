@@ -22,6 +22,11 @@ pub const MAX_MESSAGES_PER_ITER: usize = 1_000_000;
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// Largest `shards`.
 pub const MAX_SHARDS: usize = 64;
+/// Smallest byte budget of a queue or inbox (`max_backlog_bytes`,
+/// `peer_max_backlog_bytes`, `shard_inbox_bytes`): 64 KiB.
+pub const MIN_QUEUE_BYTES: usize = 64 * 1024;
+/// Largest byte budget of a queue or inbox: 64 GiB.
+pub const MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024 * 1024;
 
 /// `msgc_server { … }`: the router process and its peer mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,11 +42,18 @@ pub struct ServerSettings {
     pub idle_timeout: Duration,
     /// Which I/O engine the shards run. Default `auto`.
     pub io_backend: IoBackend,
+    /// Longest wait for a new connection's `HELLO`: one that sends none
+    /// is closed. Default 5 s; > 0.
+    pub handshake_timeout: Duration,
     /// Silence after which a no-op frame is sent. Default 5 s; > 0.
     pub keepalive_interval: Duration,
-    /// Queued messages after which a connection is stuck and closed.
-    /// Default 5000; 1..=[`MAX_BACKLOG`].
+    /// Frames a client's queue may hold: past it, a reader that is still
+    /// accepting data slows its publishers, one that is not is stuck and
+    /// closed. Default 5000; 1..=[`MAX_BACKLOG`].
     pub max_backlog: usize,
+    /// Bytes a client's queue may hold (the same rule as `max_backlog`).
+    /// Default 16 MiB; [`MIN_QUEUE_BYTES`]..=[`MAX_QUEUE_BYTES`].
+    pub max_backlog_bytes: usize,
     /// Largest frame accepted, in bytes. Default 1 MiB (1048576);
     /// 1..=[`MAX_MESSAGE_SIZE`].
     pub max_message_size: usize,
@@ -51,6 +63,13 @@ pub struct ServerSettings {
     /// This node's name in `peers`. Default: none (found by matching a local
     /// address). When `peers` is non-empty it names one of them.
     pub node: Option<String>,
+    /// `max_backlog` of a peer link. Default 50,000; 1..=[`MAX_BACKLOG`].
+    pub peer_max_backlog: usize,
+    /// `max_backlog_bytes` of a peer link. Default 64 MiB;
+    /// [`MIN_QUEUE_BYTES`]..=[`MAX_QUEUE_BYTES`].
+    pub peer_max_backlog_bytes: usize,
+    /// `stuck_timeout` of a peer link. Default 2 s; > 0.
+    pub peer_stuck_timeout: Duration,
     /// Cluster nodes in file order. Default: empty (a single node). Names
     /// are unique, and so are their `host:port` addresses.
     pub peers: Vec<Peer>,
@@ -59,9 +78,17 @@ pub struct ServerSettings {
     pub port: u16,
     /// Wait before re-dialling a failed connection. Default 5 s; > 0.
     pub reconnect_interval: Duration,
+    /// Bytes a shard's inbox (messages from other shards) may hold before
+    /// the producers feeding it wait. Default 4 MiB;
+    /// [`MIN_QUEUE_BYTES`]..=[`MAX_QUEUE_BYTES`].
+    pub shard_inbox_bytes: usize,
     /// Worker threads. Default `None` (written `auto`): one per CPU;
     /// otherwise 1..=[`MAX_SHARDS`].
     pub shards: Option<usize>,
+    /// How long a full queue's socket may accept nothing before its reader
+    /// counts as stuck (and is closed) rather than slow (and slows its
+    /// publishers). Default 0.2 s; > 0.
+    pub stuck_timeout: Duration,
     /// SO_SNDBUF/SO_RCVBUF in bytes. Default 131072. 0 leaves the kernel's
     /// default and autotuning (our extension); otherwise
     /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
@@ -74,17 +101,24 @@ impl Default for ServerSettings {
             bind_address: None,
             connect_timeout: Duration::from_secs(60),
             debug_level: DebugLevel::Error,
+            handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             io_backend: IoBackend::Auto,
             keepalive_interval: Duration::from_secs(5),
             max_backlog: 5000,
+            max_backlog_bytes: 16 * 1024 * 1024,
             max_message_size: 1024 * 1024,
             messages_per_iter: 20,
             node: None,
+            peer_max_backlog: 50_000,
+            peer_max_backlog_bytes: 64 * 1024 * 1024,
+            peer_stuck_timeout: Duration::from_secs(2),
             peers: Vec::new(),
             port: DEFAULT_PORT,
             reconnect_interval: Duration::from_secs(5),
+            shard_inbox_bytes: 4 * 1024 * 1024,
             shards: None,
+            stuck_timeout: Duration::from_millis(200),
             tcpbuf_size: 131_072,
         }
     }

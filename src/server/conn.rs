@@ -5,6 +5,7 @@
 //! Timeouts and kills close the socket with `shutdown`, which ends both.
 //! Peer links share this machinery; their frames go to `cluster`.
 
+use super::flow::{Budget, Gate};
 use super::io::{AnyStream, Stream};
 use super::outbound::{write_loop, Outbound, Phase, Written};
 use super::shard::{Kill, Shard};
@@ -19,7 +20,9 @@ use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Read buffer of a connection between bursts: what a connection that
@@ -56,32 +59,60 @@ pub struct Conn {
     pub addr: SocketAddr,
     /// What waits to be written.
     pub out: Outbound,
+    /// This connection as a producer: closed while a queue or inbox its
+    /// input feeds is full; its socket is not read meanwhile.
+    pub gate: Arc<Gate>,
+    /// Set while the shard's stuck watch holds this connection (its queue
+    /// has producers waiting).
+    pub congested: Cell<bool>,
     /// Groups this client has joined (interned: no name is stored twice).
     pub groups: RefCell<HashSet<Group>>,
     /// Client, peer, or not yet known.
     pub role: Cell<ConnRole>,
+    /// When the connection opened (for the handshake deadline).
+    opened: Instant,
     /// When the last bytes arrived.
     pub last_rx: Cell<Instant>,
+    /// Sweeps in a row that found the connection idle (see [`Conn::sweep`]).
+    idle_strikes: Cell<u8>,
+    /// Set while the reader waits with input of the peer's not yet handled.
+    held_input: Cell<bool>,
     /// Past this instant a draining connection is closed regardless.
     close_deadline: Cell<Option<Instant>>,
     /// Why it is closing, to count what it could not flush.
     closing_as: Cell<Kill>,
+    /// The socket (for unread-input checks); valid while the connection is
+    /// in its shard's table.
+    fd: RawFd,
     shutdown: Box<dyn Fn()>,
 }
 
 impl Conn {
-    fn new(seq: u64, id: MemberId, addr: SocketAddr, shutdown: Box<dyn Fn()>) -> Self {
+    fn new(
+        seq: u64,
+        id: MemberId,
+        addr: SocketAddr,
+        fd: RawFd,
+        budget: Budget,
+        shutdown: Box<dyn Fn()>,
+    ) -> Self {
         let now = Instant::now();
         Self {
             seq,
             id,
             addr,
-            out: Outbound::new(now),
+            out: Outbound::new(now, budget),
+            gate: Gate::new(),
+            congested: Cell::new(false),
             groups: RefCell::new(HashSet::new()),
             role: Cell::new(ConnRole::Pending),
+            opened: now,
             last_rx: Cell::new(now),
+            idle_strikes: Cell::new(0),
+            held_input: Cell::new(false),
             close_deadline: Cell::new(None),
             closing_as: Cell::new(Kill::Closed),
+            fd,
             shutdown,
         }
     }
@@ -89,6 +120,22 @@ impl Conn {
     /// True once the handshake made this a client.
     pub fn is_client(&self) -> bool {
         self.role.get() == ConnRole::Client
+    }
+
+    /// Makes this connection peer `i`'s link (or dial): it gets a link's
+    /// budget.
+    pub fn become_peer(&self, i: usize, live: &Live) {
+        self.role.set(ConnRole::Peer(i));
+        self.apply_budget(live);
+    }
+
+    /// Sets the queue budget for the connection's role from `live`.
+    pub fn apply_budget(&self, live: &Live) {
+        let budget = match self.role.get() {
+            ConnRole::Peer(_) => live.peer_budget,
+            ConnRole::Client | ConnRole::Pending => live.client_budget,
+        };
+        self.out.set_budget(budget);
     }
 
     /// Shuts the socket down (both directions); the reader sees end of stream.
@@ -113,7 +160,21 @@ impl Conn {
         self.closing_as.get()
     }
 
-    /// Upkeep from the shard's sweep: idle timeout, keepalive, deadlines.
+    /// True when the peer sent something not yet handled: bytes in the
+    /// socket, or frames the reader holds while it waits.
+    fn has_unread_input(&self) -> bool {
+        self.held_input.get() || super::sockets::unread_bytes(self.fd) > 0
+    }
+
+    /// Upkeep from the shard's sweep: handshake deadline, idle timeout,
+    /// keepalive, close deadlines.
+    ///
+    /// The idle rule judges what the peer sent, not what the server had
+    /// time to read: input waiting in the socket (or held by a reader that
+    /// waits for a slow member) counts as received, and a connection is
+    /// closed as idle only when two sweeps in a row find it so, so that
+    /// input that completed while the process was stopped (SIGSTOP) is
+    /// handled before anyone is judged.
     pub fn sweep(&self, shard: &Shard, now: Instant, live: &Live) {
         match self.out.phase() {
             Phase::Closed => {}
@@ -122,24 +183,54 @@ impl Conn {
                     shard.kill(self, self.closing_reason());
                 }
             }
-            Phase::Open if now.duration_since(self.last_rx.get()) > live.idle_timeout => {
-                ShardStats::add(&shard.stats().idle_kills, 1);
-                tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
+            Phase::Open
+                if self.role.get() == ConnRole::Pending
+                    && now.saturating_duration_since(self.opened) > live.handshake_timeout
+                    && !self.has_unread_input() =>
+            {
+                ShardStats::add(&shard.stats().handshake_timeouts, 1);
+                tracing::info!(peer = %self.addr, "no HELLO within handshake_timeout; closing");
                 self.closing_as(Kill::Idle);
-                // A silent peer is probably gone: give it one keepalive
-                // interval to take the ERROR, so node loss is noticed within
-                // idle_timeout + keepalive_interval.
-                let grace = live.keepalive_interval.min(live.idle_timeout);
-                let msg = "idle_timeout: nothing received";
-                shard.close_with_error_within(self, ErrorCode::IDLE, msg, grace);
+                let msg = "handshake_timeout: no HELLO";
+                shard.close_with_error_within(
+                    self,
+                    ErrorCode::HANDSHAKE_REQUIRED,
+                    msg,
+                    live.keepalive_interval,
+                );
+            }
+            Phase::Open
+                if now.saturating_duration_since(self.last_rx.get()) > live.idle_timeout =>
+            {
+                if self.has_unread_input() {
+                    self.last_rx.set(now);
+                    self.idle_strikes.set(0);
+                } else if self.idle_strikes.replace(self.idle_strikes.get() + 1) >= 1 {
+                    self.close_idle(shard, live);
+                }
             }
             Phase::Open => {
-                let quiet = now.duration_since(self.out.last_tx()) >= live.keepalive_interval;
+                self.idle_strikes.set(0);
+                let quiet =
+                    now.saturating_duration_since(self.out.last_tx()) >= live.keepalive_interval;
                 if quiet && self.role.get() != ConnRole::Pending && self.out.is_empty() {
+                    let _p = shard.producing(None);
                     shard.push(self, Frame::Noop.to_bytes());
                 }
             }
         }
+    }
+
+    fn close_idle(&self, shard: &Shard, live: &Live) {
+        ShardStats::add(&shard.stats().idle_kills, 1);
+        tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
+        self.closing_as(Kill::Idle);
+        // A silent peer is probably gone: give it one keepalive interval to
+        // take the ERROR, so node loss is noticed within idle_timeout +
+        // keepalive_interval (+ one sweep).
+        let grace = live.keepalive_interval.min(live.idle_timeout);
+        let msg = "idle_timeout: nothing received";
+        shard.close_with_error_within(self, ErrorCode::IDLE, msg, grace);
     }
 }
 
@@ -185,6 +276,8 @@ async fn serve<S: Stream>(
         seq,
         id,
         addr,
+        stream.raw_fd(),
+        shard.live.get().client_budget,
         Box::new(move || closer.shutdown()),
     ));
     shard.conns.borrow_mut().insert(seq, conn.clone());
@@ -238,7 +331,7 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             Ok(n) => n,
         };
         let buf = rb.done(b, n, spare);
-        conn.last_rx.set(Instant::now());
+        conn.last_rx.set(shard.tick());
         ShardStats::add(&shard.stats().bytes_in, n as u64);
         if conn.out.phase() != Phase::Open {
             // Closing: input is no longer acted on; read on until the end.
@@ -294,34 +387,76 @@ impl ReadBuf {
 }
 
 /// Decodes and handles every whole frame in `buf`, yielding to other
-/// connections every `messages_per_iter` frames.
+/// connections every `messages_per_iter` frames, and waiting — without
+/// reading more — while a queue or inbox this connection's input feeds is
+/// full (its gate is closed): TCP then slows the peer down.
 async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
     // Settings are read once per read: a reload applies from the next one.
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
-    let mut handled = 0;
-    while conn.out.phase() == Phase::Open {
+    loop {
+        match decode_some(shard, conn, buf, max_frame, live.messages_per_iter) {
+            Decoded::Done => return,
+            Decoded::Yield => tokio::task::yield_now().await,
+            Decoded::Wait => {
+                ShardStats::add(&shard.stats().producer_waits, 1);
+                conn.held_input.set(!buf.is_empty());
+                conn.gate.opened().await;
+                conn.held_input.set(false);
+                shard.tick();
+            }
+        }
+    }
+}
+
+/// Why [`decode_some`] stopped.
+enum Decoded {
+    /// The buffer holds no whole frame (or the connection is closing).
+    Done,
+    /// `messages_per_iter` frames handled: others' turn.
+    Yield,
+    /// The connection's gate closed: wait before handling more.
+    Wait,
+}
+
+/// Handles frames from `buf` until one of [`Decoded`] happens; all that
+/// they queue is charged to `conn` as producer.
+fn decode_some(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    buf: &mut BytesMut,
+    max_frame: usize,
+    per_turn: usize,
+) -> Decoded {
+    let _producing = shard.producing(Some(conn.gate.clone()));
+    for _ in 0..per_turn {
+        if conn.out.phase() != Phase::Open {
+            return Decoded::Done;
+        }
+        if !conn.gate.is_open() {
+            return Decoded::Wait;
+        }
         match decode(buf, max_frame) {
             Ok(Some(frame)) => {
                 ShardStats::add(&shard.stats().msgs_in, 1);
                 if let Err((code, msg)) = dispatch(shard, conn, frame) {
                     protocol_error(shard, conn, code, &msg);
                     buf.clear();
-                    return;
-                }
-                handled += 1;
-                if handled >= live.messages_per_iter {
-                    handled = 0;
-                    tokio::task::yield_now().await;
+                    return Decoded::Done;
                 }
             }
-            Ok(None) => return,
+            Ok(None) => return Decoded::Done,
             Err(e) => {
                 protocol_error(shard, conn, e.code(), &e.to_string());
                 buf.clear();
-                return;
+                return Decoded::Done;
             }
         }
+    }
+    if conn.gate.is_open() {
+        Decoded::Yield
+    } else {
+        Decoded::Wait
     }
 }
 

@@ -7,6 +7,8 @@
 //! that reloads settings and shuts the server down.
 
 pub mod conn;
+pub mod flow;
+pub mod inbox;
 pub mod io;
 pub mod memory;
 pub mod outbound;
@@ -17,6 +19,8 @@ pub mod sockets;
 use crate::config::{Config, IoBackend, ServerSettings};
 use crate::protocol::NodeName;
 use crate::router::{GroupTable, MAX_SHARDS};
+use flow::Budget;
+use inbox::Inbox;
 use shard::Shard;
 use shared::{ShardMsg, Shared};
 use sockets::SocketOpts;
@@ -35,10 +39,18 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct Live {
     /// Close a connection that received nothing for this long.
     pub idle_timeout: Duration,
+    /// Close a connection that sent no HELLO within this long.
+    pub handshake_timeout: Duration,
     /// Send NOOP after this long without sending.
     pub keepalive_interval: Duration,
-    /// Frames a connection may have queued before it is stuck.
-    pub max_backlog: usize,
+    /// A client connection's queue budget (`max_backlog`,
+    /// `max_backlog_bytes`, `stuck_timeout`).
+    pub client_budget: Budget,
+    /// A peer link's queue budget (`peer_max_backlog`,
+    /// `peer_max_backlog_bytes`, `peer_stuck_timeout`).
+    pub peer_budget: Budget,
+    /// Bytes a shard's inbox may hold before its producers wait.
+    pub shard_inbox_bytes: usize,
     /// Frames read or written per connection per turn.
     pub messages_per_iter: usize,
     /// SO_SNDBUF/SO_RCVBUF for sockets made from now on (0: kernel default).
@@ -58,8 +70,19 @@ impl Live {
     pub fn from_settings(s: &ServerSettings) -> Self {
         Self {
             idle_timeout: s.idle_timeout,
+            handshake_timeout: s.handshake_timeout,
             keepalive_interval: s.keepalive_interval,
-            max_backlog: s.max_backlog,
+            client_budget: Budget {
+                frames: s.max_backlog,
+                bytes: s.max_backlog_bytes,
+                stuck_after: s.stuck_timeout,
+            },
+            peer_budget: Budget {
+                frames: s.peer_max_backlog,
+                bytes: s.peer_max_backlog_bytes,
+                stuck_after: s.peer_stuck_timeout,
+            },
+            shard_inbox_bytes: s.shard_inbox_bytes,
             messages_per_iter: s.messages_per_iter,
             tcpbuf_size: s.tcpbuf_size,
             max_message_size: s.max_message_size,
@@ -136,11 +159,13 @@ impl Server {
                 tcpbuf_size: s.tcpbuf_size,
             },
         )?;
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| flume::unbounded()).unzip();
+        let (inboxes, rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| Inbox::new(live.shard_inbox_bytes))
+            .unzip();
         let shared = Arc::new(Shared {
             node: node.clone(),
             table: GroupTable::new(),
-            inboxes: txs,
+            inboxes,
             stats: (0..shards).map(|_| Default::default()).collect(),
             started: Instant::now(),
             backend: if uring { "uring" } else { "epoll" },
@@ -217,11 +242,19 @@ impl Server {
         }
         let live = Live::from_settings(s);
         *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
-        for i in 0..self.shared.shards() {
+        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+            inbox.set_limit(live.shard_inbox_bytes);
             self.shared.send(i, ShardMsg::Reload(live));
         }
         crate::cluster::reconfigure(&self.shared, s);
         Ok(())
+    }
+
+    /// Blocks shard `i`'s thread for `d` once it reaches this request in
+    /// its inbox: for tests of what a stopped shard costs the others.
+    #[doc(hidden)]
+    pub fn stall_shard(&self, i: usize, d: Duration) {
+        self.shared.send(i, ShardMsg::Stall(d));
     }
 
     /// Stops accepting, flushes what is queued (bounded by
@@ -430,6 +463,7 @@ async fn shard_main(
         tokio::task::spawn_local(shard.clone().accept_loop(l.clone()));
     }
     tokio::task::spawn_local(shard.clone().sweep_loop());
+    tokio::task::spawn_local(shard.clone().stuck_watch());
     crate::cluster::start_shard(&shard);
     shard.clone().inbox_loop(rx).await;
     for l in &listeners {

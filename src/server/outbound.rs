@@ -1,17 +1,21 @@
 //! A connection's outbound queue and the writer task that drains it.
 //!
 //! Producers (the fan-out on this shard, messages from other shards) push
-//! refcounted frames; nobody copies a frame per recipient. The queue is
-//! bounded by `max_backlog` frames: a push that would pass it reports
-//! [`Push::Full`] and the caller kills the connection as stuck. The writer
-//! takes up to `messages_per_iter` frames per turn (at most [`MAX_IOV`]) and
-//! hands them to one `writev`, owning the partial-write loop (tokio-uring
-//! has no `writev_all`).
+//! refcounted frames; nobody copies a frame per recipient. The queue's
+//! budget and the slow/stuck rule live in [`super::flow`]: a push to a full
+//! queue either makes its producer wait ([`Push::Slow`]) or reports
+//! [`Push::Stuck`], and the caller closes the connection. The writer takes
+//! up to `messages_per_iter` frames per turn (at most [`MAX_IOV`]) and hands
+//! them to one `writev`, owning the partial-write loop (tokio-uring has no
+//! `writev_all`); every write that makes progress is reported to the
+//! backlog, which lets waiting producers go once the queue has drained.
 
+use super::flow::{Admit, Backlog, Budget, Gate};
 use super::io::Stream;
 use bytes::{Buf, Bytes};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Notify;
 
@@ -29,10 +33,12 @@ const KEEP_CAPACITY: usize = 64;
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// Queued for the writer.
+    /// Queued.
     Queued,
-    /// The queue is at `max_backlog`: the frame was not queued.
-    Full,
+    /// Queued past a full budget; the producer now waits (a slow reader).
+    Slow,
+    /// Not queued: the reader is stuck (the caller closes the connection).
+    Stuck,
     /// The connection is closing or closed: the frame was not queued.
     Closed,
 }
@@ -48,10 +54,14 @@ pub enum Phase {
     Closed,
 }
 
-/// The queue, its wake-up and the facts the sweep needs.
+/// The queue, its accounting, its wake-up and the facts the sweep needs.
 #[derive(Debug)]
 pub struct Outbound {
     queue: RefCell<VecDeque<Bytes>>,
+    /// Frames and bytes pending (queued or being written), the progress
+    /// clock and the producers waiting.
+    backlog: RefCell<Backlog>,
+    budget: Cell<Budget>,
     notify: Notify,
     phase: Cell<Phase>,
     /// When the last write completed (or the connection opened).
@@ -59,58 +69,85 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// An empty, open queue.
-    pub fn new(now: Instant) -> Self {
+    /// An empty, open queue with `budget`.
+    pub fn new(now: Instant, budget: Budget) -> Self {
         Self {
             queue: RefCell::new(VecDeque::new()),
+            backlog: RefCell::new(Backlog::new(now)),
+            budget: Cell::new(budget),
             notify: Notify::new(),
             phase: Cell::new(Phase::Open),
             last_tx: Cell::new(now),
         }
     }
 
-    /// Queues `frame` unless the queue holds `max_backlog` frames already.
+    /// The queue's budget.
+    pub fn budget(&self) -> Budget {
+        self.budget.get()
+    }
+
+    /// Sets the budget (the connection's role is known, or a reload).
+    pub fn set_budget(&self, budget: Budget) {
+        self.budget.set(budget);
+    }
+
+    /// Offers `frame`, made by `producer`, at time `now` (see [`Push`]).
     #[inline]
-    pub fn push(&self, frame: Bytes, max_backlog: usize) -> Push {
+    pub fn push(&self, frame: Bytes, now: Instant, producer: Option<&Arc<Gate>>) -> Push {
         if self.phase.get() != Phase::Open {
             return Push::Closed;
         }
-        let mut q = self.queue.borrow_mut();
-        if q.len() >= max_backlog {
-            return Push::Full;
+        let verdict =
+            self.backlog
+                .borrow_mut()
+                .admit(frame.len(), &self.budget.get(), now, producer);
+        if verdict == Admit::Stuck {
+            return Push::Stuck;
         }
+        let mut q = self.queue.borrow_mut();
         let was_empty = q.is_empty();
         q.push_back(frame);
         if was_empty {
             self.notify.notify_one();
         }
-        Push::Queued
+        if verdict == Admit::Slow {
+            Push::Slow
+        } else {
+            Push::Queued
+        }
     }
 
-    /// Queues `frame` (an error or the last words) and then closes after
-    /// flushing; ignores the backlog bound. Returns false if already closing.
+    /// Queues `last` (an error or last words, whatever the budget), then
+    /// closes after flushing. Producers waiting for this queue go on: what
+    /// it holds is flushed or dropped, never waited for. Returns false if
+    /// already closing.
     pub fn drain_with(&self, last: Option<Bytes>) -> bool {
         if self.phase.get() != Phase::Open {
             return false;
         }
+        let mut backlog = self.backlog.borrow_mut();
         if let Some(f) = last {
+            backlog.force(f.len());
             self.queue.borrow_mut().push_back(f);
         }
+        backlog.release_all();
         self.phase.set(Phase::Draining);
         self.notify.notify_one();
         true
     }
 
-    /// Closes at once; returns how many queued frames were dropped.
+    /// Closes at once; returns how many queued frames were dropped (the
+    /// writer counts what it was writing).
     pub fn close_now(&self) -> usize {
         let dropped = if self.phase.get() == Phase::Closed {
             0
         } else {
             let mut q = self.queue.borrow_mut();
             let n = q.len();
-            q.clear();
+            *q = VecDeque::new();
             n
         };
+        self.backlog.borrow_mut().clear();
         self.phase.set(Phase::Closed);
         self.notify.notify_one();
         dropped
@@ -121,14 +158,31 @@ impl Outbound {
         self.phase.get()
     }
 
-    /// Frames waiting.
+    /// Frames waiting to be taken by the writer.
     pub fn len(&self) -> usize {
         self.queue.borrow().len()
     }
 
-    /// True when nothing waits.
+    /// True when nothing waits to be taken by the writer.
     pub fn is_empty(&self) -> bool {
         self.queue.borrow().is_empty()
+    }
+
+    /// Frames and bytes pending: queued or being written.
+    pub fn pending(&self) -> (usize, usize) {
+        let b = self.backlog.borrow();
+        (b.frames(), b.bytes())
+    }
+
+    /// True when producers wait for this queue.
+    pub fn has_waiters(&self) -> bool {
+        self.backlog.borrow().has_waiters()
+    }
+
+    /// True when producers wait and the socket accepted nothing for the
+    /// budget's `stuck_after`: the reader is stuck.
+    pub fn overdue(&self, now: Instant) -> bool {
+        self.backlog.borrow().overdue(&self.budget.get(), now)
     }
 
     /// When the last write completed.
@@ -144,6 +198,15 @@ impl Outbound {
             // A burst is over: do not keep its room for every idle member.
             *q = VecDeque::new();
         }
+    }
+
+    /// The socket accepted `bytes`, completing `frames`.
+    fn written(&self, frames: usize, bytes: usize) {
+        let now = Instant::now();
+        self.last_tx.set(now);
+        self.backlog
+            .borrow_mut()
+            .written(frames, bytes, &self.budget.get(), now);
     }
 }
 
@@ -185,13 +248,12 @@ pub async fn write_loop<S: Stream>(
             break;
         }
         let frames = batch.len() as u64;
-        match write_all(stream, batch).await {
-            Ok((bytes, b)) => {
-                batch = b;
-                if batch.capacity() > KEEP_CAPACITY {
-                    batch = Vec::new();
+        match write_all(stream, batch, |f, b| out.written(f, b)).await {
+            Ok((bytes, mut b)) => {
+                if b.capacity() > KEEP_CAPACITY {
+                    b = Vec::new();
                 }
-                out.last_tx.set(Instant::now());
+                batch = b;
                 on_write(Written { frames, bytes });
             }
             Err(unsent) => {
@@ -207,33 +269,36 @@ pub async fn write_loop<S: Stream>(
     dropped
 }
 
-/// Writes every byte of `bufs`, looping over partial writes. Returns the
-/// byte count and the emptied vector (for reuse); on a failed write, how
-/// many frames did not go out whole.
+/// Writes every byte of `bufs`, looping over partial writes, and tells
+/// `progress` after each write how many frames it completed and how many
+/// bytes it took. Returns the byte count and the emptied vector (for
+/// reuse); on a failed write, how many frames did not go out whole.
 async fn write_all<S: Stream>(
     stream: &S,
     mut bufs: Vec<Bytes>,
+    progress: impl Fn(usize, usize),
 ) -> Result<(u64, Vec<Bytes>), usize> {
     let mut total = 0u64;
     while !bufs.is_empty() {
         let (res, mut b) = stream.writev(bufs).await;
-        let mut n = match res {
+        let n = match res {
             Ok(n) if n > 0 => n,
             // An error, or no progress (WriteZero): the connection is gone.
             _ => return Err(b.len()),
         };
         total += n as u64;
-        let mut done = 0;
+        let (mut left, mut done) = (n, 0);
         for buf in b.iter_mut() {
-            if n >= buf.len() {
-                n -= buf.len();
+            if left >= buf.len() {
+                left -= buf.len();
                 done += 1;
             } else {
-                buf.advance(n);
+                buf.advance(left);
                 break;
             }
         }
         b.drain(..done);
+        progress(done, n);
         bufs = b;
     }
     Ok((total, bufs))

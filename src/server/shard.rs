@@ -4,8 +4,13 @@
 //!
 //! Fan-out happens here: a publish is encoded once, queued by reference to
 //! each local member, and sent once to each other shard with members.
+//! Whatever a frame's handling queues is charged to its *producer* (the
+//! connection whose input it is, see [`Shard::producing`]): a full queue of
+//! a slow reader makes that producer wait (`flow`), and the shard's watch
+//! closes readers that stop accepting anything while producers wait.
 
 use super::conn::Conn;
+use super::flow::Gate;
 use super::io::Listener;
 use super::outbound::Push;
 use super::shared::{ShardMsg, Shared};
@@ -23,13 +28,14 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// Why a connection is being closed, for counting what it held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kill {
-    /// Its queue passed max_backlog.
+    /// Its queue was full and its socket accepted nothing for stuck_timeout.
     Stuck,
-    /// Nothing received for idle_timeout.
+    /// Nothing received for idle_timeout (or no HELLO in time).
     Idle,
     /// It sent bad input.
     Protocol,
@@ -60,6 +66,27 @@ pub struct Shard {
     pub stopping: Cell<bool>,
     /// The cluster's per-shard state (peer links living on this shard).
     pub links: crate::cluster::ShardLinks,
+    /// A coarse clock for the hot path: set once per read and per inbox
+    /// batch ([`Shard::tick`]), read per push.
+    clock: Cell<Instant>,
+    /// The producer of whatever is queued now (see [`Shard::producing`]).
+    producer: RefCell<Option<Arc<Gate>>>,
+    /// Connections whose queues have producers waiting (the stuck watch's).
+    congested: RefCell<Vec<Rc<Conn>>>,
+    /// Wakes the stuck watch.
+    watch: Notify,
+}
+
+/// Restores the previous producer when dropped (see [`Shard::producing`]).
+pub struct Producing<'a> {
+    shard: &'a Shard,
+    prev: Option<Arc<Gate>>,
+}
+
+impl Drop for Producing<'_> {
+    fn drop(&mut self) {
+        *self.shard.producer.borrow_mut() = self.prev.take();
+    }
 }
 
 impl Shard {
@@ -76,6 +103,10 @@ impl Shard {
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
             links: Default::default(),
+            clock: Cell::new(Instant::now()),
+            producer: RefCell::new(None),
+            congested: RefCell::new(Vec::new()),
+            watch: Notify::new(),
         })
     }
 
@@ -92,27 +123,69 @@ impl Shard {
         s
     }
 
-    /// Queues `frame` to `conn`, killing it as stuck when its queue is full.
-    #[inline]
-    pub fn push(&self, conn: &Conn, frame: Bytes) -> bool {
-        self.push_bounded(conn, frame, self.live.get().max_backlog)
+    /// Reads the clock and keeps it for the pushes that follow.
+    pub fn tick(&self) -> Instant {
+        let now = Instant::now();
+        self.clock.set(now);
+        now
     }
 
-    /// [`Shard::push`] with the backlog bound already read (the fan-out
-    /// reads it once per publish, not once per recipient).
+    /// Charges what is queued until the guard drops to `producer` (None:
+    /// nobody, e.g. events of a lost node). Must not be held across an
+    /// `.await`: other tasks of the shard queue for their own producers.
+    pub fn producing(&self, producer: Option<Arc<Gate>>) -> Producing<'_> {
+        let prev = self.producer.replace(producer);
+        Producing { shard: self, prev }
+    }
+
+    /// The current producer's gate (for a message to another shard).
+    pub fn producer(&self) -> Option<Arc<Gate>> {
+        self.producer.borrow().clone()
+    }
+
+    /// Queues `frame` to `conn` for the current producer; closes `conn` if
+    /// it is stuck. Returns whether the frame was queued.
     #[inline]
-    fn push_bounded(&self, conn: &Conn, frame: Bytes, max_backlog: usize) -> bool {
-        match conn.out.push(frame, max_backlog) {
+    pub fn push(&self, conn: &Conn, frame: Bytes) -> bool {
+        let producer = self.producer.borrow();
+        self.push_from(conn, frame, self.clock.get(), producer.as_ref())
+    }
+
+    #[inline]
+    fn push_from(
+        &self,
+        conn: &Conn,
+        frame: Bytes,
+        now: Instant,
+        producer: Option<&Arc<Gate>>,
+    ) -> bool {
+        match conn.out.push(frame, now, producer) {
             Push::Queued => true,
+            Push::Slow => {
+                self.mark_congested(conn);
+                true
+            }
             Push::Closed => {
                 ShardStats::add(&self.stats().dropped_closed, 1);
                 false
             }
-            Push::Full => {
+            Push::Stuck => {
                 ShardStats::add(&self.stats().dropped_stuck, 1);
                 self.kill(conn, Kill::Stuck);
                 false
             }
+        }
+    }
+
+    /// `conn`'s queue makes producers wait: watch it until it drains.
+    fn mark_congested(&self, conn: &Conn) {
+        if conn.congested.replace(true) {
+            return;
+        }
+        ShardStats::add(&self.stats().slow_readers, 1);
+        if let Some(c) = self.conns.borrow().get(&conn.seq) {
+            self.congested.borrow_mut().push(c.clone());
+            self.watch.notify_one();
         }
     }
 
@@ -147,12 +220,22 @@ impl Shard {
             // A draining connection keeps the reason it is closing for.
             conn.closing_as(why);
         }
+        let (pending, _) = conn.out.pending();
         let dropped = conn.out.close_now() as u64;
         self.count_dropped(conn, conn.closing_reason(), dropped);
-        let st = self.stats();
         if was_open && why == Kill::Stuck {
-            ShardStats::add(&st.stuck_kills, 1);
-            tracing::warn!(conn = %conn.id, peer = %conn.addr, dropped, "connection stuck: outbound queue passed max_backlog; closed");
+            ShardStats::add(&self.stats().stuck_kills, 1);
+            let budget = conn.out.budget();
+            let after = budget.stuck_after;
+            match conn.role.get() {
+                super::conn::ConnRole::Peer(i) => {
+                    let peer = self.shared.cluster.slot(i).map(|p| p.name);
+                    tracing::error!(peer = ?peer, addr = %conn.addr, pending, dropped, ?after,
+                        "peer link stuck: its queue is full and the peer accepted nothing for peer_stuck_timeout; closed (re-dialled after reconnect_interval)");
+                }
+                _ => tracing::warn!(conn = %conn.id, peer = %conn.addr, pending, dropped, ?after,
+                    "reader stuck: its queue is full and it accepted nothing for stuck_timeout; closed"),
+            }
         }
         conn.shutdown();
     }
@@ -185,10 +268,11 @@ impl Shard {
         let Some(list) = members.get(name) else {
             return 0;
         };
-        let max_backlog = self.live.get().max_backlog;
+        let now = self.clock.get();
+        let producer = self.producer.borrow();
         let mut n = 0;
         for conn in list {
-            n += u64::from(self.push_bounded(conn, frame.clone(), max_backlog));
+            n += u64::from(self.push_from(conn, frame.clone(), now, producer.as_ref()));
         }
         n
     }
@@ -201,11 +285,11 @@ impl Shard {
             if s == self.index {
                 local = self.to_local_members(name, frame);
             } else {
-                let frame = frame.clone();
+                let (frame, producer) = (frame.clone(), self.producer());
                 let msg = if event {
-                    ShardMsg::Event { frame }
+                    ShardMsg::Event { frame, producer }
                 } else {
-                    ShardMsg::Deliver { frame }
+                    ShardMsg::Deliver { frame, producer }
                 };
                 self.shared.send(s, msg);
             }
@@ -248,7 +332,13 @@ impl Shard {
                 if shard == self.index {
                     self.direct_local(seq, frame);
                 } else if shard < self.shared.shards() {
-                    self.shared.send(shard, ShardMsg::Direct { seq, frame });
+                    let producer = self.producer();
+                    let msg = ShardMsg::Direct {
+                        seq,
+                        frame,
+                        producer,
+                    };
+                    self.shared.send(shard, msg);
                 } else {
                     ShardStats::add(&self.stats().dropped_unknown_member, 1);
                 }
@@ -286,7 +376,7 @@ impl Shard {
             .push(conn.clone());
         self.membership_event(
             group.name(),
-            conn.id.bytes(),
+            conn.id.as_bytes(),
             Reason::Join,
             ch.size,
             ch.shards,
@@ -303,12 +393,14 @@ impl Shard {
     }
 
     /// Leaves every group `conn` belongs to (its connection closed).
+    // A `Group` hashes and compares by its name, which never changes: the
+    // interior mutability clippy sees is the member set, not the key.
+    #[allow(clippy::mutable_key_type)]
     pub fn leave_all(&self, conn: &Conn) {
-        let groups: Vec<Group> = conn.groups.borrow_mut().drain().collect();
+        let groups = std::mem::take(&mut *conn.groups.borrow_mut());
         for g in &groups {
             self.forget(conn, g, Reason::Disconnect);
         }
-        *conn.groups.borrow_mut() = Default::default();
     }
 
     fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
@@ -354,25 +446,45 @@ impl Shard {
 
     /// Handles one message from another shard; false after `Shutdown`.
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
+        let cost = msg.cost();
         match msg {
-            ShardMsg::Deliver { frame } => {
+            ShardMsg::Deliver { frame, producer } => {
+                let _p = self.producing(producer);
                 let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame));
                 ShardStats::add(&self.stats().deliveries, n);
             }
-            ShardMsg::Event { frame } => {
+            ShardMsg::Event { frame, producer } => {
+                let _p = self.producing(producer);
                 if let Some(g) = group_of(&frame) {
                     self.to_local_members(g, &frame);
                 }
             }
-            ShardMsg::Direct { seq, frame } => self.direct_local(seq, frame),
+            ShardMsg::Direct {
+                seq,
+                frame,
+                producer,
+            } => {
+                let _p = self.producing(producer);
+                self.direct_local(seq, frame);
+            }
             ShardMsg::Cluster(m) => crate::cluster::handle_shard_msg(self, m),
-            ShardMsg::Reload(live) => self.live.set(live),
+            ShardMsg::Reload(live) => self.reload(live),
+            ShardMsg::Stall(d) => std::thread::sleep(d),
             ShardMsg::Shutdown => {
                 self.begin_shutdown();
                 return false;
             }
         }
+        self.shared.inboxes[self.index].taken(cost);
         true
+    }
+
+    /// New live settings: every connection's budget follows.
+    fn reload(&self, live: Live) {
+        self.live.set(live);
+        for c in self.conns.borrow().values() {
+            c.apply_budget(&live);
+        }
     }
 
     /// Stops accepting, tells every connection the server is going away and
@@ -390,13 +502,13 @@ impl Shard {
     /// Handles the inbox until `Shutdown` (or every sender is gone).
     pub async fn inbox_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
         while let Ok(msg) = rx.recv_async().await {
+            self.tick();
             if !self.handle_msg(msg) {
                 return;
             }
             // Take what else is waiting without going back to the runtime,
             // up to messages_per_iter in all, then yield so connections (and
-            // their writers) get their turn: a long inbox batch would let
-            // healthy members' queues pile up past max_backlog.
+            // their writers) get their turn.
             for _ in 1..self.live.get().messages_per_iter {
                 let Ok(m) = rx.try_recv() else { break };
                 if !self.handle_msg(m) {
@@ -430,18 +542,61 @@ impl Shard {
         }
     }
 
-    /// Periodic upkeep: keepalives, idle timeouts, close deadlines.
+    /// Periodic upkeep: keepalives, idle timeouts, handshake deadlines,
+    /// close deadlines, and the queue gauges.
     pub async fn sweep_loop(self: Rc<Self>) {
         loop {
             let live = self.live.get();
             let tick = (live.keepalive_interval.min(live.idle_timeout) / 4)
+                .min(live.handshake_timeout / 4)
                 .clamp(Duration::from_millis(10), Duration::from_millis(500));
             tokio::time::sleep(tick).await;
-            let now = Instant::now();
+            let now = self.tick();
             let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
+            let (mut frames, mut bytes, mut max_bytes) = (0, 0, 0);
             for c in conns {
                 c.sweep(&self, now, &live);
+                let (f, b) = c.out.pending();
+                frames += f;
+                bytes += b;
+                max_bytes = max_bytes.max(b);
             }
+            let st = self.stats();
+            ShardStats::set(&st.queued_frames, frames as u64);
+            ShardStats::set(&st.queued_bytes, bytes as u64);
+            ShardStats::set(&st.max_queued_bytes, max_bytes as u64);
+        }
+    }
+
+    /// Closes readers that keep producers waiting and accept nothing for
+    /// their budget's `stuck_after`; forgets queues that have drained.
+    pub async fn stuck_watch(self: Rc<Self>) {
+        loop {
+            if self.congested.borrow().is_empty() {
+                self.watch.notified().await;
+                continue;
+            }
+            let live = self.live.get();
+            let least = live
+                .client_budget
+                .stuck_after
+                .min(live.peer_budget.stuck_after);
+            let tick = (least / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
+            tokio::time::sleep(tick).await;
+            let now = self.tick();
+            let list = std::mem::take(&mut *self.congested.borrow_mut());
+            let mut keep = Vec::with_capacity(list.len());
+            for c in list {
+                if !c.out.has_waiters() {
+                    c.congested.set(false);
+                } else if c.out.overdue(now) {
+                    c.congested.set(false);
+                    self.kill(&c, Kill::Stuck);
+                } else {
+                    keep.push(c);
+                }
+            }
+            self.congested.borrow_mut().extend(keep);
         }
     }
 }

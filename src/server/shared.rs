@@ -3,16 +3,20 @@
 //! locked on the publish path: the table is lock-free for readers and the
 //! inboxes are flume channels.
 
+use super::flow::Gate;
+use super::inbox::Inbox;
 use super::Live;
 use crate::protocol::NodeName;
 use crate::router::GroupTable;
 use crate::stats::{Counts, ShardStats};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// A message from one shard to another.
+/// A message from one shard to another. Those carrying a frame carry its
+/// producer's gate too: the receiving shard may make that producer wait
+/// (a slow member there), and the inbox does when it is over its bound.
 #[derive(Debug)]
 pub enum ShardMsg {
     /// A group message (DELIVER frame) for the local members of its group
@@ -20,11 +24,15 @@ pub enum ShardMsg {
     Deliver {
         /// The encoded frame, shared by all recipients.
         frame: Bytes,
+        /// Who made it.
+        producer: Option<Arc<Gate>>,
     },
     /// A membership event (MEMBERSHIP frame) for the local members of its group.
     Event {
         /// The encoded frame.
         frame: Bytes,
+        /// Who made it.
+        producer: Option<Arc<Gate>>,
     },
     /// A DIRECT frame for connection `seq` of the receiving shard.
     Direct {
@@ -32,13 +40,46 @@ pub enum ShardMsg {
         seq: u64,
         /// The encoded frame.
         frame: Bytes,
+        /// Who made it.
+        producer: Option<Arc<Gate>>,
     },
     /// Cluster traffic for a peer link or the mesh (see `cluster`).
     Cluster(crate::cluster::ClusterMsg),
     /// New live settings.
     Reload(Live),
+    /// Block the shard's thread this long (tests: a shard that stops).
+    Stall(std::time::Duration),
     /// Stop: flush and close every connection, then exit.
     Shutdown,
+}
+
+impl ShardMsg {
+    /// What the message counts against its inbox's bound: its frame and
+    /// bookkeeping; control messages count nothing.
+    pub fn cost(&self) -> usize {
+        match self {
+            ShardMsg::Deliver { frame, .. }
+            | ShardMsg::Event { frame, .. }
+            | ShardMsg::Direct { frame, .. }
+            | ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { frame, .. }) => {
+                frame.len() + super::inbox::MSG_OVERHEAD
+            }
+            _ => 0,
+        }
+    }
+
+    /// The producer of the message's frame, if any.
+    pub fn producer(&self) -> Option<&Arc<Gate>> {
+        match self {
+            ShardMsg::Deliver { producer, .. }
+            | ShardMsg::Event { producer, .. }
+            | ShardMsg::Direct { producer, .. }
+            | ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { producer, .. }) => {
+                producer.as_ref()
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Everything the shards of one server share.
@@ -49,7 +90,7 @@ pub struct Shared {
     /// Which groups have members where.
     pub table: GroupTable,
     /// One inbox per shard, by index.
-    pub inboxes: Vec<flume::Sender<ShardMsg>>,
+    pub inboxes: Vec<Inbox>,
     /// One set of counters per shard, by index.
     pub stats: Vec<ShardStats>,
     /// When the server started.
@@ -79,12 +120,13 @@ impl Shared {
         t
     }
 
-    /// Sends to shard `i`'s inbox (unbounded: a shard never waits on another).
+    /// Sends to shard `i`'s inbox. A shard never waits on another: when the
+    /// inbox is over its bound, the message's producer waits instead.
     #[inline]
     pub fn send(&self, i: usize, msg: ShardMsg) {
-        if let Some(tx) = self.inboxes.get(i) {
+        if let Some(inbox) = self.inboxes.get(i) {
             // Fails only when that shard has exited (shutdown): nothing to do.
-            let _ = tx.send(msg);
+            let _ = inbox.send(msg);
         }
     }
 
@@ -124,6 +166,10 @@ impl Shared {
                 "free_heap_bytes": super::memory::free_heap_bytes(),
             },
             "per_shard": per_shard,
+            "inboxes": self.inboxes.iter().map(|i| serde_json::json!({
+                "bytes": i.bytes(),
+                "msgs": i.len(),
+            })).collect::<Vec<_>>(),
             "peers": self.cluster.stats_json(),
         })
     }

@@ -114,6 +114,19 @@ pub async fn dial(
     Ok(std)
 }
 
+/// Bytes received on socket `fd` and not yet read (FIONREAD); 0 on error.
+pub fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer; a bad or
+    // closed descriptor makes ioctl fail, which reads as 0.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
 /// True when `ip` is an address of this machine (a socket can bind to it).
 pub fn is_local_ip(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()

@@ -24,24 +24,24 @@ const IPS: [&str; 4] = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
 /// Quick keepalives and re-dials; an idle timeout long enough that a busy
 /// debug build on two cores never trips it by accident (tests that need
 /// idle detection set their own).
-const QUICK: &str =
+pub(crate) const QUICK: &str =
     "keepalive_interval = 0.2\n idle_timeout = 5\n reconnect_interval = 0.2\n connect_timeout = 2";
 
-fn ip(i: usize) -> IpAddr {
+pub(crate) fn ip(i: usize) -> IpAddr {
     IPS[i].parse().expect("ip")
 }
 
-fn name(i: usize) -> String {
+pub(crate) fn name(i: usize) -> String {
     format!("node{}", i + 1)
 }
 
 /// The `peers` entries of nodes `0..n` at their own addresses.
-fn plain_peers(n: usize) -> Vec<(String, String)> {
+pub(crate) fn plain_peers(n: usize) -> Vec<(String, String)> {
     (0..n).map(|i| (name(i), IPS[i].to_string())).collect()
 }
 
 /// A `msgc_server` stanza for `peers` on `port`, two shards, plus `extra`.
-fn config_text(port: u16, peers: &[(String, String)], extra: &str) -> String {
+pub(crate) fn config_text(port: u16, peers: &[(String, String)], extra: &str) -> String {
     let list: Vec<String> = peers
         .iter()
         .map(|(n, a)| format!("{n} = \"{a}\""))
@@ -53,14 +53,14 @@ fn config_text(port: u16, peers: &[(String, String)], extra: &str) -> String {
 }
 
 /// Nodes `node1..` on 127.0.0.1.. and one shared port; killed on drop.
-struct Cluster {
-    dir: TempDir,
-    port: u16,
-    nodes: Vec<NodeProc>,
+pub(crate) struct Cluster {
+    pub(crate) dir: TempDir,
+    pub(crate) port: u16,
+    pub(crate) nodes: Vec<NodeProc>,
 }
 
 impl Cluster {
-    fn new(tag: &str) -> Self {
+    pub(crate) fn new(tag: &str) -> Self {
         Self {
             dir: TempDir::new(tag),
             port: restartable_port(&IPS),
@@ -70,7 +70,7 @@ impl Cluster {
 
     /// `n` nodes sharing `cluster.conf` (peers node1..node`n` plus `extra`),
     /// started one after the other, with the mesh up.
-    async fn start(tag: &str, n: usize, extra: &str) -> Self {
+    pub(crate) async fn start(tag: &str, n: usize, extra: &str) -> Self {
         let mut c = Self::new(tag);
         let conf = c.conf("cluster.conf", n, extra);
         for i in 0..n {
@@ -81,32 +81,32 @@ impl Cluster {
         c
     }
 
-    fn addr(&self, i: usize) -> SocketAddr {
+    pub(crate) fn addr(&self, i: usize) -> SocketAddr {
         SocketAddr::new(ip(i), self.port)
     }
 
     /// Writes config `file` for peers node1..node`n` with `extra`.
-    fn conf(&self, file: &str, n: usize, extra: &str) -> PathBuf {
+    pub(crate) fn conf(&self, file: &str, n: usize, extra: &str) -> PathBuf {
         self.dir
             .write(file, &config_text(self.port, &plain_peers(n), extra))
     }
 
     /// Spawns node `i` (the next one) with `conf`, without waiting.
-    fn spawn(&mut self, i: usize, conf: PathBuf) {
+    pub(crate) fn spawn(&mut self, i: usize, conf: PathBuf) {
         assert_eq!(i, self.nodes.len(), "nodes are spawned in order");
         self.nodes
             .push(NodeProc::spawn(conf, &name(i), self.addr(i)));
     }
 
     /// Waits (bounded) until every node listens.
-    fn ready(&self) {
+    pub(crate) fn ready(&self) {
         for n in &self.nodes {
             n.wait_ready();
         }
     }
 
     /// Waits until each of `nodes` lists exactly the others as peers, all up.
-    async fn wait_mesh(&self, nodes: &[usize]) {
+    pub(crate) async fn wait_mesh(&self, nodes: &[usize]) {
         for &i in nodes {
             let others: Vec<String> = nodes
                 .iter()
@@ -123,7 +123,7 @@ impl Cluster {
 }
 
 /// Polls `cond` (every 10 ms, at most `WAIT`).
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     wait_for_async(what, WAIT, || std::future::ready(cond())).await;
 }
 
@@ -139,7 +139,7 @@ async fn listening(addr: SocketAddr) {
 // Stats.
 
 /// The stats document of the node at `addr` (a raw client connection).
-fn stats(addr: SocketAddr) -> Value {
+pub(crate) fn stats(addr: SocketAddr) -> Value {
     let mut r = Raw::client(addr);
     r.send(&Frame::StatsRequest { req: 7 });
     loop {
@@ -153,11 +153,11 @@ fn stats(addr: SocketAddr) -> Value {
     }
 }
 
-fn peer_of<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
+pub(crate) fn peer_of<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
     st["peers"].as_array()?.iter().find(|p| p["name"] == name)
 }
 
-fn peer_state(addr: SocketAddr, peer: &str) -> String {
+pub(crate) fn peer_state(addr: SocketAddr, peer: &str) -> String {
     let st = stats(addr);
     peer_of(&st, peer)
         .and_then(|p| p["state"].as_str())
@@ -165,12 +165,12 @@ fn peer_state(addr: SocketAddr, peer: &str) -> String {
         .to_string()
 }
 
-fn num(v: &Value) -> u64 {
+pub(crate) fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 /// True when `addr` lists exactly `names` as its peers and all are up.
-fn mesh_up(addr: SocketAddr, names: &[String]) -> bool {
+pub(crate) fn mesh_up(addr: SocketAddr, names: &[String]) -> bool {
     let st = stats(addr);
     let peers = st["peers"].as_array().expect("peers array");
     peers.len() == names.len()
@@ -182,7 +182,7 @@ fn mesh_up(addr: SocketAddr, names: &[String]) -> bool {
 // ---------------------------------------------------------------------------
 // Members: a client whose events are logged by a task.
 
-fn client_config(addr: SocketAddr) -> ClientConfig {
+pub(crate) fn client_config(addr: SocketAddr) -> ClientConfig {
     let mut cfg = ClientConfig::with_servers([addr.to_string()]);
     cfg.reconnect_interval = Duration::from_millis(200);
     cfg.connect_timeout = Duration::from_secs(5);
@@ -190,8 +190,8 @@ fn client_config(addr: SocketAddr) -> ClientConfig {
     cfg
 }
 
-struct Member {
-    client: Client,
+pub(crate) struct Member {
+    pub(crate) client: Client,
     log: Arc<Mutex<Vec<Event>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -203,10 +203,16 @@ impl Drop for Member {
 }
 
 impl Member {
-    async fn connect(addr: SocketAddr) -> Member {
-        let client = Client::connect(client_config(addr))
+    pub(crate) async fn connect(addr: SocketAddr) -> Member {
+        Self::connect_with(client_config(addr)).await
+    }
+
+    /// Connects with `cfg` (its first server must be up).
+    pub(crate) async fn connect_with(cfg: ClientConfig) -> Member {
+        let first = cfg.servers.first().cloned().unwrap_or_default();
+        let client = Client::connect(cfg)
             .await
-            .unwrap_or_else(|e| panic!("client connects to {addr}: {e}"));
+            .unwrap_or_else(|e| panic!("client connects to {first}: {e}"));
         let rx = client.events();
         let log: Arc<Mutex<Vec<Event>>> = Arc::default();
         let sink = log.clone();
@@ -219,35 +225,35 @@ impl Member {
     }
 
     /// Connects to `addr` and joins `group`.
-    async fn joined(addr: SocketAddr, group: &str) -> Member {
+    pub(crate) async fn joined(addr: SocketAddr, group: &str) -> Member {
         let m = Member::connect(addr).await;
         m.join(group).await;
         m
     }
 
-    fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         self.client.member_id().to_string()
     }
 
-    async fn join(&self, group: &str) {
+    pub(crate) async fn join(&self, group: &str) {
         self.client.join(group).await.expect("join");
     }
 
-    async fn publish(&self, group: &str, payload: Bytes) {
+    pub(crate) async fn publish(&self, group: &str, payload: Bytes) {
         self.client.publish(group, payload).await.expect("publish");
     }
 
-    fn with<R>(&self, f: impl FnOnce(&[Event]) -> R) -> R {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&[Event]) -> R) -> R {
         f(&self.log.lock().unwrap())
     }
 
     /// How many logged events satisfy `f`.
-    fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
+    pub(crate) fn count(&self, f: impl Fn(&Event) -> bool) -> usize {
         self.with(|evs| evs.iter().filter(|e| f(e)).count())
     }
 
     /// (sender, payload) of the messages received in `group`, in order.
-    fn messages(&self, group: &str) -> Vec<(String, Bytes)> {
+    pub(crate) fn messages(&self, group: &str) -> Vec<(String, Bytes)> {
         self.with(|evs| {
             evs.iter()
                 .filter_map(|e| match e {
@@ -262,16 +268,16 @@ impl Member {
         })
     }
 
-    fn message_count(&self, group: &str) -> usize {
+    pub(crate) fn message_count(&self, group: &str) -> usize {
         self.count(|e| matches!(e, Event::Message { group: g, .. } if g.as_str() == group))
     }
 
-    fn disconnects(&self) -> usize {
+    pub(crate) fn disconnects(&self) -> usize {
         self.count(|e| matches!(e, Event::Disconnected { .. }))
     }
 
     /// Membership events in `group` about `subject` for `reason`.
-    fn memberships(&self, group: &str, subject: &str, reason: Reason) -> Vec<u32> {
+    pub(crate) fn memberships(&self, group: &str, subject: &str, reason: Reason) -> Vec<u32> {
         self.with(|evs| {
             evs.iter()
                 .filter_map(|e| match e {
@@ -288,12 +294,12 @@ impl Member {
     }
 
     /// Waits until some logged event satisfies `f`.
-    async fn wait(&self, what: &str, f: impl Fn(&Event) -> bool) {
+    pub(crate) async fn wait(&self, what: &str, f: impl Fn(&Event) -> bool) {
         until(what, || self.count(&f) > 0).await;
     }
 
     /// Waits for a membership event; returns the size it reported.
-    async fn wait_membership(&self, group: &str, subject: &str, reason: Reason) -> u32 {
+    pub(crate) async fn wait_membership(&self, group: &str, subject: &str, reason: Reason) -> u32 {
         let what = format!("{}: {} {subject} in {group}", self.id(), reason.name());
         until(&what, || {
             !self.memberships(group, subject, reason).is_empty()
@@ -303,7 +309,7 @@ impl Member {
     }
 
     /// Waits until at least `n` messages arrived in `group`.
-    async fn wait_messages(&self, group: &str, n: usize) {
+    pub(crate) async fn wait_messages(&self, group: &str, n: usize) {
         let end = tokio::time::Instant::now() + WAIT;
         while self.message_count(group) < n {
             assert!(
@@ -318,7 +324,7 @@ impl Member {
 
     /// Polls the members query until it returns exactly `want` (sorted).
     /// The members query's answer, as strings.
-    async fn view(&self, group: &str) -> Vec<String> {
+    pub(crate) async fn view(&self, group: &str) -> Vec<String> {
         self.client
             .members(group)
             .await
@@ -328,7 +334,7 @@ impl Member {
             .collect()
     }
 
-    async fn wait_view(&self, group: &str, want: &[String]) {
+    pub(crate) async fn wait_view(&self, group: &str, want: &[String]) {
         let mut want = want.to_vec();
         want.sort();
         let end = tokio::time::Instant::now() + WAIT;
@@ -348,7 +354,7 @@ impl Member {
 }
 
 /// Waits until each of `members` sees exactly `members` in `group`.
-async fn wait_views(members: &[&Member], group: &str) {
+pub(crate) async fn wait_views(members: &[&Member], group: &str) {
     let ids: Vec<String> = members.iter().map(|m| m.id()).collect();
     for m in members {
         m.wait_view(group, &ids).await;
@@ -358,14 +364,14 @@ async fn wait_views(members: &[&Member], group: &str) {
 // ---------------------------------------------------------------------------
 // Numbered payloads: "TAG:SEQ:" then filler derived from SEQ (checked).
 
-fn payload(tag: &str, seq: u64, len: usize) -> Bytes {
+pub(crate) fn payload(tag: &str, seq: u64, len: usize) -> Bytes {
     let mut v = format!("{tag}:{seq}:").into_bytes();
     let fill = b'a' + (seq % 26) as u8;
     v.resize(len.max(v.len()), fill);
     v.into()
 }
 
-fn parse(p: &[u8]) -> (String, u64) {
+pub(crate) fn parse(p: &[u8]) -> (String, u64) {
     let s = std::str::from_utf8(p).expect("payload is text");
     let mut it = s.splitn(3, ':');
     let tag = it.next().expect("tag").to_string();
@@ -380,7 +386,7 @@ fn parse(p: &[u8]) -> (String, u64) {
 
 /// Per tag, the sequence numbers received in order; panics on a duplicate
 /// or a reordering (each tag must strictly increase).
-fn sequences(msgs: &[(String, Bytes)], who: &str) -> HashMap<String, Vec<u64>> {
+pub(crate) fn sequences(msgs: &[(String, Bytes)], who: &str) -> HashMap<String, Vec<u64>> {
     let mut out: HashMap<String, Vec<u64>> = HashMap::new();
     for (_, p) in msgs {
         let (tag, seq) = parse(p);
@@ -396,7 +402,7 @@ fn sequences(msgs: &[(String, Bytes)], who: &str) -> HashMap<String, Vec<u64>> {
     out
 }
 
-fn range(r: std::ops::Range<u64>) -> Vec<u64> {
+pub(crate) fn range(r: std::ops::Range<u64>) -> Vec<u64> {
     r.collect()
 }
 
@@ -1054,7 +1060,8 @@ async fn simultaneous_dials_settle_on_one_link_without_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_peer_link_is_killed_and_redialled() {
     let extra = "keepalive_interval = 0.2\n idle_timeout = 3\n reconnect_interval = 0.2\n \
-                 connect_timeout = 2\n max_backlog = 200\n tcpbuf_size = 4096";
+                 connect_timeout = 2\n peer_max_backlog = 200\n peer_stuck_timeout = 0.5\n \
+                 tcpbuf_size = 4096";
     let c = Cluster::start("stuck", 3, extra).await;
     let g = "stuck";
     let b = Member::joined(c.addr(1), g).await;

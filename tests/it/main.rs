@@ -3,6 +3,8 @@
 mod cli;
 mod client;
 mod cluster;
+mod flow;
+mod flowkit;
 mod loadgen;
 mod memory;
 mod server;

@@ -260,6 +260,14 @@ impl Raw {
         }
     }
 
+    /// A second reader of the same socket (e.g. on another thread).
+    pub fn clone_stream(&self) -> Self {
+        Self {
+            s: self.s.try_clone().expect("clone socket"),
+            buf: BytesMut::new(),
+        }
+    }
+
     pub fn send(&mut self, f: &Frame) {
         self.send_bytes(&f.to_bytes());
     }

@@ -1,0 +1,302 @@
+//! Flow control under pressure: a slow reader slows its publishers and is
+//! never killed, a stuck one is killed and slows nobody for long, queues
+//! and inboxes stay within their byte bounds, and liveness judges what a
+//! peer sent rather than what the server had time to read.
+//!
+//! Single-server tests run an in-process server with two shards and raw
+//! sockets on threads (a reader per member, a closed-loop publisher);
+//! cluster tests run `msgc-server` processes (helpers from `cluster`).
+
+use crate::cluster::{
+    num, payload, peer_of, range, sequences, stats, until, Cluster, Member, QUICK,
+};
+use crate::flowkit::{
+    assert_healthy, flood, group, members_on_both_shards, raw_client, start, totals, wait_all,
+    Reader,
+};
+use crate::util::{wait_for, NodeProc, Raw, TempDir, WAIT};
+use bytes::BytesMut;
+use msgc::client::{ClientConfig, Event};
+use msgc::protocol::{ErrorCode, Frame, GroupName};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+// ------------------------------------------------ closed loop, slow readers
+
+/// A publisher at full speed to 10 members on both shards for 5 s. Half of
+/// the members read as fast as they can, half are slow but steady (a 20 ms
+/// pause every 500 messages): their queues fill, they are slow, not stuck,
+/// and the publisher is slowed instead of anyone being killed. Every
+/// message reaches every member, in order.
+///
+/// `stuck_timeout` is raised from 0.2 s to 1 s only so that a reader thread
+/// starved by the scheduler of a loaded two-core CI machine is not taken
+/// for stuck; the rule under test is the same.
+fn closed_loop_kills_nobody(backend: &str) {
+    let Some(srv) = start(backend, "stuck_timeout = 1") else {
+        return;
+    };
+    let g = group("closed-loop");
+    let readers: Vec<Reader> = members_on_both_shards(srv.addr, &g, 10)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, id))| match i % 2 {
+            0 => Reader::spawn(r, id.to_string()),
+            _ => Reader::spawn_paced(r, id.to_string(), 500, Duration::from_millis(20)),
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = flood(srv.addr, g, 64, u64::MAX, stop.clone());
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, _publisher) = publisher.join().expect("publisher");
+    wait_all(&readers, sent, 2 * WAIT);
+    assert_healthy(&readers);
+    let st = srv.stats();
+    eprintln!(
+        "{backend}: {sent} messages to {} members in 5 s; slow readers {}, publisher waits {}",
+        readers.len(),
+        st["totals"]["slow_readers"],
+        st["totals"]["producer_waits"]
+    );
+    assert_eq!(totals(&srv, "stuck_kills"), 0);
+    assert_eq!(st["dropped"], 0, "{st}");
+    assert!(
+        totals(&srv, "producer_waits") > 0,
+        "the members never fell behind: the test did not test backpressure"
+    );
+}
+
+#[test]
+fn closed_loop_publisher_kills_no_healthy_member_uring() {
+    closed_loop_kills_nobody("uring");
+}
+
+#[test]
+fn closed_loop_publisher_kills_no_healthy_member_epoll() {
+    closed_loop_kills_nobody("epoll");
+}
+
+// ------------------------------------------------------- one stuck member
+
+/// One member of ten stops reading: it is killed as stuck and what it held
+/// is counted; the nine others get every message, in order.
+fn one_stuck_member(backend: &str) {
+    const N: u64 = 20_000;
+    let Some(srv) = start(backend, "stuck_timeout = 0.5\n keepalive_interval = 600") else {
+        return;
+    };
+    let g = group("one-stuck");
+    let mut members = members_on_both_shards(srv.addr, &g, 10);
+    let (stuck, _) = members.pop().expect("ten members");
+    socket2::SockRef::from(&stuck.s)
+        .set_recv_buffer_size(4096)
+        .expect("SO_RCVBUF");
+    let readers: Vec<Reader> = members
+        .into_iter()
+        .map(|(r, id)| Reader::spawn(r, id.to_string()))
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, _publisher) = flood(srv.addr, g, 256, N, stop).join().expect("publisher");
+    assert_eq!(sent, N);
+    wait_all(&readers, N, 2 * WAIT);
+    assert_healthy(&readers);
+    wait_for("the stuck member to be killed", WAIT, || {
+        totals(&srv, "stuck_kills") == 1
+    });
+    assert!(totals(&srv, "dropped_stuck") > 0);
+    assert_eq!(totals(&srv, "stuck_kills"), 1, "only the stuck member");
+    drop(stuck);
+}
+
+#[test]
+fn one_stuck_member_is_killed_the_others_get_everything_uring() {
+    one_stuck_member("uring");
+}
+
+#[test]
+fn one_stuck_member_is_killed_the_others_get_everything_epoll() {
+    one_stuck_member("epoll");
+}
+
+// ----------------------------------------------------- handshake deadline
+
+/// A connection that never says HELLO is closed at `handshake_timeout`
+/// (well before `idle_timeout`) with an ERROR, and counted.
+#[test]
+fn no_hello_means_closed_after_the_handshake_deadline() {
+    let srv = start("epoll", "handshake_timeout = 0.3\n idle_timeout = 30").expect("epoll");
+    let mut silent = Raw::connect(srv.addr);
+    // A slowloris: half a HELLO, then nothing.
+    let mut partial = Raw::connect(srv.addr);
+    partial.send_bytes(&[0, 0, 0, 16, 1, b'M']);
+    for r in [&mut silent, &mut partial] {
+        match r.recv() {
+            Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::HANDSHAKE_REQUIRED),
+            other => panic!("expected ERROR HANDSHAKE_REQUIRED, got {other:?}"),
+        }
+        assert!(r.closed());
+    }
+    assert_eq!(totals(&srv, "handshake_timeouts"), 2);
+    assert_eq!(totals(&srv, "idle_kills"), 0);
+}
+
+// -------------------------------------------------- a stopped server's clients
+
+/// The server process is stopped (SIGSTOP) for longer than idle_timeout
+/// while its clients keep sending keepalives; after SIGCONT none of them is
+/// closed as idle: what they sent was waiting in the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_server_does_not_idle_kill_its_healthy_clients() {
+    let dir = TempDir::new("sigstop");
+    let node =
+        tokio::task::block_in_place(|| NodeProc::solo(&dir, "127.0.0.14", "idle_timeout = 1"));
+    let mut members = Vec::new();
+    for _ in 0..8 {
+        let mut cfg = ClientConfig::with_servers([node.addr.to_string()]);
+        cfg.keepalive_interval = Duration::from_millis(100);
+        cfg.reconnect_interval = Duration::from_millis(100);
+        let m = Member::connect_with(cfg).await;
+        m.join("paused").await;
+        members.push(m);
+    }
+    node.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    node.signal(libc::SIGCONT);
+    // Give the server several idle sweeps after waking (idle_timeout 1 s:
+    // sweeps every 250 ms); asserting an absence takes a wait.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let st = stats(node.addr);
+    assert_eq!(num(&st["totals"]["idle_kills"]), 0, "{st}");
+    for m in &members {
+        assert_eq!(m.disconnects(), 0, "{} was disconnected", m.id());
+    }
+    members[0].publish("paused", payload("after", 0, 16)).await;
+    for m in &members {
+        m.wait_messages("paused", 1).await;
+    }
+}
+
+// ------------------------------------------------------------ cluster storms
+
+/// 10,000 joins and then 10,000 leaves arrive in one burst on node1 of
+/// three: every peer link stays up (no node-down, no reconnect) and the
+/// other nodes' views converge to the joins, then to nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_and_leave_storm_cuts_no_link() {
+    const N: usize = 10_000;
+    let c = Cluster::start("storm", 3, QUICK).await;
+    let (mut raw, _) = tokio::task::block_in_place(|| raw_client(c.addr(0)));
+    // The burst: all joins written at once, then all leaves; a thread reads
+    // the acknowledgements meanwhile.
+    let acks = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let mut r = raw.clone_stream();
+        let acks = acks.clone();
+        std::thread::spawn(move || {
+            while let Some(f) = r.recv() {
+                if matches!(f, Frame::Membership { .. })
+                    && acks.fetch_add(1, Ordering::Relaxed) + 1 == 2 * N as u64
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let groups: Vec<GroupName> = (0..N).map(|i| group(&format!("storm.{i}"))).collect();
+    let mut burst = BytesMut::new();
+    for g in &groups {
+        Frame::Join { group: g.clone() }.encode(&mut burst);
+    }
+    tokio::task::block_in_place(|| raw.s.write_all(&burst).expect("joins"));
+    until("node2 and node3 to see the 10,000 groups", || {
+        [1, 2]
+            .iter()
+            .all(|&i| num(&stats(c.addr(i))["groups"]) == N as u64)
+    })
+    .await;
+    burst.clear();
+    for g in &groups {
+        Frame::Leave { group: g.clone() }.encode(&mut burst);
+    }
+    tokio::task::block_in_place(|| raw.s.write_all(&burst).expect("leaves"));
+    until("every node to see no group", || {
+        (0..3).all(|i| num(&stats(c.addr(i))["groups"]) == 0)
+    })
+    .await;
+    tokio::task::block_in_place(|| reader.join().expect("ack reader"));
+    for i in 0..3 {
+        let st = stats(c.addr(i));
+        assert_eq!(num(&st["totals"]["stuck_kills"]), 0, "node{}: {st}", i + 1);
+        for p in st["peers"].as_array().expect("peers") {
+            assert_eq!(p["state"], "up", "node{}: {p}", i + 1);
+            assert_eq!(p["reconnects"], 0, "node{}: {p}", i + 1);
+        }
+    }
+}
+
+/// Two publishers fail over from node1 (killed) to node2 with full queues
+/// of publishes (5,000 each, the client's default `max_backlog`), which
+/// they replay in one burst. Members on node2 and node3 get all of them,
+/// in order per publisher; no member and no peer link is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_replay_burst_kills_no_member_and_no_link() {
+    const QUEUED: u64 = 5000;
+    let c = Cluster::start("failover", 3, QUICK).await;
+    let g = "replay";
+    let mut subs = Vec::new();
+    for node in [1, 1, 2, 2] {
+        subs.push(Member::joined(c.addr(node), g).await);
+    }
+    let publishers: Vec<Member> = {
+        let mut v = Vec::new();
+        for _ in 0..2 {
+            let mut cfg =
+                ClientConfig::with_servers([c.addr(0).to_string(), c.addr(1).to_string()]);
+            cfg.reconnect_interval = Duration::from_millis(500);
+            cfg.connect_timeout = Duration::from_secs(5);
+            cfg.request_timeout = WAIT;
+            v.push(Member::connect_with(cfg).await);
+        }
+        v
+    };
+    let mut c = c;
+    tokio::task::block_in_place(|| c.nodes[0].kill9());
+    for (i, p) in publishers.iter().enumerate() {
+        p.wait("the publisher to notice node1 is gone", |e| {
+            matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+        for seq in 0..QUEUED {
+            p.publish(g, payload(&format!("p{i}"), seq, 100)).await;
+        }
+    }
+    for p in &publishers {
+        p.wait("the publisher to fail over", |e| {
+            matches!(e, Event::Reconnected { .. })
+        })
+        .await;
+    }
+    for s in &subs {
+        s.wait_messages(g, 2 * QUEUED as usize).await;
+        let seqs = sequences(&s.messages(g), &s.id());
+        assert_eq!(seqs["p0"], range(0..QUEUED));
+        assert_eq!(seqs["p1"], range(0..QUEUED));
+        assert_eq!(s.disconnects(), 0, "{} was cut", s.id());
+    }
+    for node in [1, 2] {
+        let st = stats(c.addr(node));
+        assert_eq!(
+            num(&st["totals"]["stuck_kills"]),
+            0,
+            "node{}: {st}",
+            node + 1
+        );
+        let other = format!("node{}", 3 - node + 1);
+        let link = peer_of(&st, &other).expect("the link");
+        assert_eq!(link["state"], "up");
+        assert_eq!(link["reconnects"], 0, "{link}");
+    }
+}
