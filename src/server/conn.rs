@@ -395,7 +395,12 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
     loop {
-        match decode_some(shard, conn, buf, max_frame, live.messages_per_iter) {
+        let decoded = decode_some(shard, conn, buf, max_frame, live.messages_per_iter);
+        if !matches!(decoded, Decoded::Done) {
+            // What this turn queued is written while others have theirs.
+            super::io::submit_pending(shard.uring);
+        }
+        match decoded {
             Decoded::Done => return,
             Decoded::Yield => tokio::task::yield_now().await,
             Decoded::Wait => {

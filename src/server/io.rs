@@ -40,6 +40,23 @@ pub trait Stream: 'static {
     }
 }
 
+/// Hands the io_uring runtime's queued reads and writes to the kernel now
+/// (nothing on epoll, and no system call when nothing is queued).
+///
+/// tokio-uring submits only when its thread parks or its submission queue
+/// is full: a shard that always has more to do (an inbox that others keep
+/// filling) would never submit, and its sockets would wait. Shards call
+/// this before they yield and before a connection waits (see
+/// vendor/tokio-uring/PATCHES.md).
+#[inline]
+pub fn submit_pending(uring: bool) {
+    if uring {
+        if let Err(e) = tokio_uring::submit_pending() {
+            tracing::error!(error = %e, "io_uring submission failed");
+        }
+    }
+}
+
 /// A tokio-uring stream.
 pub struct UringStream(pub tokio_uring::net::TcpStream);
 

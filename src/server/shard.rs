@@ -515,6 +515,9 @@ impl Shard {
                     return;
                 }
             }
+            // The writes this batch woke go to the kernel now, not when
+            // the shard next has nothing to do.
+            super::io::submit_pending(self.uring);
             tokio::task::yield_now().await;
         }
     }

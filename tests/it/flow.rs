@@ -15,7 +15,7 @@ use crate::flowkit::{
     Reader,
 };
 use crate::util::{wait_for, NodeProc, Raw, TempDir, WAIT};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use msgc::client::{ClientConfig, Event};
 use msgc::protocol::{ErrorCode, Frame, GroupName};
 use std::io::Write;
@@ -298,5 +298,104 @@ async fn a_failover_replay_burst_kills_no_member_and_no_link() {
         let link = peer_of(&st, &other).expect("the link");
         assert_eq!(link["state"], "up");
         assert_eq!(link["reconnects"], 0, "{link}");
+    }
+}
+
+// ------------------------------------------- io_uring under a busy shard
+
+/// Shards 0 and 2 flood a group whose 30 members are all on shard 1: more
+/// work for shard 1's inbox than it can do, so it never goes idle. Its
+/// members (fast readers) must be written to all along. The io_uring
+/// runtime submits queued operations when its thread parks: a shard that
+/// never parks must submit on its own, or its members hear nothing until
+/// the flood pauses, and, with their queues full and their sockets silent,
+/// are taken for stuck.
+#[test]
+fn a_busy_shard_keeps_writing_on_io_uring() {
+    const MEMBERS: usize = 30;
+    if let Err(e) = msgc::server::io::uring_available() {
+        eprintln!("SKIPPED: io_uring is not available here ({e})");
+        return;
+    }
+    // Deep member queues: the flood is held back by shard 1's inbox, not
+    // by its members, so shard 1 always has inbox work.
+    let extra = "max_backlog = 1000000\n max_backlog_bytes = 1073741824";
+    let srv = crate::util::TestServer::start(3, "uring", extra);
+    let on_shard = |want: usize| loop {
+        let (r, id) = raw_client(srv.addr);
+        if crate::flowkit::shard_of(&id) == want {
+            break r;
+        }
+    };
+    let g = group("busy");
+    // Members count the bytes they receive, as fast as they can (they are
+    // never what holds the flood back).
+    let counts: Vec<Arc<AtomicU64>> = (0..MEMBERS).map(|_| Arc::default()).collect();
+    let readers: Vec<_> = counts
+        .iter()
+        .map(|c| {
+            let mut m = on_shard(1);
+            crate::flowkit::join(&mut m, &g);
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut s = m.s;
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = std::io::Read::read(&mut s, &mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let floods: Vec<_> = [0, 2]
+        .into_iter()
+        .map(|shard| {
+            let (mut raw, stop, g) = (on_shard(shard), stop.clone(), g.clone());
+            std::thread::spawn(move || {
+                let mut buf = BytesMut::new();
+                for _ in 0..64 {
+                    Frame::Publish {
+                        group: g.clone(),
+                        payload: Bytes::from_static(b"flood"),
+                    }
+                    .encode(&mut buf);
+                }
+                while !stop.load(Ordering::Relaxed) && raw.s.write_all(&buf).is_ok() {}
+                raw
+            })
+        })
+        .collect();
+    let least = || {
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    let mut seen = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        seen.push(least());
+    }
+    let inbox = srv.stats()["inboxes"][1].clone();
+    stop.store(true, Ordering::Relaxed);
+    let _floods: Vec<Raw> = floods
+        .into_iter()
+        .map(|t| t.join().expect("flood"))
+        .collect();
+    eprintln!("busy shard: bytes of the least served member every 100 ms: {seen:?}; shard 1's inbox: {inbox}");
+    let st = srv.stats();
+    assert_eq!(totals(&srv, "stuck_kills"), 0, "{st}");
+    let moves = seen.windows(2).filter(|w| w[1] > w[0]).count();
+    assert!(
+        moves >= 15,
+        "members were written to in only {moves} of 19 intervals: {seen:?}"
+    );
+    drop(srv);
+    for r in readers {
+        let _ = r.join();
     }
 }
