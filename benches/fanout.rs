@@ -11,7 +11,8 @@ use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use msgc::config::Config;
 use msgc::protocol::{
-    decode, encode_publish, Frame, FrameType, GroupName, Hello, Reason, Role, PROTOCOL_VERSION,
+    decode, encode_publish, Events, Frame, FrameType, GroupName, Hello, Reason, Role,
+    PROTOCOL_VERSION,
 };
 use msgc::server::Server;
 use std::io::{Read, Write};
@@ -62,6 +63,7 @@ fn join(s: &mut TcpStream, me: &[u8], group: &GroupName) {
     s.write_all(
         &Frame::Join {
             group: group.clone(),
+            events: Events::Each,
         }
         .to_bytes(),
     )

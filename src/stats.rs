@@ -61,6 +61,10 @@ counters!(
         producer_waits,
         /// Connections closed for sending no HELLO within handshake_timeout.
         handshake_timeouts,
+        /// MEMBERSHIP frames queued (acknowledgements and per-change events).
+        membership_frames,
+        /// MEMBERSHIP_BATCH frames queued (coalesced events).
+        membership_batches,
         /// Gauge: frames pending in this shard's connection queues (as of
         /// the last sweep).
         queued_frames,

@@ -168,13 +168,13 @@ impl MockConn {
         }
         let me = self.member();
         match frame {
-            Frame::Join { group } if group.as_str() == "forbidden" => {
+            Frame::Join { group, .. } if group.as_str() == "forbidden" => {
                 vec![Frame::Error {
                     code: ErrorCode::NOT_ALLOWED,
                     message: "not this one".into(),
                 }]
             }
-            Frame::Join { group } => vec![membership(group, &me, Reason::Join)],
+            Frame::Join { group, .. } => vec![membership(group, &me, Reason::Join)],
             Frame::Leave { group } => vec![membership(group, &me, Reason::Leave)],
             Frame::Publish { group, payload } => vec![Frame::Deliver {
                 group,
@@ -271,7 +271,7 @@ async fn join_waits_for_own_membership_event() {
         .log
         .drain()
         .filter_map(|(_, f)| match f {
-            Frame::Join { group } => Some(group.to_string()),
+            Frame::Join { group, .. } => Some(group.to_string()),
             _ => None,
         })
         .collect();
@@ -387,7 +387,7 @@ async fn reconnect_rejoins_and_announces() {
     let conn = mock
         .expect(
             "re-JOIN",
-            |f| matches!(f, Frame::Join { group } if group.as_str() == "g"),
+            |f| matches!(f, Frame::Join { group, .. } if group.as_str() == "g"),
         )
         .await;
     assert_eq!(conn, 2);

@@ -13,8 +13,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use msgc::protocol::{
-    decode, max_frame_for, snapshot_flags, DecodeError, ErrorCode, Frame, FrameType, GroupName,
-    Hello, MemberId, NodeName, Reason, Role, Welcome, PROTOCOL_VERSION,
+    decode, max_frame_for, snapshot_flags, DecodeError, ErrorCode, Events, Frame, FrameType,
+    GroupName, Hello, MemberId, MembershipChange, NodeName, Reason, Role, Welcome,
+    PROTOCOL_VERSION,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -177,7 +178,15 @@ fn client_frame() -> impl Strategy<Value = Frame> {
         }),
         any::<u64>().prop_map(|token| Frame::Ping { token }),
         any::<u64>().prop_map(|token| Frame::Pong { token }),
-        group().prop_map(|group| Frame::Join { group }),
+        (
+            group(),
+            prop_oneof![
+                Just(Events::Each),
+                Just(Events::Batched),
+                Just(Events::None)
+            ]
+        )
+            .prop_map(|(group, events)| Frame::Join { group, events }),
         group().prop_map(|group| Frame::Leave { group }),
         (group(), payload()).prop_map(|(group, payload)| Frame::Publish { group, payload }),
         (member(), payload()).prop_map(|(to, payload)| Frame::Send { to, payload }),
@@ -203,6 +212,19 @@ fn server_frame() -> impl Strategy<Value = Frame> {
                 size,
             }
         }),
+        (group(), vec((reason(), any::<u32>(), name_text()), 1..30)).prop_map(
+            |(group, changes)| Frame::MembershipBatch {
+                group,
+                changes: changes
+                    .into_iter()
+                    .map(|(reason, size, s)| MembershipChange {
+                        reason,
+                        size,
+                        subject: Bytes::from(s),
+                    })
+                    .collect(),
+            }
+        ),
         (any::<u32>(), any::<bool>(), group(), vec(member(), 0..50)).prop_map(
             |(req, last, group, members)| Frame::MembersReply {
                 req,
@@ -247,7 +269,7 @@ fn frame() -> impl Strategy<Value = Frame> {
 }
 
 /// Every frame type this version knows.
-const KNOWN_TYPES: [FrameType; 22] = [
+const KNOWN_TYPES: [FrameType; 23] = [
     FrameType::HELLO,
     FrameType::WELCOME,
     FrameType::NOOP,
@@ -263,6 +285,7 @@ const KNOWN_TYPES: [FrameType; 22] = [
     FrameType::DELIVER,
     FrameType::DIRECT,
     FrameType::MEMBERSHIP,
+    FrameType::MEMBERSHIP_BATCH,
     FrameType::MEMBERS_REPLY,
     FrameType::STATS_REPLY,
     FrameType::SNAPSHOT,
@@ -624,7 +647,20 @@ fn examples() -> Vec<(&'static str, Frame)> {
         ),
         ("ping", Frame::Ping { token: 42 }),
         ("pong", Frame::Pong { token: 42 }),
-        ("join", Frame::Join { group: g("orders") }),
+        (
+            "join",
+            Frame::Join {
+                group: g("orders"),
+                events: Events::Each,
+            },
+        ),
+        (
+            "join-batched",
+            Frame::Join {
+                group: g("orders"),
+                events: Events::Batched,
+            },
+        ),
         ("leave", Frame::Leave { group: g("orders") }),
         (
             "publish",
@@ -679,6 +715,24 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 subject: text("node2"),
                 reason: Reason::NodeDown,
                 size: 1,
+            },
+        ),
+        (
+            "membership-batch",
+            Frame::MembershipBatch {
+                group: g("orders"),
+                changes: vec![
+                    MembershipChange {
+                        reason: Reason::Join,
+                        size: 2,
+                        subject: text("node1/0.2"),
+                    },
+                    MembershipChange {
+                        reason: Reason::Leave,
+                        size: 1,
+                        subject: text("node1/0.1"),
+                    },
+                ],
             },
         ),
         (

@@ -6,6 +6,7 @@
 //! [`ClientSettings`]; it does not parse files itself (that is
 //! [`crate::config`]) nor touch sockets (that is `connection.rs`).
 
+use crate::protocol::Events;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -68,6 +69,14 @@ pub struct ClientConfig {
     /// `close`, and `publish` waiting for queue room). Default 60 s;
     /// [`ClientConfig::from_settings`] uses `connect_timeout`.
     pub request_timeout: Duration,
+    /// Which events about other members every `join` asks for. Default
+    /// [`Events::Batched`]: every change, coalesced by the server into few
+    /// frames (the library hands them out one [`Event::Membership`]
+    /// each); [`Events::None`] for only this client's own; [`Events::Each`]
+    /// for protocol v1's one frame per change.
+    ///
+    /// [`Event::Membership`]: super::Event::Membership
+    pub membership_events: Events,
 }
 
 impl Default for ClientConfig {
@@ -102,6 +111,7 @@ impl ClientConfig {
             name: None,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             request_timeout: s.connect_timeout,
+            membership_events: Events::Batched,
         }
     }
 

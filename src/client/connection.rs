@@ -305,6 +305,24 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
 }
 
 async fn dispatch(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
+    // A batch of membership changes is handed out one event per change,
+    // exactly as if each had come in its own MEMBERSHIP frame.
+    if let Frame::MembershipBatch { group, changes } = frame {
+        for c in changes {
+            let one = Frame::Membership {
+                group: group.clone(),
+                subject: c.subject,
+                reason: c.reason,
+                size: c.size,
+            };
+            dispatch_one(ctx, one).await?;
+        }
+        return Ok(());
+    }
+    dispatch_one(ctx, frame).await
+}
+
+async fn dispatch_one(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
     match ctx.shared.on_frame(frame) {
         Ok(Some(event)) => match ctx.events.try_send(event) {
             Ok(()) => Ok(()),

@@ -233,7 +233,8 @@ impl Client {
             }
             register(&mut st.joins, &group)
         };
-        let frame = first.then(|| Frame::Join { group });
+        let events = self.inner.shared.cfg.membership_events;
+        let frame = first.then(|| Frame::Join { group, events });
         self.await_ack("join acknowledgement", frame, rx).await
     }
 

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use crate::protocol::{max_frame_for, Frame, GroupName};
+use crate::protocol::{max_frame_for, Events, Frame, GroupName};
 
 use super::connection::{connect_any, read_loop, write_loop, Conn, End, Out, ReadCtx};
 use super::error::ClientError;
@@ -119,8 +119,9 @@ async fn redial(links: &Links) -> Option<Conn> {
 async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
     let cfg = &links.shared.cfg;
     if let Some(acks) = &rejoin {
-        if let Err(end) = send_joins(&mut conn, acks.iter().map(|(g, _)| g), cfg.idle_timeout).await
-        {
+        let groups = acks.iter().map(|(g, _)| g);
+        let events = cfg.membership_events;
+        if let Err(end) = send_joins(&mut conn, groups, events, cfg.idle_timeout).await {
             return end;
         }
     }
@@ -156,12 +157,14 @@ async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
 async fn send_joins<'a>(
     conn: &mut Conn,
     groups: impl Iterator<Item = &'a GroupName>,
+    events: Events,
     stall: Duration,
 ) -> Result<(), End> {
     let mut buf = BytesMut::new();
     for group in groups {
         Frame::Join {
             group: group.clone(),
+            events,
         }
         .encode(&mut buf);
     }

@@ -3,8 +3,8 @@
 
 use super::{route_to_peer, ClusterMsg};
 use crate::protocol::{
-    list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType, GroupName, Hello,
-    MemberId, Reason, Welcome, PROTOCOL_VERSION,
+    encode_membership, list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType,
+    GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, Reject};
 use crate::server::shard::{Kill, Shard};
@@ -271,7 +271,7 @@ fn deliver_forward(shard: &Shard, group: &GroupName, sender: &MemberId, payload:
         return;
     }
     let frame = crate::protocol::encode_group_message(FrameType::DELIVER, group, sender, payload);
-    let n = shard.to_shards(group.as_bytes(), &frame, mask, false);
+    let n = shard.to_shards(group.as_bytes(), &frame, mask);
     ShardStats::add(&shard.stats().deliveries, n);
 }
 
@@ -281,7 +281,8 @@ fn remote_join(shard: &Shard, i: usize, group: &GroupName, member: &MemberId) {
     let ch = shard.shared.table.join_remote(group.as_bytes(), member, i);
     if ch.changed {
         let g = group.as_bytes();
-        shard.membership_event(g, member.as_bytes(), Reason::Join, ch.size, ch.shards);
+        let frame = encode_membership(g, Reason::Join, ch.size, member.as_bytes());
+        shard.membership_event(g, &frame, ch.seq, ch.shards);
     }
 }
 
@@ -298,7 +299,8 @@ fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, r
             Reason::Disconnect
         };
         let g = group.as_bytes();
-        shard.membership_event(g, member.as_bytes(), reason, ch.size, ch.shards);
+        let frame = encode_membership(g, reason, ch.size, member.as_bytes());
+        shard.membership_event(g, &frame, ch.seq, ch.shards);
     }
 }
 
@@ -315,7 +317,8 @@ fn node_down(shard: &Shard, i: usize, name: &str) {
         let (ch, gone) = table.drop_remote(group, i);
         if gone > 0 && valid {
             let g = group.name();
-            shard.membership_event(g, subject, Reason::NodeDown, ch.size, ch.shards);
+            let frame = encode_membership(g, Reason::NodeDown, ch.size, subject);
+            shard.membership_event(g, &frame, ch.seq, ch.shards);
         }
     }
     tracing::warn!(

@@ -8,7 +8,8 @@
 //! [`DecodeError`] that maps to an [`ErrorCode`].
 
 use super::frame::{
-    snapshot_flags, ErrorCode, Frame, FrameType, Hello, Reason, Role, Welcome, MAGIC,
+    snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason, Role,
+    Welcome, MAGIC,
 };
 use super::names::{GroupName, MemberId, NameError, NodeName};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -121,9 +122,7 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
         FrameType::PONG => Frame::Pong {
             token: u64_(&mut b)?,
         },
-        FrameType::JOIN => Frame::Join {
-            group: group(&mut b)?,
-        },
+        FrameType::JOIN => decode_join(&mut b)?,
         FrameType::LEAVE => Frame::Leave {
             group: group(&mut b)?,
         },
@@ -150,6 +149,7 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
             payload: rest(&mut b),
         },
         FrameType::MEMBERSHIP => decode_membership(&mut b)?,
+        FrameType::MEMBERSHIP_BATCH => decode_membership_batch(&mut b)?,
         FrameType::MEMBERS_REPLY => decode_members_reply(&mut b)?,
         FrameType::STATS_REPLY => Frame::StatsReply {
             req: u32_(&mut b)?,
@@ -228,6 +228,40 @@ fn decode_error(b: &mut Bytes) -> Result<Frame, DecodeError> {
     let message = String::from_utf8(text.to_vec())
         .map_err(|_| DecodeError::Malformed("error message is not UTF-8"))?;
     Ok(Frame::Error { code, message })
+}
+
+fn decode_join(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let group = group(b)?;
+    // Optional: a v1 `JOIN` ends after the group.
+    let events = if b.has_remaining() {
+        Events::from_u8(u8_(b)?).ok_or(DecodeError::Malformed(
+            "join events must be 0 (each), 1 (batched) or 2 (none)",
+        ))?
+    } else {
+        Events::Each
+    };
+    Ok(Frame::Join { group, events })
+}
+
+fn decode_membership_batch(b: &mut Bytes) -> Result<Frame, DecodeError> {
+    let group = group(b)?;
+    let count = count(b, 7)?;
+    if count == 0 {
+        return Err(DecodeError::Malformed("a membership batch holds no change"));
+    }
+    let mut changes = Vec::with_capacity(prealloc::<MembershipChange>(count, b));
+    for _ in 0..count {
+        let reason = reason(b)?;
+        let size = u32_(b)?;
+        let subject = str8(b)?;
+        super::names::validate_name(&subject)?;
+        changes.push(MembershipChange {
+            reason,
+            size,
+            subject,
+        });
+    }
+    Ok(Frame::MembershipBatch { group, changes })
 }
 
 fn decode_membership(b: &mut Bytes) -> Result<Frame, DecodeError> {
@@ -416,6 +450,34 @@ pub fn group_of(frame: &[u8]) -> Option<&[u8]> {
     frame.get(LEN_PREFIX + 2..LEN_PREFIX + 2 + len)
 }
 
+/// Encodes a `MEMBERSHIP_BATCH` frame from a group's raw name (already
+/// valid) and `(reason, size, subject)` changes (at least one): built once
+/// and shared by every member it goes to.
+pub fn encode_membership_batch<'a>(
+    group: &[u8],
+    changes: impl ExactSizeIterator<Item = (Reason, u32, &'a [u8])> + Clone,
+) -> Bytes {
+    let body = 1 + group.len() + 4 + changes.clone().map(|c| 6 + c.2.len()).sum::<usize>();
+    let mut dst = BytesMut::with_capacity(LEN_PREFIX + 1 + body);
+    header(&mut dst, FrameType::MEMBERSHIP_BATCH, body);
+    put_str8(&mut dst, group);
+    put_changes(&mut dst, changes);
+    dst.freeze()
+}
+
+fn put_changes<'a>(
+    b: &mut BytesMut,
+    changes: impl ExactSizeIterator<Item = (Reason, u32, &'a [u8])>,
+) {
+    // Batches are bounded far below 4 G entries by the frame limit.
+    b.put_u32(changes.len() as u32);
+    for (reason, size, subject) in changes {
+        b.put_u8(reason as u8);
+        b.put_u32(size);
+        put_str8(b, subject);
+    }
+}
+
 /// Encodes a `PUBLISH` frame (what clients send).
 pub fn encode_publish(dst: &mut BytesMut, group: &GroupName, payload: &[u8]) {
     header(
@@ -458,7 +520,20 @@ impl Frame {
                 put_str16(b, utf8_prefix(message, u16::MAX as usize).as_bytes());
             }
             Frame::Ping { token } | Frame::Pong { token } => b.put_u64(*token),
-            Frame::Join { group } | Frame::Leave { group } => put_str8(b, group.as_bytes()),
+            Frame::Join { group, events } => {
+                put_str8(b, group.as_bytes());
+                if *events != Events::Each {
+                    b.put_u8(*events as u8);
+                }
+            }
+            Frame::Leave { group } => put_str8(b, group.as_bytes()),
+            Frame::MembershipBatch { group, changes } => {
+                put_str8(b, group.as_bytes());
+                put_changes(
+                    b,
+                    changes.iter().map(|c| (c.reason, c.size, &c.subject[..])),
+                );
+            }
             Frame::Publish { group, payload } => put_name_payload(b, group.as_bytes(), payload),
             Frame::Send { to, payload } => put_name_payload(b, to.as_bytes(), payload),
             Frame::MembersRequest { req, group } => {
@@ -584,16 +659,17 @@ mod tests {
 
     #[test]
     fn partial_input_is_not_an_error() {
-        let bytes = Frame::Join { group: g("orders") }.to_bytes();
+        let join = Frame::Join {
+            group: g("orders"),
+            events: Events::Each,
+        };
+        let bytes = join.to_bytes();
         let mut buf = BytesMut::new();
         for (i, byte) in bytes.iter().enumerate() {
             assert_eq!(decode(&mut buf, 64).unwrap(), None, "after {i} bytes");
             buf.put_u8(*byte);
         }
-        assert_eq!(
-            decode(&mut buf, 64).unwrap(),
-            Some(Frame::Join { group: g("orders") })
-        );
+        assert_eq!(decode(&mut buf, 64).unwrap(), Some(join));
         assert!(buf.is_empty());
     }
 

@@ -53,6 +53,9 @@ impl FrameType {
     pub const MEMBERS_REPLY: Self = Self(0x23);
     /// Server answers `STATS_REQUEST`.
     pub const STATS_REPLY: Self = Self(0x24);
+    /// Server reports several membership changes of one group (to members
+    /// that joined with [`Events::Batched`]).
+    pub const MEMBERSHIP_BATCH: Self = Self(0x25);
     /// Peer: one chunk of a membership snapshot.
     pub const SNAPSHOT: Self = Self(0x30);
     /// Peer: a member joined a group on the sending node.
@@ -164,6 +167,46 @@ impl Reason {
     }
 }
 
+/// Which membership events a member wants about the *other* members of a
+/// group (its own join and leave are always acknowledged, one `MEMBERSHIP`
+/// each). Carried by `JOIN`; Spread's `group_membership` flag is the
+/// precedent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Events {
+    /// One `MEMBERSHIP` frame per change, as soon as it happens (protocol
+    /// v1's behaviour, and a `JOIN` without the field).
+    #[default]
+    Each = 0,
+    /// Every change, coalesced into `MEMBERSHIP_BATCH` frames.
+    Batched = 1,
+    /// None: only this member's own acknowledgements.
+    None = 2,
+}
+
+impl Events {
+    /// Decodes the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Each,
+            1 => Self::Batched,
+            2 => Self::None,
+            _ => return None,
+        })
+    }
+}
+
+/// One change in a `MEMBERSHIP_BATCH`: what a `MEMBERSHIP` frame carries,
+/// less the group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    /// Why.
+    pub reason: Reason,
+    /// The group's cluster-wide size after the change.
+    pub size: u32,
+    /// The member that changed, or for [`Reason::NodeDown`] the node lost.
+    pub subject: Bytes,
+}
+
 /// `HELLO`: the first frame on every connection, from the dialling side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -234,6 +277,9 @@ pub enum Frame {
     Join {
         /// The group.
         group: GroupName,
+        /// Which events about other members to send (encoded only when not
+        /// [`Events::Each`], so a v1 `JOIN` is byte for byte the same).
+        events: Events,
     },
     /// Leave `group`.
     Leave {
@@ -292,6 +338,14 @@ pub enum Frame {
         reason: Reason,
         /// The group's cluster-wide size after the change.
         size: u32,
+    },
+    /// Several membership changes in a group this member belongs to, in
+    /// the order they happened.
+    MembershipBatch {
+        /// The group.
+        group: GroupName,
+        /// The changes, oldest first (at least one).
+        changes: Vec<MembershipChange>,
     },
     /// (Part of) the answer to `MEMBERS_REQUEST`.
     MembersReply {
@@ -373,6 +427,7 @@ impl Frame {
             Self::Deliver { .. } => FrameType::DELIVER,
             Self::Direct { .. } => FrameType::DIRECT,
             Self::Membership { .. } => FrameType::MEMBERSHIP,
+            Self::MembershipBatch { .. } => FrameType::MEMBERSHIP_BATCH,
             Self::MembersReply { .. } => FrameType::MEMBERS_REPLY,
             Self::StatsReply { .. } => FrameType::STATS_REPLY,
             Self::Snapshot { .. } => FrameType::SNAPSHOT,

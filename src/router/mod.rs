@@ -54,6 +54,9 @@ pub struct GroupState {
     members: MemberSet,
     /// Members per peer node (index, count); no zero counts.
     per_peer: Vec<(u16, u32)>,
+    /// Changes so far: numbers each change, in the order the table made
+    /// them (see [`Change::seq`]).
+    changes: u64,
 }
 
 impl GroupState {
@@ -189,12 +192,17 @@ pub struct Change {
     pub size: u32,
     /// Shards with local members after the change (to send events to).
     pub shards: u64,
+    /// The change's number in its group (1, 2, …, in the order the table
+    /// made them; 0 when nothing changed). A member is told of the changes
+    /// numbered after its own join, however late their events reach it.
+    pub seq: u64,
 }
 
 const UNCHANGED: Change = Change {
     changed: false,
     size: 0,
     shards: 0,
+    seq: 0,
 };
 
 /// The shared group table: lock-free reads, per-group locking for changes.
@@ -423,11 +431,15 @@ impl GroupTable {
     }
 }
 
-fn change(entry: &GroupEntry, st: &GroupState, changed: bool) -> Change {
+fn change(entry: &GroupEntry, st: &mut GroupState, changed: bool) -> Change {
+    if changed {
+        st.changes += 1;
+    }
     Change {
         changed,
         size: st.size(),
         shards: entry.shard_mask(),
+        seq: if changed { st.changes } else { 0 },
     }
 }
 
@@ -460,7 +472,8 @@ mod tests {
             Change {
                 changed: true,
                 size: 1,
-                shards: 1
+                shards: 1,
+                seq: 1,
             }
         );
         assert!(!t.join_local(b"a", &m("n/0.1"), 0).unwrap().1.changed);

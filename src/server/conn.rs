@@ -537,7 +537,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
             check_size(shard, payload.len())?;
             shard.send_direct(&conn.id, &to, &payload);
         }
-        Frame::Join { group } => shard.join(conn, &group),
+        Frame::Join { group, events } => shard.join(conn, &group, events),
         Frame::Leave { group } => shard.leave(conn, group.as_bytes(), Reason::Leave),
         Frame::Noop | Frame::Pong { .. } => {}
         Frame::Ping { token } => {

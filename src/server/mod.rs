@@ -10,6 +10,7 @@ pub mod conn;
 pub mod flow;
 pub mod inbox;
 pub mod io;
+pub mod membership;
 pub mod memory;
 pub mod outbound;
 pub mod shard;
@@ -464,6 +465,7 @@ async fn shard_main(
     }
     tokio::task::spawn_local(shard.clone().sweep_loop());
     tokio::task::spawn_local(shard.clone().stuck_watch());
+    tokio::task::spawn_local(shard.clone().batch_flusher());
     crate::cluster::start_shard(&shard);
     shard.clone().inbox_loop(rx).await;
     for l in &listeners {

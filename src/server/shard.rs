@@ -12,17 +12,16 @@
 use super::conn::Conn;
 use super::flow::Gate;
 use super::io::Listener;
+use super::membership::{Batches, Members};
 use super::outbound::Push;
 use super::shared::{ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
-    encode_group_message, encode_membership, group_of, ErrorCode, Frame, FrameType, GroupName,
-    MemberId, Reason,
+    encode_group_message, group_of, ErrorCode, Frame, FrameType, GroupName, MemberId,
 };
 use crate::router::{bits, Group};
 use crate::stats::ShardStats;
 use bytes::Bytes;
-use smallvec::SmallVec;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -43,9 +42,6 @@ pub enum Kill {
     Closed,
 }
 
-/// The local members of one group: most groups have one per shard.
-pub type Members = SmallVec<[Rc<Conn>; 1]>;
-
 /// A shard's state. Lives in an `Rc` on its own thread.
 pub struct Shard {
     /// This shard's index.
@@ -60,7 +56,9 @@ pub struct Shard {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     /// Local members of each group (shard-local; the hot path's list),
     /// keyed by the interned group (looked up by name).
-    members: RefCell<HashMap<Group, Members>>,
+    pub(super) members: RefCell<HashMap<Group, Members>>,
+    /// Membership changes waiting for batched members.
+    pub(super) batches: Batches,
     next_seq: Cell<u64>,
     /// Set when this shard's shutdown has begun.
     pub stopping: Cell<bool>,
@@ -100,6 +98,7 @@ impl Shard {
             live: Cell::new(live),
             conns: RefCell::new(HashMap::new()),
             members: RefCell::new(HashMap::new()),
+            batches: Batches::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
             links: Default::default(),
@@ -271,27 +270,22 @@ impl Shard {
         let now = self.clock.get();
         let producer = self.producer.borrow();
         let mut n = 0;
-        for conn in list {
-            n += u64::from(self.push_from(conn, frame.clone(), now, producer.as_ref()));
+        for m in list {
+            n += u64::from(self.push_from(&m.conn, frame.clone(), now, producer.as_ref()));
         }
         n
     }
 
-    /// Queues `frame` (whose first field is group `name`) to the group's
-    /// members on every shard in `mask`.
-    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64, event: bool) -> u64 {
+    /// Queues `frame` (a DELIVER of group `name`) to the group's members
+    /// on every shard in `mask`. Returns the local deliveries.
+    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64) -> u64 {
         let mut local = 0;
         for s in bits(mask) {
             if s == self.index {
                 local = self.to_local_members(name, frame);
             } else {
                 let (frame, producer) = (frame.clone(), self.producer());
-                let msg = if event {
-                    ShardMsg::Event { frame, producer }
-                } else {
-                    ShardMsg::Deliver { frame, producer }
-                };
-                self.shared.send(s, msg);
+                self.shared.send(s, ShardMsg::Deliver { frame, producer });
             }
         }
         local
@@ -311,7 +305,7 @@ impl Shard {
         }
         if shards != 0 {
             let frame = encode_group_message(FrameType::DELIVER, group, sender, payload);
-            let n = self.to_shards(group.as_bytes(), &frame, shards, false);
+            let n = self.to_shards(group.as_bytes(), &frame, shards);
             ShardStats::add(&st.deliveries, n);
         }
         if remote {
@@ -359,91 +353,6 @@ impl Shard {
         }
     }
 
-    /// `conn` joins `group` (idempotent): tables updated, events sent.
-    pub fn join(&self, conn: &Rc<Conn>, group: &GroupName) {
-        if conn.groups.borrow().contains(group.as_bytes()) {
-            return;
-        }
-        let table = &self.shared.table;
-        let Some((group, ch)) = table.join_local(group.as_bytes(), &conn.id, self.index) else {
-            return;
-        };
-        conn.groups.borrow_mut().insert(group.clone());
-        self.members
-            .borrow_mut()
-            .entry(group.clone())
-            .or_default()
-            .push(conn.clone());
-        self.membership_event(
-            group.name(),
-            conn.id.as_bytes(),
-            Reason::Join,
-            ch.size,
-            ch.shards,
-        );
-        crate::cluster::local_join(self, &group, &conn.id);
-    }
-
-    /// `conn` leaves group `name` (a no-op when not a member).
-    pub fn leave(&self, conn: &Conn, name: &[u8], reason: Reason) {
-        let Some(group) = conn.groups.borrow_mut().take(name) else {
-            return;
-        };
-        self.forget(conn, &group, reason);
-    }
-
-    /// Leaves every group `conn` belongs to (its connection closed).
-    // A `Group` hashes and compares by its name, which never changes: the
-    // interior mutability clippy sees is the member set, not the key.
-    #[allow(clippy::mutable_key_type)]
-    pub fn leave_all(&self, conn: &Conn) {
-        let groups = std::mem::take(&mut *conn.groups.borrow_mut());
-        for g in &groups {
-            self.forget(conn, g, Reason::Disconnect);
-        }
-    }
-
-    fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
-        let last = {
-            let mut members = self.members.borrow_mut();
-            match members.get_mut(group.name()) {
-                Some(list) => {
-                    list.retain(|c| c.seq != conn.seq);
-                    let empty = list.is_empty();
-                    if empty {
-                        members.remove(group.name());
-                    }
-                    empty
-                }
-                None => true,
-            }
-        };
-        let ch = self
-            .shared
-            .table
-            .leave_local(group, &conn.id, last.then_some(self.index));
-        let frame = encode_membership(group.name(), reason, ch.size, conn.id.as_bytes());
-        if reason == Reason::Leave {
-            // The leaver's own event is its acknowledgement.
-            self.push(conn, frame.clone());
-        }
-        self.to_shards(group.name(), &frame, ch.shards, true);
-        crate::cluster::local_leave(self, group, &conn.id, reason);
-    }
-
-    /// Sends a membership event to the group's members on every shard in `mask`.
-    pub fn membership_event(
-        &self,
-        name: &[u8],
-        subject: &[u8],
-        reason: Reason,
-        size: u32,
-        mask: u64,
-    ) {
-        let frame = encode_membership(name, reason, size, subject);
-        self.to_shards(name, &frame, mask, true);
-    }
-
     /// Handles one message from another shard; false after `Shutdown`.
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
         let cost = msg.cost();
@@ -453,10 +362,14 @@ impl Shard {
                 let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame));
                 ShardStats::add(&self.stats().deliveries, n);
             }
-            ShardMsg::Event { frame, producer } => {
+            ShardMsg::Event {
+                frame,
+                seq,
+                producer,
+            } => {
                 let _p = self.producing(producer);
                 if let Some(g) = group_of(&frame) {
-                    self.to_local_members(g, &frame);
+                    self.membership_changed(g, &frame, seq);
                 }
             }
             ShardMsg::Direct {

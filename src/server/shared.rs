@@ -31,6 +31,8 @@ pub enum ShardMsg {
     Event {
         /// The encoded frame.
         frame: Bytes,
+        /// The change's number in its group (see `router::Change::seq`).
+        seq: u64,
         /// Who made it.
         producer: Option<Arc<Gate>>,
     },

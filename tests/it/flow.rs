@@ -17,7 +17,7 @@ use crate::flowkit::{
 use crate::util::{wait_for, NodeProc, Raw, TempDir, WAIT};
 use bytes::{Bytes, BytesMut};
 use msgc::client::{ClientConfig, Event};
-use msgc::protocol::{ErrorCode, Frame, GroupName};
+use msgc::protocol::{ErrorCode, Events, Frame, GroupName};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -208,7 +208,11 @@ async fn a_join_and_leave_storm_cuts_no_link() {
     let groups: Vec<GroupName> = (0..N).map(|i| group(&format!("storm.{i}"))).collect();
     let mut burst = BytesMut::new();
     for g in &groups {
-        Frame::Join { group: g.clone() }.encode(&mut burst);
+        Frame::Join {
+            group: g.clone(),
+            events: Events::Each,
+        }
+        .encode(&mut burst);
     }
     tokio::task::block_in_place(|| raw.s.write_all(&burst).expect("joins"));
     until("node2 and node3 to see the 10,000 groups", || {
@@ -398,4 +402,157 @@ fn a_busy_shard_keeps_writing_on_io_uring() {
     for r in readers {
         let _ = r.join();
     }
+}
+
+// ------------------------------------------------------ membership storms
+
+/// What one storm member saw: the size its own join was acknowledged
+/// with, and how many joins of others it was told of afterwards.
+struct Seen {
+    own_size: u32,
+    others: u64,
+    last_size: u32,
+}
+
+/// `n` clients, half on each of two nodes, join one group as fast as they
+/// connect, asking for `events`; each counts what it is told. Returns what
+/// each saw once the group has `n` members everywhere, and the nodes'
+/// stats.
+async fn join_storm(
+    tag: &str,
+    n: usize,
+    events: msgc::protocol::Events,
+) -> (Vec<Seen>, Vec<serde_json::Value>) {
+    let c = Cluster::start(tag, 2, QUICK).await;
+    let g: GroupName = group("storm");
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut cfg = ClientConfig::with_servers([c.addr(i % 2).to_string()]);
+        cfg.membership_events = events;
+        cfg.request_timeout = WAIT;
+        let g = g.clone();
+        let me = tokio::spawn(async move {
+            let client = msgc::client::Client::connect(cfg).await.expect("connect");
+            let rx = client.events();
+            client.join(&g).await.expect("join");
+            let id = client.member_id().to_string();
+            let mut seen = Seen {
+                own_size: 0,
+                others: 0,
+                last_size: 0,
+            };
+            let end = tokio::time::Instant::now() + 3 * WAIT;
+            // Until this member has heard of every other join (batched,
+            // each), or has its own acknowledgement (none).
+            loop {
+                let ev = tokio::time::timeout_at(end, rx.recv_async()).await;
+                let Ok(Ok(Event::Membership {
+                    subject,
+                    reason,
+                    size,
+                    ..
+                })) = ev
+                else {
+                    break;
+                };
+                assert_eq!(
+                    reason,
+                    msgc::protocol::Reason::Join,
+                    "{id}: only joins in this storm"
+                );
+                if subject == id {
+                    seen.own_size = size;
+                } else {
+                    assert!(
+                        seen.own_size > 0,
+                        "{id}: told of {subject} before its own join"
+                    );
+                    seen.others += 1;
+                }
+                seen.last_size = size;
+                let done = match events {
+                    msgc::protocol::Events::None => seen.own_size > 0,
+                    _ => seen.last_size as usize == n,
+                };
+                if done {
+                    break;
+                }
+            }
+            (seen, client)
+        });
+        tasks.push(me);
+    }
+    let mut out = Vec::new();
+    let mut clients = Vec::new();
+    for t in tasks {
+        let (seen, client) = t.await.expect("storm member");
+        out.push(seen);
+        clients.push(client);
+    }
+    // Anything more would be a change told twice.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st: Vec<serde_json::Value> = (0..2).map(|i| stats(c.addr(i))).collect();
+    drop(clients);
+    (out, st)
+}
+
+/// 1,000 clients join one group on two nodes at once, asking for batched
+/// events (the client library's default). Every member is told of exactly
+/// the joins after its own, each once, in a number of frames far below the
+/// one-per-change-per-member of protocol v1 (n²/2 = 500,000 here); no link
+/// and no member is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_with_batched_events_costs_few_frames() {
+    const N: usize = 1000;
+    let (seen, st) = join_storm("storm-batched", N, msgc::protocol::Events::Batched).await;
+    for s in &seen {
+        assert!(s.own_size >= 1);
+        assert_eq!(
+            s.others,
+            (N as u32 - s.own_size) as u64,
+            "a member acknowledged at size {} must hear of the {} joins after it",
+            s.own_size,
+            N as u32 - s.own_size
+        );
+    }
+    let frames: u64 = st
+        .iter()
+        .map(|s| num(&s["totals"]["membership_frames"]) + num(&s["totals"]["membership_batches"]))
+        .sum();
+    eprintln!(
+        "batched storm: {N} joins, {frames} membership frames in all ({} batches)",
+        st.iter()
+            .map(|s| num(&s["totals"]["membership_batches"]))
+            .sum::<u64>()
+    );
+    assert!(
+        frames < (N * N / 20) as u64,
+        "{frames} frames: not coalesced"
+    );
+    for (i, s) in st.iter().enumerate() {
+        assert_eq!(num(&s["totals"]["stuck_kills"]), 0, "node{}: {s}", i + 1);
+        let link = &s["peers"][0];
+        assert_eq!(
+            (link["state"].as_str(), link["reconnects"].as_u64()),
+            (Some("up"), Some(0))
+        );
+    }
+}
+
+/// The same storm with members that decline events about others: one frame
+/// per join (its acknowledgement), nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_storm_without_member_events_costs_one_frame_per_join() {
+    const N: usize = 1000;
+    let (seen, st) = join_storm("storm-quiet", N, msgc::protocol::Events::None).await;
+    assert!(seen.iter().all(|s| s.own_size >= 1 && s.others == 0));
+    let acks: u64 = st
+        .iter()
+        .map(|s| num(&s["totals"]["membership_frames"]))
+        .sum();
+    let batches: u64 = st
+        .iter()
+        .map(|s| num(&s["totals"]["membership_batches"]))
+        .sum();
+    assert_eq!((acks, batches), (N as u64, 0));
 }

@@ -5,7 +5,7 @@
 
 use crate::util::{Raw, TestServer};
 use bytes::{BufMut, Bytes, BytesMut};
-use msgc::protocol::{Frame, GroupName, Hello, MemberId, Reason, Role, PROTOCOL_VERSION};
+use msgc::protocol::{Events, Frame, GroupName, Hello, MemberId, Reason, Role, PROTOCOL_VERSION};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,7 +58,10 @@ pub(crate) fn shard_of(id: &MemberId) -> usize {
 
 /// Joins `g` and reads the acknowledgement.
 pub(crate) fn join(r: &mut Raw, g: &GroupName) {
-    r.send(&Frame::Join { group: g.clone() });
+    r.send(&Frame::Join {
+        group: g.clone(),
+        events: Events::Each,
+    });
     loop {
         match r.recv() {
             Some(Frame::Membership { group, reason, .. }) if &group == g => {

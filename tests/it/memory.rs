@@ -4,7 +4,7 @@
 //! groups, 10,000 connections); the per-unit bounds are the same.
 
 use crate::util::{raise_fd_limit, raw_stats, wait_for, NodeProc, Raw, TempDir, WAIT};
-use msgc::protocol::{Frame, GroupName, Reason};
+use msgc::protocol::{Events, Frame, GroupName, Reason};
 use std::time::Duration;
 
 /// Bytes of server memory one membership may cost (issue target).
@@ -21,7 +21,10 @@ fn group(prefix: &str, i: usize) -> GroupName {
 fn join_one_by_one(raw: &mut Raw, prefix: &str, n: usize) {
     for i in 0..n {
         let g = group(prefix, i);
-        raw.send(&Frame::Join { group: g.clone() });
+        raw.send(&Frame::Join {
+            group: g.clone(),
+            events: Events::Each,
+        });
         loop {
             match raw.recv() {
                 Some(Frame::Membership { group, reason, .. }) if group == g => {
@@ -80,7 +83,10 @@ fn an_idle_client_costs_under_20_kib() {
     for i in 0..N {
         let mut raw = Raw::client(node.addr);
         let g = group("own", i);
-        raw.send(&Frame::Join { group: g.clone() });
+        raw.send(&Frame::Join {
+            group: g.clone(),
+            events: Events::Each,
+        });
         match raw.recv() {
             Some(Frame::Membership { group, .. }) => assert_eq!(group, g),
             other => panic!("expected the join event, got {other:?}"),

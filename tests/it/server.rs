@@ -10,8 +10,8 @@ use crate::util::{group, wait_for, NodeProc, Raw, TempDir, TestServer, WAIT};
 use bytes::{BufMut, Bytes, BytesMut};
 use msgc::client::{Client, ClientConfig, Event};
 use msgc::protocol::{
-    ErrorCode, Frame, FrameType, Hello, MemberId, NodeName, Reason, Role, FRAME_OVERHEAD, MAGIC,
-    PROTOCOL_VERSION,
+    ErrorCode, Events, Frame, FrameType, Hello, MemberId, NodeName, Reason, Role, FRAME_OVERHEAD,
+    MAGIC, PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -496,9 +496,15 @@ async fn membership_events_on_join_leave_and_disconnect() {
     let di = di.to_string();
     let ev = membership(g, &di, Reason::Join, 4);
     tokio::task::block_in_place(|| {
-        d.send(&Frame::Join { group: group(g) });
+        d.send(&Frame::Join {
+            group: group(g),
+            events: Events::Each,
+        });
         assert_eq!(raw_membership(&mut d), ev);
-        d.send(&Frame::Join { group: group(g) });
+        d.send(&Frame::Join {
+            group: group(g),
+            events: Events::Each,
+        });
         d.send(&Frame::Leave {
             group: group("never-joined"),
         });
@@ -564,7 +570,10 @@ async fn stuck_member_is_closed(backend: &str) {
         socket2::SockRef::from(&raw.s)
             .set_recv_buffer_size(4096)
             .expect("set SO_RCVBUF");
-        raw.send(&Frame::Join { group: g.clone() });
+        raw.send(&Frame::Join {
+            group: g.clone(),
+            events: Events::Each,
+        });
         let ev = raw_membership(&mut raw);
         assert_eq!((ev.1.as_str(), ev.2), (id.as_str(), Reason::Join));
         (raw, id)
@@ -813,7 +822,12 @@ fn bad_inputs(max_message_size: usize) -> Vec<Case> {
         case(
             "JOIN before HELLO",
             false,
-            Frame::Join { group: group("g") }.to_bytes().to_vec(),
+            Frame::Join {
+                group: group("g"),
+                events: Events::Each,
+            }
+            .to_bytes()
+            .to_vec(),
             ErrorCode::HANDSHAKE_REQUIRED,
         ),
         case(

@@ -1,0 +1,416 @@
+//! Membership on a shard: joins and leaves of its connections, and the
+//! events every member is told, each the way it asked when it joined
+//! ([`Events`]):
+//!
+//! - `Each` (protocol v1): one `MEMBERSHIP` frame per change, at once.
+//! - `Batched`: the changes of a turn coalesced into `MEMBERSHIP_BATCH`
+//!   frames, one encoding shared by every member that is owed the same
+//!   changes. A large group is flushed at most every
+//!   [`batch_interval`] (20 µs per batched member here, at most 100 ms),
+//!   so a storm of joins costs a frame per member per interval, not per
+//!   change.
+//! - `None`: nothing about others.
+//!
+//! Whatever the mode, a member's own join and leave are acknowledged with
+//! one `MEMBERSHIP` each, at once. A member is told of exactly the changes
+//! the group table made after its own join (the table numbers each group's
+//! changes, and a member keeps its join's number), each once, before its
+//! own leave: an event that reaches its shard late (from another shard or
+//! node) is still told if it came after, and never if it came before.
+
+use super::conn::Conn;
+use super::shard::Shard;
+use crate::protocol::{
+    encode_membership, encode_membership_batch, list_budget, Events, FrameType, GroupName, Reason,
+};
+use crate::router::Group;
+use crate::stats::ShardStats;
+use bytes::{Buf, Bytes};
+use smallvec::SmallVec;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// A member of a group on this shard.
+pub struct Local {
+    /// Its connection.
+    pub conn: Rc<Conn>,
+    /// Which events it wants about others.
+    pub events: Events,
+    /// Its own join's number among the group's changes: it is told of the
+    /// changes numbered after it.
+    joined_at: u64,
+}
+
+/// The local members of one group: most groups have one per shard.
+pub type Members = SmallVec<[Local; 1]>;
+
+/// Longest wait before a group's batched changes are flushed.
+const MAX_BATCH_INTERVAL: Duration = Duration::from_millis(100);
+/// Interval added per batched member: flushing costs a frame per member.
+const PER_MEMBER: Duration = Duration::from_micros(20);
+/// A group idle this long after its last flush forgets its flush record.
+const FORGET_AFTER: Duration = Duration::from_secs(1);
+
+/// How long after its last flush a group with `members` batched members
+/// here may be flushed again: nothing for a few members (the end of the
+/// turn), up to [`MAX_BATCH_INTERVAL`] for thousands.
+pub fn batch_interval(members: usize) -> Duration {
+    (PER_MEMBER * u32::try_from(members).unwrap_or(u32::MAX)).min(MAX_BATCH_INTERVAL)
+}
+
+/// A change waiting to be flushed to batched members.
+struct Change {
+    /// Its number among the group's changes.
+    seq: u64,
+    reason: Reason,
+    size: u32,
+    subject: Bytes,
+}
+
+/// One group's unflushed changes on this shard.
+struct Pending {
+    changes: Vec<Change>,
+    last_flush: Option<Instant>,
+    /// When a flush is scheduled (a key of `Batches::due`).
+    due: Option<(Instant, u64)>,
+}
+
+/// A shard's batched membership changes and their flush schedule.
+#[derive(Default)]
+pub struct Batches {
+    /// Keys flush times apart.
+    ticket: Cell<u64>,
+    pending: RefCell<HashMap<Group, Pending>>,
+    due: RefCell<BTreeMap<(Instant, u64), Group>>,
+    wake: Notify,
+}
+
+impl Shard {
+    /// `conn` joins `group` (idempotent) wanting `events` about others:
+    /// tables updated, others told, `conn` acknowledged.
+    pub fn join(&self, conn: &Rc<Conn>, group: &GroupName, events: Events) {
+        if conn.groups.borrow().contains(group.as_bytes()) {
+            return;
+        }
+        let table = &self.shared.table;
+        let Some((group, ch)) = table.join_local(group.as_bytes(), &conn.id, self.index) else {
+            return;
+        };
+        conn.groups.borrow_mut().insert(group.clone());
+        // Others first (the joiner is not in the list yet), then the
+        // joiner's own acknowledgement; its batches start after this change.
+        let name = group.name();
+        let frame = encode_membership(name, Reason::Join, ch.size, conn.id.as_bytes());
+        self.membership_event(name, &frame, ch.seq, ch.shards);
+        self.push_event(conn, frame);
+        let member = Local {
+            conn: conn.clone(),
+            events,
+            joined_at: ch.seq,
+        };
+        self.members
+            .borrow_mut()
+            .entry(group.clone())
+            .or_default()
+            .push(member);
+        crate::cluster::local_join(self, &group, &conn.id);
+    }
+
+    /// `conn` leaves group `name` (a no-op when not a member).
+    pub fn leave(&self, conn: &Conn, name: &[u8], reason: Reason) {
+        let Some(group) = conn.groups.borrow_mut().take(name) else {
+            return;
+        };
+        self.forget(conn, &group, reason);
+    }
+
+    /// Leaves every group `conn` belongs to (its connection closed).
+    // A `Group` hashes and compares by its name, which never changes: the
+    // interior mutability clippy sees is the member set, not the key.
+    #[allow(clippy::mutable_key_type)]
+    pub fn leave_all(&self, conn: &Conn) {
+        let groups = std::mem::take(&mut *conn.groups.borrow_mut());
+        for g in &groups {
+            self.forget(conn, g, Reason::Disconnect);
+        }
+    }
+
+    fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
+        let (me, last) = {
+            let mut members = self.members.borrow_mut();
+            match members.get_mut(group.name()) {
+                Some(list) => {
+                    let i = list.iter().position(|m| m.conn.seq == conn.seq);
+                    let me = i.map(|i| list.remove(i));
+                    let empty = list.is_empty();
+                    if empty {
+                        members.remove(group.name());
+                    }
+                    (me, empty)
+                }
+                None => (None, true),
+            }
+        };
+        let ch = self
+            .shared
+            .table
+            .leave_local(group, &conn.id, last.then_some(self.index));
+        let frame = encode_membership(group.name(), reason, ch.size, conn.id.as_bytes());
+        if reason == Reason::Leave {
+            // A batched leaver first gets the changes it is owed; its own
+            // event, the acknowledgement, is the last about the group.
+            if let Some(me) = me.filter(|m| m.events == Events::Batched) {
+                self.flush_one(group, &me);
+            }
+            self.push_event(conn, frame.clone());
+        }
+        self.membership_event(group.name(), &frame, ch.seq, ch.shards);
+        crate::cluster::local_leave(self, group, &conn.id, reason);
+    }
+
+    /// Tells the members of group `name` on every shard in `mask` about
+    /// change number `seq`, which `frame` (a `MEMBERSHIP`) reports.
+    pub fn membership_event(&self, name: &[u8], frame: &Bytes, seq: u64, mask: u64) {
+        for s in crate::router::bits(mask) {
+            if s == self.index {
+                self.membership_changed(name, frame, seq);
+            } else {
+                let msg = super::shared::ShardMsg::Event {
+                    frame: frame.clone(),
+                    seq,
+                    producer: self.producer(),
+                };
+                self.shared.send(s, msg);
+            }
+        }
+    }
+
+    /// Tells this shard's members of group `name` who joined before change
+    /// number `seq` about it (`frame`, a `MEMBERSHIP`), each the way it
+    /// asked.
+    pub fn membership_changed(&self, name: &[u8], frame: &Bytes, seq: u64) {
+        let members = self.members.borrow();
+        let Some((group, list)) = members.get_key_value(name) else {
+            return;
+        };
+        let mut batched = 0;
+        for m in list.iter().filter(|m| m.joined_at < seq) {
+            match m.events {
+                Events::Each => self.push_event(&m.conn, frame.clone()),
+                Events::Batched => batched += 1,
+                Events::None => {}
+            }
+        }
+        if batched > 0 {
+            if let Some(change) = parse_change(frame) {
+                self.add_pending(group, seq, change, batched);
+            }
+        }
+    }
+
+    fn push_event(&self, conn: &Conn, frame: Bytes) {
+        ShardStats::add(&self.stats().membership_frames, 1);
+        self.push(conn, frame);
+    }
+
+    fn add_pending(
+        &self,
+        group: &Group,
+        seq: u64,
+        (reason, size, subject): (Reason, u32, Bytes),
+        n: usize,
+    ) {
+        let b = &self.batches;
+        let mut pending = b.pending.borrow_mut();
+        let p = pending.entry(group.clone()).or_insert_with(|| Pending {
+            changes: Vec::new(),
+            last_flush: None,
+            due: None,
+        });
+        p.changes.push(Change {
+            seq,
+            reason,
+            size,
+            subject,
+        });
+        if p.due.is_none() {
+            let now = Instant::now();
+            let at = p
+                .last_flush
+                .map_or(now, |t| (t + batch_interval(n)).max(now));
+            let ticket = b.ticket.get() + 1;
+            b.ticket.set(ticket);
+            p.due = Some((at, ticket));
+            b.due.borrow_mut().insert((at, ticket), group.clone());
+            b.wake.notify_one();
+        }
+    }
+
+    /// Sends a leaving `member` the pending changes of `group` it is owed.
+    fn flush_one(&self, group: &Group, member: &Local) {
+        let pending = self.batches.pending.borrow();
+        let Some(p) = pending.get(group.name()) else {
+            return;
+        };
+        for frame in self.batch_frames(group.name(), &p.changes, member.joined_at) {
+            self.push_batch(&member.conn, frame);
+        }
+    }
+
+    /// Flushes `group`'s pending changes to its batched members here: one
+    /// encoding shared by every member that joined before all of them, one
+    /// per join point for those who joined meanwhile.
+    fn flush_group(&self, group: &Group) {
+        let changes = {
+            let mut pending = self.batches.pending.borrow_mut();
+            let Some(p) = pending.get_mut(group.name()) else {
+                return;
+            };
+            p.due = None;
+            p.last_flush = Some(Instant::now());
+            std::mem::take(&mut p.changes)
+        };
+        let Some(oldest) = changes.iter().map(|c| c.seq).min() else {
+            return;
+        };
+        let members = self.members.borrow();
+        let Some(list) = members.get(group.name()) else {
+            return;
+        };
+        let mut encoded: Vec<(u64, Vec<Bytes>)> = Vec::new();
+        for m in list.iter().filter(|m| m.events == Events::Batched) {
+            // Everyone who joined before the oldest change shares one encoding.
+            let after = m.joined_at.max(oldest - 1);
+            let frames = match encoded.iter().find(|(a, _)| *a == after) {
+                Some((_, frames)) => frames.clone(),
+                None => {
+                    let frames = self.batch_frames(group.name(), &changes, after);
+                    encoded.push((after, frames.clone()));
+                    frames
+                }
+            };
+            for f in frames {
+                self.push_batch(&m.conn, f);
+            }
+        }
+    }
+
+    fn push_batch(&self, conn: &Conn, frame: Bytes) {
+        ShardStats::add(&self.stats().membership_batches, 1);
+        let _nobody = self.producing(None);
+        self.push(conn, frame);
+    }
+
+    /// The `changes` numbered after `after`, in the order they reached this
+    /// shard, as `MEMBERSHIP_BATCH` frames each within the frame limit.
+    fn batch_frames(&self, group: &[u8], changes: &[Change], after: u64) -> Vec<Bytes> {
+        let owed: Vec<&Change> = changes.iter().filter(|c| c.seq > after).collect();
+        if owed.is_empty() {
+            return Vec::new();
+        }
+        let budget = list_budget(self.live.get().max_message_size);
+        crate::protocol::split_by_size(&owed, budget, |c| 6 + c.subject.len())
+            .into_iter()
+            .map(|part| {
+                let it = part.iter().map(|c| (c.reason, c.size, &c.subject[..]));
+                encode_membership_batch(group, it)
+            })
+            .collect()
+    }
+
+    /// Flushes batched membership changes when they are due: at the end of
+    /// the turn that made them, or for a large group once its interval
+    /// since the last flush has passed.
+    pub async fn batch_flusher(self: Rc<Self>) {
+        let b = &self.batches;
+        loop {
+            let next = b.due.borrow().keys().next().map(|k| k.0);
+            match next {
+                None => {
+                    b.wake.notified().await;
+                    // Let the rest of this turn add its changes first.
+                    tokio::task::yield_now().await;
+                }
+                Some(at) if at > Instant::now() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                        _ = b.wake.notified() => {}
+                    }
+                }
+                Some(_) => {
+                    let now = Instant::now();
+                    let due: Vec<Group> = {
+                        let mut d = b.due.borrow_mut();
+                        let later = d.split_off(&(now, u64::MAX));
+                        std::mem::replace(&mut *d, later).into_values().collect()
+                    };
+                    for g in &due {
+                        self.flush_group(g);
+                    }
+                    self.forget_idle_batches(now);
+                    super::io::submit_pending(self.uring);
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    /// Drops the flush records of groups quiet for a while.
+    fn forget_idle_batches(&self, now: Instant) {
+        let mut pending = self.batches.pending.borrow_mut();
+        if pending.len() < 64 {
+            return;
+        }
+        pending.retain(|_, p| {
+            p.due.is_some()
+                || p.last_flush
+                    .is_some_and(|t| now.duration_since(t) < FORGET_AFTER)
+        });
+    }
+}
+
+/// The (reason, size, subject) a `MEMBERSHIP` frame reports.
+fn parse_change(frame: &Bytes) -> Option<(Reason, u32, Bytes)> {
+    let mut b = frame.clone();
+    if b.remaining() < 6 || b[4] != FrameType::MEMBERSHIP.0 {
+        return None;
+    }
+    b.advance(5);
+    let glen = usize::from(b.get_u8());
+    if b.remaining() < glen + 6 {
+        return None;
+    }
+    b.advance(glen);
+    let reason = Reason::from_u8(b.get_u8())?;
+    let size = b.get_u32();
+    let slen = usize::from(b.get_u8());
+    // An owned copy: it outlives this frame in the pending batch.
+    let subject = Bytes::copy_from_slice(b.get(..slen)?);
+    Some((reason, size, subject))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_grow_with_the_group_and_stop_at_100_ms() {
+        assert_eq!(batch_interval(1), Duration::from_micros(20));
+        assert_eq!(batch_interval(1000), Duration::from_millis(20));
+        assert_eq!(batch_interval(1_000_000), MAX_BATCH_INTERVAL);
+    }
+
+    #[test]
+    fn a_change_is_read_back_from_its_frame() {
+        let f = encode_membership(b"g", Reason::Disconnect, 9, b"n/1.2");
+        let (reason, size, subject) = parse_change(&f).expect("parsed");
+        assert_eq!(
+            (reason, size, &subject[..]),
+            (Reason::Disconnect, 9, &b"n/1.2"[..])
+        );
+        assert!(parse_change(&Bytes::from_static(b"\0\0\0\x01\x03")).is_none());
+    }
+}
