@@ -7,7 +7,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use msgc::protocol::{
-    decode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Role, PROTOCOL_VERSION,
+    decode, Events, Frame, FrameType, GroupName, Hello, MemberId, Reason, Role, PROTOCOL_VERSION,
 };
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,7 +105,11 @@ impl WireConn {
     pub async fn join_all(&mut self, groups: &[GroupName]) -> Result<()> {
         let mut out = BytesMut::new();
         for g in groups {
-            Frame::Join { group: g.clone() }.encode(&mut out);
+            Frame::Join {
+                group: g.clone(),
+                events: Events::Each,
+            }
+            .encode(&mut out);
         }
         self.wr.write_all(&out).await?;
         let want = groups.len();
