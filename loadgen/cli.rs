@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Load generator for msgc: throughput and latency (HdrHistogram) under
 /// fan-out, fan-in, many groups, cross-node traffic, backlog pressure and
-/// membership churn.
+/// membership churn; and what a server's memory costs.
 #[derive(Parser, Debug)]
 #[command(name = "msgc-loadgen", version, about)]
 pub struct Cli {
@@ -119,6 +119,25 @@ pub enum Scenario {
         #[arg(long, value_parser = parse_duration, default_value = "0s")]
         hold: Duration,
     },
+    /// What the first server's memory costs, in bytes, from its own
+    /// STATS (RSS): per membership, per idle connection, and after a burst
+    /// of large messages. Ignores the traffic options (--size, --duration…).
+    Memory {
+        #[command(flatten)]
+        common: Common,
+        /// Phase `memberships`: one client joins this many groups, one
+        /// JOIN per round trip (0 skips the phase).
+        #[arg(long, default_value_t = 100_000)]
+        groups: usize,
+        /// Phases `idle_connections` and `burst`: this many client
+        /// connections (0 skips both).
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        /// Phase `burst`: payload of the one PUBLISH each connection sends
+        /// to a group nobody is in (0 skips the phase).
+        #[arg(long, value_name = "BYTES", default_value_t = 60_000)]
+        burst_size: usize,
+    },
 }
 
 impl Scenario {
@@ -131,6 +150,7 @@ impl Scenario {
             Scenario::Cluster { .. } => "cluster",
             Scenario::Backlog { .. } => "backlog",
             Scenario::Churn { .. } => "churn",
+            Scenario::Memory { .. } => "memory",
         }
     }
 
@@ -142,7 +162,8 @@ impl Scenario {
             | Scenario::Groups { common, .. }
             | Scenario::Cluster { common, .. }
             | Scenario::Backlog { common, .. }
-            | Scenario::Churn { common, .. } => common,
+            | Scenario::Churn { common, .. }
+            | Scenario::Memory { common, .. } => common,
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! Layout: `cli` (options) → `scenarios` (plans) → `engine` (one run:
 //! `sub` subscribers, `publish` publishers, `churn` members) → `report`.
+//! `memory` measures what a server's memory costs, phase by phase.
 //! `spawn` starts throw-away servers; `observe` reads their counters;
 //! `wire` is the raw protocol reader; `clock` the shared time base.
 
@@ -11,6 +12,7 @@ mod churn;
 mod cli;
 mod clock;
 mod engine;
+mod memory;
 mod observe;
 mod publish;
 mod report;
@@ -58,6 +60,12 @@ fn run(cli: &Cli) -> Result<()> {
     scenarios::validate(&cli.scenario)?;
     clock::epoch();
     let sets = parse_sets(&common.set)?;
+    if let cli::Scenario::Memory { conns, .. } = &cli.scenario {
+        // Before --spawn: a spawned server inherits the raised limit.
+        if *conns > 0 {
+            memory::raise_fd_limit(*conns)?;
+        }
+    }
     // Spawned from the main thread, which lives as long as the process
     // (the children's PR_SET_PDEATHSIG follows the spawning thread).
     let mut cluster = match common.spawn {

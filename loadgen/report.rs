@@ -1,5 +1,6 @@
-//! Reporting: the JSON object of a run, the human-readable table, the
-//! HdrHistogram `.hgrm` percentile distribution and the SVG plot.
+//! Reporting: the JSON object of a run, the human-readable table (the
+//! memory scenario's own, too), the HdrHistogram `.hgrm` percentile
+//! distribution and the SVG plot.
 //!
 //! Latencies are recorded in ns and reported in µs.
 
@@ -131,6 +132,10 @@ fn lat_line(v: &Value) -> String {
 
 /// Prints the human-readable summary of a run (and its extras).
 pub fn print_table(j: &Value) {
+    if j["scenario"] == "memory" {
+        print_memory(j);
+        return;
+    }
     let p = &j["parameters"];
     println!(
         "msgc-loadgen {}: {}, {} B, {}, {} s measured",
@@ -210,6 +215,82 @@ fn print_extras(j: &Value) {
     }
     if let Some(errs) = j["subscriber_errors"].as_array().filter(|e| !e.is_empty()) {
         println!("  subscriber errors: {errs:?}");
+    }
+}
+
+/// Prints the memory scenario: one block per phase, skipped ones said so.
+fn print_memory(j: &Value) {
+    let p = &j["parameters"];
+    println!(
+        "msgc-loadgen memory: {} ({} backend, {} shards), RSS from the server's STATS",
+        p["measured_server"].as_str().unwrap_or("?"),
+        j["io_backend"].as_str().unwrap_or("?"),
+        num(&j["shards"]),
+    );
+    let m = &j["memberships"];
+    if m.is_null() {
+        println!("  memberships       skipped (--groups 0)");
+    } else {
+        println!(
+            "  memberships       {} groups, one JOIN per round trip ({} joins/s)",
+            num(&m["groups"]),
+            num(&m["joins_per_sec"]),
+        );
+        println!(
+            "    RSS             {} → {}: {} bytes per membership; after leaving them all {}",
+            mib(&m["rss_before_bytes"]),
+            mib(&m["rss_after_bytes"]),
+            num(&m["bytes_per_membership"]),
+            mib(&m["rss_after_leave_bytes"]),
+        );
+    }
+    print_memory_conns(&j["idle_connections"], &j["burst"]);
+}
+
+fn print_memory_conns(idle: &Value, burst: &Value) {
+    if idle.is_null() {
+        println!("  idle connections  skipped (--conns 0)");
+    } else {
+        println!(
+            "  idle connections  {}, each joined to a group of its own (opened in {} s)",
+            num(&idle["connections"]),
+            num(&idle["open_s"]),
+        );
+        println!(
+            "    RSS             {} → {}: {} bytes per idle connection; after closing them {}",
+            mib(&idle["rss_before_bytes"]),
+            mib(&idle["rss_after_bytes"]),
+            num(&idle["bytes_per_idle_connection"]),
+            mib(&idle["rss_after_close_bytes"]),
+        );
+    }
+    if burst.is_null() {
+        println!("  burst             skipped (--conns 0 or --burst-size 0)");
+        return;
+    }
+    println!(
+        "  burst             {} connections × {} B, one PUBLISH each to a group nobody is in (read in {} s)",
+        num(&burst["connections"]),
+        num(&burst["size"]),
+        num(&burst["read_s"]),
+    );
+    let factor = num(&burst["return_factor"]);
+    let back = match burst["return_s"].as_f64() {
+        Some(s) => format!("within {factor}× of idle after {s:.1} s"),
+        None => format!(
+            "not within {factor}× of idle after {} s",
+            num(&burst["return_limit_s"])
+        ),
+    };
+    println!(
+        "    RSS             idle {}, peak {}, after closing {} ({:.2} × idle, {back})",
+        mib(&burst["rss_idle_bytes"]),
+        mib(&burst["rss_peak_bytes"]),
+        mib(&burst["rss_after_bytes"]),
+        burst["after_over_idle"].as_f64().unwrap_or(f64::NAN),
+    );
+    if burst["connections_closed"] != true {
+        println!("    (the server still counted some of the burst's connections after 15 s)");
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::churn::ChurnPlan;
 use crate::cli::{Common, Scenario};
 use crate::engine::{self, Outcome, Plan};
+use crate::memory;
 use crate::observe::Observer;
 use crate::publish::Routes;
 use crate::report::{lat_json, run_json};
@@ -106,6 +107,12 @@ pub fn validate(s: &Scenario) -> Result<()> {
                 bail!("--join-rate {join_rate}: must be a positive number of joins per second");
             }
         }
+        Scenario::Memory {
+            common,
+            groups,
+            conns,
+            burst_size,
+        } => memory::validate(common, &memory::Sizes::new(*groups, *conns, *burst_size))?,
     }
     window(s.common(), 1)?;
     if let Scenario::Cluster { common, .. } = s {
@@ -191,6 +198,12 @@ pub async fn run(s: &Scenario, t: &Target) -> Result<Report> {
             .await
         }
         Scenario::Backlog { .. } => backlog(s, c, t).await,
+        Scenario::Memory {
+            groups,
+            conns,
+            burst_size,
+            ..
+        } => memory::run(c, t, &memory::Sizes::new(*groups, *conns, *burst_size)).await,
         Scenario::Churn {
             publishers,
             subscribers,
@@ -237,7 +250,7 @@ async fn single(s: &Scenario, c: &Common, t: &Target, plan: Plan, extra: Value) 
 
 /// A unique prefix for this run's group names, so that runs (and other
 /// load generators on the same server) never see each other's traffic.
-fn group_names(n: usize) -> Vec<GroupName> {
+pub fn group_names(n: usize) -> Vec<GroupName> {
     static RUN: AtomicU32 = AtomicU32::new(0);
     let run = RUN.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();

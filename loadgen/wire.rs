@@ -29,6 +29,8 @@ pub struct WireConn {
     pub member: MemberId,
     /// The server's idle timeout: keepalives go out well within it.
     pub idle: Duration,
+    /// The server's `max_message_size` (largest payload it accepts).
+    pub max_message: usize,
 }
 
 /// Dials `addr` (SO_RCVBUF `rcvbuf` if given) and completes the handshake.
@@ -86,6 +88,7 @@ async fn handshake(mut stream: TcpStream) -> Result<WireConn> {
         .member
         .ok_or_else(|| anyhow!("WELCOME without a member id"))?;
     let idle = Duration::from_millis(u64::from(welcome.idle_timeout_ms.max(3000)));
+    let max_message = usize::try_from(welcome.max_message_size).unwrap_or(usize::MAX);
     let (rd, wr) = stream.into_split();
     Ok(WireConn {
         rd,
@@ -93,6 +96,7 @@ async fn handshake(mut stream: TcpStream) -> Result<WireConn> {
         pending: buf,
         member,
         idle,
+        max_message,
     })
 }
 
@@ -111,21 +115,39 @@ impl WireConn {
             }
             .encode(&mut out);
         }
-        self.wr.write_all(&out).await?;
-        let want = groups.len();
-        tokio::time::timeout(SETUP_LIMIT, self.await_acks(want))
-            .await
-            .map_err(|_| anyhow!("join not acknowledged within {SETUP_LIMIT:?}"))?
+        self.pipeline(&out, groups.len(), Reason::Join).await
     }
 
-    async fn await_acks(&mut self, want: usize) -> Result<()> {
+    /// Leaves every group (LEAVEs pipelined) and waits for our own leave
+    /// event in each.
+    ///
+    /// # Errors
+    /// When the server closes, refuses, or does not acknowledge in time.
+    pub async fn leave_all(&mut self, groups: &[GroupName]) -> Result<()> {
+        let mut out = BytesMut::new();
+        for g in groups {
+            Frame::Leave { group: g.clone() }.encode(&mut out);
+        }
+        self.pipeline(&out, groups.len(), Reason::Leave).await
+    }
+
+    /// Sends `frames` at once, then waits for `want` of our own `ack`
+    /// events.
+    async fn pipeline(&mut self, frames: &[u8], want: usize, ack: Reason) -> Result<()> {
+        self.wr.write_all(frames).await?;
+        tokio::time::timeout(SETUP_LIMIT, self.await_acks(want, ack))
+            .await
+            .map_err(|_| anyhow!("{} not acknowledged within {SETUP_LIMIT:?}", ack.name()))?
+    }
+
+    async fn await_acks(&mut self, want: usize, ack: Reason) -> Result<()> {
         let mut acked = 0;
         while acked < want {
             match decode(&mut self.pending, MAX_FRAME)? {
                 Some(Frame::Membership {
                     subject, reason, ..
                 }) => {
-                    if reason == Reason::Join && subject.as_ref() == self.member.as_bytes() {
+                    if reason == ack && subject.as_ref() == self.member.as_bytes() {
                         acked += 1;
                     }
                 }
@@ -136,7 +158,7 @@ impl WireConn {
                 None => {
                     self.pending.reserve(64 * 1024);
                     if self.rd.read_buf(&mut self.pending).await? == 0 {
-                        bail!("connection closed while joining");
+                        bail!("connection closed while waiting for {} events", ack.name());
                     }
                 }
             }

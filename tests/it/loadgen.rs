@@ -1,6 +1,7 @@
 //! msgc-loadgen scenarios against spawned servers: each scenario runs for
 //! a second (`--spawn 1`, `cluster` on `--spawn 3`) through the built
-//! binary with `--json`, and its figures are checked for consistency.
+//! binary with `--json`, and its figures are checked for consistency. The
+//! memory scenario runs small phases and its figures are checked for sanity.
 //!
 //! The runs take turns (one lock): they load the machine on purpose, and
 //! the backlog run needs healthy subscribers to keep up.
@@ -17,10 +18,18 @@ use crate::util::TempDir;
 static TURN: Mutex<()> = Mutex::new(());
 /// A run that takes longer than this is killed (and fails the test).
 const RUN_LIMIT: Duration = Duration::from_secs(45);
+/// The memory scenario's limit: its waits for RSS to settle and come back
+/// add up to more than a traffic run.
+const MEMORY_RUN_LIMIT: Duration = Duration::from_secs(90);
 
 /// Runs `msgc-loadgen ARGS --json --quiet` (1 s measured, 200 ms warm-up)
 /// and returns its exit status, stdout and stderr.
 fn loadgen(args: &[&str]) -> (bool, String, String) {
+    loadgen_within(args, RUN_LIMIT)
+}
+
+/// [`loadgen`], killed after `limit`.
+fn loadgen_within(args: &[&str], limit: Duration) -> (bool, String, String) {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
     let mut child = Command::new(env!("CARGO_BIN_EXE_msgc-loadgen"))
         .args(args)
@@ -30,7 +39,7 @@ fn loadgen(args: &[&str]) -> (bool, String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start msgc-loadgen");
-    let end = Instant::now() + RUN_LIMIT;
+    let end = Instant::now() + limit;
     let status = loop {
         if let Some(st) = child.try_wait().expect("wait for msgc-loadgen") {
             break st;
@@ -39,7 +48,7 @@ fn loadgen(args: &[&str]) -> (bool, String, String) {
             // Its servers die with it (PR_SET_PDEATHSIG).
             let _ = child.kill();
             let _ = child.wait();
-            panic!("msgc-loadgen {args:?} did not finish within {RUN_LIMIT:?}");
+            panic!("msgc-loadgen {args:?} did not finish within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -54,15 +63,21 @@ fn loadgen(args: &[&str]) -> (bool, String, String) {
     (status.success(), out, err)
 }
 
-/// Runs a scenario that must succeed; returns its JSON object.
+/// Runs a traffic scenario that must succeed; returns its JSON object.
 fn run_json(args: &[&str]) -> Value {
-    let (ok, out, err) = loadgen(args);
-    assert!(ok, "msgc-loadgen {args:?} failed: {err}");
-    let line = out.lines().last().unwrap_or_default();
-    let j: Value = serde_json::from_str(line)
-        .unwrap_or_else(|e| panic!("stdout of {args:?} is not JSON ({e}): {out}"));
+    let j = run_ok(args, RUN_LIMIT);
     check_fields(&j);
     j
+}
+
+/// Runs a scenario that must succeed within `limit`; returns its JSON
+/// object (the only line on stdout).
+fn run_ok(args: &[&str], limit: Duration) -> Value {
+    let (ok, out, err) = loadgen_within(args, limit);
+    assert!(ok, "msgc-loadgen {args:?} failed: {err}");
+    assert_eq!(out.lines().count(), 1, "one JSON line on stdout: {out}");
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("stdout of {args:?} is not JSON ({e}): {out}"))
 }
 
 fn u(j: &Value, k: &str) -> u64 {
@@ -248,12 +263,53 @@ fn churn_reports_joins_and_event_latency() {
 }
 
 #[test]
+fn memory_reports_what_memberships_connections_and_a_burst_cost() {
+    let j = run_ok(
+        &[
+            "memory",
+            "--spawn",
+            "1",
+            "--groups",
+            "2000",
+            "--conns",
+            "200",
+            "--burst-size",
+            "60000",
+        ],
+        MEMORY_RUN_LIMIT,
+    );
+    assert_eq!(j["scenario"], "memory");
+    let bytes = |phase: &str, k: &str| {
+        j[phase][k]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{phase}.{k} is not a number of bytes in {j}"))
+    };
+    let per_membership = bytes("memberships", "bytes_per_membership");
+    assert!(
+        (1..4096).contains(&per_membership),
+        "bytes per membership: {j}"
+    );
+    assert_eq!(j["memberships"]["server_groups"][1], 2000 + 100, "{j}");
+    let per_connection = bytes("idle_connections", "bytes_per_idle_connection");
+    assert!(
+        (1..65536).contains(&per_connection),
+        "bytes per idle connection: {j}"
+    );
+    let idle = bytes("burst", "rss_idle_bytes");
+    assert!(idle > 0, "{j}");
+    assert!(bytes("burst", "rss_peak_bytes") >= idle, "{j}");
+    assert!(bytes("burst", "rss_after_bytes") > 0, "{j}");
+    assert!(j["burst"]["after_over_idle"].as_f64().is_some(), "{j}");
+}
+
+#[test]
 fn bad_options_are_one_line_errors() {
     for args in [
         &["fanout", "--spawn", "1", "--size", "8"][..],
         &["cluster", "--spawn", "1"],
         &["fanout", "--spawn", "1", "--set", "max_backlog"],
         &["fanout", "--spawn", "1", "--duration", "soon"],
+        &["memory", "--spawn", "1", "--groups", "0", "--conns", "0"],
     ] {
         let (ok, out, err) = loadgen(args);
         assert!(!ok, "{args:?} must fail");
