@@ -218,10 +218,6 @@ struct Reading {
     unrouted: u64,
     /// `groups`: groups with members now.
     groups: u64,
-    /// `memory.free_heap_bytes`, if reported: free space in the server's
-    /// heap (glibc counts pages already given back to the kernel too, so
-    /// this is not resident memory).
-    free_heap: Option<u64>,
 }
 
 fn read(stats: &Value, addr: &str) -> Result<Reading> {
@@ -236,7 +232,6 @@ fn read(stats: &Value, addr: &str) -> Result<Reading> {
         connections: n(&stats["totals"]["connections"]),
         unrouted: n(&stats["totals"]["unrouted"]),
         groups: n(&stats["groups"]),
-        free_heap: stats["memory"]["free_heap_bytes"].as_u64(),
     })
 }
 
@@ -299,7 +294,6 @@ async fn memberships(t: &Target, n: usize) -> Result<Value> {
         "rss_after_bytes": after.rss,
         "bytes_per_membership": per_unit(before.rss, after.rss, n),
         "rss_after_leave_bytes": left.rss,
-        "free_heap_after_leave_bytes": left.free_heap,
         "server_groups": [before.groups, after.groups, left.groups],
         "join_s": round2(join_s),
         "joins_per_sec": round2(n as f64 / join_s.max(1e-9)),
@@ -405,7 +399,6 @@ async fn idle_connections(t: &Target, k: usize) -> Result<Value> {
         "rss_after_bytes": after.rss,
         "bytes_per_idle_connection": per_unit(before.rss, after.rss, k),
         "rss_after_close_bytes": closed.rss,
-        "free_heap_after_close_bytes": closed.free_heap,
         "server_connections": [before.connections, after.connections, closed.connections],
         "connections_closed": back.is_some(),
         "open_s": round2(open_s),
@@ -507,7 +500,6 @@ async fn burst(t: &Target, k: usize, size: usize) -> Result<Value> {
         "rss_peak_bytes": peak.get(),
         "rss_all_read_bytes": read_all.rss,
         "rss_after_bytes": after.rss,
-        "free_heap_after_bytes": after.free_heap,
         "after_over_idle": round2(after.rss as f64 / idle.rss.max(1) as f64),
         "peak_over_idle": round2(peak.get() as f64 / idle.rss.max(1) as f64),
         "read_s": round2(read_s),
@@ -575,13 +567,12 @@ mod tests {
     #[test]
     fn reading_needs_rss() {
         let s = json!({"groups": 3, "totals": {"connections": 2, "unrouted": 5},
-            "memory": {"rss_bytes": 4096, "free_heap_bytes": 0}});
+            "memory": {"rss_bytes": 4096}});
         let r = read(&s, "a:1").unwrap();
         assert_eq!(
             (r.rss, r.connections, r.unrouted, r.groups),
             (4096, 2, 5, 3)
         );
-        assert_eq!(r.free_heap, Some(0));
         let err = read(&json!({"groups": 3}), "a:1").unwrap_err().to_string();
         assert!(err.contains("memory.rss_bytes"), "{err}");
     }

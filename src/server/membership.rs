@@ -121,8 +121,15 @@ impl Shard {
 
     /// `conn` leaves group `name` (a no-op when not a member).
     pub fn leave(&self, conn: &Conn, name: &[u8], reason: Reason) {
-        let Some(group) = conn.groups.borrow_mut().take(name) else {
-            return;
+        let group = {
+            let mut groups = conn.groups.borrow_mut();
+            let Some(group) = groups.take(name) else {
+                return;
+            };
+            if groups.capacity() > 1024 && groups.len() < groups.capacity() / 4 {
+                groups.shrink_to_fit();
+            }
+            group
         };
         self.forget(conn, &group, reason);
     }
@@ -148,6 +155,7 @@ impl Shard {
                     let empty = list.is_empty();
                     if empty {
                         members.remove(group.name());
+                        shrink_after_mass_leave(&mut members);
                     }
                     (me, empty)
                 }
@@ -369,6 +377,14 @@ impl Shard {
                 || p.last_flush
                     .is_some_and(|t| now.duration_since(t) < FORGET_AFTER)
         });
+    }
+}
+
+/// Gives back a map's room once it holds a quarter of what it once did
+/// (after a client with 100,000 groups left them, say).
+pub(super) fn shrink_after_mass_leave<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 

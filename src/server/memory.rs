@@ -4,8 +4,10 @@
 //! to the kernel only from the top of each arena: after a burst (10,000
 //! connections that each sent a 60 KB message, then closed) the resident
 //! size stayed at its peak. A housekeeping thread (never a shard) checks
-//! once a second how much freed memory the allocator holds and, past
-//! [`TRIM_FREE_BYTES`], asks it to return whole free pages (`malloc_trim`).
+//! once a second how much freed memory the allocator holds and, when
+//! [`TRIM_FREE_BYTES`] more has been freed since it last looked, asks it to
+//! return whole free pages (`malloc_trim`). (The allocator's free count
+//! includes pages already returned, so it is the growth that matters.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,19 +42,33 @@ pub fn free_heap_bytes() -> usize {
     }
 }
 
-/// Returns free heap pages to the kernel if at least `min_free` bytes are
-/// free; returns how many were free when it did.
-pub fn trim_if_over(min_free: usize) -> Option<usize> {
-    let free = free_heap_bytes();
-    if free < min_free {
-        return None;
-    }
+/// Returns free heap pages to the kernel.
+pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim has no preconditions; it takes the arenas' locks.
     unsafe {
         libc::malloc_trim(0);
     }
-    Some(free)
+}
+
+/// Decides when to trim: when the allocator's free memory has grown by
+/// [`TRIM_FREE_BYTES`] since the lowest it was seen since the last trim.
+#[derive(Debug, Default)]
+pub struct TrimPolicy {
+    baseline: Option<usize>,
+}
+
+impl TrimPolicy {
+    /// Given the allocator's free bytes now, whether to trim.
+    pub fn should_trim(&mut self, free: usize) -> bool {
+        let base = self.baseline.map_or(0, |b| b.min(free));
+        self.baseline = Some(base);
+        if free.saturating_sub(base) >= TRIM_FREE_BYTES {
+            self.baseline = Some(free);
+            return true;
+        }
+        false
+    }
 }
 
 /// The housekeeping thread: trims until `stop` is set.
@@ -72,9 +88,12 @@ impl Housekeeper {
         let thread = std::thread::Builder::new()
             .name("msgc-housekeeping".into())
             .spawn(move || {
+                let mut policy = TrimPolicy::default();
                 while !flag.load(Ordering::Acquire) {
                     std::thread::park_timeout(TRIM_EVERY);
-                    if let Some(free) = trim_if_over(TRIM_FREE_BYTES) {
+                    let free = free_heap_bytes();
+                    if policy.should_trim(free) {
+                        trim();
                         tracing::debug!(free, "returned free heap memory to the kernel");
                     }
                 }
@@ -116,9 +135,24 @@ mod tests {
             burst.push(vec![i as u8; 30_000]);
             keep.push(vec![1u8; 64]);
         }
+        let mut policy = TrimPolicy::default();
+        policy.should_trim(free_heap_bytes());
         drop(burst);
-        assert!(free_heap_bytes() >= TRIM_FREE_BYTES);
-        assert!(trim_if_over(TRIM_FREE_BYTES).is_some());
+        assert!(policy.should_trim(free_heap_bytes()), "60 MB were freed");
+        trim();
+        assert!(
+            !policy.should_trim(free_heap_bytes()),
+            "nothing freed since"
+        );
         assert!(keep.iter().all(|k| k[0] == 1));
+    }
+
+    #[test]
+    fn trims_on_growth_not_on_level() {
+        let mut p = TrimPolicy::default();
+        assert!(p.should_trim(TRIM_FREE_BYTES), "from nothing");
+        assert!(!p.should_trim(TRIM_FREE_BYTES + 1), "the level stays high");
+        assert!(!p.should_trim(1000), "reused: the baseline falls");
+        assert!(p.should_trim(1000 + TRIM_FREE_BYTES));
     }
 }

@@ -165,7 +165,6 @@ impl Shared {
             },
             "memory": {
                 "rss_bytes": super::memory::rss_bytes(),
-                "free_heap_bytes": super::memory::free_heap_bytes(),
             },
             "per_shard": per_shard,
             "inboxes": self.inboxes.iter().map(|i| serde_json::json!({
