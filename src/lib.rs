@@ -35,9 +35,17 @@
 //!
 //! The DELIVER frame is encoded once per publish (and the FORWARD frame once
 //! for all peers) into a refcounted buffer; every recipient's queue holds a
-//! reference. A queue that passes `max_backlog` frames gets its connection
-//! killed as stuck, with what it held dropped and counted; no publisher ever
-//! waits for a slow reader.
+//! reference.
+//!
+//! # Flow control
+//!
+//! Everything queued is charged to its *producer*, the connection whose
+//! input made it (`server::shard::Shard::producing`). A queue or shard
+//! inbox that is full closes its producers' gates (`server::flow::Gate`):
+//! their sockets are not read until it has drained to half, and TCP slows
+//! the publishers. A reader whose socket accepts nothing for
+//! `stuck_timeout` while its queue is full is stuck and closed, which lets
+//! its producers go. `server::flow` holds the rule, sans-IO.
 #![warn(missing_docs)]
 
 pub mod client;

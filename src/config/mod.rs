@@ -58,7 +58,8 @@ use std::path::{Path, PathBuf};
 pub use error::{Diagnostic, Error};
 pub use settings::{
     ClientSettings, ListenerSettings, ServerSettings, DEFAULT_PORT, MAX_BACKLOG,
-    MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE, MAX_SHARDS, MAX_TCPBUF, MIN_TCPBUF,
+    MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE, MAX_QUEUE_BYTES, MAX_SHARDS, MAX_TCPBUF,
+    MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
 pub use types::{join_host_port, split_host_port, DebugLevel, IoBackend, ListenAddr, Peer};
 

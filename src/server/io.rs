@@ -67,7 +67,9 @@ pub fn submit_pending(uring: bool) {
     }
     let now = Instant::now();
     let due = LAST_SUBMIT.with(|last| {
-        let due = last.get().is_none_or(|t| now.duration_since(t) >= SUBMIT_EVERY);
+        let due = last
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= SUBMIT_EVERY);
         if due {
             last.set(Some(now));
         }

@@ -56,7 +56,7 @@ const FORGET_AFTER: Duration = Duration::from_secs(1);
 
 /// How long after its last flush a group with `members` batched members
 /// here may be flushed again: nothing for a few members (the end of the
-/// turn), up to [`MAX_BATCH_INTERVAL`] for thousands.
+/// turn), up to 100 ms for thousands.
 pub fn batch_interval(members: usize) -> Duration {
     (PER_MEMBER * u32::try_from(members).unwrap_or(u32::MAX)).min(MAX_BATCH_INTERVAL)
 }

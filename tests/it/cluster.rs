@@ -140,17 +140,7 @@ async fn listening(addr: SocketAddr) {
 
 /// The stats document of the node at `addr` (a raw client connection).
 pub(crate) fn stats(addr: SocketAddr) -> Value {
-    let mut r = Raw::client(addr);
-    r.send(&Frame::StatsRequest { req: 7 });
-    loop {
-        match r.recv() {
-            Some(Frame::StatsReply { json, .. }) => {
-                return serde_json::from_slice(&json).expect("stats are JSON")
-            }
-            Some(_) => {}
-            None => panic!("no stats reply from {addr}"),
-        }
-    }
+    crate::util::raw_stats(addr)
 }
 
 pub(crate) fn peer_of<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
