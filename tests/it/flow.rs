@@ -556,3 +556,49 @@ async fn a_join_storm_without_member_events_costs_one_frame_per_join() {
         .sum();
     assert_eq!((acks, batches), (N as u64, 0));
 }
+
+// ------------------------------------------------ requests without reading
+
+/// A client pipelines 5,000 MEMBERS_REQUESTs for a 300-member group and
+/// reads none of the replies: its own queue fills (its budget here 64 KiB,
+/// ~20 replies), the server stops reading its requests, and, as it reads
+/// nothing, it is closed as stuck. The server never handles more than a
+/// budget's worth of its requests: what one client can make the server
+/// hold is its queue budget, not 5,000 replies.
+#[test]
+fn pipelined_requests_are_bounded_by_the_queue_budget() {
+    const MEMBERS: usize = 300;
+    const REQUESTS: u32 = 5000;
+    let srv = start("epoll", "max_backlog_bytes = 65536\n stuck_timeout = 0.3").expect("epoll");
+    let g = group("big");
+    let _members: Vec<Raw> = (0..MEMBERS)
+        .map(|_| {
+            let (mut r, _) = raw_client(srv.addr);
+            crate::flowkit::join(&mut r, &g);
+            r
+        })
+        .collect();
+    let before = totals(&srv, "msgs_in");
+    let (mut greedy, _) = raw_client(srv.addr);
+    socket2::SockRef::from(&greedy.s)
+        .set_recv_buffer_size(4096)
+        .expect("SO_RCVBUF");
+    let mut burst = BytesMut::new();
+    for req in 0..REQUESTS {
+        Frame::MembersRequest {
+            req,
+            group: g.clone(),
+        }
+        .encode(&mut burst);
+    }
+    greedy.s.write_all(&burst).expect("requests");
+    wait_for("the greedy client to be closed as stuck", WAIT, || {
+        totals(&srv, "stuck_kills") == 1
+    });
+    let handled = totals(&srv, "msgs_in") - before;
+    eprintln!("pipelined requests: {handled} of {REQUESTS} read before the client was cut");
+    assert!(
+        handled < 200,
+        "{handled} requests read: replies were not bounded by the queue"
+    );
+}
