@@ -5,13 +5,15 @@
 //! is `scenarios.rs`' business.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use msgc::protocol::Events;
 use std::path::PathBuf;
 use std::time::Duration;
 
 /// Load generator for msgc: throughput and latency (HdrHistogram) under
 /// fan-out, fan-in, many groups, cross-node traffic, backlog pressure and
-/// membership churn; and what a server's memory costs.
+/// membership churn; what a server's memory costs; and what a storm of
+/// joins to one group costs.
 #[derive(Parser, Debug)]
 #[command(name = "msgc-loadgen", version, about)]
 pub struct Cli {
@@ -138,6 +140,53 @@ pub enum Scenario {
         #[arg(long, value_name = "BYTES", default_value_t = 60_000)]
         burst_size: usize,
     },
+    /// N raw client connections join ONE group as fast as they connect and
+    /// keep reading: what the membership storm costs the servers (CPU,
+    /// frames, stuck kills, links), and whether every member is told
+    /// exactly the joins after its own. Ignores the traffic options.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        /// Member connections (round-robin over the servers).
+        #[arg(long, default_value_t = 10_000)]
+        clients: usize,
+        /// What each JOIN asks to be told about the other members: each
+        /// (one MEMBERSHIP per change, protocol v1), batched
+        /// (MEMBERSHIP_BATCH), none (only its own acknowledgement).
+        #[arg(long, value_enum, default_value_t = EventsArg::Batched)]
+        events: EventsArg,
+        /// Connections being opened at once.
+        #[arg(long, value_name = "P", default_value_t = 256)]
+        parallel: usize,
+        /// Afterwards, one witness per server joins and every member
+        /// closes its connection at once (a client host dying): measured
+        /// too.
+        #[arg(long)]
+        leave: bool,
+    },
+}
+
+/// `--events` of the storm scenario: `JOIN.events` (PROTOCOL.md §8.7).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventsArg {
+    /// One MEMBERSHIP frame per change (protocol v1).
+    Each,
+    /// Changes coalesced into MEMBERSHIP_BATCH frames.
+    Batched,
+    /// Nothing about others: only the member's own acknowledgement.
+    #[value(name = "none")]
+    Nothing,
+}
+
+impl EventsArg {
+    /// The protocol's value.
+    pub fn events(self) -> Events {
+        match self {
+            EventsArg::Each => Events::Each,
+            EventsArg::Batched => Events::Batched,
+            EventsArg::Nothing => Events::None,
+        }
+    }
 }
 
 impl Scenario {
@@ -151,6 +200,7 @@ impl Scenario {
             Scenario::Backlog { .. } => "backlog",
             Scenario::Churn { .. } => "churn",
             Scenario::Memory { .. } => "memory",
+            Scenario::Storm { .. } => "storm",
         }
     }
 
@@ -163,7 +213,8 @@ impl Scenario {
             | Scenario::Cluster { common, .. }
             | Scenario::Backlog { common, .. }
             | Scenario::Churn { common, .. }
-            | Scenario::Memory { common, .. } => common,
+            | Scenario::Memory { common, .. }
+            | Scenario::Storm { common, .. } => common,
         }
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! Layout: `cli` (options) → `scenarios` (plans) → `engine` (one run:
 //! `sub` subscribers, `publish` publishers, `churn` members) → `report`.
-//! `memory` measures what a server's memory costs, phase by phase.
+//! `memory` measures what a server's memory costs, phase by phase;
+//! `storm` what a storm of joins to one group costs (`storm_member`: its
+//! members).
 //! `spawn` starts throw-away servers; `observe` reads their counters;
 //! `wire` is the raw protocol reader; `clock` the shared time base.
 
@@ -18,6 +20,8 @@ mod publish;
 mod report;
 mod scenarios;
 mod spawn;
+mod storm;
+mod storm_member;
 mod sub;
 mod watch_events;
 mod wire;
@@ -60,11 +64,17 @@ fn run(cli: &Cli) -> Result<()> {
     scenarios::validate(&cli.scenario)?;
     clock::epoch();
     let sets = parse_sets(&common.set)?;
-    if let cli::Scenario::Memory { conns, .. } = &cli.scenario {
-        // Before --spawn: a spawned server inherits the raised limit.
-        if *conns > 0 {
-            memory::raise_fd_limit(*conns)?;
+    // Before --spawn: a spawned server inherits the raised limit.
+    match &cli.scenario {
+        cli::Scenario::Memory { conns, .. } if *conns > 0 => {
+            memory::raise_fd_limit("conns", *conns, 0)?;
         }
+        cli::Scenario::Storm { clients, .. } => {
+            // The members, and with --leave one witness per server.
+            let servers = common.spawn.unwrap_or(common.server.len().max(1));
+            memory::raise_fd_limit("clients", *clients, servers)?;
+        }
+        _ => {}
     }
     // Spawned from the main thread, which lives as long as the process
     // (the children's PR_SET_PDEATHSIG follows the spawning thread).

@@ -104,12 +104,13 @@ pub fn validate(c: &Common, s: &Sizes) -> Result<()> {
 
 /// Raises this process's RLIMIT_NOFILE soft limit to its hard limit
 /// (before `--spawn`, so that the spawned server inherits it) and checks
-/// that `conns` connections fit.
+/// that `conns` connections fit, and `extra` more; `option` names the
+/// option that asked for them (`conns` for `--conns`), for the error.
 ///
 /// # Errors
 /// When the limit stays too low.
-pub fn raise_fd_limit(conns: usize) -> Result<()> {
-    let need = libc::rlim_t::try_from(conns)
+pub fn raise_fd_limit(option: &str, conns: usize, extra: usize) -> Result<()> {
+    let need = libc::rlim_t::try_from(conns.saturating_add(extra))
         .unwrap_or(libc::rlim_t::MAX)
         .saturating_add(FD_SLACK);
     let mut lim = libc::rlimit {
@@ -132,8 +133,8 @@ pub fn raise_fd_limit(conns: usize) -> Result<()> {
     }
     if lim.rlim_cur < need {
         bail!(
-            "--conns {conns} needs about {need} open files, and the limit is {} (hard limit {}): \
-             raise it (ulimit -Hn, limits.conf) or use fewer --conns",
+            "--{option} {conns} needs about {need} open files, and the limit is {} (hard limit {}): \
+             raise it (ulimit -Hn, limits.conf) or use fewer --{option}",
             lim.rlim_cur,
             lim.rlim_max
         );

@@ -1,6 +1,6 @@
 //! Reporting: the JSON object of a run, the human-readable table (the
-//! memory scenario's own, too), the HdrHistogram `.hgrm` percentile
-//! distribution and the SVG plot.
+//! memory and storm scenarios' own, too), the HdrHistogram `.hgrm`
+//! percentile distribution and the SVG plot.
 //!
 //! Latencies are recorded in ns and reported in µs.
 
@@ -134,6 +134,10 @@ fn lat_line(v: &Value) -> String {
 pub fn print_table(j: &Value) {
     if j["scenario"] == "memory" {
         print_memory(j);
+        return;
+    }
+    if j["scenario"] == "storm" {
+        print_storm(j);
         return;
     }
     let p = &j["parameters"];
@@ -291,6 +295,116 @@ fn print_memory_conns(idle: &Value, burst: &Value) {
     );
     if burst["connections_closed"] != true {
         println!("    (the server still counted some of the burst's connections after 15 s)");
+    }
+}
+
+/// Prints the storm scenario: the join phase, and the leave phase if run.
+fn print_storm(j: &Value) {
+    let p = &j["parameters"];
+    println!(
+        "msgc-loadgen storm: {} clients join one group over {} server(s) ({} backend, {} shards), events {}, {} opening at once",
+        num(&p["clients"]),
+        p["servers"].as_array().map_or(0, Vec::len),
+        j["io_backend"].as_str().unwrap_or("?"),
+        num(&j["shards"]),
+        p["events"].as_str().unwrap_or("?"),
+        num(&p["parallel"]),
+    );
+    let join = &j["join"];
+    println!(
+        "  join         wall {} s (all acknowledged after {} s, {} joins/s); done {}/{}, failed {}{}",
+        num2(&join["wall_s"]),
+        num2(&join["acked_s"]),
+        num(&join["joins_per_sec"]),
+        num(&join["done"]),
+        num(&join["members"]),
+        num(&join["failed"]),
+        if join["complete"] == true { "" } else { " (INCOMPLETE)" },
+    );
+    println!(
+        "  told         joins {} of {} owed; mismatches {} (over {}, under {}, unacknowledged {}); departures {}; before own ack {}",
+        num(&join["joins_told"]),
+        num(&join["joins_owed"]),
+        num(&join["mismatches"]),
+        num(&join["over"]),
+        num(&join["under"]),
+        num(&join["unacknowledged"]),
+        num(&join["departures_told"]),
+        num(&join["told_before_ack"]),
+    );
+    print_storm_servers(&join["server"], &join["loadgen_cpu_s"]);
+    print_storm_errors(join);
+    let leave = &j["leave"];
+    if leave.is_null() {
+        return;
+    }
+    println!(
+        "  leave        {} members close at once: wall {} s (servers closed them after {} s, {} witness(es) told after {} s){}",
+        num(&leave["members_closed"]),
+        num2(&leave["wall_s"]),
+        num2(&leave["closed_s"]),
+        num(&leave["witnesses"]),
+        num2(&leave["told_s"]),
+        if leave["complete"] == true { "" } else { " (INCOMPLETE)" },
+    );
+    println!(
+        "  told         witnesses: departures {} (each owed {}); mismatches {}",
+        num(&leave["departures_told"]),
+        num(&leave["departures_owed_each"]),
+        num(&leave["mismatches"]),
+    );
+    print_storm_servers(&leave["server"], &leave["loadgen_cpu_s"]);
+    print_storm_errors(leave);
+}
+
+/// A number with two decimals ("-" when absent).
+fn num2(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |x| format!("{x:.2}"))
+}
+
+/// CPU seconds, or "n/a" (given servers: not ours to measure).
+fn cpu(v: &Value) -> String {
+    v.as_f64().map_or("n/a".into(), |x| format!("{x:.2} s"))
+}
+
+fn print_storm_servers(s: &Value, loadgen_cpu: &Value) {
+    println!(
+        "  server       CPU {}; MEMBERSHIP {} + MEMBERSHIP_BATCH {} = {} frames; stuck kills {}, drops {}, slow readers {}, producer waits {}; links up {}/{}, reconnects {}",
+        cpu(&s["cpu_s"]),
+        num(&s["membership_frames"]),
+        num(&s["membership_batches"]),
+        num(&s["frames"]),
+        num(&s["stuck_kills"]),
+        num(&s["drops"]),
+        num(&s["slow_readers"]),
+        num(&s["producer_waits"]),
+        num(&s["links_up"]),
+        num(&s["links"]),
+        num(&s["reconnects"]),
+    );
+    let nodes = s["per_node"].as_array().map_or(&[][..], Vec::as_slice);
+    if nodes.len() > 1 {
+        for n in nodes {
+            println!(
+                "    {:<10} CPU {}; MEMBERSHIP {} + MEMBERSHIP_BATCH {}; stuck kills {}, drops {}; links up {}/{}, reconnects {}",
+                n["node"].as_str().unwrap_or("?"),
+                cpu(&n["cpu_s"]),
+                num(&n["membership_frames"]),
+                num(&n["membership_batches"]),
+                num(&n["stuck_kills"]),
+                num(&n["drops"]),
+                num(&n["links_up"]),
+                num(&n["links"]),
+                num(&n["reconnects"]),
+            );
+        }
+    }
+    println!("  loadgen      CPU {}", cpu(loadgen_cpu));
+}
+
+fn print_storm_errors(phase: &Value) {
+    if let Some(errs) = phase["errors"].as_array().filter(|e| !e.is_empty()) {
+        println!("  member errors: {errs:?}");
     }
 }
 

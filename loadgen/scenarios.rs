@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::churn::ChurnPlan;
-use crate::cli::{Common, Scenario};
+use crate::cli::{Common, EventsArg, Scenario};
 use crate::engine::{self, Outcome, Plan};
 use crate::memory;
 use crate::observe::Observer;
 use crate::publish::Routes;
 use crate::report::{lat_json, run_json};
+use crate::storm;
 use crate::sub::{Behaviour, SubSpec};
 use crate::watch_events::Watcher;
 
@@ -113,6 +114,13 @@ pub fn validate(s: &Scenario) -> Result<()> {
             conns,
             burst_size,
         } => memory::validate(common, &memory::Sizes::new(*groups, *conns, *burst_size))?,
+        Scenario::Storm {
+            common,
+            clients,
+            events,
+            parallel,
+            leave,
+        } => storm::validate(common, &storm_options(*clients, *events, *parallel, *leave))?,
     }
     window(s.common(), 1)?;
     if let Scenario::Cluster { common, .. } = s {
@@ -204,6 +212,13 @@ pub async fn run(s: &Scenario, t: &Target) -> Result<Report> {
             burst_size,
             ..
         } => memory::run(c, t, &memory::Sizes::new(*groups, *conns, *burst_size)).await,
+        Scenario::Storm {
+            clients,
+            events,
+            parallel,
+            leave,
+            ..
+        } => storm::run(c, t, &storm_options(*clients, *events, *parallel, *leave)).await,
         Scenario::Churn {
             publishers,
             subscribers,
@@ -232,6 +247,21 @@ pub async fn run(s: &Scenario, t: &Target) -> Result<Report> {
             )
             .await
         }
+    }
+}
+
+/// The storm's options from its arguments.
+fn storm_options(
+    clients: usize,
+    events: EventsArg,
+    parallel: usize,
+    leave: bool,
+) -> storm::Options {
+    storm::Options {
+        clients,
+        events: events.events(),
+        parallel,
+        leave,
     }
 }
 

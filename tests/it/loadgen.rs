@@ -1,7 +1,9 @@
 //! msgc-loadgen scenarios against spawned servers: each scenario runs for
 //! a second (`--spawn 1`, `cluster` on `--spawn 3`) through the built
 //! binary with `--json`, and its figures are checked for consistency. The
-//! memory scenario runs small phases and its figures are checked for sanity.
+//! memory scenario runs small phases and its figures are checked for sanity;
+//! the storm scenario runs 300 members on two nodes, each of which must be
+//! told exactly the joins after its own.
 //!
 //! The runs take turns (one lock): they load the machine on purpose, and
 //! the backlog run needs healthy subscribers to keep up.
@@ -302,6 +304,84 @@ fn memory_reports_what_memberships_connections_and_a_burst_cost() {
     assert!(j["burst"]["after_over_idle"].as_f64().is_some(), "{j}");
 }
 
+/// A storm's phase (`join` or `leave`): every member told exactly what it
+/// is owed, no member or link cut; its server figures.
+fn check_storm_phase<'a>(j: &'a Value, phase: &str) -> &'a Value {
+    let p = &j[phase];
+    assert_eq!(p["complete"], true, "{phase} complete: {j}");
+    assert_eq!(
+        u(p, "mismatches"),
+        0,
+        "{phase}: told the wrong changes: {j}"
+    );
+    assert_eq!(u(p, "failed"), 0, "{phase}: {j}");
+    let s = &p["server"];
+    assert_eq!(u(s, "stuck_kills"), 0, "{phase}: nobody is stuck: {j}");
+    assert_eq!(u(s, "reconnects"), 0, "{phase}: no link re-dialled: {j}");
+    assert_eq!(
+        (u(s, "links"), u(s, "links_up")),
+        (2, 2),
+        "{phase}: both ends of the link up: {j}"
+    );
+    assert!(
+        s["cpu_s"].as_f64().is_some(),
+        "spawned servers' CPU time is known: {j}"
+    );
+    s
+}
+
+#[test]
+fn storm_members_are_told_exactly_the_joins_after_their_own() {
+    let j = run_ok(
+        &["storm", "--spawn", "2", "--clients", "300", "--leave"],
+        RUN_LIMIT,
+    );
+    assert_eq!(j["scenario"], "storm");
+    assert_eq!(j["parameters"]["events"], "batched");
+    let s = check_storm_phase(&j, "join");
+    assert_eq!(u(&j["join"], "joins_told"), u(&j["join"], "joins_owed"));
+    assert!(u(&j["join"], "joins_told") > 0, "{j}");
+    assert_eq!(u(s, "membership_frames"), 300, "acknowledgements: {j}");
+    let batches = u(s, "membership_batches");
+    assert!(
+        batches > 0 && batches < 300 * 299 / 2,
+        "changes to others come coalesced: {j}"
+    );
+    assert_eq!(u(s, "frames"), 300 + batches, "{j}");
+    let s = check_storm_phase(&j, "leave");
+    assert_eq!(
+        u(&j["leave"], "departures_told"),
+        2 * 300,
+        "each witness told of every departure: {j}"
+    );
+    assert!(u(s, "membership_batches") > 0, "{j}");
+}
+
+#[test]
+fn a_quiet_storm_costs_one_frame_per_join() {
+    let j = run_ok(
+        &[
+            "storm",
+            "--spawn",
+            "2",
+            "--clients",
+            "300",
+            "--events",
+            "none",
+        ],
+        RUN_LIMIT,
+    );
+    assert_eq!(j["parameters"]["events"], "none");
+    let s = check_storm_phase(&j, "join");
+    assert_eq!(u(&j["join"], "joins_told"), 0, "{j}");
+    assert_eq!(
+        (u(s, "membership_frames"), u(s, "membership_batches")),
+        (300, 0),
+        "one acknowledgement per join, nothing else: {j}"
+    );
+    assert!(j["leave"].is_null(), "no --leave: {j}");
+}
+
 #[test]
 fn bad_options_are_one_line_errors() {
     for args in [
@@ -310,6 +390,8 @@ fn bad_options_are_one_line_errors() {
         &["fanout", "--spawn", "1", "--set", "max_backlog"],
         &["fanout", "--spawn", "1", "--duration", "soon"],
         &["memory", "--spawn", "1", "--groups", "0", "--conns", "0"],
+        &["storm", "--spawn", "1", "--clients", "0"],
+        &["storm", "--spawn", "1", "--events", "sometimes"],
     ] {
         let (ok, out, err) = loadgen(args);
         assert!(!ok, "{args:?} must fail");
