@@ -12,14 +12,19 @@
 //!   ([`Gate`]): that connection's socket is not read until the queue has
 //!   drained to half its budget. TCP carries the backpressure to the
 //!   publisher; nothing is dropped.
-//! - the socket accepted nothing for `stuck_after`: the reader is **stuck**.
-//!   Nobody waits for it; the caller closes it and counts what it held.
+//! - the socket accepted nothing for `stuck_after`: the reader looks
+//!   **stuck**. The frame is queued, nobody waits, and the shard's watch
+//!   decides ([`Backlog::overdue`]): it first lets the shard's other work
+//!   run — a busy shard may simply not have had the time to write, and the
+//!   reader is not to blame for that — and closes the connection if it is
+//!   still overdue, counting what it held.
 //!
 //! A queue with producers waiting that then makes no progress for
-//! `stuck_after` is stuck too ([`Backlog::overdue`]; the shard's watch
-//! closes it, which lets its producers go). So a stuck reader holds its
-//! publishers for at most `stuck_after` after its last progress, once, and
-//! none at all when its queue fills more slowly than that.
+//! `stuck_after` is overdue too. So a stuck reader holds its publishers for
+//! at most `stuck_after` (plus a watch tick) after its last progress, once,
+//! and not at all when its queue fills more slowly than that. Whatever
+//! happens, a queue never holds more than twice its budget: past that the
+//! reader is stuck at once ([`Admit::Stuck`]).
 //!
 //! Nothing here touches a socket or a clock: callers pass `now`.
 
@@ -44,6 +49,12 @@ impl Budget {
     /// True when `frames` and `bytes` pending fill the budget.
     pub fn full(&self, frames: usize, bytes: usize) -> bool {
         frames >= self.frames || bytes >= self.bytes
+    }
+
+    /// True when `frames` and `bytes` pending reach twice the budget: the
+    /// hard bound, whatever the reader is doing.
+    pub fn over_cap(&self, frames: usize, bytes: usize) -> bool {
+        frames >= self.frames.saturating_mul(2) || bytes >= self.bytes.saturating_mul(2)
     }
 
     /// True when the queue has drained enough for its producers to go on:
@@ -117,7 +128,10 @@ pub enum Admit {
     /// Queued past a full budget: the reader is slow, and the producer (if
     /// any) now waits for it.
     Slow,
-    /// Not queued: the reader is stuck (close it).
+    /// Queued past a full budget, nobody waiting: the reader accepted
+    /// nothing for `stuck_after` and looks stuck (the watch decides).
+    Suspect,
+    /// Not queued: the queue holds twice its budget (close it now).
     Stuck,
 }
 
@@ -174,8 +188,13 @@ impl Backlog {
             self.progress = now;
         }
         let verdict = if budget.full(self.frames, self.bytes) {
-            if now.saturating_duration_since(self.progress) >= budget.stuck_after {
+            if budget.over_cap(self.frames, self.bytes) {
                 return Admit::Stuck;
+            }
+            if now.saturating_duration_since(self.progress) >= budget.stuck_after {
+                self.frames += 1;
+                self.bytes += len;
+                return Admit::Suspect;
             }
             if let Some(p) = producer {
                 if !self.waiters.iter().any(|w| Arc::ptr_eq(w, p)) {
@@ -213,10 +232,12 @@ impl Backlog {
         }
     }
 
-    /// True when producers wait for this queue and its socket has accepted
-    /// nothing for `stuck_after`: the reader is stuck.
+    /// True when the queue is full or producers wait for it, and its
+    /// socket has accepted nothing for `stuck_after`: the reader is stuck
+    /// (if the shard has given its writer the chance to write).
     pub fn overdue(&self, budget: &Budget, now: Instant) -> bool {
-        self.has_waiters() && now.saturating_duration_since(self.progress) >= budget.stuck_after
+        (self.has_waiters() || budget.full(self.frames, self.bytes))
+            && now.saturating_duration_since(self.progress) >= budget.stuck_after
     }
 
     /// Lets every waiting producer go (the queue drained or is closing).
@@ -330,14 +351,31 @@ mod tests {
                 ],
             ),
             (
-                "full and silent for stuck_after: stuck, nobody waits",
+                "full and silent for stuck_after: suspect, nobody waits, overdue",
                 &[
                     Offer(0, 10, Some(0), Queued),
                     Offer(1, 10, Some(0), Queued),
                     Offer(2, 10, Some(0), Queued),
                     Offer(3, 10, Some(0), Queued),
-                    Offer(100, 10, Some(0), Stuck),
+                    Overdue(99, false),
+                    Offer(100, 10, Some(0), Suspect),
                     Open(0, true),
+                    Overdue(100, true),
+                ],
+            ),
+            (
+                "twice the budget: stuck at once, whatever the reader does",
+                &[
+                    Offer(0, 10, None, Queued),
+                    Offer(0, 10, None, Queued),
+                    Offer(0, 10, None, Queued),
+                    Offer(0, 10, None, Queued),
+                    Offer(1, 10, None, Slow),
+                    Offer(1, 10, None, Slow),
+                    Offer(1, 10, None, Slow),
+                    Offer(1, 10, None, Slow),
+                    Offer(1, 10, Some(1), Stuck),
+                    Open(1, true),
                 ],
             ),
             (
@@ -350,7 +388,8 @@ mod tests {
                     Offer(500, 10, None, Queued),
                     Offer(500, 10, None, Queued),
                     Offer(550, 10, Some(0), Slow),
-                    Offer(600, 10, Some(0), Stuck),
+                    Offer(600, 10, Some(1), Suspect),
+                    Open(1, true),
                 ],
             ),
             (
@@ -379,7 +418,7 @@ mod tests {
                 ],
             ),
             (
-                "no waiters: never overdue (a stuck reader is judged when offered more)",
+                "neither full nor waited for: never overdue",
                 &[Offer(0, 10, None, Queued), Overdue(10_000, false)],
             ),
         ];

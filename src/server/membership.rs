@@ -5,10 +5,10 @@
 //! - `Each` (protocol v1): one `MEMBERSHIP` frame per change, at once.
 //! - `Batched`: the changes of a turn coalesced into `MEMBERSHIP_BATCH`
 //!   frames, one encoding shared by every member that is owed the same
-//!   changes. A large group is flushed at most every
-//!   [`batch_interval`] (20 µs per batched member here, at most 100 ms),
-//!   so a storm of joins costs a frame per member per interval, not per
-//!   change.
+//!   changes. A large group is flushed at most every [`batch_interval`]
+//!   (20 µs per member of the group, cluster-wide, at most 100 ms), so a
+//!   storm of joins costs a frame per member per interval, not per change,
+//!   on every node alike.
 //! - `None`: nothing about others.
 //!
 //! Whatever the mode, a member's own join and leave are acknowledged with
@@ -49,14 +49,16 @@ pub type Members = SmallVec<[Local; 1]>;
 
 /// Longest wait before a group's batched changes are flushed.
 const MAX_BATCH_INTERVAL: Duration = Duration::from_millis(100);
-/// Interval added per batched member: flushing costs a frame per member.
+/// Interval added per member of the group: flushing costs a frame per
+/// member (here), and a group's members are spread over shards and nodes
+/// that all flush.
 const PER_MEMBER: Duration = Duration::from_micros(20);
 /// A group idle this long after its last flush forgets its flush record.
 const FORGET_AFTER: Duration = Duration::from_secs(1);
 
-/// How long after its last flush a group with `members` batched members
-/// here may be flushed again: nothing for a few members (the end of the
-/// turn), up to 100 ms for thousands.
+/// How long after its last flush a group of `members` members may be
+/// flushed again: nothing for a few members (the end of the turn), up to
+/// 100 ms for thousands.
 pub fn batch_interval(members: usize) -> Duration {
     (PER_MEMBER * u32::try_from(members).unwrap_or(u32::MAX)).min(MAX_BATCH_INTERVAL)
 }
@@ -204,33 +206,28 @@ impl Shard {
         let Some((group, list)) = members.get_key_value(name) else {
             return;
         };
-        let mut batched = 0;
+        let mut batched = false;
         for m in list.iter().filter(|m| m.joined_at < seq) {
             match m.events {
                 Events::Each => self.push_event(&m.conn, frame.clone()),
-                Events::Batched => batched += 1,
+                Events::Batched => batched = true,
                 Events::None => {}
             }
         }
-        if batched > 0 {
+        if batched {
             if let Some(change) = parse_change(frame) {
-                self.add_pending(group, seq, change, batched);
+                self.add_pending(group, seq, change);
             }
         }
     }
 
     fn push_event(&self, conn: &Conn, frame: Bytes) {
-        ShardStats::add(&self.stats().membership_frames, 1);
-        self.push(conn, frame);
+        if self.push(conn, frame) {
+            ShardStats::add(&self.stats().membership_frames, 1);
+        }
     }
 
-    fn add_pending(
-        &self,
-        group: &Group,
-        seq: u64,
-        (reason, size, subject): (Reason, u32, Bytes),
-        n: usize,
-    ) {
+    fn add_pending(&self, group: &Group, seq: u64, (reason, size, subject): (Reason, u32, Bytes)) {
         let b = &self.batches;
         let mut pending = b.pending.borrow_mut();
         let p = pending.entry(group.clone()).or_insert_with(|| Pending {
@@ -246,9 +243,8 @@ impl Shard {
         });
         if p.due.is_none() {
             let now = Instant::now();
-            let at = p
-                .last_flush
-                .map_or(now, |t| (t + batch_interval(n)).max(now));
+            let interval = batch_interval(size as usize);
+            let at = p.last_flush.map_or(now, |t| (t + interval).max(now));
             let ticket = b.ticket.get() + 1;
             b.ticket.set(ticket);
             p.due = Some((at, ticket));
@@ -307,9 +303,10 @@ impl Shard {
     }
 
     fn push_batch(&self, conn: &Conn, frame: Bytes) {
-        ShardStats::add(&self.stats().membership_batches, 1);
         let _nobody = self.producing(None);
-        self.push(conn, frame);
+        if self.push(conn, frame) {
+            ShardStats::add(&self.stats().membership_batches, 1);
+        }
     }
 
     /// The `changes` numbered after `after`, in the order they reached this

@@ -37,7 +37,11 @@ pub enum Push {
     Queued,
     /// Queued past a full budget; the producer now waits (a slow reader).
     Slow,
-    /// Not queued: the reader is stuck (the caller closes the connection).
+    /// Queued past a full budget, nobody waiting: the reader looks stuck
+    /// (the shard's watch decides).
+    Suspect,
+    /// Not queued: the queue holds twice its budget (the caller closes the
+    /// connection as stuck).
     Stuck,
     /// The connection is closing or closed: the frame was not queued.
     Closed,
@@ -110,10 +114,10 @@ impl Outbound {
         if was_empty {
             self.notify.notify_one();
         }
-        if verdict == Admit::Slow {
-            Push::Slow
-        } else {
-            Push::Queued
+        match verdict {
+            Admit::Slow => Push::Slow,
+            Admit::Suspect => Push::Suspect,
+            _ => Push::Queued,
         }
     }
 
@@ -179,8 +183,15 @@ impl Outbound {
         self.backlog.borrow().has_waiters()
     }
 
-    /// True when producers wait and the socket accepted nothing for the
-    /// budget's `stuck_after`: the reader is stuck.
+    /// True when the queue is full or producers wait for it: what the
+    /// shard's stuck watch keeps an eye on.
+    pub fn pressed(&self) -> bool {
+        let b = self.backlog.borrow();
+        b.has_waiters() || self.budget.get().full(b.frames(), b.bytes())
+    }
+
+    /// True when the queue is full or producers wait for it, and the socket
+    /// accepted nothing for the budget's `stuck_after` (see `flow`).
     pub fn overdue(&self, now: Instant) -> bool {
         self.backlog.borrow().overdue(&self.budget.get(), now)
     }

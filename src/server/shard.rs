@@ -160,7 +160,7 @@ impl Shard {
     ) -> bool {
         match conn.out.push(frame, now, producer) {
             Push::Queued => true,
-            Push::Slow => {
+            Push::Slow | Push::Suspect => {
                 self.mark_congested(conn);
                 true
             }
@@ -484,8 +484,14 @@ impl Shard {
         }
     }
 
-    /// Closes readers that keep producers waiting and accept nothing for
-    /// their budget's `stuck_after`; forgets queues that have drained.
+    /// Closes readers whose queue is full (or keeps producers waiting) and
+    /// whose socket accepted nothing for their budget's `stuck_after`;
+    /// forgets queues that have drained.
+    ///
+    /// Before closing anyone it lets the shard's other work run (twice
+    /// round the task queue: the completions of writes that did go out are
+    /// dispatched, then their writers run), and closes only those still
+    /// overdue: a shard too busy to write must not blame its readers.
     pub async fn stuck_watch(self: Rc<Self>) {
         loop {
             if self.congested.borrow().is_empty() {
@@ -497,19 +503,32 @@ impl Shard {
                 .client_budget
                 .stuck_after
                 .min(live.peer_budget.stuck_after);
-            let tick = (least / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
+            let tick = (least / 8).clamp(Duration::from_millis(5), Duration::from_millis(50));
             tokio::time::sleep(tick).await;
             let now = self.tick();
             let list = std::mem::take(&mut *self.congested.borrow_mut());
-            let mut keep = Vec::with_capacity(list.len());
+            let (mut overdue, mut keep) = (Vec::new(), Vec::with_capacity(list.len()));
             for c in list {
-                if !c.out.has_waiters() {
+                if c.out.phase() != super::outbound::Phase::Open || !c.out.pressed() {
                     c.congested.set(false);
                 } else if c.out.overdue(now) {
-                    c.congested.set(false);
-                    self.kill(&c, Kill::Stuck);
+                    overdue.push(c);
                 } else {
                     keep.push(c);
+                }
+            }
+            if !overdue.is_empty() {
+                super::io::submit_pending(self.uring);
+                tokio::task::yield_now().await;
+                tokio::task::yield_now().await;
+                let now = self.tick();
+                for c in overdue {
+                    if c.out.overdue(now) {
+                        c.congested.set(false);
+                        self.kill(&c, Kill::Stuck);
+                    } else {
+                        keep.push(c);
+                    }
                 }
             }
             self.congested.borrow_mut().extend(keep);
