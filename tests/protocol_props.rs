@@ -380,6 +380,7 @@ fn entries(frame: &Frame) -> usize {
     match frame {
         Frame::MembersReply { members, .. } => members.len(),
         Frame::Snapshot { entries, .. } => entries.len(),
+        Frame::MembershipBatch { changes, .. } => changes.len(),
         _ => 0,
     }
 }

@@ -30,6 +30,10 @@ pub const MAX_IOV: usize = 1024;
 /// is given back.
 const KEEP_CAPACITY: usize = 64;
 
+/// What a queued frame costs besides its bytes (its slot in the queue), so
+/// that a budget in bytes bounds the memory of many small frames too.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
+
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -40,7 +44,7 @@ pub enum Push {
     /// Queued past a full budget, nobody waiting: the reader looks stuck
     /// (the shard's watch decides).
     Suspect,
-    /// Not queued: the queue holds twice its budget (the caller closes the
+    /// Not queued: the queue holds twice its byte budget (the caller closes the
     /// connection as stuck).
     Stuck,
     /// The connection is closing or closed: the frame was not queued.
@@ -101,10 +105,12 @@ impl Outbound {
         if self.phase.get() != Phase::Open {
             return Push::Closed;
         }
-        let verdict =
-            self.backlog
-                .borrow_mut()
-                .admit(frame.len(), &self.budget.get(), now, producer);
+        let verdict = self.backlog.borrow_mut().admit(
+            frame.len() + SLOT_BYTES,
+            &self.budget.get(),
+            now,
+            producer,
+        );
         if verdict == Admit::Stuck {
             return Push::Stuck;
         }
@@ -131,7 +137,7 @@ impl Outbound {
         }
         let mut backlog = self.backlog.borrow_mut();
         if let Some(f) = last {
-            backlog.force(f.len());
+            backlog.force(f.len() + SLOT_BYTES);
             self.queue.borrow_mut().push_back(f);
         }
         backlog.release_all();
@@ -215,9 +221,10 @@ impl Outbound {
     fn written(&self, frames: usize, bytes: usize) {
         let now = Instant::now();
         self.last_tx.set(now);
+        let cost = bytes + frames * SLOT_BYTES;
         self.backlog
             .borrow_mut()
-            .written(frames, bytes, &self.budget.get(), now);
+            .written(frames, cost, &self.budget.get(), now);
     }
 }
 
