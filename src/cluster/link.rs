@@ -330,6 +330,11 @@ fn node_down(shard: &Shard, i: usize, name: &str) {
 
 /// `conn`, a link (or dial) of peer `i`, closed.
 pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
+    if shard.links.get_if(i, conn.seq).is_some() {
+        let c = &shard.shared.cluster.counters[i];
+        c.queued_frames.store(0, Relaxed);
+        c.queued_bytes.store(0, Relaxed);
+    }
     shard.links.remove(i, conn.seq);
     let mesh = &shard.shared.cluster;
     let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();

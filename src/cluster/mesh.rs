@@ -94,6 +94,10 @@ pub struct PeerCounters {
     pub bytes_out: AtomicU64,
     /// Frames for the peer dropped (no link, or the link was killed).
     pub dropped: AtomicU64,
+    /// Gauge: frames pending on the link (as of its shard's last sweep).
+    pub queued_frames: AtomicU64,
+    /// Gauge: bytes pending on the link (frames and their queue slots).
+    pub queued_bytes: AtomicU64,
 }
 
 /// Verdict on a HELLO from a peer.
@@ -443,6 +447,8 @@ impl Mesh {
             "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),
             "bytes_in": c.bytes_in.load(Relaxed), "bytes_out": c.bytes_out.load(Relaxed),
             "dropped": c.dropped.load(Relaxed), "reconnects": p.reconnects,
+            "queued_frames": c.queued_frames.load(Relaxed),
+            "queued_bytes": c.queued_bytes.load(Relaxed),
         })
     }
 
@@ -463,6 +469,8 @@ impl PeerCounters {
             &self.bytes_in,
             &self.bytes_out,
             &self.dropped,
+            &self.queued_frames,
+            &self.queued_bytes,
         ] {
             c.store(0, Relaxed);
         }

@@ -84,6 +84,8 @@ pub struct Conn {
     /// The socket (for unread-input checks); valid while the connection is
     /// in its shard's table.
     fd: RawFd,
+    /// Wakes a reader waiting at its closed gate when the connection closes.
+    closing: tokio::sync::Notify,
     shutdown: Box<dyn Fn()>,
 }
 
@@ -113,6 +115,7 @@ impl Conn {
             close_deadline: Cell::new(None),
             closing_as: Cell::new(Kill::Closed),
             fd,
+            closing: tokio::sync::Notify::new(),
             shutdown,
         }
     }
@@ -141,12 +144,14 @@ impl Conn {
     /// Shuts the socket down (both directions); the reader sees end of stream.
     pub fn shutdown(&self) {
         (self.shutdown)();
+        self.closing.notify_one();
     }
 
     /// Flushes what is queued (then `last`), then closes; forced after `grace`.
     pub fn close_gracefully(&self, last: Option<bytes::Bytes>, grace: Duration) {
         if self.out.drain_with(last) {
             self.close_deadline.set(Some(Instant::now() + grace));
+            self.closing.notify_one();
         }
     }
 
@@ -406,7 +411,12 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
             Decoded::Wait => {
                 ShardStats::add(&shard.stats().producer_waits, 1);
                 conn.held_input.set(!buf.is_empty());
-                conn.gate.opened().await;
+                // Until the gate opens, or the connection closes meanwhile
+                // (then what it sent is no longer acted on).
+                tokio::select! {
+                    () = conn.gate.opened() => {}
+                    () = conn.closing.notified() => {}
+                }
                 conn.held_input.set(false);
                 shard.tick();
             }

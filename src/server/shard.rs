@@ -476,6 +476,13 @@ impl Shard {
                 frames += f;
                 bytes += b;
                 max_bytes = max_bytes.max(b);
+                if let super::conn::ConnRole::Peer(i) = c.role.get() {
+                    if self.links.get_if(i, c.seq).is_some() {
+                        let pc = &self.shared.cluster.counters[i];
+                        ShardStats::set(&pc.queued_frames, f as u64);
+                        ShardStats::set(&pc.queued_bytes, b as u64);
+                    }
+                }
             }
             let st = self.stats();
             ShardStats::set(&st.queued_frames, frames as u64);

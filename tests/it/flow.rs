@@ -237,6 +237,10 @@ async fn a_join_and_leave_storm_cuts_no_link() {
         for p in st["peers"].as_array().expect("peers") {
             assert_eq!(p["state"], "up", "node{}: {p}", i + 1);
             assert_eq!(p["reconnects"], 0, "node{}: {p}", i + 1);
+            assert!(
+                p["queued_bytes"].is_u64(),
+                "a link's queue depth is in the stats: {p}"
+            );
         }
     }
 }
