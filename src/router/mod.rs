@@ -30,6 +30,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Most shards a server runs (one bit each in a group's shard mask).
 pub const MAX_SHARDS: usize = 64;
 
+/// Attempts of one membership change racing others on the same group.
+const UPDATE_RETRIES: usize = 10_000;
+
 /// One group's routing facts and members.
 #[derive(Debug)]
 pub struct GroupEntry {
@@ -54,9 +57,6 @@ pub struct GroupState {
     members: MemberSet,
     /// Members per peer node (index, count); no zero counts.
     per_peer: Vec<(u16, u32)>,
-    /// Changes so far: numbers each change, in the order the table made
-    /// them (see [`Change::seq`]).
-    changes: u64,
 }
 
 impl GroupState {
@@ -192,9 +192,12 @@ pub struct Change {
     pub size: u32,
     /// Shards with local members after the change (to send events to).
     pub shards: u64,
-    /// The change's number in its group (1, 2, …, in the order the table
-    /// made them; 0 when nothing changed). A member is told of the changes
-    /// numbered after its own join, however late their events reach it.
+    /// The change's number: drawn from one counter for the whole table,
+    /// under the group's lock, so a group's changes are numbered in the
+    /// order the table made them and no number is ever used twice (not
+    /// even by a group that emptied and came back); 0 when nothing
+    /// changed. A member is told of the changes numbered after its own
+    /// join, however late their events reach it.
     pub seq: u64,
 }
 
@@ -209,6 +212,8 @@ const UNCHANGED: Change = Change {
 #[derive(Debug)]
 pub struct GroupTable {
     map: papaya::HashMap<Group, ()>,
+    /// Numbers every change (see [`Change::seq`]).
+    changes: AtomicU64,
 }
 
 impl Default for GroupTable {
@@ -229,6 +234,7 @@ impl GroupTable {
             map: papaya::HashMap::builder()
                 .resize_mode(papaya::ResizeMode::Blocking)
                 .build(),
+            changes: AtomicU64::new(0),
         }
     }
 
@@ -294,16 +300,23 @@ impl GroupTable {
         create: bool,
         f: impl Fn(&GroupEntry, &mut GroupState) -> R,
     ) -> Option<(Group, R)> {
-        // Bounded: a dead entry is removed by whoever finds it, so the next
-        // look-up finds a fresh one (or none).
-        for _ in 0..16 {
-            let group = self.entry(name, create)?;
+        // A dead entry is removed by whoever finds it, and a creation that
+        // loses a race to another shard's finds that one: each retry means
+        // another thread got through, so the bound is only a safeguard.
+        for _ in 0..UPDATE_RETRIES {
+            let Some(group) = self.entry(name, create) else {
+                if create {
+                    continue;
+                }
+                return None;
+            };
             let out = self.update_entry(&group, &f);
             if let Some(out) = out {
                 return Some((group, out));
             }
             self.remove(&group);
         }
+        tracing::error!(group = %String::from_utf8_lossy(name), "group table: membership change gave up after {UPDATE_RETRIES} races");
         None
     }
 
@@ -339,7 +352,7 @@ impl GroupTable {
             if changed {
                 entry.shards.fetch_or(1 << shard, Ordering::AcqRel);
             }
-            change(entry, st, changed)
+            self.change(entry, st, changed)
         })
     }
 
@@ -352,7 +365,7 @@ impl GroupTable {
             if let Some(shard) = last_on {
                 entry.shards.fetch_and(!(1 << shard), Ordering::AcqRel);
             }
-            change(entry, st, changed)
+            self.change(entry, st, changed)
         })
         .unwrap_or(UNCHANGED)
     }
@@ -365,7 +378,7 @@ impl GroupTable {
                 st.peer_count(peer as u16, 1);
                 entry.nodes.set(peer);
             }
-            change(entry, st, changed)
+            self.change(entry, st, changed)
         })
         .map_or(UNCHANGED, |(_, c)| c)
     }
@@ -381,7 +394,7 @@ impl GroupTable {
                     entry.nodes.clear(peer);
                 }
             }
-            change(entry, st, here)
+            self.change(entry, st, here)
         })
         .map_or(UNCHANGED, |(_, c)| c)
     }
@@ -394,7 +407,7 @@ impl GroupTable {
             let gone = st.members.retain(|_, l| l != at);
             st.per_peer.retain(|(p, _)| usize::from(*p) != peer);
             entry.nodes.clear(peer);
-            (change(entry, st, gone > 0), gone)
+            (self.change(entry, st, gone > 0), gone)
         })
         .unwrap_or((UNCHANGED, 0))
     }
@@ -431,15 +444,20 @@ impl GroupTable {
     }
 }
 
-fn change(entry: &GroupEntry, st: &mut GroupState, changed: bool) -> Change {
-    if changed {
-        st.changes += 1;
-    }
-    Change {
-        changed,
-        size: st.size(),
-        shards: entry.shard_mask(),
-        seq: if changed { st.changes } else { 0 },
+impl GroupTable {
+    /// The outcome of a change to `entry` (its lock held): numbered if
+    /// anything changed.
+    fn change(&self, entry: &GroupEntry, st: &GroupState, changed: bool) -> Change {
+        Change {
+            changed,
+            size: st.size(),
+            shards: entry.shard_mask(),
+            seq: if changed {
+                self.changes.fetch_add(1, Ordering::Relaxed) + 1
+            } else {
+                0
+            },
+        }
     }
 }
 
@@ -493,10 +511,15 @@ mod tests {
         t.leave_local(&a, &m("n/1.1"), Some(1));
         assert!(t.get(b"a").is_none(), "an empty group leaves the table");
         assert!(!t.leave_local(&a, &m("n/1.1"), None).changed);
-        let (again, _) = t.join_local(b"a", &m("n/0.2"), 0).unwrap();
+        let (again, c) = t.join_local(b"a", &m("n/0.2"), 0).unwrap();
         assert!(
             !again.same(&a),
             "a group that emptied comes back as a new entry"
+        );
+        assert!(
+            c.seq > 6,
+            "change numbers are never used twice, not even by a new entry: {}",
+            c.seq
         );
     }
 

@@ -129,6 +129,7 @@ impl Conn {
     /// budget.
     pub fn become_peer(&self, i: usize, live: &Live) {
         self.role.set(ConnRole::Peer(i));
+        self.gate.set_link();
         self.apply_budget(live);
     }
 

@@ -22,13 +22,18 @@
 //! A queue with producers waiting that then makes no progress for
 //! `stuck_after` is overdue too. So a stuck reader holds its publishers for
 //! at most `stuck_after` (plus a watch tick) after its last progress, once,
-//! and not at all when its queue fills more slowly than that. Whatever
-//! happens, a queue never holds more than twice its byte budget: past that
-//! the reader is stuck at once ([`Admit::Stuck`]).
+//! and not at all when its queue fills more slowly than that. A queue at
+//! twice its byte budget whose reader is silent, or at four times whatever
+//! the reader does, is stuck at once ([`Admit::Stuck`]).
+//!
+//! A peer link is never made to wait for a member's queue (only for
+//! inboxes): it carries every group between two nodes, and held for one
+//! slow member it would stall them all until the other node cut it. A
+//! member slower than what reaches it over links is cut at its cap.
 //!
 //! Nothing here touches a socket or a clock: callers pass `now`.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -51,12 +56,20 @@ impl Budget {
         frames >= self.frames || bytes >= self.bytes
     }
 
-    /// True when `bytes` pending reach twice the byte budget: the hard
-    /// bound on what a queue holds, whatever its reader is doing. (Frames
-    /// past `max_backlog` are fine: small frames that other shards had in
+    /// True when `bytes` pending reach twice the byte budget: past that a
+    /// reader that is not progressing is stuck at once. (Frames past
+    /// `max_backlog` are fine: small frames that other shards had in
     /// flight can number tens of thousands in a few hundred kilobytes.)
     pub fn over_cap(&self, bytes: usize) -> bool {
         bytes >= self.bytes.saturating_mul(2)
+    }
+
+    /// True when `bytes` pending reach four times the byte budget: the hard
+    /// bound on what a queue holds, whatever its reader is doing (many
+    /// producers of large frames, each let through one frame, can carry a
+    /// progressing reader past twice).
+    pub fn over_hard_cap(&self, bytes: usize) -> bool {
+        bytes >= self.bytes.saturating_mul(4)
     }
 
     /// True when the queue has drained enough for its producers to go on:
@@ -74,12 +87,26 @@ impl Budget {
 pub struct Gate {
     waits: AtomicU32,
     notify: Notify,
+    /// A peer link's gate: only inboxes hold it, never a member's queue. A
+    /// link carries every group between two nodes; held for one slow
+    /// member it would stall them all, and the other node would cut it.
+    link: AtomicBool,
 }
 
 impl Gate {
     /// A new, open gate.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Marks this producer as a peer link (see the field's doc).
+    pub fn set_link(&self) {
+        self.link.store(true, Ordering::Release);
+    }
+
+    /// True for a peer link's gate.
+    pub fn is_link(&self) -> bool {
+        self.link.load(Ordering::Acquire)
     }
 
     /// True when nothing asks this producer to wait.
@@ -190,19 +217,17 @@ impl Backlog {
             self.progress = now;
         }
         let verdict = if budget.full(self.frames, self.bytes) {
-            if budget.over_cap(self.bytes) {
+            let silent = now.saturating_duration_since(self.progress) >= budget.stuck_after;
+            if budget.over_hard_cap(self.bytes) || (silent && budget.over_cap(self.bytes)) {
                 return Admit::Stuck;
             }
-            if now.saturating_duration_since(self.progress) >= budget.stuck_after {
+            if silent {
                 self.frames += 1;
                 self.bytes += len;
                 return Admit::Suspect;
             }
             if let Some(p) = producer {
-                if !self.waiters.iter().any(|w| Arc::ptr_eq(w, p)) {
-                    p.hold();
-                    self.waiters.push(p.clone());
-                }
+                self.hold(p);
             }
             Admit::Slow
         } else {
@@ -211,6 +236,15 @@ impl Backlog {
         self.frames += 1;
         self.bytes += len;
         verdict
+    }
+
+    /// Makes `producer` wait for this queue (once; never a peer link).
+    pub fn hold(&mut self, producer: &Arc<Gate>) {
+        if producer.is_link() || self.waiters.iter().any(|w| Arc::ptr_eq(w, producer)) {
+            return;
+        }
+        producer.hold();
+        self.waiters.push(producer.clone());
     }
 
     /// Counts a frame queued without judgement (an error before closing).
@@ -366,14 +400,26 @@ mod tests {
                 ],
             ),
             (
-                "twice the byte budget: stuck at once, whatever the reader does",
+                "twice the byte budget and silent: stuck at once",
                 &[
                     Offer(0, 600, None, Queued),
                     Offer(0, 600, None, Queued),
                     Offer(1, 600, None, Slow),
                     Offer(1, 600, None, Slow),
-                    Offer(1, 10, Some(1), Stuck),
-                    Open(1, true),
+                    Offer(99, 10, Some(1), Slow),
+                    Offer(100, 10, Some(1), Stuck),
+                ],
+            ),
+            (
+                "twice the byte budget but progressing: slow; four times: stuck",
+                &[
+                    Offer(0, 600, None, Queued),
+                    Offer(0, 600, None, Queued),
+                    Offer(1, 900, Some(0), Slow),
+                    Offer(1, 900, Some(1), Slow),
+                    Open(1, false),
+                    Offer(2, 1000, Some(2), Slow),
+                    Offer(3, 10, Some(2), Stuck),
                 ],
             ),
             (
@@ -438,6 +484,21 @@ mod tests {
         for (name, steps) in cases {
             run(name, steps);
         }
+    }
+
+    #[test]
+    fn a_peer_link_is_never_held_by_a_member_queue() {
+        let t0 = Instant::now();
+        let b = budget();
+        let link = Gate::new();
+        link.set_link();
+        let mut q = Backlog::new(t0);
+        for _ in 0..4 {
+            q.admit(10, &b, t0, Some(&link));
+        }
+        assert_eq!(q.admit(10, &b, t0, Some(&link)), Admit::Slow);
+        assert!(link.is_open(), "the link reads on");
+        assert!(!q.has_waiters());
     }
 
     #[test]

@@ -55,6 +55,9 @@ const MAX_BATCH_INTERVAL: Duration = Duration::from_millis(100);
 const PER_MEMBER: Duration = Duration::from_micros(20);
 /// A group idle this long after its last flush forgets its flush record.
 const FORGET_AFTER: Duration = Duration::from_secs(1);
+/// Bytes of changes a group may gather before it is flushed at once,
+/// whatever its interval.
+const PENDING_MAX_BYTES: usize = 256 * 1024;
 
 /// How long after its last flush a group of `members` members may be
 /// flushed again: nothing for a few members (the end of the turn), up to
@@ -75,6 +78,8 @@ struct Change {
 /// One group's unflushed changes on this shard.
 struct Pending {
     changes: Vec<Change>,
+    /// Bytes the changes hold (their subjects and bookkeeping).
+    bytes: usize,
     last_flush: Option<Instant>,
     /// When a flush is scheduled (a key of `Batches::due`).
     due: Option<(Instant, u64)>,
@@ -207,10 +212,20 @@ impl Shard {
             return;
         };
         let mut batched = false;
+        let producer = self.producer();
         for m in list.iter().filter(|m| m.joined_at < seq) {
             match m.events {
                 Events::Each => self.push_event(&m.conn, frame.clone()),
-                Events::Batched => batched = true,
+                Events::Batched => {
+                    batched = true;
+                    // What the batch will bring is charged now to whoever
+                    // made the change: a slow member slows the churn.
+                    if let Some(p) = &producer {
+                        if m.conn.out.hold_if_full(p) {
+                            self.mark_congested(&m.conn);
+                        }
+                    }
+                }
                 Events::None => {}
             }
         }
@@ -232,15 +247,29 @@ impl Shard {
         let mut pending = b.pending.borrow_mut();
         let p = pending.entry(group.clone()).or_insert_with(|| Pending {
             changes: Vec::new(),
+            bytes: 0,
             last_flush: None,
             due: None,
         });
+        p.bytes += subject.len() + std::mem::size_of::<Change>();
         p.changes.push(Change {
             seq,
             reason,
             size,
             subject,
         });
+        if p.bytes > PENDING_MAX_BYTES {
+            // Too much to hold for the interval: flush at the end of this turn.
+            if let Some(key) = p.due.take() {
+                b.due.borrow_mut().remove(&key);
+            }
+            let ticket = b.ticket.get() + 1;
+            b.ticket.set(ticket);
+            let key = (Instant::now(), ticket);
+            p.due = Some(key);
+            b.due.borrow_mut().insert(key, group.clone());
+            b.wake.notify_one();
+        }
         if p.due.is_none() {
             let now = Instant::now();
             let interval = batch_interval(size as usize);
@@ -274,6 +303,7 @@ impl Shard {
                 return;
             };
             p.due = None;
+            p.bytes = 0;
             p.last_flush = Some(Instant::now());
             std::mem::take(&mut p.changes)
         };

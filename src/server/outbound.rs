@@ -26,9 +26,13 @@ use tokio::sync::Notify;
 /// write and close the connection.
 pub const MAX_IOV: usize = 1024;
 
-/// Slots of a queue (or a write batch) kept once it is empty again; more
-/// is given back.
+/// Slots of a queue kept once it is empty and idle (the sweep gives more
+/// back), and of a write batch beyond `messages_per_iter`.
 const KEEP_CAPACITY: usize = 64;
+/// Slots of a queue given back as soon as it is empty: a burst's room
+/// (up to 4,096 slots, 128 KiB, stays for the sweep to give back, so a
+/// stream does not free and regrow its queue at every lull).
+const DROP_CAPACITY: usize = 4096;
 
 /// What a queued frame costs besides its bytes (its slot in the queue), so
 /// that a budget in bytes bounds the memory of many small frames too.
@@ -202,6 +206,17 @@ impl Outbound {
         self.backlog.borrow().overdue(&self.budget.get(), now)
     }
 
+    /// Makes `producer` wait for this queue if it is full (membership
+    /// changes flushed later in batches are charged to who made them).
+    pub fn hold_if_full(&self, producer: &Arc<Gate>) -> bool {
+        let mut b = self.backlog.borrow_mut();
+        if self.phase.get() != Phase::Open || !self.budget.get().full(b.frames(), b.bytes()) {
+            return false;
+        }
+        b.hold(producer);
+        true
+    }
+
     /// When the last write completed.
     pub fn last_tx(&self) -> Instant {
         self.last_tx.get()
@@ -211,8 +226,17 @@ impl Outbound {
         let mut q = self.queue.borrow_mut();
         let n = q.len().min(max.clamp(1, MAX_IOV));
         batch.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > DROP_CAPACITY {
+            // A big burst is over: do not keep its room.
+            *q = VecDeque::new();
+        }
+    }
+
+    /// Gives back an empty queue's room (the shard's sweep, so that idle
+    /// members hold little).
+    pub fn trim_idle(&self) {
+        let mut q = self.queue.borrow_mut();
         if q.is_empty() && q.capacity() > KEEP_CAPACITY {
-            // A burst is over: do not keep its room for every idle member.
             *q = VecDeque::new();
         }
     }
@@ -268,7 +292,7 @@ pub async fn write_loop<S: Stream>(
         let frames = batch.len() as u64;
         match write_all(stream, batch, |f, b| out.written(f, b)).await {
             Ok((bytes, mut b)) => {
-                if b.capacity() > KEEP_CAPACITY {
+                if b.capacity() > KEEP_CAPACITY.max(batch_max()) {
                     b = Vec::new();
                 }
                 batch = b;

@@ -177,7 +177,7 @@ impl Shard {
     }
 
     /// `conn`'s queue makes producers wait: watch it until it drains.
-    fn mark_congested(&self, conn: &Conn) {
+    pub(super) fn mark_congested(&self, conn: &Conn) {
         if conn.congested.replace(true) {
             return;
         }
@@ -472,6 +472,7 @@ impl Shard {
             let (mut frames, mut bytes, mut max_bytes) = (0, 0, 0);
             for c in conns {
                 c.sweep(&self, now, &live);
+                c.out.trim_idle();
                 let (f, b) = c.out.pending();
                 frames += f;
                 bytes += b;

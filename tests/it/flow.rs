@@ -606,3 +606,60 @@ fn pipelined_requests_are_bounded_by_the_queue_budget() {
         "{handled} requests read: replies were not bounded by the queue"
     );
 }
+
+// ------------------------------------------ a slow member never holds a link
+
+/// A member on node1 reads slowly while a publisher on node2 floods its
+/// group with 64 KiB messages for longer than `peer_stuck_timeout`. The
+/// link is never made to wait for node1's member (it carries every group
+/// between the two nodes): it stays up on both sides; the member, slower
+/// than what reaches it over the link, is cut at its cap on node1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_member_never_gets_a_link_cut() {
+    let extra = format!("{QUICK}\n peer_stuck_timeout = 0.5\n max_backlog_bytes = 1048576");
+    let c = Cluster::start("slow-link", 2, &extra).await;
+    let g = group("slow-link");
+    // The slow member: reads one frame every 10 ms.
+    let (mut slow, slow_id) = tokio::task::block_in_place(|| raw_client(c.addr(0)));
+    tokio::task::block_in_place(|| crate::flowkit::join(&mut slow, &g));
+    let reader = std::thread::spawn(move || {
+        while slow.recv().is_some() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let watcher = Member::connect(c.addr(1)).await;
+    watcher.wait_view("slow-link", &[slow_id.to_string()]).await;
+    let (mut publisher, _) = tokio::task::block_in_place(|| raw_client(c.addr(1)));
+    tokio::task::block_in_place(|| {
+        let payload = Bytes::from(vec![b'x'; 64 * 1024]);
+        let mut frame = BytesMut::new();
+        Frame::Publish {
+            group: g.clone(),
+            payload,
+        }
+        .encode(&mut frame);
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < end {
+            if publisher.s.write_all(&frame).is_err() {
+                break;
+            }
+        }
+    });
+    until("node1 to cut the slow member at its cap", || {
+        num(&stats(c.addr(0))["totals"]["stuck_kills"]) >= 1
+    })
+    .await;
+    for i in 0..2 {
+        let st = stats(c.addr(i));
+        let link = &st["peers"][0];
+        assert_eq!(link["state"], "up", "node{}: {link}", i + 1);
+        assert_eq!(link["reconnects"], 0, "node{}: {link}", i + 1);
+    }
+    assert_eq!(
+        num(&stats(c.addr(1))["totals"]["stuck_kills"]),
+        0,
+        "node2 cut nothing"
+    );
+    drop(publisher);
+    let _ = reader.join();
+}
