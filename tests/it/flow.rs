@@ -321,8 +321,7 @@ async fn a_failover_replay_burst_kills_no_member_and_no_link() {
 #[test]
 fn a_busy_shard_keeps_writing_on_io_uring() {
     const MEMBERS: usize = 30;
-    if let Err(e) = msgc::server::io::uring_available() {
-        eprintln!("SKIPPED: io_uring is not available here ({e})");
+    if !crate::util::uring_here() {
         return;
     }
     // Deep member queues: the flood is held back by shard 1's inbox, not
@@ -587,15 +586,7 @@ fn pipelined_requests_are_bounded_by_the_queue_budget() {
     socket2::SockRef::from(&greedy.s)
         .set_recv_buffer_size(4096)
         .expect("SO_RCVBUF");
-    let mut burst = BytesMut::new();
-    for req in 0..REQUESTS {
-        Frame::MembersRequest {
-            req,
-            group: g.clone(),
-        }
-        .encode(&mut burst);
-    }
-    greedy.s.write_all(&burst).expect("requests");
+    send_members_requests(&mut greedy, &g, REQUESTS);
     wait_for("the greedy client to be closed as stuck", WAIT, || {
         totals(&srv, "stuck_kills") == 1
     });
@@ -662,4 +653,64 @@ async fn a_slow_member_never_gets_a_link_cut() {
     );
     drop(publisher);
     let _ = reader.join();
+}
+
+/// Writes `n` pipelined `MEMBERS_REQUEST`s for `g` in one burst.
+fn send_members_requests(raw: &mut Raw, g: &GroupName, n: u32) {
+    let mut burst = BytesMut::new();
+    for req in 0..n {
+        Frame::MembersRequest {
+            req,
+            group: g.clone(),
+        }
+        .encode(&mut burst);
+    }
+    raw.s.write_all(&burst).expect("requests");
+}
+
+/// The queue budgets and the handshake deadline apply live (SIGHUP), to
+/// connections already open: a client that connected while its budget was
+/// 64 MiB, and pipelines 5,000 MEMBERS_REQUESTs after it became 64 KiB,
+/// has fewer than 200 of them read before it is cut as stuck (with
+/// 64 MiB, all 5,000 replies would have fitted).
+#[test]
+fn budgets_apply_live_to_open_connections() {
+    const REQUESTS: u32 = 5000;
+    let dir = TempDir::new("live-budget");
+    let before = "shards = 1\n max_backlog_bytes = 67108864\n stuck_timeout = 0.3";
+    let node = NodeProc::solo(&dir, "127.0.0.15", before);
+    let g = group("big");
+    let _members: Vec<Raw> = (0..300)
+        .map(|_| {
+            let (mut r, _) = raw_client(node.addr);
+            crate::flowkit::join(&mut r, &g);
+            r
+        })
+        .collect();
+    let (mut greedy, _) = raw_client(node.addr);
+    socket2::SockRef::from(&greedy.s)
+        .set_recv_buffer_size(4096)
+        .expect("SO_RCVBUF");
+    node.reconfigure_solo(&format!(
+        "{before}\n max_backlog_bytes = 65536\n handshake_timeout = 0.3"
+    ));
+    // Applied once a silent connection meets the new handshake deadline
+    // (one shard: the greedy client's).
+    let mut silent = Raw::connect(node.addr);
+    match silent.recv() {
+        Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::HANDSHAKE_REQUIRED),
+        other => panic!("expected the reloaded handshake deadline, got {other:?}"),
+    }
+    let read = |st: &serde_json::Value| num(&st["totals"]["msgs_in"]);
+    let start = read(&stats(node.addr));
+    send_members_requests(&mut greedy, &g, REQUESTS);
+    wait_for("the greedy client to be cut as stuck", WAIT, || {
+        num(&stats(node.addr)["totals"]["stuck_kills"]) == 1
+    });
+    // Less the STATS requests of the two readings.
+    let handled = read(&stats(node.addr)) - start - 2;
+    assert!(
+        handled < 200,
+        "{handled} requests read: the new budget did not apply"
+    );
 }

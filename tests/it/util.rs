@@ -19,6 +19,23 @@ use std::time::{Duration, Instant};
 /// The longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// True when io_uring can run here. Where it cannot, a `_uring` test is
+/// skipped, said loudly; with `MSGC_REQUIRE_URING` set (CI sets it where
+/// its probe found io_uring), it fails instead, so that a green run never
+/// hides a backend that did not run.
+pub fn uring_here() -> bool {
+    match msgc::server::io::uring_available() {
+        Ok(()) => true,
+        Err(e) if std::env::var_os("MSGC_REQUIRE_URING").is_some() => {
+            panic!("MSGC_REQUIRE_URING is set but io_uring is not available: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: io_uring is not available here ({e})");
+            false
+        }
+    }
+}
+
 /// Polls `cond` until it holds or `limit` passes; panics with `what` then.
 pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + limit;
@@ -439,13 +456,25 @@ impl NodeProc {
     pub fn solo(dir: &TempDir, ip: &str, extra: &str) -> Self {
         let port = free_port(&[ip]);
         let addr: SocketAddr = format!("{ip}:{port}").parse().expect("address");
-        let text = format!(
-            "msgc_server {{\n  shards = 2\n  {extra}\n}}\n\
-             msgcserver_listener {{\n  listen \"{addr}\" {{ }}\n}}\n"
-        );
-        let config = dir.write("solo.conf", &text);
+        let config = dir.write("solo.conf", &solo_text(addr, extra));
         Self::start(config, "solo", addr)
     }
+
+    /// Rewrites a [`NodeProc::solo`] node's config with `extra` and tells
+    /// it to re-read it (SIGHUP).
+    pub fn reconfigure_solo(&self, extra: &str) {
+        std::fs::write(&self.config, solo_text(self.addr, extra)).expect("rewrite config");
+        self.signal(libc::SIGHUP);
+    }
+}
+
+/// The config of a one-node server on `addr` with two shards (unless
+/// `extra`, inside `msgc_server { }`, says otherwise: a later value wins).
+fn solo_text(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "msgc_server {{\n  shards = 2\n  {extra}\n}}\n\
+         msgcserver_listener {{\n  listen \"{addr}\" {{ }}\n}}\n"
+    )
 }
 
 /// Raises this process's open-file limit to its hard limit (children, such
