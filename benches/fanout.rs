@@ -38,6 +38,8 @@ fn connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     });
     s.write_all(&hello.to_bytes()).expect("hello");
     let mut buf = BytesMut::new();

@@ -68,6 +68,8 @@ async fn handshake(mut stream: TcpStream) -> Result<WireConn> {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
     let mut buf = BytesMut::with_capacity(64 * 1024);

@@ -159,6 +159,7 @@ impl MockConn {
             member: Some(self.member()),
             max_message_size: max,
             idle_timeout_ms: 30_000,
+            features: 0,
         })]
     }
 
@@ -179,6 +180,7 @@ impl MockConn {
             Frame::Publish { group, payload } => vec![Frame::Deliver {
                 group,
                 sender: me,
+                seq: None,
                 payload,
             }],
             Frame::MembersRequest { req, group } => vec![

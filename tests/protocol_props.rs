@@ -13,8 +13,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use msgc::protocol::{
-    decode, max_frame_for, snapshot_flags, DecodeError, ErrorCode, Events, Frame, FrameType,
-    GroupName, Hello, MemberId, MembershipChange, NodeName, Reason, Role, Welcome,
+    decode, features, max_frame_for, snapshot_flags, DecodeError, ErrorCode, Events, Frame,
+    FrameType, GroupName, Hello, MemberId, MembershipChange, NodeName, Reason, Role, Welcome,
     PROTOCOL_VERSION,
 };
 use proptest::collection::vec;
@@ -134,13 +134,16 @@ fn hello() -> impl Strategy<Value = Frame> {
         role,
         proptest::option::of(node()),
         vec(any::<u8>(), 0..64),
+        prop_oneof![Just((0, 0)), (any::<u32>(), any::<u32>())],
     )
-        .prop_map(|(version, role, name, credentials)| {
+        .prop_map(|(version, role, name, credentials, (features, max))| {
             Frame::Hello(Hello {
                 version,
                 role,
                 name,
                 credentials: Bytes::from(credentials),
+                features,
+                max_message_size: max,
             })
         })
 }
@@ -152,15 +155,17 @@ fn welcome() -> impl Strategy<Value = Frame> {
         proptest::option::of(member()),
         any::<u32>(),
         any::<u32>(),
+        any::<u32>(),
     )
         .prop_map(
-            |(version, node, member, max_message_size, idle_timeout_ms)| {
+            |(version, node, member, max_message_size, idle_timeout_ms, features)| {
                 Frame::Welcome(Welcome {
                     version,
                     node,
                     member,
                     max_message_size,
                     idle_timeout_ms,
+                    features,
                 })
             },
         )
@@ -198,11 +203,18 @@ fn client_frame() -> impl Strategy<Value = Frame> {
 /// Frames sent by the server to clients (continued) and between peers.
 fn server_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (group(), member(), payload()).prop_map(|(group, sender, payload)| Frame::Deliver {
-            group,
-            sender,
-            payload
-        }),
+        (
+            group(),
+            member(),
+            proptest::option::of(any::<u64>()),
+            payload()
+        )
+            .prop_map(|(group, sender, seq, payload)| Frame::Deliver {
+                group,
+                sender,
+                seq,
+                payload
+            }),
         (member(), payload()).prop_map(|(sender, payload)| Frame::Direct { sender, payload }),
         (group(), name_text(), reason(), any::<u32>()).prop_map(|(group, s, reason, size)| {
             Frame::Membership {
@@ -250,11 +262,18 @@ fn server_frame() -> impl Strategy<Value = Frame> {
                 member,
                 reason
             }),
-        (group(), member(), payload()).prop_map(|(group, sender, payload)| Frame::Forward {
-            group,
-            sender,
-            payload
-        }),
+        (
+            group(),
+            member(),
+            proptest::option::of(any::<u64>()),
+            payload()
+        )
+            .prop_map(|(group, sender, seq, payload)| Frame::Forward {
+                group,
+                sender,
+                seq,
+                payload
+            }),
         (member(), member(), payload()).prop_map(|(to, sender, payload)| Frame::ForwardDirect {
             to,
             sender,
@@ -269,7 +288,7 @@ fn frame() -> impl Strategy<Value = Frame> {
 }
 
 /// Every frame type this version knows.
-const KNOWN_TYPES: [FrameType; 23] = [
+const KNOWN_TYPES: [FrameType; 25] = [
     FrameType::HELLO,
     FrameType::WELCOME,
     FrameType::NOOP,
@@ -283,6 +302,7 @@ const KNOWN_TYPES: [FrameType; 23] = [
     FrameType::MEMBERS_REQUEST,
     FrameType::STATS_REQUEST,
     FrameType::DELIVER,
+    FrameType::DELIVER_SEQ,
     FrameType::DIRECT,
     FrameType::MEMBERSHIP,
     FrameType::MEMBERSHIP_BATCH,
@@ -293,6 +313,7 @@ const KNOWN_TYPES: [FrameType; 23] = [
     FrameType::PEER_LEAVE,
     FrameType::FORWARD,
     FrameType::FORWARD_DIRECT,
+    FrameType::FORWARD_SEQ,
 ];
 
 fn known_codes() -> BTreeSet<u8> {
@@ -620,12 +641,15 @@ fn examples() -> Vec<(&'static str, Frame)> {
         member,
         max_message_size: 1 << 20,
         idle_timeout_ms: 30_000,
+        features: 0,
     };
     let hello = |role, name| Hello {
         version: PROTOCOL_VERSION,
         role,
         name,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     };
     vec![
         (
@@ -633,11 +657,46 @@ fn examples() -> Vec<(&'static str, Frame)> {
             Frame::Hello(hello(Role::Client, Some(n("app-7")))),
         ),
         (
+            "hello-client-seq",
+            Frame::Hello(Hello {
+                features: features::SEQ,
+                ..hello(Role::Client, Some(n("app-7")))
+            }),
+        ),
+        (
             "hello-peer",
-            Frame::Hello(hello(Role::Peer, Some(n("node2")))),
+            Frame::Hello(Hello {
+                features: features::SEQ,
+                max_message_size: 1 << 20,
+                ..hello(Role::Peer, Some(n("node2")))
+            }),
         ),
         ("welcome-client", Frame::Welcome(welcome(Some(a())))),
-        ("welcome-peer", Frame::Welcome(welcome(None))),
+        (
+            "welcome-peer",
+            Frame::Welcome(Welcome {
+                features: features::SEQ,
+                ..welcome(None)
+            }),
+        ),
+        (
+            "deliver-seq",
+            Frame::Deliver {
+                seq: Some(1),
+                group: g("orders"),
+                sender: a(),
+                payload: text("hello"),
+            },
+        ),
+        (
+            "forward-seq",
+            Frame::Forward {
+                seq: Some(42),
+                group: g("orders"),
+                sender: b(),
+                payload: text("hello"),
+            },
+        ),
         ("noop", Frame::Noop),
         (
             "error",
@@ -688,6 +747,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
         (
             "deliver",
             Frame::Deliver {
+                seq: None,
                 group: g("orders"),
                 sender: a(),
                 payload: text("hello"),
@@ -777,6 +837,7 @@ fn examples() -> Vec<(&'static str, Frame)> {
         (
             "forward",
             Frame::Forward {
+                seq: None,
                 group: g("orders"),
                 sender: b(),
                 payload: text("hello"),

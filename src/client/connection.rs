@@ -222,6 +222,8 @@ async fn handshake(
         role: Role::Client,
         name,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
     let max_frame = max_frame_for(cfg.max_message_size);

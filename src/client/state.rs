@@ -232,6 +232,7 @@ impl Shared {
                 group,
                 sender,
                 payload,
+                ..
             } => Some(Event::Message {
                 group,
                 sender,

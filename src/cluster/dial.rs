@@ -81,6 +81,8 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
             role: Role::Peer,
             name: Some(shard.shared.node.clone()),
             credentials: bytes::Bytes::new(),
+            features: crate::protocol::features::ALL,
+            max_message_size: u32::try_from(shard.live.get().max_message_size).unwrap_or(u32::MAX),
         };
         shard.push(conn, Frame::Hello(hello).to_bytes());
     });

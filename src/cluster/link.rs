@@ -60,7 +60,11 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
                 member: None,
                 max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
                 idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
+                features: hello.features & crate::protocol::features::ALL,
             };
+            conn.features
+                .set(hello.features & crate::protocol::features::ALL);
+            conn.peer_max.set(hello.max_message_size as usize);
             shard.push(conn, Frame::Welcome(welcome).to_bytes());
             link_up(shard, conn, i, &name);
             Ok(())
@@ -153,10 +157,11 @@ pub fn peer_frame(
         Frame::Forward {
             group,
             sender,
+            seq,
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
-            deliver_forward(shard, &group, &sender, &payload);
+            deliver_forward(shard, &group, &sender, seq, &payload);
         }
         Frame::ForwardDirect {
             to,
@@ -261,7 +266,13 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
 }
 
 /// Delivers a forwarded group message to this node's members (only).
-fn deliver_forward(shard: &Shard, group: &GroupName, sender: &MemberId, payload: &[u8]) {
+fn deliver_forward(
+    shard: &Shard,
+    group: &GroupName,
+    sender: &MemberId,
+    _seq: Option<u64>,
+    payload: &[u8],
+) {
     let mask = shard
         .shared
         .table

@@ -142,6 +142,13 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
         FrameType::DELIVER => Frame::Deliver {
             group: group(&mut b)?,
             sender: member(&mut b)?,
+            seq: None,
+            payload: rest(&mut b),
+        },
+        FrameType::DELIVER_SEQ => Frame::Deliver {
+            group: group(&mut b)?,
+            sender: member(&mut b)?,
+            seq: Some(u64_(&mut b)?),
             payload: rest(&mut b),
         },
         FrameType::DIRECT => Frame::Direct {
@@ -163,11 +170,25 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
         FrameType::PEER_LEAVE => Frame::PeerLeave {
             group: group(&mut b)?,
             member: member(&mut b)?,
-            reason: reason(&mut b)?,
+            reason: match reason(&mut b)? {
+                r @ (Reason::Leave | Reason::Disconnect) => r,
+                _ => {
+                    return Err(DecodeError::Malformed(
+                        "peer leave reason must be 2 (leave) or 3 (disconnect)",
+                    ))
+                }
+            },
         },
         FrameType::FORWARD => Frame::Forward {
             group: group(&mut b)?,
             sender: member(&mut b)?,
+            seq: None,
+            payload: rest(&mut b),
+        },
+        FrameType::FORWARD_SEQ => Frame::Forward {
+            group: group(&mut b)?,
+            sender: member(&mut b)?,
+            seq: Some(u64_(&mut b)?),
             payload: rest(&mut b),
         },
         FrameType::FORWARD_DIRECT => Frame::ForwardDirect {
@@ -203,11 +224,19 @@ fn decode_hello(b: &mut Bytes) -> Result<Hello, DecodeError> {
     let name = opt_name(b)?.map(NodeName::new).transpose()?;
     let len = u16_(b)? as usize;
     let credentials = take(b, len)?;
+    // Optional tail (both fields or neither): features, max_message_size.
+    let (features, max_message_size) = if b.has_remaining() {
+        (u32_(b)?, u32_(b)?)
+    } else {
+        (0, 0)
+    };
     Ok(Hello {
         version,
         role,
         name,
         credentials,
+        features,
+        max_message_size,
     })
 }
 
@@ -218,6 +247,8 @@ fn decode_welcome(b: &mut Bytes) -> Result<Welcome, DecodeError> {
         member: opt_name(b)?.map(MemberId::new).transpose()?,
         max_message_size: u32_(b)?,
         idle_timeout_ms: u32_(b)?,
+        // Optional tail.
+        features: if b.has_remaining() { u32_(b)? } else { 0 },
     })
 }
 
@@ -419,13 +450,55 @@ pub fn encode_group_message(
     sender: &MemberId,
     payload: &[u8],
 ) -> Bytes {
-    let body = 2 + group.as_bytes().len() + sender.as_bytes().len() + payload.len();
+    encode_group_message_raw(ty, group.as_bytes(), sender.as_bytes(), None, payload)
+}
+
+/// As [`encode_group_message`] from raw (already valid) names, with the
+/// sequence number of `DELIVER_SEQ` / `FORWARD_SEQ` when `seq` is set (the
+/// caller picks the matching `ty`).
+pub fn encode_group_message_raw(
+    ty: FrameType,
+    group: &[u8],
+    sender: &[u8],
+    seq: Option<u64>,
+    payload: &[u8],
+) -> Bytes {
+    let body = 2 + group.len() + sender.len() + seq.map_or(0, |_| 8) + payload.len();
     let mut dst = BytesMut::with_capacity(LEN_PREFIX + 1 + body);
     header(&mut dst, ty, body);
-    put_str8(&mut dst, group.as_bytes());
-    put_str8(&mut dst, sender.as_bytes());
+    put_str8(&mut dst, group);
+    put_str8(&mut dst, sender);
+    if let Some(seq) = seq {
+        dst.put_u64(seq);
+    }
     dst.put_slice(payload);
     dst.freeze()
+}
+
+/// The parts of an encoded `DELIVER`, `DELIVER_SEQ`, `FORWARD` or
+/// `FORWARD_SEQ` frame built by this module: (group, sender, seq, payload).
+/// `None` when the frame is not one of those or is cut short.
+pub fn group_message_parts(frame: &[u8]) -> Option<(&[u8], &[u8], Option<u64>, &[u8])> {
+    let ty = FrameType(*frame.get(LEN_PREFIX)?);
+    let mut at = LEN_PREFIX + 1;
+    let name = |at: &mut usize| -> Option<&[u8]> {
+        let len = usize::from(*frame.get(*at)?);
+        let s = frame.get(*at + 1..*at + 1 + len)?;
+        *at += 1 + len;
+        Some(s)
+    };
+    let group = name(&mut at)?;
+    let sender = name(&mut at)?;
+    let seq = match ty {
+        FrameType::DELIVER_SEQ | FrameType::FORWARD_SEQ => {
+            let b = frame.get(at..at + 8)?;
+            at += 8;
+            Some(u64::from_be_bytes(b.try_into().ok()?))
+        }
+        FrameType::DELIVER | FrameType::FORWARD => None,
+        _ => return None,
+    };
+    Some((group, sender, seq, frame.get(at..)?))
 }
 
 /// Encodes a `MEMBERSHIP` frame from a group's raw name (already valid):
@@ -544,15 +617,21 @@ impl Frame {
             Frame::Deliver {
                 group,
                 sender,
+                seq,
                 payload,
             }
             | Frame::Forward {
                 group,
                 sender,
+                seq,
                 payload,
             } => {
                 put_str8(b, group.as_bytes());
-                put_name_payload(b, sender.as_bytes(), payload);
+                put_str8(b, sender.as_bytes());
+                if let Some(seq) = seq {
+                    b.put_u64(*seq);
+                }
+                b.put_slice(payload);
             }
             Frame::Direct { sender, payload } => put_name_payload(b, sender.as_bytes(), payload),
             Frame::Membership {
@@ -639,6 +718,12 @@ fn encode_hello(b: &mut BytesMut, h: &Hello) {
     b.put_u8(h.role as u8);
     put_str8(b, h.name.as_ref().map_or(&[][..], |n| n.as_bytes()));
     put_str16(b, &h.credentials);
+    // The optional tail only when it says something: a v1 HELLO stays
+    // byte for byte the same.
+    if h.features != 0 || h.max_message_size != 0 {
+        b.put_u32(h.features);
+        b.put_u32(h.max_message_size);
+    }
 }
 
 fn encode_welcome(b: &mut BytesMut, w: &Welcome) {
@@ -647,6 +732,9 @@ fn encode_welcome(b: &mut BytesMut, w: &Welcome) {
     put_str8(b, w.member.as_ref().map_or(&[][..], |m| m.as_bytes()));
     b.put_u32(w.max_message_size);
     b.put_u32(w.idle_timeout_ms);
+    if w.features != 0 {
+        b.put_u32(w.features);
+    }
 }
 
 #[cfg(test)]
@@ -701,6 +789,7 @@ mod tests {
         let m = MemberId::from_str_checked("n/0.1").unwrap();
         let fast = encode_group_message(FrameType::DELIVER, &g("a"), &m, b"hi");
         let slow = Frame::Deliver {
+            seq: None,
             group: g("a"),
             sender: m,
             payload: Bytes::from_static(b"hi"),

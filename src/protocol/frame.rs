@@ -56,6 +56,9 @@ impl FrameType {
     /// Server reports several membership changes of one group (to members
     /// that joined with [`Events::Batched`]).
     pub const MEMBERSHIP_BATCH: Self = Self(0x25);
+    /// Server delivers a group message with its per-(sender, group)
+    /// sequence number (to clients that asked with [`features::SEQ`]).
+    pub const DELIVER_SEQ: Self = Self(0x26);
     /// Peer: one chunk of a membership snapshot.
     pub const SNAPSHOT: Self = Self(0x30);
     /// Peer: a member joined a group on the sending node.
@@ -66,6 +69,18 @@ impl FrameType {
     pub const FORWARD: Self = Self(0x33);
     /// Peer: a message for one member living on the receiving node.
     pub const FORWARD_DIRECT: Self = Self(0x34);
+    /// Peer: a `FORWARD` with the publish's per-(sender, group) sequence
+    /// number (to peers that announced [`features::SEQ`]).
+    pub const FORWARD_SEQ: Self = Self(0x35);
+}
+
+/// Feature bits of `HELLO` and `WELCOME` (section 6 of PROTOCOL.md).
+pub mod features {
+    /// Sequenced deliveries: a client gets `DELIVER_SEQ` instead of
+    /// `DELIVER`; a peer understands `FORWARD_SEQ`.
+    pub const SEQ: u32 = 1;
+    /// Every feature bit this implementation knows.
+    pub const ALL: u32 = SEQ;
 }
 
 /// Which side of the bus a connection is.
@@ -218,6 +233,12 @@ pub struct Hello {
     pub name: Option<NodeName>,
     /// Opaque credentials, empty when none; reserved for authentication.
     pub credentials: Bytes,
+    /// Optional tail: the [`features`] the sender asks for or speaks (0
+    /// when the tail is absent).
+    pub features: u32,
+    /// Optional tail: the largest payload the sender accepts (a peer's
+    /// `max_message_size`); 0 when absent or not said.
+    pub max_message_size: u32,
 }
 
 /// `WELCOME`: the server's answer to a `HELLO` it accepts.
@@ -233,6 +254,8 @@ pub struct Welcome {
     pub max_message_size: u32,
     /// The server's `idle_timeout`, in milliseconds: send something more often.
     pub idle_timeout_ms: u32,
+    /// Optional tail: the [`features`] granted (0 when the tail is absent).
+    pub features: u32,
 }
 
 /// One entry of a membership snapshot.
@@ -312,12 +335,15 @@ pub enum Frame {
         /// Echoed in the reply.
         req: u32,
     },
-    /// A group message for this member.
+    /// A group message for this member (`DELIVER`, or `DELIVER_SEQ` when
+    /// `seq` is set).
     Deliver {
         /// The group it was published to.
         group: GroupName,
         /// Who published it.
         sender: MemberId,
+        /// Its number among `sender`'s publishes to `group` (`DELIVER_SEQ`).
+        seq: Option<u64>,
         /// The message.
         payload: Bytes,
     },
@@ -388,12 +414,15 @@ pub enum Frame {
         /// `Leave` or `Disconnect`.
         reason: Reason,
     },
-    /// Peer: a group message to deliver to the receiver's local members.
+    /// Peer: a group message to deliver to the receiver's local members
+    /// (`FORWARD`, or `FORWARD_SEQ` when `seq` is set).
     Forward {
         /// The group.
         group: GroupName,
         /// Who published it.
         sender: MemberId,
+        /// Its number among `sender`'s publishes to `group` (`FORWARD_SEQ`).
+        seq: Option<u64>,
         /// The message.
         payload: Bytes,
     },
@@ -424,7 +453,8 @@ impl Frame {
             Self::Send { .. } => FrameType::SEND,
             Self::MembersRequest { .. } => FrameType::MEMBERS_REQUEST,
             Self::StatsRequest { .. } => FrameType::STATS_REQUEST,
-            Self::Deliver { .. } => FrameType::DELIVER,
+            Self::Deliver { seq: None, .. } => FrameType::DELIVER,
+            Self::Deliver { seq: Some(_), .. } => FrameType::DELIVER_SEQ,
             Self::Direct { .. } => FrameType::DIRECT,
             Self::Membership { .. } => FrameType::MEMBERSHIP,
             Self::MembershipBatch { .. } => FrameType::MEMBERSHIP_BATCH,
@@ -433,7 +463,8 @@ impl Frame {
             Self::Snapshot { .. } => FrameType::SNAPSHOT,
             Self::PeerJoin { .. } => FrameType::PEER_JOIN,
             Self::PeerLeave { .. } => FrameType::PEER_LEAVE,
-            Self::Forward { .. } => FrameType::FORWARD,
+            Self::Forward { seq: None, .. } => FrameType::FORWARD,
+            Self::Forward { seq: Some(_), .. } => FrameType::FORWARD_SEQ,
             Self::ForwardDirect { .. } => FrameType::FORWARD_DIRECT,
         }
     }

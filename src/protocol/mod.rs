@@ -9,12 +9,13 @@ pub mod frame;
 pub mod names;
 
 pub use codec::{
-    decode, decode_body, encode_group_message, encode_membership, encode_membership_batch,
-    encode_publish, group_of, peek_len, DecodeError, FRAME_OVERHEAD, LEN_PREFIX,
+    decode, decode_body, encode_group_message, encode_group_message_raw, encode_membership,
+    encode_membership_batch, encode_publish, group_message_parts, group_of, peek_len, DecodeError,
+    FRAME_OVERHEAD, LEN_PREFIX,
 };
 pub use frame::{
-    snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason, Role,
-    SnapshotEntry, Welcome, MAGIC, PROTOCOL_VERSION,
+    features, snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason,
+    Role, SnapshotEntry, Welcome, MAGIC, PROTOCOL_VERSION,
 };
 pub use names::{validate_name, GroupName, MemberId, NameError, NodeName, MAX_NAME_LEN};
 

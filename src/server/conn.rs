@@ -69,6 +69,14 @@ pub struct Conn {
     pub groups: RefCell<HashSet<Group>>,
     /// Client, peer, or not yet known.
     pub role: Cell<ConnRole>,
+    /// Features granted in the handshake (`protocol::features`): a client
+    /// with `SEQ` gets `DELIVER_SEQ`, a peer with it `FORWARD_SEQ`.
+    pub features: Cell<u32>,
+    /// A peer's `max_message_size` from its `HELLO` or `WELCOME` (0: not
+    /// said; ours is assumed).
+    pub peer_max: Cell<usize>,
+    /// This client's publish sequence numbers, per group.
+    pub pub_seqs: super::seqs::PubSeqs,
     /// When the connection opened (for the handshake deadline).
     opened: Instant,
     /// When the last bytes arrived.
@@ -108,6 +116,9 @@ impl Conn {
             congested: Cell::new(false),
             groups: RefCell::new(HashSet::new()),
             role: Cell::new(ConnRole::Pending),
+            features: Cell::new(0),
+            peer_max: Cell::new(0),
+            pub_seqs: Default::default(),
             opened: now,
             last_rx: Cell::new(now),
             idle_strikes: Cell::new(0),
@@ -520,7 +531,10 @@ fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Rejec
         member: Some(conn.id.clone()),
         max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
         idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
+        features: hello.features & crate::protocol::features::ALL,
     };
+    conn.features
+        .set(hello.features & crate::protocol::features::ALL);
     let name = hello.name.as_ref().map_or("-", |n| n.as_str());
     tracing::debug!(conn = %conn.id, peer = %conn.addr, name, "client joined the bus");
     shard.push(conn, Frame::Welcome(welcome).to_bytes());

@@ -13,6 +13,7 @@ pub mod io;
 pub mod membership;
 pub mod memory;
 pub mod outbound;
+pub mod seqs;
 pub mod shard;
 pub mod shared;
 pub mod sockets;

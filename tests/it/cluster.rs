@@ -1338,6 +1338,8 @@ fn peer_hello(name: &str) -> Frame {
         role: Role::Peer,
         name: Some(NodeName::from_str_checked(name).expect("name")),
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     })
 }
 
@@ -1381,6 +1383,8 @@ async fn peers_not_in_the_list_or_from_the_wrong_address_are_refused() {
         role: Role::Peer,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     }));
     expect_refused(r, "no name");
 

@@ -42,6 +42,8 @@ pub(crate) fn raw_client(addr: SocketAddr) -> (Raw, MemberId) {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     }));
     match r.recv() {
         Some(Frame::Welcome(w)) => (r, w.member.expect("a member id")),

@@ -185,6 +185,8 @@ fn hello() -> Frame {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     })
 }
 
@@ -747,6 +749,8 @@ fn bad_inputs(max_message_size: usize) -> Vec<Case> {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
+        features: 0,
+        max_message_size: 0,
     })
     .encode(&mut hello_v2);
     let mut bad_magic = b"MSGX".to_vec();
@@ -759,6 +763,7 @@ fn bad_inputs(max_message_size: usize) -> Vec<Case> {
     let mut send_big = str8(b"test/0.1");
     send_big.extend_from_slice(&big);
     let forward = Frame::Forward {
+        seq: None,
         group: group("g"),
         sender: MemberId::from_str_checked("other/0.1").expect("id"),
         payload: Bytes::from_static(b"hi"),
@@ -865,6 +870,8 @@ fn bad_inputs(max_message_size: usize) -> Vec<Case> {
                 role: Role::Peer,
                 name: Some(NodeName::from_str_checked("stranger").expect("name")),
                 credentials: Bytes::new(),
+                features: 0,
+                max_message_size: 0,
             })
             .to_bytes()
             .to_vec(),

@@ -270,6 +270,8 @@ impl Raw {
             role: Role::Client,
             name: None,
             credentials: bytes::Bytes::new(),
+            features: 0,
+            max_message_size: 0,
         }));
         match r.recv() {
             Some(Frame::Welcome(_)) => r,
