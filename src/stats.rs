@@ -90,6 +90,15 @@ counters!(
         /// a link that was replaced). Frames lost when a link is killed are
         /// counted under the kill's reason instead.
         dropped_peer,
+        /// Messages for a peer larger than the `max_message_size` it
+        /// announced at link-up.
+        dropped_peer_too_large,
+        /// Messages that reached their group's shard or node after its
+        /// members there had left.
+        dropped_left,
+        /// Messages still on their way between shards when the server
+        /// shut down.
+        dropped_shutdown,
     }
 );
 
@@ -122,5 +131,8 @@ impl Counts {
             + self.dropped_closed
             + self.dropped_unknown_member
             + self.dropped_peer
+            + self.dropped_peer_too_large
+            + self.dropped_left
+            + self.dropped_shutdown
     }
 }

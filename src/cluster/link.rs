@@ -3,8 +3,8 @@
 
 use super::{route_to_peer, ClusterMsg};
 use crate::protocol::{
-    encode_membership, list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType,
-    GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
+    encode_group_message_raw, encode_membership, list_budget, snapshot_flags, split_by_size,
+    ErrorCode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, Reject};
 use crate::server::shard::{Kill, Shard};
@@ -35,7 +35,9 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             format!("{} is not the address of node {name:?}", conn.addr.ip()),
         ));
     }
-    match mesh.admit(i, shard.index, conn.seq, || node_down(shard, i, &name)) {
+    match mesh.admit(i, shard.index, conn.seq, || {
+        node_down(shard, i, &name, false)
+    }) {
         super::mesh::Admit::Duplicate => {
             // Part of normal mesh formation (both nodes dialled at once),
             // not bad input: refused, but not counted as a protocol error.
@@ -83,6 +85,11 @@ fn address_matches(spec: Option<&str>, ip: std::net::IpAddr) -> bool {
 /// The link to peer `i` is up on `conn`: register it and send our snapshot.
 pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     shard.links.insert(i, conn.clone());
+    shard.links.forget_heard(i);
+    let c = &shard.shared.cluster.counters[i];
+    c.max_message_size
+        .store(conn.peer_max.get() as u64, Relaxed);
+    c.features.store(u64::from(conn.features.get()), Relaxed);
     tracing::info!(peer = name, addr = %conn.addr, shard = shard.index, "peer link up");
     // The link is published (mesh state) before the snapshot reads the
     // table; a join elsewhere writes the table before reading the link
@@ -90,11 +97,15 @@ pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     // sees the other, so no join falls between snapshot and broadcast.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     let entries = shard.shared.table.local_snapshot();
-    let parts = split_by_size(
-        &entries,
-        list_budget(shard.live.get().max_message_size),
-        |(g, m)| 2 + g.as_bytes().len() + m.as_bytes().len(),
-    );
+    // Chunks fit the smaller of the two nodes' limits.
+    let ours = shard.live.get().max_message_size;
+    let limit = match conn.peer_max.get() {
+        0 => ours,
+        theirs => ours.min(theirs),
+    };
+    let parts = split_by_size(&entries, list_budget(limit), |(g, m)| {
+        2 + g.as_bytes().len() + m.as_bytes().len()
+    });
     let n = parts.len();
     for (c, part) in parts.into_iter().enumerate() {
         let mut flags = 0;
@@ -161,7 +172,7 @@ pub fn peer_frame(
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
-            deliver_forward(shard, &group, &sender, seq, &payload);
+            deliver_forward(shard, i, &group, &sender, seq, &payload);
         }
         Frame::ForwardDirect {
             to,
@@ -170,7 +181,7 @@ pub fn peer_frame(
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
             match to.parts() {
-                Some((node, _, _)) if node == shard.shared.node.as_str() => {
+                Some((node, _, _, _)) if node == shard.shared.node.as_str() => {
                     shard.send_direct(&sender, &to, &payload);
                 }
                 _ => ShardStats::add(&shard.stats().dropped_unknown_member, 1),
@@ -193,7 +204,7 @@ pub fn peer_frame(
                 remote_leave(shard, i, &group, &member, reason);
             });
         }
-        Frame::Snapshot { entries, .. } => {
+        Frame::Snapshot { flags, entries } => {
             mesh.while_link(i, shard.index, conn.seq, || {
                 // A member of many groups comes in consecutive entries:
                 // store one compact copy of its id for all of them.
@@ -206,13 +217,20 @@ pub fn peer_frame(
                     remote_join(shard, i, group, &owned);
                     last = Some(owned);
                 }
+                if flags & snapshot_flags::LAST != 0 {
+                    // The node's view is whole again: what it lost while
+                    // down is no longer counted against it.
+                    for g in mesh.take_ghosts(i) {
+                        shard.shared.table.clear_ghost(&g, i);
+                    }
+                }
             });
         }
         Frame::Noop => {}
         Frame::Ping { token } => {
             shard.push(conn, Frame::Pong { token }.to_bytes());
         }
-        Frame::Pong { .. } => {}
+        Frame::Pong { token } => super::pong(shard, i, token),
         Frame::Error { code, message } => {
             tracing::warn!(
                 peer = i,
@@ -242,6 +260,9 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
                 let msg = format!("dialled node {name:?} but {:?} answered", w.node.as_str());
                 return Err((ErrorCode::NOT_ALLOWED, msg));
             }
+            conn.features
+                .set(w.features & crate::protocol::features::ALL);
+            conn.peer_max.set(w.max_message_size as usize);
             if mesh.dial_welcomed(i, shard.index, conn.seq) {
                 link_up(shard, conn, i, &name);
             } else {
@@ -266,23 +287,42 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
 }
 
 /// Delivers a forwarded group message to this node's members (only).
+///
+/// The group is remembered as one peer `i` publishes to (its members are
+/// told node-down if the link goes). A message for a group with no
+/// members here any more (they left while it was on its way) is counted
+/// as `left`.
 fn deliver_forward(
     shard: &Shard,
+    i: usize,
     group: &GroupName,
     sender: &MemberId,
-    _seq: Option<u64>,
+    seq: Option<u64>,
     payload: &[u8],
 ) {
-    let mask = shard
-        .shared
-        .table
-        .with(group.as_bytes(), |e| e.map_or(0, |e| e.shard_mask()));
+    let (mask, seq_mask) = shard.shared.table.with_group(group.as_bytes(), |e| {
+        e.map_or((0, 0), |e| {
+            if shard.links.heard_new(i, e) {
+                shard.shared.cluster.heard(i, e);
+            }
+            (e.shard_mask(), e.seq_mask())
+        })
+    });
     if mask == 0 {
-        ShardStats::add(&shard.stats().unrouted, 1);
+        ShardStats::add(&shard.stats().dropped_left, 1);
         return;
     }
-    let frame = crate::protocol::encode_group_message(FrameType::DELIVER, group, sender, payload);
-    let n = shard.to_shards(group.as_bytes(), &frame, mask);
+    let frame = match seq {
+        Some(n) if seq_mask & mask != 0 => encode_group_message_raw(
+            FrameType::DELIVER_SEQ,
+            group.as_bytes(),
+            sender.as_bytes(),
+            Some(n),
+            payload,
+        ),
+        _ => crate::protocol::encode_group_message(FrameType::DELIVER, group, sender, payload),
+    };
+    let n = shard.to_shards(group.as_bytes(), &frame, mask, seq);
     ShardStats::add(&shard.stats().deliveries, n);
 }
 
@@ -316,25 +356,60 @@ fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, r
 }
 
 /// Every member of peer `i` (node `name`) leaves every view; local members
-/// of those groups get one node-down event per group. Runs with the link
-/// state locked (by [`Mesh::down`](super::Mesh::down) or
-/// [`Mesh::admit`](super::Mesh::admit)): it must not call into the mesh.
-fn node_down(shard: &Shard, i: usize, name: &str) {
+/// of those groups, and of every group the node published to over the
+/// link, get one node-down event per group. Unless the peer was removed
+/// from `peers` (`removed`), the groups where it had members remember it
+/// (ghosts): publishes to them count as lost for it until its next view.
+/// Runs with the link state locked (by [`Mesh::down`](super::Mesh::down)
+/// or [`Mesh::admit`](super::Mesh::admit)): it must not call into the
+/// mesh's link state (its ghost and heard lists have their own locks).
+#[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
+fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
     let subject = name.as_bytes();
     let valid = crate::protocol::validate_name(subject).is_ok();
     let table = &shard.shared.table;
+    let mesh = &shard.shared.cluster;
     let groups = table.remote_groups(i);
+    let mut told = std::collections::HashSet::new();
+    let mut ghosts = Vec::new();
     for group in &groups {
-        let (ch, gone) = table.drop_remote(group, i);
-        if gone > 0 && valid {
-            let g = group.name();
-            let frame = encode_membership(g, Reason::NodeDown, ch.size, subject);
-            shard.membership_event(g, &frame, ch.seq, ch.shards);
+        let (ch, gone) = table.drop_remote(group, i, !removed);
+        if gone > 0 {
+            told.insert(group.clone());
+            if !removed {
+                ghosts.push(group.clone());
+            }
+            if valid {
+                let g = group.name();
+                let frame = encode_membership(g, Reason::NodeDown, ch.size, subject);
+                shard.membership_event(g, &frame, ch.seq, ch.shards);
+            }
         }
     }
+    mesh.add_ghosts(i, ghosts);
+    // Members that only heard from the node (it published to their group
+    // and had no members there) are told too: it will publish no more.
+    let heard = mesh.take_heard(i);
+    let mut heard_only = 0;
+    for group in heard.iter().filter(|g| !told.contains(*g)) {
+        let shards = group.shard_mask();
+        if shards == 0 || !valid {
+            continue;
+        }
+        heard_only += 1;
+        let (seq, size) = {
+            let st = group.lock();
+            (table.next_change(), st.size())
+        };
+        let g = group.name();
+        let frame = encode_membership(g, Reason::NodeDown, size, subject);
+        shard.membership_event(g, &frame, seq, shards);
+    }
+    shard.links.forget_heard(i);
     tracing::warn!(
         peer = name,
         groups = groups.len(),
+        published_to = heard_only,
         "peer link down: its members left every group"
     );
 }
@@ -345,11 +420,19 @@ pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
         let c = &shard.shared.cluster.counters[i];
         c.queued_frames.store(0, Relaxed);
         c.queued_bytes.store(0, Relaxed);
+        // Barriers waiting on the link pass: a new link starts with a
+        // snapshot that holds every join.
+        super::pong(shard, i, u64::MAX);
     }
     shard.links.remove(i, conn.seq);
+    shard.links.forget_heard(i);
     let mesh = &shard.shared.cluster;
-    let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
-    mesh.down(i, shard.index, conn.seq, || node_down(shard, i, &name));
+    let slot = mesh.slot(i);
+    let removed = slot.as_ref().is_none_or(|p| p.removed);
+    let name = slot.map(|p| p.name).unwrap_or_default();
+    mesh.down(i, shard.index, conn.seq, || {
+        node_down(shard, i, &name, removed)
+    });
 }
 
 /// Closes connection `seq` on this shard (a link replaced or removed).

@@ -17,11 +17,16 @@
 use crate::config::ServerSettings;
 use crate::protocol::NodeName;
 use crate::router::mask::MAX_PEERS;
-use crate::router::MAX_SHARDS;
+use crate::router::{Group, MAX_SHARDS};
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
+
+/// Most groups remembered per link as "published to from there" (for
+/// node-down events to their members).
+pub const MAX_HEARD: usize = 65_536;
 
 /// No link: the value of a peer's link word when it is not up.
 pub const NO_LINK: u64 = u64::MAX;
@@ -92,8 +97,20 @@ pub struct PeerCounters {
     pub bytes_in: AtomicU64,
     /// Bytes queued.
     pub bytes_out: AtomicU64,
-    /// Frames for the peer dropped (no link, or the link was killed).
+    /// Messages for the peer dropped, whatever the reason (the sum of the
+    /// three below and of frames dropped on a replaced link).
     pub dropped: AtomicU64,
+    /// Publishes for its members dropped while its link was down (the
+    /// node had members in the group when the link went).
+    pub dropped_down: AtomicU64,
+    /// Frames queued on its link when the link died.
+    pub dropped_link_lost: AtomicU64,
+    /// Messages larger than its `max_message_size`.
+    pub dropped_too_large: AtomicU64,
+    /// Its `max_message_size`, as it said at link-up (0: not said).
+    pub max_message_size: AtomicU64,
+    /// The features its link speaks (`protocol::features`).
+    pub features: AtomicU64,
     /// Gauge: frames pending on the link (as of its shard's last sweep).
     pub queued_frames: AtomicU64,
     /// Gauge: bytes pending on the link (frames and their queue slots).
@@ -123,6 +140,13 @@ pub struct Mesh {
     link: Vec<AtomicU64>,
     /// Per peer index: counters.
     pub counters: Vec<PeerCounters>,
+    /// Per peer index: the groups in which it had members when its link
+    /// went down (their ghost bit is set), until its next view arrives.
+    ghosts: Vec<Mutex<Vec<Group>>>,
+    /// Per peer index: the groups its current link has forwarded
+    /// publishes for (told node-down when the link goes).
+    #[allow(clippy::mutable_key_type)]
+    heard: Vec<Mutex<HashSet<Group>>>,
     /// One past the highest peer index in use (bounds loops over peers).
     high_water: AtomicUsize,
     /// Source of [`PeerSlot::generation`].
@@ -139,6 +163,8 @@ impl Mesh {
             inner: Mutex::new(Vec::new()),
             link: (0..MAX_PEERS).map(|_| AtomicU64::new(NO_LINK)).collect(),
             counters: (0..MAX_PEERS).map(|_| PeerCounters::default()).collect(),
+            ghosts: (0..MAX_PEERS).map(|_| Mutex::new(Vec::new())).collect(),
+            heard: (0..MAX_PEERS).map(|_| Mutex::new(HashSet::new())).collect(),
             high_water: AtomicUsize::new(0),
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
@@ -417,6 +443,43 @@ impl Mesh {
         link.store(link_word(shard, seq), Release);
     }
 
+    /// Remembers `groups` as peer `i`'s ghosts (see
+    /// [`crate::router::GroupEntry::ghost_mask`]).
+    pub fn add_ghosts(&self, i: usize, groups: impl IntoIterator<Item = Group>) {
+        if let Some(g) = self.ghosts.get(i) {
+            g.lock().unwrap_or_else(|p| p.into_inner()).extend(groups);
+        }
+    }
+
+    /// Takes peer `i`'s ghost groups (their bits are the caller's to clear).
+    pub fn take_ghosts(&self, i: usize) -> Vec<Group> {
+        self.ghosts.get(i).map_or_else(Vec::new, |g| {
+            std::mem::take(&mut *g.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+    }
+
+    /// Notes that peer `i`'s link forwarded a publish to `group`; false if
+    /// it was known already.
+    pub fn heard(&self, i: usize, group: &Group) -> bool {
+        self.heard.get(i).is_some_and(|h| {
+            let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() >= MAX_HEARD && !h.contains(group) {
+                // Bounded: past this a node-down reaches only the groups
+                // with the lost node's members.
+                return false;
+            }
+            h.insert(group.clone())
+        })
+    }
+
+    /// Takes the groups peer `i`'s link forwarded publishes for.
+    #[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
+    pub fn take_heard(&self, i: usize) -> HashSet<Group> {
+        self.heard.get(i).map_or_else(HashSet::new, |h| {
+            std::mem::take(&mut *h.lock().unwrap_or_else(|p| p.into_inner()))
+        })
+    }
+
     /// The peers' part of the stats document.
     pub fn stats_json(&self) -> serde_json::Value {
         let slots = self.lock();
@@ -446,7 +509,14 @@ impl Mesh {
             "since_secs": p.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),
             "bytes_in": c.bytes_in.load(Relaxed), "bytes_out": c.bytes_out.load(Relaxed),
-            "dropped": c.dropped.load(Relaxed), "reconnects": p.reconnects,
+            "dropped": c.dropped.load(Relaxed),
+            "drops": {
+                "down": c.dropped_down.load(Relaxed),
+                "link_lost": c.dropped_link_lost.load(Relaxed),
+                "too_large": c.dropped_too_large.load(Relaxed),
+            },
+            "max_message_size": c.max_message_size.load(Relaxed),
+            "reconnects": p.reconnects,
             "queued_frames": c.queued_frames.load(Relaxed),
             "queued_bytes": c.queued_bytes.load(Relaxed),
         })
@@ -469,6 +539,11 @@ impl PeerCounters {
             &self.bytes_in,
             &self.bytes_out,
             &self.dropped,
+            &self.dropped_down,
+            &self.dropped_link_lost,
+            &self.dropped_too_large,
+            &self.max_message_size,
+            &self.features,
             &self.queued_frames,
             &self.queued_bytes,
         ] {

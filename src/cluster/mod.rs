@@ -19,16 +19,21 @@ pub use link::{accept_peer, link_closed, peer_frame};
 pub use mesh::Mesh;
 
 use crate::config::ServerSettings;
-use crate::protocol::{encode_group_message, Frame, FrameType, GroupName, MemberId, Reason};
+use crate::protocol::{
+    encode_group_message, encode_group_message_raw, features, Frame, FrameType, GroupName,
+    MemberId, Reason,
+};
 use crate::router::Group;
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
+use crate::server::seqs::AddrHasher;
 use crate::server::shard::Shard;
 use crate::server::shared::{ShardMsg, Shared};
 use crate::stats::ShardStats;
 use bytes::Bytes;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -60,21 +65,53 @@ pub enum ClusterMsg {
         /// The connection's sequence number.
         seq: u64,
     },
+    /// Queue a `PING` on peer `peer`'s link (connection `seq` of the
+    /// receiving shard) behind what is queued there, and report barrier
+    /// `id` done to shard `from` when its `PONG` comes back (the peer has
+    /// then applied everything sent before it) or the link goes.
+    Barrier {
+        /// The peer's index.
+        peer: usize,
+        /// The link's connection sequence number.
+        seq: u64,
+        /// The shard waiting.
+        from: usize,
+        /// The barrier's id on that shard.
+        id: u64,
+    },
+    /// Barrier `id` of the receiving shard passed one link.
+    BarrierDone {
+        /// The barrier's id.
+        id: u64,
+    },
 }
+
+/// A barrier waiting for a link's `PONG`: (its `PING`'s token, the shard
+/// waiting, the barrier's id there).
+type Barrier = (u64, usize, u64);
 
 /// The peer links living on one shard, by peer index.
 #[derive(Default)]
-pub struct ShardLinks(RefCell<HashMap<usize, Rc<Conn>>>);
+pub struct ShardLinks {
+    links: RefCell<HashMap<usize, Rc<Conn>>>,
+    /// (peer, group entry address) of the groups a link here forwarded
+    /// publishes for: a cheap check before the mesh's own list (which
+    /// holds the groups, so no address is reused while it is here).
+    heard: RefCell<HashSet<(usize, usize), BuildHasherDefault<AddrHasher>>>,
+    /// Per peer: the barrier `PING`s in flight on its link, oldest first,
+    /// as (token, waiting shard, barrier id), and the next token.
+    pings: RefCell<HashMap<usize, (u64, VecDeque<Barrier>)>>,
+}
 
 impl ShardLinks {
     /// Registers `conn` as peer `i`'s link.
     pub fn insert(&self, i: usize, conn: Rc<Conn>) {
-        self.0.borrow_mut().insert(i, conn);
+        self.links.borrow_mut().insert(i, conn);
     }
 
     /// Forgets peer `i`'s link if it is connection `seq`.
     pub fn remove(&self, i: usize, seq: u64) {
-        let mut m = self.0.borrow_mut();
+        let mut m = self.links.borrow_mut();
         if m.get(&i).is_some_and(|c| c.seq == seq) {
             m.remove(&i);
         }
@@ -82,7 +119,52 @@ impl ShardLinks {
 
     /// Peer `i`'s link here if it is connection `seq`.
     pub fn get_if(&self, i: usize, seq: u64) -> Option<Rc<Conn>> {
-        self.0.borrow().get(&i).filter(|c| c.seq == seq).cloned()
+        self.links
+            .borrow()
+            .get(&i)
+            .filter(|c| c.seq == seq)
+            .cloned()
+    }
+
+    /// True the first time peer `i`'s link forwards a publish to `group`.
+    #[inline]
+    pub fn heard_new(&self, i: usize, group: &crate::router::GroupEntry) -> bool {
+        let key = (i, group as *const crate::router::GroupEntry as usize);
+        let mut h = self.heard.borrow_mut();
+        if h.contains(&key) {
+            return false;
+        }
+        if h.len() < mesh::MAX_HEARD * 4 {
+            h.insert(key);
+        }
+        true
+    }
+
+    /// Takes the barriers waiting on peer `i`'s link whose `PING` was
+    /// answered by `PONG token` (all of them with `token = u64::MAX`).
+    fn answered(&self, i: usize, token: u64) -> Vec<(usize, u64)> {
+        let mut pings = self.pings.borrow_mut();
+        let Some((_, q)) = pings.get_mut(&i) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while q.front().is_some_and(|(t, _, _)| *t <= token) {
+            if let Some((_, from, id)) = q.pop_front() {
+                out.push((from, id));
+            }
+        }
+        if token == u64::MAX {
+            pings.remove(&i);
+        }
+        out
+    }
+
+    /// Forgets what peer `i`'s links forwarded (its link went or came).
+    pub fn forget_heard(&self, i: usize) {
+        let mut h = self.heard.borrow_mut();
+        if !h.is_empty() {
+            h.retain(|(p, _)| *p != i);
+        }
     }
 }
 
@@ -107,21 +189,64 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
     }
 }
 
-fn drop_for_peer(shard: &Shard, i: usize) {
-    shard.shared.cluster.counters[i]
-        .dropped
-        .fetch_add(1, Relaxed);
+/// Counts a message for peer `i` dropped because its link is down (or
+/// was replaced while the message was on its way).
+pub(crate) fn drop_for_peer(shard: &Shard, i: usize) {
+    let c = &shard.shared.cluster.counters[i];
+    c.dropped.fetch_add(1, Relaxed);
+    c.dropped_down.fetch_add(1, Relaxed);
     ShardStats::add(&shard.stats().dropped_peer, 1);
 }
 
-/// Forwards a local publish once to every node with members in `group`.
-pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, payload: &[u8]) {
-    let frame = encode_group_message(FrameType::FORWARD, group, sender, payload);
-    shard.shared.table.with(group.as_bytes(), |e| {
-        if let Some(e) = e {
-            e.node_mask()
-                .for_each(|j| route_to_peer(shard, j, frame.clone()));
+/// Forwards publish number `seq` of `sender` to `group` once to every node
+/// with members in the group: as `FORWARD_SEQ` to peers that speak it,
+/// `FORWARD` to others (each form encoded at most once). A node whose
+/// link went down while it had members in the group (a ghost) is counted
+/// a drop, or, once its link is back but its new view is not, sent the
+/// message anyway; a message larger than a peer's `max_message_size` is
+/// counted for that peer and not sent.
+pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, seq: u64, payload: &[u8]) {
+    let mesh = &shard.shared.cluster;
+    let (mut plain, mut numbered): (Option<Bytes>, Option<Bytes>) = (None, None);
+    let mut send = |j: usize| {
+        let c = &mesh.counters[j];
+        let max = c.max_message_size.load(Relaxed);
+        if max != 0 && payload.len() as u64 > max {
+            c.dropped.fetch_add(1, Relaxed);
+            c.dropped_too_large.fetch_add(1, Relaxed);
+            ShardStats::add(&shard.stats().dropped_peer_too_large, 1);
+            return;
         }
+        let frame = if c.features.load(Relaxed) & u64::from(features::SEQ) != 0 {
+            numbered.get_or_insert_with(|| {
+                encode_group_message_raw(
+                    FrameType::FORWARD_SEQ,
+                    group.as_bytes(),
+                    sender.as_bytes(),
+                    Some(seq),
+                    payload,
+                )
+            })
+        } else {
+            plain.get_or_insert_with(|| {
+                encode_group_message(FrameType::FORWARD, group, sender, payload)
+            })
+        };
+        route_to_peer(shard, j, frame.clone());
+    };
+    shard.shared.table.with(group.as_bytes(), |e| {
+        let Some(e) = e else { return };
+        e.node_mask().for_each(&mut send);
+        e.ghost_mask().for_each(|j| {
+            if e.node_mask().get(j) {
+                return;
+            }
+            if mesh.link_of(j).is_some() {
+                send(j);
+            } else {
+                drop_for_peer(shard, j);
+            }
+        });
     });
 }
 
@@ -139,17 +264,76 @@ pub fn forward_direct(shard: &Shard, node: &str, sender: &MemberId, to: &MemberI
     route_to_peer(shard, i, frame.to_bytes());
 }
 
-/// A local member joined: tell every peer.
-pub fn local_join(shard: &Shard, group: &Group, member: &MemberId) {
+/// A local member joined: tell every peer, and put a barrier behind the
+/// news on every link up: barrier `id` of this shard is reported done
+/// once per link when that peer has applied the join (or the link went).
+/// Returns how many links it waits for.
+pub fn local_join(shard: &Shard, group: &Group, member: &MemberId, id: u64) -> u32 {
     // The join is in the table; read the link states only after it (see
     // `link::link_up`, which does the converse before its snapshot).
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    if shard.shared.cluster.high_water() > 0 {
-        let frame = Frame::PeerJoin {
-            group: group.group_name(),
-            member: member.clone(),
+    let mesh = &shard.shared.cluster;
+    if mesh.high_water() == 0 {
+        return 0;
+    }
+    let frame = Frame::PeerJoin {
+        group: group.group_name(),
+        member: member.clone(),
+    }
+    .to_bytes();
+    let mut waits = 0;
+    for i in 0..mesh.high_water() {
+        let Some((s, seq)) = mesh.link_of(i) else {
+            continue;
         };
-        link::broadcast(shard, &frame.to_bytes());
+        route_to_peer(shard, i, frame.clone());
+        waits += 1;
+        if s == shard.index {
+            barrier_on_link(shard, i, seq, shard.index, id);
+        } else {
+            let from = shard.index;
+            let msg = ClusterMsg::Barrier {
+                peer: i,
+                seq,
+                from,
+                id,
+            };
+            shard.shared.send(s, ShardMsg::Cluster(msg));
+        }
+    }
+    waits
+}
+
+/// Queues a barrier `PING` on peer `i`'s link `seq` here for barrier `id`
+/// of shard `from`; reports it done at once if that link is gone.
+fn barrier_on_link(shard: &Shard, i: usize, seq: u64, from: usize, id: u64) {
+    let Some(conn) = shard.links.get_if(i, seq) else {
+        return barrier_passed(shard, from, id);
+    };
+    let token = {
+        let mut pings = shard.links.pings.borrow_mut();
+        let (next, q) = pings.entry(i).or_default();
+        *next += 1;
+        q.push_back((*next, from, id));
+        *next
+    };
+    link::push_link(shard, &conn, i, Frame::Ping { token }.to_bytes());
+}
+
+/// Reports barrier `id` of shard `from` passed one link.
+fn barrier_passed(shard: &Shard, from: usize, id: u64) {
+    if from == shard.index {
+        shard.barrier_done(id);
+    } else {
+        let msg = ClusterMsg::BarrierDone { id };
+        shard.shared.send(from, ShardMsg::Cluster(msg));
+    }
+}
+
+/// Peer `i`'s link answered `PING token`: the barriers behind it passed.
+pub(crate) fn pong(shard: &Shard, i: usize, token: u64) {
+    for (from, id) in shard.links.answered(i, token) {
+        barrier_passed(shard, from, id);
     }
 }
 
@@ -181,6 +365,13 @@ pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
                 None => drop_for_peer(shard, peer),
             }
         }
+        ClusterMsg::Barrier {
+            peer,
+            seq,
+            from,
+            id,
+        } => barrier_on_link(shard, peer, seq, from, id),
+        ClusterMsg::BarrierDone { id } => shard.barrier_done(id),
         ClusterMsg::StartDialer { peer } => dial::spawn(shard, peer),
         ClusterMsg::Close { seq } => link::close_conn(shard, seq),
     }
@@ -201,6 +392,13 @@ pub fn start_shard(shard: &Rc<Shard>) {
 pub fn reconfigure(shared: &Shared, s: &ServerSettings) {
     let mesh = &shared.cluster;
     let (added, removed, moved) = mesh.apply_peers(s);
+    for &i in &removed {
+        // No longer part of the cluster: publishes are no longer counted
+        // as lost for its members (what was on its link when it closed is).
+        for g in mesh.take_ghosts(i) {
+            shared.table.clear_ghost(&g, i);
+        }
+    }
     for i in removed.iter().chain(&moved) {
         let name = mesh.slot(*i).map(|p| p.name).unwrap_or_default();
         tracing::info!(peer = name, "peers changed: closing its link");

@@ -475,10 +475,13 @@ pub fn encode_group_message_raw(
     dst.freeze()
 }
 
+/// (group, sender, seq, payload) of an encoded group message.
+pub type GroupMessageParts<'a> = (&'a [u8], &'a [u8], Option<u64>, &'a [u8]);
+
 /// The parts of an encoded `DELIVER`, `DELIVER_SEQ`, `FORWARD` or
 /// `FORWARD_SEQ` frame built by this module: (group, sender, seq, payload).
 /// `None` when the frame is not one of those or is cut short.
-pub fn group_message_parts(frame: &[u8]) -> Option<(&[u8], &[u8], Option<u64>, &[u8])> {
+pub fn group_message_parts(frame: &[u8]) -> Option<GroupMessageParts<'_>> {
     let ty = FrameType(*frame.get(LEN_PREFIX)?);
     let mut at = LEN_PREFIX + 1;
     let name = |at: &mut usize| -> Option<&[u8]> {
@@ -743,6 +746,39 @@ mod tests {
 
     fn g(s: &str) -> GroupName {
         GroupName::from_str_checked(s).unwrap()
+    }
+
+    #[test]
+    fn sequenced_group_messages_match_generic_encoding_and_split_back() {
+        let m = MemberId::from_str_checked("n/0.1").unwrap();
+        for (ty, seq) in [
+            (FrameType::DELIVER, None),
+            (FrameType::DELIVER_SEQ, Some(7)),
+            (FrameType::FORWARD, None),
+            (FrameType::FORWARD_SEQ, Some(u64::MAX)),
+        ] {
+            let fast = encode_group_message_raw(ty, b"g", m.as_bytes(), seq, b"hi");
+            let generic = match ty {
+                FrameType::DELIVER | FrameType::DELIVER_SEQ => Frame::Deliver {
+                    group: g("g"),
+                    sender: m.clone(),
+                    seq,
+                    payload: Bytes::from_static(b"hi"),
+                },
+                _ => Frame::Forward {
+                    group: g("g"),
+                    sender: m.clone(),
+                    seq,
+                    payload: Bytes::from_static(b"hi"),
+                },
+            };
+            assert_eq!(fast, generic.to_bytes());
+            assert_eq!(
+                group_message_parts(&fast),
+                Some((&b"g"[..], m.as_bytes(), seq, &b"hi"[..]))
+            );
+        }
+        assert_eq!(group_message_parts(&Frame::Noop.to_bytes()), None);
     }
 
     #[test]

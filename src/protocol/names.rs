@@ -142,17 +142,27 @@ name_type!(
 );
 
 impl MemberId {
-    /// Builds the id of the `seq`th connection accepted by `shard` of `node`.
-    pub fn assign(node: &NodeName, shard: usize, seq: u64) -> Self {
-        Self(Bytes::from(format!("{}/{}.{}", node.as_str(), shard, seq)))
+    /// Builds the id of the `seq`th connection accepted by `shard` of
+    /// `node` in its incarnation `inc` (one per start of the server):
+    /// `NODE/SHARD.SEQ.INC`.
+    pub fn assign(node: &NodeName, inc: &str, shard: usize, seq: u64) -> Self {
+        Self(Bytes::from(format!(
+            "{}/{}.{}.{}",
+            node.as_str(),
+            shard,
+            seq,
+            inc
+        )))
     }
 
-    /// Splits an id made by [`MemberId::assign`] into node, shard and sequence.
-    /// Returns `None` for ids of another shape (which no server assigned).
-    pub fn parts(&self) -> Option<(&str, usize, u64)> {
+    /// Splits an id made by [`MemberId::assign`] into node, shard,
+    /// sequence and incarnation (empty for an id without one). Returns
+    /// `None` for ids of another shape (which no server assigned).
+    pub fn parts(&self) -> Option<(&str, usize, u64, &str)> {
         let (node, rest) = self.as_str().rsplit_once('/')?;
-        let (shard, seq) = rest.split_once('.')?;
-        Some((node, shard.parse().ok()?, seq.parse().ok()?))
+        let (shard, rest) = rest.split_once('.')?;
+        let (seq, inc) = rest.split_once('.').unwrap_or((rest, ""));
+        Some((node, shard.parse().ok()?, seq.parse().ok()?, inc))
     }
 }
 
@@ -173,9 +183,11 @@ mod tests {
     #[test]
     fn member_id_parts() {
         let node = NodeName::from_str_checked("node/1").unwrap();
-        let id = MemberId::assign(&node, 3, 42);
-        assert_eq!(id.as_str(), "node/1/3.42");
-        assert_eq!(id.parts(), Some(("node/1", 3, 42)));
+        let id = MemberId::assign(&node, "k1", 3, 42);
+        assert_eq!(id.as_str(), "node/1/3.42.k1");
+        assert_eq!(id.parts(), Some(("node/1", 3, 42, "k1")));
+        let old = MemberId::from_str_checked("n/0.7").unwrap();
+        assert_eq!(old.parts(), Some(("n", 0, 7, "")));
         assert_eq!(MemberId::from_str_checked("x").unwrap().parts(), None);
     }
 }

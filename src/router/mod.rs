@@ -43,6 +43,14 @@ pub struct GroupEntry {
     shards: AtomicU64,
     /// Bit `j` set: peer node `j` has at least one member.
     nodes: NodeMask,
+    /// Bit `i` set: shard `i` has a local member that asked for sequenced
+    /// deliveries (`DELIVER_SEQ`). Each shard sets and clears its own bit.
+    seq_shards: AtomicU64,
+    /// Bit `j` set: peer node `j` had members here when its link went
+    /// down, and has not sent a new view since. A publish then counts a
+    /// drop for it (or, once its link is up again, is forwarded to it).
+    /// An entry with ghosts stays in the table without members.
+    ghosts: NodeMask,
     /// The member set; `dead` once removed from the table.
     state: Mutex<GroupState>,
 }
@@ -107,6 +115,8 @@ impl GroupEntry {
             name: name.into(),
             shards: AtomicU64::new(0),
             nodes: NodeMask::default(),
+            seq_shards: AtomicU64::new(0),
+            ghosts: NodeMask::default(),
             state: Mutex::new(GroupState::default()),
         }
     }
@@ -132,6 +142,28 @@ impl GroupEntry {
     #[inline]
     pub fn node_mask(&self) -> &NodeMask {
         &self.nodes
+    }
+
+    /// Shards with a local member that wants sequenced deliveries.
+    #[inline]
+    pub fn seq_mask(&self) -> u64 {
+        self.seq_shards.load(Ordering::Acquire)
+    }
+
+    /// Sets or clears `shard`'s bit in [`GroupEntry::seq_mask`] (only
+    /// that shard does).
+    pub fn set_seq_shard(&self, shard: usize, on: bool) {
+        if on {
+            self.seq_shards.fetch_or(1 << shard, Ordering::AcqRel);
+        } else {
+            self.seq_shards.fetch_and(!(1 << shard), Ordering::AcqRel);
+        }
+    }
+
+    /// Peer nodes that had members here when their link went down.
+    #[inline]
+    pub fn ghost_mask(&self) -> &NodeMask {
+        &self.ghosts
     }
 
     /// Locks the member set (joins, leaves and queries only).
@@ -252,6 +284,20 @@ impl GroupTable {
         f(pinned.get_key_value(name).map(|(k, _)| &*k.0))
     }
 
+    /// As [`GroupTable::with`], with the group's handle (clone it to keep
+    /// the group).
+    pub fn with_group<R>(&self, name: &[u8], f: impl FnOnce(Option<&Group>) -> R) -> R {
+        let pinned = self.map.pin();
+        f(pinned.get_key_value(name).map(|(k, _)| k))
+    }
+
+    /// A fresh number among the table's changes, for an event that changes
+    /// nothing (a node-down told to a group the lost node published to):
+    /// every member that joined before it is told.
+    pub fn next_change(&self) -> u64 {
+        self.changes.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Number of groups with at least one member.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -331,7 +377,7 @@ impl GroupTable {
             return None;
         }
         let out = f(group, &mut state);
-        if state.members.is_empty() {
+        if state.members.is_empty() && !group.ghosts.any() {
             state.dead = true;
             drop(state);
             self.remove(group);
@@ -400,16 +446,28 @@ impl GroupTable {
     }
 
     /// Removes every member of peer node `peer` from `group` (node lost).
-    /// Returns the change and how many members went.
-    pub fn drop_remote(&self, group: &Group, peer: usize) -> (Change, usize) {
+    /// Returns the change and how many members went. With `ghost`, the
+    /// group remembers that the node had members (see
+    /// [`GroupEntry::ghost_mask`]) until [`GroupTable::clear_ghost`].
+    pub fn drop_remote(&self, group: &Group, peer: usize, ghost: bool) -> (Change, usize) {
         self.update_entry(group, |entry, st| {
             let at = Loc::Remote(peer as u16);
             let gone = st.members.retain(|_, l| l != at);
             st.per_peer.retain(|(p, _)| usize::from(*p) != peer);
             entry.nodes.clear(peer);
+            if ghost && gone > 0 {
+                entry.ghosts.set(peer);
+            }
             (self.change(entry, st, gone > 0), gone)
         })
         .unwrap_or((UNCHANGED, 0))
+    }
+
+    /// Forgets that peer node `peer` had members in `group` (its new view
+    /// arrived, or it was removed from `peers`); the group goes when
+    /// nothing else keeps it.
+    pub fn clear_ghost(&self, group: &Group, peer: usize) {
+        let _ = self.update_entry(group, |entry, _| entry.ghosts.clear(peer));
     }
 
     /// Groups in which peer `peer` has members.
@@ -506,7 +564,7 @@ mod tests {
         );
         let c = t.leave_local(&a, &m("n/0.1"), Some(0));
         assert_eq!((c.changed, c.size, c.shards), (true, 2, 0b10));
-        assert_eq!(t.drop_remote(&a, 3).1, 1);
+        assert_eq!(t.drop_remote(&a, 3, false).1, 1);
         assert!(!t.get(b"a").unwrap().node_mask().any());
         t.leave_local(&a, &m("n/1.1"), Some(1));
         assert!(t.get(b"a").is_none(), "an empty group leaves the table");
@@ -535,7 +593,7 @@ mod tests {
         assert!(t.leave_remote(b"g", b"p/0.2", 2).changed);
         assert!(!g.node_mask().get(2));
         assert_eq!(t.remote_groups(5).len(), 1);
-        assert_eq!(t.drop_remote(&g, 5).1, 1);
+        assert_eq!(t.drop_remote(&g, 5, false).1, 1);
         assert!(t.get(b"g").is_none());
     }
 

@@ -75,6 +75,9 @@ pub struct Conn {
     /// A peer's `max_message_size` from its `HELLO` or `WELCOME` (0: not
     /// said; ours is assumed).
     pub peer_max: Cell<usize>,
+    /// Join acknowledgements not sent yet (barrier id, frame), in the order
+    /// of the joins (see `Shard::join`).
+    pub pending_acks: RefCell<std::collections::VecDeque<(u64, Group)>>,
     /// This client's publish sequence numbers, per group.
     pub pub_seqs: super::seqs::PubSeqs,
     /// When the connection opened (for the handshake deadline).
@@ -119,6 +122,7 @@ impl Conn {
             features: Cell::new(0),
             peer_max: Cell::new(0),
             pub_seqs: Default::default(),
+            pending_acks: Default::default(),
             opened: now,
             last_rx: Cell::new(now),
             idle_strikes: Cell::new(0),
@@ -193,6 +197,7 @@ impl Conn {
     /// input that completed while the process was stopped (SIGSTOP) is
     /// handled before anyone is judged.
     pub fn sweep(&self, shard: &Shard, now: Instant, live: &Live) {
+        self.pub_seqs.prune();
         match self.out.phase() {
             Phase::Closed => {}
             Phase::Draining => {
@@ -287,7 +292,12 @@ async fn serve<S: Stream>(
     setup: impl FnOnce(&Rc<Shard>, &Rc<Conn>),
 ) {
     let seq = shard.next_seq();
-    let id = MemberId::assign(&shard.shared.node, shard.index, seq);
+    let id = MemberId::assign(
+        &shard.shared.node,
+        &shard.shared.incarnation,
+        shard.index,
+        seq,
+    );
     let closer = stream.clone();
     let conn = Rc::new(Conn::new(
         seq,
@@ -556,7 +566,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
     match frame {
         Frame::Publish { group, payload } => {
             check_size(shard, payload.len())?;
-            shard.publish(&conn.id, &group, &payload);
+            shard.publish(conn, &group, &payload);
         }
         Frame::Send { to, payload } => {
             check_size(shard, payload.len())?;

@@ -140,6 +140,7 @@ mod tests {
     fn deliver(len: usize, g: &Arc<Gate>) -> ShardMsg {
         ShardMsg::Deliver {
             frame: Bytes::from(vec![0u8; len]),
+            seq: None,
             producer: Some(g.clone()),
         }
     }

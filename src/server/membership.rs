@@ -39,6 +39,8 @@ pub struct Local {
     pub conn: Rc<Conn>,
     /// Which events it wants about others.
     pub events: Events,
+    /// True when it gets `DELIVER_SEQ` (its connection asked for `SEQ`).
+    pub seq: bool,
     /// Its own join's number among the group's changes: it is told of the
     /// changes numbered after it.
     joined_at: u64,
@@ -85,6 +87,18 @@ struct Pending {
     due: Option<(Instant, u64)>,
 }
 
+/// The number of a member whose join is not acknowledged yet: it is told
+/// of no change.
+const NOT_YET: u64 = u64::MAX;
+
+/// Join acknowledgements waiting for their barriers (see [`Shard::join`]).
+#[derive(Default)]
+pub struct Acks {
+    next_id: Cell<u64>,
+    /// Barrier id → (the joiner, links still to pass).
+    waiting: RefCell<HashMap<u64, (Rc<Conn>, u32)>>,
+}
+
 /// A shard's batched membership changes and their flush schedule.
 #[derive(Default)]
 pub struct Batches {
@@ -112,18 +126,120 @@ impl Shard {
         let name = group.name();
         let frame = encode_membership(name, Reason::Join, ch.size, conn.id.as_bytes());
         self.membership_event(name, &frame, ch.seq, ch.shards);
-        self.push_event(conn, frame);
+        let seq = conn.features.get() & crate::protocol::features::SEQ != 0;
         let member = Local {
             conn: conn.clone(),
             events,
+            seq,
             joined_at: ch.seq,
         };
+        if seq {
+            group.set_seq_shard(self.index, true);
+        }
         self.members
             .borrow_mut()
             .entry(group.clone())
             .or_default()
             .push(member);
-        crate::cluster::local_join(self, &group, &conn.id);
+        // The acknowledgement waits until every node whose link is up has
+        // applied the join (a barrier behind the news on each link): then
+        // a publish from anywhere reaches the joiner. Until then it is told
+        // nothing about others (its number is past every change), and its
+        // acknowledgement is made when it goes out.
+        let id = self.acks.next_id.get() + 1;
+        self.acks.next_id.set(id);
+        match crate::cluster::local_join(self, &group, &conn.id, id) {
+            0 => self.push_event(conn, frame),
+            waits => {
+                self.set_joined_at(&group, conn, NOT_YET);
+                conn.pending_acks
+                    .borrow_mut()
+                    .push_back((id, group.clone()));
+                self.acks
+                    .waiting
+                    .borrow_mut()
+                    .insert(id, (conn.clone(), waits));
+            }
+        }
+    }
+
+    fn set_joined_at(&self, group: &Group, conn: &Conn, at: u64) -> bool {
+        let mut members = self.members.borrow_mut();
+        let Some(m) = members
+            .get_mut(group.name())
+            .and_then(|l| l.iter_mut().find(|m| m.conn.seq == conn.seq))
+        else {
+            return false;
+        };
+        m.joined_at = at;
+        true
+    }
+
+    /// Barrier `id` passed one more link: when it has passed them all, its
+    /// joiner's acknowledgement goes out (in the order of its joins).
+    pub fn barrier_done(&self, id: u64) {
+        let conn = {
+            let mut waiting = self.acks.waiting.borrow_mut();
+            let Some((_, left)) = waiting.get_mut(&id) else {
+                return;
+            };
+            *left -= 1;
+            if *left > 0 {
+                return;
+            }
+            match waiting.remove(&id) {
+                Some((conn, _)) => conn,
+                None => return,
+            }
+        };
+        self.release_acks(&conn, false);
+    }
+
+    /// Sends `conn`'s acknowledgements that no barrier holds any more, in
+    /// the order of its joins; with `all`, every one of them, held or not
+    /// (the connection leaves a group: its acknowledgements come before
+    /// its leave's). Each is made now: the group's size now, and the member
+    /// is told every change numbered after it.
+    fn release_acks(&self, conn: &Conn, all: bool) {
+        loop {
+            let next = {
+                let mut q = conn.pending_acks.borrow_mut();
+                let held = q
+                    .front()
+                    .is_some_and(|(id, _)| !all && self.acks.waiting.borrow().contains_key(id));
+                if held {
+                    None
+                } else {
+                    q.pop_front()
+                }
+            };
+            let Some((id, group)) = next else { break };
+            self.acks.waiting.borrow_mut().remove(&id);
+            // Numbered under the group's lock, as the group's changes are:
+            // the size includes exactly the changes numbered before it.
+            let (at, size) = {
+                let st = group.lock();
+                (self.shared.table.next_change(), st.size())
+            };
+            if self.set_joined_at(&group, conn, at) {
+                let frame = encode_membership(group.name(), Reason::Join, size, conn.id.as_bytes());
+                self.push_event(conn, frame);
+            }
+        }
+    }
+
+    /// `conn` closed: its acknowledgements will never be sent.
+    fn drop_acks(&self, conn: &Conn) {
+        let ids: Vec<u64> = conn
+            .pending_acks
+            .borrow_mut()
+            .drain(..)
+            .map(|(id, _)| id)
+            .collect();
+        let mut waiting = self.acks.waiting.borrow_mut();
+        for id in ids {
+            waiting.remove(&id);
+        }
     }
 
     /// `conn` leaves group `name` (a no-op when not a member).
@@ -153,12 +269,22 @@ impl Shard {
     }
 
     fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
+        if !conn.pending_acks.borrow().is_empty() {
+            if reason == Reason::Leave {
+                self.release_acks(conn, true);
+            } else {
+                self.drop_acks(conn);
+            }
+        }
         let (me, last) = {
             let mut members = self.members.borrow_mut();
             match members.get_mut(group.name()) {
                 Some(list) => {
                     let i = list.iter().position(|m| m.conn.seq == conn.seq);
                     let me = i.map(|i| list.remove(i));
+                    if me.as_ref().is_some_and(|m| m.seq) && !list.iter().any(|m| m.seq) {
+                        group.set_seq_shard(self.index, false);
+                    }
                     let empty = list.is_empty();
                     if empty {
                         members.remove(group.name());

@@ -170,6 +170,7 @@ impl Server {
             inboxes,
             stats: (0..shards).map(|_| Default::default()).collect(),
             started: Instant::now(),
+            incarnation: shared::incarnation(),
             backend: if uring { "uring" } else { "epoll" },
             stopping: AtomicBool::new(false),
             live: Mutex::new(live),

@@ -63,6 +63,20 @@ impl PubSeqs {
         1
     }
 
+    /// Forgets the groups that have gone from the table (no members and no
+    /// lost node's ghost anywhere): their entries are freed, and a group of
+    /// that name created later numbers from 1 again.
+    pub fn prune(&self) {
+        let mut map = self.0.borrow_mut();
+        if map.is_empty() {
+            return;
+        }
+        map.retain(|_, (g, _)| g.shard_mask() != 0 || g.node_mask().any() || g.ghost_mask().any());
+        if map.is_empty() {
+            *map = HashMap::default();
+        }
+    }
+
     /// Groups numbered now.
     pub fn len(&self) -> usize {
         self.0.borrow().len()

@@ -17,7 +17,8 @@ use super::outbound::Push;
 use super::shared::{ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
-    encode_group_message, group_of, ErrorCode, Frame, FrameType, GroupName, MemberId,
+    encode_group_message, encode_group_message_raw, group_message_parts, group_of, ErrorCode,
+    Frame, FrameType, GroupName, MemberId, LEN_PREFIX,
 };
 use crate::router::{bits, Group};
 use crate::stats::ShardStats;
@@ -59,6 +60,8 @@ pub struct Shard {
     pub(super) members: RefCell<HashMap<Group, Members>>,
     /// Membership changes waiting for batched members.
     pub(super) batches: Batches,
+    /// Join acknowledgements waiting for the cluster.
+    pub(super) acks: super::membership::Acks,
     next_seq: Cell<u64>,
     /// Set when this shard's shutdown has begun.
     pub stopping: Cell<bool>,
@@ -99,6 +102,7 @@ impl Shard {
             conns: RefCell::new(HashMap::new()),
             members: RefCell::new(HashMap::new()),
             batches: Batches::default(),
+            acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
             links: Default::default(),
@@ -207,6 +211,8 @@ impl Shard {
             // counter shows which link lost them.
             peer.dropped
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            peer.dropped_link_lost
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -260,56 +266,95 @@ impl Shard {
         conn.close_gracefully(Some(frame), grace);
     }
 
-    /// Queues `frame` to every local member of group `name`; returns how many.
+    /// Queues `frame` (a DELIVER or DELIVER_SEQ of publish number `seq`)
+    /// to every local member of group `name`, each in the form it asked
+    /// for; returns how many. The other form is built at most once.
     #[inline]
-    pub fn to_local_members(&self, name: &[u8], frame: &Bytes) -> u64 {
+    pub fn to_local_members(&self, name: &[u8], frame: &Bytes, seq: Option<u64>) -> u64 {
         let members = self.members.borrow();
         let Some(list) = members.get(name) else {
             return 0;
         };
         let now = self.clock.get();
         let producer = self.producer.borrow();
+        let framed_seq = is_seq_frame(frame);
+        let mut other: Option<Bytes> = None;
         let mut n = 0;
         for m in list {
-            n += u64::from(self.push_from(&m.conn, frame.clone(), now, producer.as_ref()));
+            // A member that asked for numbers gets the plain form only when
+            // the message has none (from a peer that numbers nothing).
+            let f = if m.seq == framed_seq || (m.seq && seq.is_none()) {
+                frame.clone()
+            } else {
+                other
+                    .get_or_insert_with(|| recode(frame, seq.filter(|_| m.seq)))
+                    .clone()
+            };
+            n += u64::from(self.push_from(&m.conn, f, now, producer.as_ref()));
         }
         n
     }
 
-    /// Queues `frame` (a DELIVER of group `name`) to the group's members
-    /// on every shard in `mask`. Returns the local deliveries.
-    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64) -> u64 {
+    /// Queues `frame` (a DELIVER or DELIVER_SEQ of group `name`) to the
+    /// group's members on every shard in `mask`. Returns the local
+    /// deliveries.
+    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64, seq: Option<u64>) -> u64 {
         let mut local = 0;
         for s in bits(mask) {
             if s == self.index {
-                local = self.to_local_members(name, frame);
+                local = self.to_local_members(name, frame, seq);
+                if local == 0 {
+                    // Its last member here left since the route was read.
+                    ShardStats::add(&self.stats().dropped_left, 1);
+                }
             } else {
                 let (frame, producer) = (frame.clone(), self.producer());
-                self.shared.send(s, ShardMsg::Deliver { frame, producer });
+                self.shared.send(
+                    s,
+                    ShardMsg::Deliver {
+                        frame,
+                        seq,
+                        producer,
+                    },
+                );
             }
         }
         local
     }
 
-    /// Routes a publish by `sender` to `group`: encoded once, queued by
-    /// reference to local members, once per other shard, once per peer.
-    pub fn publish(&self, sender: &MemberId, group: &GroupName, payload: &[u8]) {
+    /// Routes a publish by `conn` to `group`: numbered, encoded once,
+    /// queued by reference to local members, once per other shard, once
+    /// per peer.
+    pub fn publish(&self, conn: &Conn, group: &GroupName, payload: &[u8]) {
         let st = self.stats();
         ShardStats::add(&st.publishes, 1);
-        let (shards, remote) = self.shared.table.with(group.as_bytes(), |e| {
-            e.map_or((0, false), |e| (e.shard_mask(), e.node_mask().any()))
+        let route = self.shared.table.with_group(group.as_bytes(), |e| {
+            let e = e?;
+            let seq = conn.pub_seqs.next(e, || Some(e.clone()));
+            let remote = e.node_mask().any() || e.ghost_mask().any();
+            Some((e.shard_mask(), e.seq_mask(), remote, seq))
         });
-        if shards == 0 && !remote {
+        let Some((shards, seq_shards, remote, seq)) = route.filter(|r| r.0 != 0 || r.2) else {
             ShardStats::add(&st.unrouted, 1);
             return;
-        }
+        };
         if shards != 0 {
-            let frame = encode_group_message(FrameType::DELIVER, group, sender, payload);
-            let n = self.to_shards(group.as_bytes(), &frame, shards);
+            let frame = if seq_shards & shards != 0 {
+                encode_group_message_raw(
+                    FrameType::DELIVER_SEQ,
+                    group.as_bytes(),
+                    conn.id.as_bytes(),
+                    Some(seq),
+                    payload,
+                )
+            } else {
+                encode_group_message(FrameType::DELIVER, group, &conn.id, payload)
+            };
+            let n = self.to_shards(group.as_bytes(), &frame, shards, Some(seq));
             ShardStats::add(&st.deliveries, n);
         }
         if remote {
-            crate::cluster::forward(self, sender, group, payload);
+            crate::cluster::forward(self, &conn.id, group, seq, payload);
         }
     }
 
@@ -317,7 +362,13 @@ impl Shard {
     pub fn send_direct(&self, sender: &MemberId, to: &MemberId, payload: &[u8]) {
         let parts = to.parts();
         match parts {
-            Some((node, shard, seq)) if node == self.shared.node.as_str() => {
+            // An id of an earlier start of this node: that member is gone.
+            Some((node, _, _, inc))
+                if node == self.shared.node.as_str() && inc != self.shared.incarnation =>
+            {
+                ShardStats::add(&self.stats().dropped_unknown_member, 1);
+            }
+            Some((node, shard, seq, _)) if node == self.shared.node.as_str() => {
                 let frame = Frame::Direct {
                     sender: sender.clone(),
                     payload: Bytes::copy_from_slice(payload),
@@ -337,7 +388,9 @@ impl Shard {
                     ShardStats::add(&self.stats().dropped_unknown_member, 1);
                 }
             }
-            Some((node, _, _)) => crate::cluster::forward_direct(self, node, sender, to, payload),
+            Some((node, _, _, _)) => {
+                crate::cluster::forward_direct(self, node, sender, to, payload)
+            }
             None => ShardStats::add(&self.stats().dropped_unknown_member, 1),
         }
     }
@@ -357,9 +410,17 @@ impl Shard {
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
         let cost = msg.cost();
         match msg {
-            ShardMsg::Deliver { frame, producer } => {
+            ShardMsg::Deliver {
+                frame,
+                seq,
+                producer,
+            } => {
                 let _p = self.producing(producer);
-                let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame));
+                let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame, seq));
+                if n == 0 {
+                    // Its members here left while it was on its way.
+                    ShardStats::add(&self.stats().dropped_left, 1);
+                }
                 ShardStats::add(&self.stats().deliveries, n);
             }
             ShardMsg::Event {
@@ -417,7 +478,7 @@ impl Shard {
         while let Ok(msg) = rx.recv_async().await {
             self.tick();
             if !self.handle_msg(msg) {
-                return;
+                return self.count_leftovers(&rx);
             }
             // Take what else is waiting without going back to the runtime,
             // up to messages_per_iter in all, then yield so connections (and
@@ -425,13 +486,32 @@ impl Shard {
             for _ in 1..self.live.get().messages_per_iter {
                 let Ok(m) = rx.try_recv() else { break };
                 if !self.handle_msg(m) {
-                    return;
+                    return self.count_leftovers(&rx);
                 }
             }
             // The writes this batch woke go to the kernel now, not when
             // the shard next has nothing to do.
             super::io::submit_pending(self.uring);
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// After `Shutdown`: counts the messages still in the inbox, which
+    /// will never be handled (and those that come later are counted by
+    /// their sender, see [`Shared::send`]).
+    fn count_leftovers(&self, rx: &flume::Receiver<ShardMsg>) {
+        let mut n = 0;
+        while let Ok(m) = rx.try_recv() {
+            n += u64::from(m.carries_message());
+            self.shared.inboxes[self.index].taken(m.cost());
+        }
+        ShardStats::add(&self.stats().dropped_shutdown, n);
+        if n > 0 {
+            tracing::warn!(
+                shard = self.index,
+                messages = n,
+                "shutdown: messages still between shards dropped"
+            );
         }
     }
 
@@ -541,5 +621,28 @@ impl Shard {
             }
             self.congested.borrow_mut().extend(keep);
         }
+    }
+}
+
+/// True when `frame` is a DELIVER_SEQ.
+#[inline]
+fn is_seq_frame(frame: &[u8]) -> bool {
+    frame.get(LEN_PREFIX) == Some(&FrameType::DELIVER_SEQ.0)
+}
+
+/// `frame` (a DELIVER or DELIVER_SEQ built by this server) in the other
+/// form: DELIVER_SEQ with `seq` when set, else DELIVER. One copy of the
+/// payload, made only for a shard whose members asked for both forms.
+fn recode(frame: &Bytes, seq: Option<u64>) -> Bytes {
+    match group_message_parts(frame) {
+        Some((group, sender, _, payload)) => {
+            let ty = if seq.is_some() {
+                FrameType::DELIVER_SEQ
+            } else {
+                FrameType::DELIVER
+            };
+            encode_group_message_raw(ty, group, sender, seq, payload)
+        }
+        None => frame.clone(),
     }
 }

@@ -19,11 +19,14 @@ use std::time::Instant;
 /// (a slow member there), and the inbox does when it is over its bound.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// A group message (DELIVER frame) for the local members of its group
-    /// (the frame's first field).
+    /// A group message (DELIVER or DELIVER_SEQ frame) for the local
+    /// members of its group (the frame's first field).
     Deliver {
         /// The encoded frame, shared by all recipients.
         frame: Bytes,
+        /// The publish's sequence number (also in the frame when it is a
+        /// DELIVER_SEQ; None when it came from a peer that numbers nothing).
+        seq: Option<u64>,
         /// Who made it.
         producer: Option<Arc<Gate>>,
     },
@@ -70,6 +73,20 @@ impl ShardMsg {
         }
     }
 
+    /// True when the message carries a message for members or a peer (what
+    /// is counted as dropped if it is never handled).
+    pub fn carries_message(&self) -> bool {
+        match self {
+            ShardMsg::Deliver { .. } | ShardMsg::Direct { .. } => true,
+            ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { frame, .. }) => {
+                crate::protocol::group_message_parts(frame).is_some()
+                    || frame.get(crate::protocol::LEN_PREFIX)
+                        == Some(&crate::protocol::FrameType::FORWARD_DIRECT.0)
+            }
+            _ => false,
+        }
+    }
+
     /// The producer of the message's frame, if any.
     pub fn producer(&self) -> Option<&Arc<Gate>> {
         match self {
@@ -97,6 +114,9 @@ pub struct Shared {
     pub stats: Vec<ShardStats>,
     /// When the server started.
     pub started: Instant,
+    /// This start of the server, in every member id it assigns (so that no
+    /// id is ever assigned twice, across restarts too): see [`incarnation`].
+    pub incarnation: String,
     /// "uring" or "epoll".
     pub backend: &'static str,
     /// Set when shutdown has begun.
@@ -127,8 +147,12 @@ impl Shared {
     #[inline]
     pub fn send(&self, i: usize, msg: ShardMsg) {
         if let Some(inbox) = self.inboxes.get(i) {
-            // Fails only when that shard has exited (shutdown): nothing to do.
-            let _ = inbox.send(msg);
+            // Fails only when that shard has exited (shutdown): what the
+            // message carried is counted as dropped.
+            let carried = msg.carries_message();
+            if !inbox.send(msg) && carried {
+                ShardStats::add(&self.stats[i].dropped_shutdown, 1);
+            }
         }
     }
 
@@ -162,6 +186,9 @@ impl Shared {
                 "closed": totals.dropped_closed,
                 "unknown_member": totals.dropped_unknown_member,
                 "peer": totals.dropped_peer,
+                "peer_too_large": totals.dropped_peer_too_large,
+                "left": totals.dropped_left,
+                "shutdown": totals.dropped_shutdown,
             },
             "memory": {
                 "rss_bytes": super::memory::rss_bytes(),
@@ -174,4 +201,26 @@ impl Shared {
             "peers": self.cluster.stats_json(),
         })
     }
+}
+
+/// A name for this start of the server: the start time in milliseconds
+/// since 1970, in base 36 (8 characters until the year 2059). Two starts of
+/// one node would need the same millisecond to share it, and the first must
+/// have stopped listening for the second to start.
+pub fn incarnation() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut n = ms;
+    let mut out = Vec::new();
+    loop {
+        let d = (n % 36) as u8;
+        out.push(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
 }

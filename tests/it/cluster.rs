@@ -534,7 +534,8 @@ async fn killed_node_is_reported_down_and_rejoins_after_restart() {
     a.wait_view(g, &[a.id(), b.id()]).await;
     b.wait_view(g, &[a.id(), b.id()]).await;
 
-    // Routing no longer sends to node3: nothing queued, nothing dropped for it.
+    // Routing no longer sends to node3, and counts what its members lost:
+    // nothing queued, every publish to the group a drop for node3.
     let before = stats(c.addr(0));
     let p3 = peer_of(&before, "node3").expect("node3").clone();
     for s in 0..20 {
@@ -545,7 +546,20 @@ async fn killed_node_is_reported_down_and_rejoins_after_restart() {
     let after = stats(c.addr(0));
     let q3 = peer_of(&after, "node3").expect("node3");
     assert_eq!(q3["msgs_out"], p3["msgs_out"], "sent to a dead node: {q3}");
-    assert_eq!(q3["dropped"], p3["dropped"], "routed to a dead node: {q3}");
+    let (d0, d1) = (
+        p3["drops"]["down"].as_u64().expect("drops.down"),
+        q3["drops"]["down"].as_u64().expect("drops.down"),
+    );
+    assert_eq!(
+        d1 - d0,
+        20,
+        "publishes its members lost, counted for node3: {q3}"
+    );
+    assert_eq!(
+        q3["dropped"].as_u64().expect("dropped") - p3["dropped"].as_u64().expect("dropped"),
+        20,
+        "{q3}"
+    );
 
     // Restart: the mesh re-forms, node3's members re-appear.
     c.nodes[2].restart();
