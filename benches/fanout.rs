@@ -30,7 +30,7 @@ const BATCH: usize = 64;
 const WINDOW: u64 = 1024;
 
 /// A handshaken raw connection.
-fn connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+fn connect(addr: SocketAddr, features: u32) -> (TcpStream, Vec<u8>) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let hello = Frame::Hello(Hello {
@@ -38,7 +38,7 @@ fn connect(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
         role: Role::Client,
         name: None,
         credentials: Bytes::new(),
-        features: 0,
+        features,
         max_message_size: 0,
     });
     s.write_all(&hello.to_bytes()).expect("hello");
@@ -94,7 +94,8 @@ fn count_deliveries(mut s: TcpStream, count: Arc<AtomicU64>) {
             if end - start < 4 + len {
                 break;
             }
-            if buf[start + 4] == FrameType::DELIVER.0 {
+            let ty = buf[start + 4];
+            if ty == FrameType::DELIVER.0 || ty == FrameType::DELIVER_SEQ.0 {
                 n += 1;
             }
             start += 4 + len;
@@ -121,7 +122,7 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(shards: usize, subs: usize) -> Self {
+    fn new(shards: usize, subs: usize, features: u32) -> Self {
         let text = format!(
             "msgc_server {{ node = \"bench\"\n shards = {shards}\n }}\n\
              msgcserver_listener {{ listen \"127.0.0.1:0\" {{ }} }}\n"
@@ -133,13 +134,13 @@ impl Setup {
         let mut counts = Vec::new();
         let mut readers = Vec::new();
         for _ in 0..subs {
-            let (mut s, me) = connect(addr);
+            let (mut s, me) = connect(addr, features);
             join(&mut s, &me, &group);
             let c = Arc::new(AtomicU64::new(0));
             counts.push(c.clone());
             readers.push(std::thread::spawn(move || count_deliveries(s, c)));
         }
-        let (publisher, _) = connect(addr);
+        let (publisher, _) = connect(addr, 0);
         let mut batch = BytesMut::new();
         for _ in 0..BATCH {
             encode_publish(&mut batch, &group, &[0x5a; PAYLOAD]);
@@ -199,12 +200,17 @@ impl Drop for Setup {
 
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("fanout/256B");
-    for shards in [1usize, 2] {
-        for subs in [1usize, 10, 100] {
-            g.throughput(Throughput::Elements(subs as u64));
-            let id = BenchmarkId::new(format!("{shards}_shard"), format!("{subs}_subs"));
-            let mut setup = Setup::new(shards, subs);
-            g.bench_function(id, |b| b.iter_custom(|iters| setup.run(iters)));
+    // `_seq`: subscribers asked for numbered deliveries (DELIVER_SEQ),
+    // as the client library does; the others get plain DELIVER.
+    for (suffix, features) in [("", 0), ("_seq", msgc::protocol::features::SEQ)] {
+        for shards in [1usize, 2] {
+            for subs in [1usize, 10, 100] {
+                g.throughput(Throughput::Elements(subs as u64));
+                let id =
+                    BenchmarkId::new(format!("{shards}_shard{suffix}"), format!("{subs}_subs"));
+                let mut setup = Setup::new(shards, subs, features);
+                g.bench_function(id, |b| b.iter_custom(|iters| setup.run(iters)));
+            }
         }
     }
     g.finish();

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Groups a connection numbers publishes for before it starts over.
-pub const MAX_GROUPS: usize = 65_536;
+pub const MAX_GROUPS: usize = 16_384;
 
 /// Hashes an entry address: a multiply, enough for pointers (which the
 /// client does not choose).
