@@ -5,16 +5,18 @@
 //! # Layout
 //!
 //! Dependencies point one way: [`protocol`] and [`config`] (sans-IO: bytes
-//! and values in, values out) → [`router`] → [`server`] / [`cluster`] → the
-//! binaries. The [`client`] uses only [`protocol`] and [`config`].
+//! and values in, values out) → [`router`] → [`cluster`] (sans-IO: the
+//! mesh's rules) → [`server`] (sockets, shards, and the peer links that
+//! drive the cluster's rules) → the binaries. No module imports one to
+//! its right. The [`client`] uses only [`protocol`] and [`config`].
 //!
 //! | module | owns |
 //! | --- | --- |
 //! | [`protocol`] | frames, validated names, the codec (PROTOCOL.md is its spec) |
 //! | [`config`] | Momentum syntax: lexer, parser with spans and includes, typed settings |
 //! | [`router`] | the shared group table: lock-free reads, per-group locking for changes |
-//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues |
-//! | [`cluster`] | the peer mesh: admission, dialling, snapshots, forwarding |
+//! | [`cluster`] | the mesh's rules, sans-IO: admission, link states, the order of a link's membership stream, join barriers, what a lost node leaves behind |
+//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding |
 //! | [`client`] | the async client library |
 //! | [`stats`] | per-shard counters and drops by reason |
 //!
@@ -33,9 +35,11 @@
 //!             writer: up to messages_per_iter queued frames per writev
 //! ```
 //!
-//! The DELIVER frame is encoded once per publish (and the FORWARD frame once
-//! for all peers) into a refcounted buffer; every recipient's queue holds a
-//! reference.
+//! The publish is numbered (per sender and group, `server::seqs`), and the
+//! DELIVER frame is encoded once per publish (DELIVER_SEQ when members
+//! asked for numbers; a shard whose members want both forms builds the
+//! other once), the FORWARD_SEQ frame once for all peers, into refcounted
+//! buffers; every recipient's queue holds a reference.
 //!
 //! # Flow control
 //!

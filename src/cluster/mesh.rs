@@ -129,6 +129,25 @@ pub enum Admit {
     Duplicate,
 }
 
+/// The admission rule for a peer's `HELLO`, given its link's state and
+/// whether the peer's name sorts below ours (`lower`): no link and no dial
+/// of ours → accept; our dial in progress (both dialled at once) → the
+/// dial of the lower-named node wins; a link already up → the peer
+/// evidently considers it dead, so replace it, unless we dialled it and
+/// our name is the lower, in which case it may be the peer's abandoned
+/// simultaneous dial: refuse it.
+pub fn admission(state: LinkState, lower: bool) -> Admit {
+    match state {
+        LinkState::Down => Admit::Accept { replace: None },
+        LinkState::Dialling { .. } if lower => Admit::Accept { replace: None },
+        LinkState::Dialling { .. } => Admit::Duplicate,
+        LinkState::Up { dialled: true, .. } if !lower => Admit::Duplicate,
+        LinkState::Up { shard, seq, .. } => Admit::Accept {
+            replace: Some((shard, seq)),
+        },
+    }
+}
+
 /// The mesh: who the peers are and how their links stand.
 #[derive(Debug)]
 pub struct Mesh {
@@ -156,8 +175,9 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// The mesh for `settings.peers`, minus this node itself.
-    pub fn new(me: &NodeName, s: &ServerSettings) -> Self {
+    /// The mesh for `settings.peers`, minus this node itself; `own_ip`:
+    /// the address to dial from when `bind_address` is unset.
+    pub fn new(me: &NodeName, s: &ServerSettings, own_ip: Option<IpAddr>) -> Self {
         let mesh = Self {
             me: me.clone(),
             inner: Mutex::new(Vec::new()),
@@ -169,7 +189,7 @@ impl Mesh {
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
         };
-        mesh.apply_peers(s);
+        mesh.apply_peers(s, own_ip);
         mesh
     }
 
@@ -180,7 +200,11 @@ impl Mesh {
     /// Brings the peer list in line with `s.peers`: new peers get a free
     /// index, removed ones are marked, changed addresses are updated.
     /// Returns (added, removed, re-addressed) peer indices.
-    pub fn apply_peers(&self, s: &ServerSettings) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
+    pub fn apply_peers(
+        &self,
+        s: &ServerSettings,
+        own_ip: Option<IpAddr>,
+    ) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
         let mut slots = self.lock();
         let (mut added, mut removed, mut moved) = (Vec::new(), Vec::new(), Vec::new());
         for (i, slot) in slots.iter_mut().enumerate() {
@@ -235,7 +259,7 @@ impl Mesh {
             added.push(idx);
         }
         self.high_water.store(slots.len(), Release);
-        *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = Self::own_ip_of(s, &self.me);
+        *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = own_ip;
         (added, removed, moved)
     }
 
@@ -355,16 +379,7 @@ impl Mesh {
         else {
             return Admit::Duplicate;
         };
-        let lower = p.name.as_str() < self.me.as_str();
-        let verdict = match p.state {
-            LinkState::Down => Admit::Accept { replace: None },
-            LinkState::Dialling { .. } if lower => Admit::Accept { replace: None },
-            LinkState::Dialling { .. } => Admit::Duplicate,
-            LinkState::Up { dialled: true, .. } if !lower => Admit::Duplicate,
-            LinkState::Up { shard, seq, .. } => Admit::Accept {
-                replace: Some((shard, seq)),
-            },
-        };
+        let verdict = admission(p.state, p.name.as_str() < self.me.as_str());
         if let Admit::Accept { replace } = verdict {
             if replace.is_some() {
                 drop_members();
@@ -521,14 +536,6 @@ impl Mesh {
             "queued_bytes": c.queued_bytes.load(Relaxed),
         })
     }
-
-    /// This node's own address to dial from when `bind_address` is unset:
-    /// its own peer entry's host, when that is an address of this machine.
-    fn own_ip_of(s: &ServerSettings, me: &NodeName) -> Option<IpAddr> {
-        let p = s.peer(me.as_str())?;
-        let ip = crate::server::resolve(&p.addr_string(s.port))?.ip();
-        crate::server::sockets::is_local_ip(ip).then_some(ip)
-    }
 }
 
 impl PeerCounters {
@@ -548,6 +555,39 @@ impl PeerCounters {
             &self.queued_bytes,
         ] {
             c.store(0, Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_table() {
+        let dialling = LinkState::Dialling { shard: 0, seq: 3 };
+        let up = |dialled| LinkState::Up {
+            shard: 1,
+            seq: 7,
+            dialled,
+        };
+        let replace = Admit::Accept {
+            replace: Some((1, 7)),
+        };
+        let fresh = Admit::Accept { replace: None };
+        // (state, the peer's name sorts lower, verdict)
+        let rows = [
+            (LinkState::Down, true, fresh),
+            (LinkState::Down, false, fresh),
+            (dialling, true, fresh),
+            (dialling, false, Admit::Duplicate),
+            (up(true), false, Admit::Duplicate),
+            (up(true), true, replace),
+            (up(false), false, replace),
+            (up(false), true, replace),
+        ];
+        for (state, lower, want) in rows {
+            assert_eq!(admission(state, lower), want, "{state:?}, lower = {lower}");
         }
     }
 }

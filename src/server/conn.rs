@@ -319,7 +319,7 @@ async fn serve<S: Stream>(
     // The reader saw end of stream (or an error): the member is gone.
     match conn.role.get() {
         ConnRole::Client => shard.leave_all(&conn),
-        ConnRole::Peer(p) => crate::cluster::link_closed(&shard, &conn, p),
+        ConnRole::Peer(p) => crate::server::peers::link_closed(&shard, &conn, p),
         ConnRole::Pending => {}
     }
     conn.close_gracefully(None, shard.live.get().idle_timeout);
@@ -508,7 +508,7 @@ fn dispatch(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reje
     match conn.role.get() {
         ConnRole::Pending => handshake(shard, conn, frame),
         ConnRole::Client => client_frame(shard, conn, frame),
-        ConnRole::Peer(p) => crate::cluster::peer_frame(shard, conn, p, frame),
+        ConnRole::Peer(p) => crate::server::peers::peer_frame(shard, conn, p, frame),
     }
 }
 
@@ -528,7 +528,7 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Rej
     }
     match hello.role {
         Role::Client => welcome_client(shard, conn, &hello),
-        Role::Peer => crate::cluster::accept_peer(shard, conn, &hello),
+        Role::Peer => crate::server::peers::accept_peer(shard, conn, &hello),
     }
 }
 

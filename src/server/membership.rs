@@ -148,7 +148,7 @@ impl Shard {
         // acknowledgement is made when it goes out.
         let id = self.acks.next_id.get() + 1;
         self.acks.next_id.set(id);
-        match crate::cluster::local_join(self, &group, &conn.id, id) {
+        match crate::server::peers::local_join(self, &group, &conn.id, id) {
             0 => self.push_event(conn, frame),
             waits => {
                 self.set_joined_at(&group, conn, NOT_YET);
@@ -309,7 +309,7 @@ impl Shard {
             self.push_event(conn, frame.clone());
         }
         self.membership_event(group.name(), &frame, ch.seq, ch.shards);
-        crate::cluster::local_leave(self, group, &conn.id, reason);
+        crate::server::peers::local_leave(self, group, &conn.id, reason);
     }
 
     /// Tells the members of group `name` on every shard in `mask` about

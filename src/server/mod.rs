@@ -13,6 +13,7 @@ pub mod io;
 pub mod membership;
 pub mod memory;
 pub mod outbound;
+pub mod peers;
 pub mod seqs;
 pub mod shard;
 pub mod shared;
@@ -174,7 +175,7 @@ impl Server {
             backend: if uring { "uring" } else { "epoll" },
             stopping: AtomicBool::new(false),
             live: Mutex::new(live),
-            cluster: crate::cluster::Mesh::new(&node, s),
+            cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
         });
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
         let housekeeper = memory::Housekeeper::start()
@@ -249,7 +250,7 @@ impl Server {
             inbox.set_limit(live.shard_inbox_bytes);
             self.shared.send(i, ShardMsg::Reload(live));
         }
-        crate::cluster::reconfigure(&self.shared, s);
+        crate::server::peers::reconfigure(&self.shared, s);
         Ok(())
     }
 
@@ -468,7 +469,7 @@ async fn shard_main(
     tokio::task::spawn_local(shard.clone().sweep_loop());
     tokio::task::spawn_local(shard.clone().stuck_watch());
     tokio::task::spawn_local(shard.clone().batch_flusher());
-    crate::cluster::start_shard(&shard);
+    crate::server::peers::start_shard(&shard);
     shard.clone().inbox_loop(rx).await;
     for l in &listeners {
         l.shutdown();

@@ -66,7 +66,7 @@ pub struct Shard {
     /// Set when this shard's shutdown has begun.
     pub stopping: Cell<bool>,
     /// The cluster's per-shard state (peer links living on this shard).
-    pub links: crate::cluster::ShardLinks,
+    pub links: crate::server::peers::ShardLinks,
     /// A coarse clock for the hot path: set once per read and per inbox
     /// batch ([`Shard::tick`]), read per push.
     clock: Cell<Instant>,
@@ -354,7 +354,7 @@ impl Shard {
             ShardStats::add(&st.deliveries, n);
         }
         if remote {
-            crate::cluster::forward(self, &conn.id, group, seq, payload);
+            crate::server::peers::forward(self, &conn.id, group, seq, payload);
         }
     }
 
@@ -389,7 +389,7 @@ impl Shard {
                 }
             }
             Some((node, _, _, _)) => {
-                crate::cluster::forward_direct(self, node, sender, to, payload)
+                crate::server::peers::forward_direct(self, node, sender, to, payload)
             }
             None => ShardStats::add(&self.stats().dropped_unknown_member, 1),
         }
@@ -441,7 +441,7 @@ impl Shard {
                 let _p = self.producing(producer);
                 self.direct_local(seq, frame);
             }
-            ShardMsg::Cluster(m) => crate::cluster::handle_shard_msg(self, m),
+            ShardMsg::Cluster(m) => crate::server::peers::handle_shard_msg(self, m),
             ShardMsg::Reload(live) => self.reload(live),
             ShardMsg::Stall(d) => std::thread::sleep(d),
             ShardMsg::Shutdown => {

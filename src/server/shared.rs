@@ -49,7 +49,7 @@ pub enum ShardMsg {
         producer: Option<Arc<Gate>>,
     },
     /// Cluster traffic for a peer link or the mesh (see `cluster`).
-    Cluster(crate::cluster::ClusterMsg),
+    Cluster(crate::server::peers::ClusterMsg),
     /// New live settings.
     Reload(Live),
     /// Block the shard's thread this long (tests: a shard that stops).
@@ -66,7 +66,7 @@ impl ShardMsg {
             ShardMsg::Deliver { frame, .. }
             | ShardMsg::Event { frame, .. }
             | ShardMsg::Direct { frame, .. }
-            | ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { frame, .. }) => {
+            | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 frame.len() + super::inbox::MSG_OVERHEAD
             }
             _ => 0,
@@ -78,7 +78,7 @@ impl ShardMsg {
     pub fn carries_message(&self) -> bool {
         match self {
             ShardMsg::Deliver { .. } | ShardMsg::Direct { .. } => true,
-            ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { frame, .. }) => {
+            ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 crate::protocol::group_message_parts(frame).is_some()
                     || frame.get(crate::protocol::LEN_PREFIX)
                         == Some(&crate::protocol::FrameType::FORWARD_DIRECT.0)
@@ -93,7 +93,7 @@ impl ShardMsg {
             ShardMsg::Deliver { producer, .. }
             | ShardMsg::Event { producer, .. }
             | ShardMsg::Direct { producer, .. }
-            | ShardMsg::Cluster(crate::cluster::ClusterMsg::ToPeer { producer, .. }) => {
+            | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { producer, .. }) => {
                 producer.as_ref()
             }
             _ => None,

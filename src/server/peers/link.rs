@@ -2,6 +2,7 @@
 //! frames, and link-down (members behind it leave every view).
 
 use super::{route_to_peer, ClusterMsg};
+use crate::cluster::machine::ViewAction;
 use crate::protocol::{
     encode_group_message_raw, encode_membership, list_budget, snapshot_flags, split_by_size,
     ErrorCode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
@@ -38,7 +39,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
     match mesh.admit(i, shard.index, conn.seq, || {
         node_down(shard, i, &name, false)
     }) {
-        super::mesh::Admit::Duplicate => {
+        crate::cluster::mesh::Admit::Duplicate => {
             // Part of normal mesh formation (both nodes dialled at once),
             // not bad input: refused, but not counted as a protocol error.
             tracing::debug!(peer = %name, "refused a duplicate link");
@@ -46,7 +47,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             shard.close_with_error(conn, ErrorCode::DUPLICATE_LINK, msg);
             Ok(())
         }
-        super::mesh::Admit::Accept { replace } => {
+        crate::cluster::mesh::Admit::Accept { replace } => {
             if let Some((s, seq)) = replace {
                 tracing::info!(peer = %name, "a new link from the peer replaced the old one");
                 shard.shared.send(
@@ -85,6 +86,7 @@ fn address_matches(spec: Option<&str>, ip: std::net::IpAddr) -> bool {
 /// The link to peer `i` is up on `conn`: register it and send our snapshot.
 pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     shard.links.insert(i, conn.clone());
+    shard.links.start_view(i, conn.seq, name);
     shard.links.forget_heard(i);
     let c = &shard.shared.cluster.counters[i];
     c.max_message_size
@@ -190,47 +192,22 @@ pub fn peer_frame(
         // Membership is applied (and announced) with the link state locked,
         // so a replacement of this link cannot come in between: what it
         // drops stays dropped, and its node-down events follow ours.
-        Frame::PeerJoin { group, member } => {
-            mesh.while_link(i, shard.index, conn.seq, || {
-                remote_join(shard, i, &group, &member.compact());
-            });
-        }
-        Frame::PeerLeave {
-            group,
-            member,
-            reason,
-        } => {
-            mesh.while_link(i, shard.index, conn.seq, || {
-                remote_leave(shard, i, &group, &member, reason);
-            });
-        }
-        Frame::Snapshot { flags, entries } => {
-            mesh.while_link(i, shard.index, conn.seq, || {
-                // A member of many groups comes in consecutive entries:
-                // store one compact copy of its id for all of them.
-                let mut last: Option<MemberId> = None;
-                for (group, member) in &entries {
-                    let owned = match &last {
-                        Some(m) if m == member => m.clone(),
-                        _ => member.compact(),
-                    };
-                    remote_join(shard, i, group, &owned);
-                    last = Some(owned);
-                }
-                if flags & snapshot_flags::LAST != 0 {
-                    // The node's view is whole again: what it lost while
-                    // down is no longer counted against it.
-                    for g in mesh.take_ghosts(i) {
-                        shard.shared.table.clear_ghost(&g, i);
-                    }
-                }
-            });
+        // The link's view (sans-IO, `cluster::machine`) decides; the
+        // decision is applied with the link state locked, so a replacement
+        // of this link cannot come in between: what it drops stays
+        // dropped, and its node-down events follow ours.
+        frame @ (Frame::PeerJoin { .. } | Frame::PeerLeave { .. } | Frame::Snapshot { .. }) => {
+            let actions = shard
+                .links
+                .with_view(i, conn.seq, |v| v.on_frame(&frame))
+                .unwrap_or_else(|| Ok(Vec::new()))?;
+            mesh.while_link(i, shard.index, conn.seq, || apply_view(shard, i, actions));
         }
         Frame::Noop => {}
         Frame::Ping { token } => {
             shard.push(conn, Frame::Pong { token }.to_bytes());
         }
-        Frame::Pong { token } => super::pong(shard, i, token),
+        Frame::Pong { token } => super::pong(shard, i, conn.seq, token),
         Frame::Error { code, message } => {
             tracing::warn!(
                 peer = i,
@@ -324,6 +301,38 @@ fn deliver_forward(
     };
     let n = shard.to_shards(group.as_bytes(), &frame, mask, seq);
     ShardStats::add(&shard.stats().deliveries, n);
+}
+
+/// Applies what peer `i`'s link view decided. Runs with the link state
+/// locked.
+fn apply_view(shard: &Shard, i: usize, actions: Vec<ViewAction>) {
+    // A member of many groups comes in consecutive snapshot entries:
+    // store one compact copy of its id for all of them.
+    let mut last: Option<MemberId> = None;
+    for a in actions {
+        match a {
+            ViewAction::Join { group, member } => {
+                let owned = match &last {
+                    Some(m) if *m == member => m.clone(),
+                    _ => member.compact(),
+                };
+                remote_join(shard, i, &group, &owned);
+                last = Some(owned);
+            }
+            ViewAction::Leave {
+                group,
+                member,
+                reason,
+            } => remote_leave(shard, i, &group, &member, reason),
+            ViewAction::ViewComplete => {
+                // The node's view is whole again: what it lost while down
+                // is no longer counted against it.
+                for g in shard.shared.cluster.take_ghosts(i) {
+                    shard.shared.table.clear_ghost(&g, i);
+                }
+            }
+        }
+    }
 }
 
 /// A member of peer `i` joined `group`; `member` is an owned copy (it is
@@ -420,9 +429,9 @@ pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
         let c = &shard.shared.cluster.counters[i];
         c.queued_frames.store(0, Relaxed);
         c.queued_bytes.store(0, Relaxed);
-        // Barriers waiting on the link pass: a new link starts with a
-        // snapshot that holds every join.
-        super::pong(shard, i, u64::MAX);
+        // Barriers waiting on the link pass (a new link starts with a
+        // snapshot that holds every join); its view ends.
+        super::link_gone(shard, i, conn.seq);
     }
     shard.links.remove(i, conn.seq);
     shard.links.forget_heard(i);

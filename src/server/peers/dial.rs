@@ -28,7 +28,7 @@ async fn dial_loop(shard: Rc<Shard>, i: usize, generation: u64) {
         if slot.removed || slot.generation != generation {
             return;
         }
-        if slot.state == super::mesh::LinkState::Down {
+        if slot.state == crate::cluster::mesh::LinkState::Down {
             dial_once(&shard, i, &slot.name, &slot.addr).await;
         }
         tokio::time::sleep(shard.live.get().reconnect_interval).await;

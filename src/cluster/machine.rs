@@ -1,0 +1,407 @@
+//! Membership bookkeeping of peer links, sans-IO: frames and link events
+//! in, actions out. The server's `peers` module owns the sockets and the
+//! group table and applies the actions; everything here is decided from
+//! what came in, and tested without a server.
+//!
+//! - [`LinkView`]: one link's membership stream. The peer's snapshot
+//!   comes first (chunks `FIRST` … `LAST`), then its joins and leaves.
+//!   Anything out of that order, or a member id that does not carry the
+//!   peer's node name, is a protocol error on the link.
+//! - [`Barriers`]: `PING`s queued behind news on a link, each holding
+//!   waiters until its `PONG` (the peer has applied everything before it)
+//!   or until the link goes.
+
+use crate::protocol::{snapshot_flags, ErrorCode, Frame, GroupName, MemberId, Reason};
+use std::collections::{HashMap, VecDeque};
+
+/// What to do with a peer's membership frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewAction {
+    /// `member` (of the peer's node) joined `group`.
+    Join {
+        /// The group.
+        group: GroupName,
+        /// The member.
+        member: MemberId,
+    },
+    /// `member` (of the peer's node) left `group`.
+    Leave {
+        /// The group.
+        group: GroupName,
+        /// The member.
+        member: MemberId,
+        /// `Leave` or `Disconnect`.
+        reason: Reason,
+    },
+    /// The peer's snapshot is whole: its view is complete again (what it
+    /// lost while down is no longer counted against it).
+    ViewComplete,
+}
+
+/// Where a link's membership stream stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Up, no snapshot chunk yet.
+    AwaitingSnapshot,
+    /// Between the snapshot's `FIRST` and `LAST` chunks.
+    InSnapshot,
+    /// The snapshot is applied; joins and leaves follow.
+    Live,
+}
+
+/// A protocol error on a link: the code and the message of its `ERROR`.
+pub type LinkError = (ErrorCode, String);
+
+/// One link's membership stream, from the peer named `node`.
+#[derive(Debug, Clone)]
+pub struct LinkView {
+    node: String,
+    phase: Phase,
+}
+
+impl LinkView {
+    /// A link to peer node `node` that just came up.
+    pub fn new(node: &str) -> Self {
+        Self {
+            node: node.to_owned(),
+            phase: Phase::AwaitingSnapshot,
+        }
+    }
+
+    /// Where the stream stands.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Decides on a membership frame (`SNAPSHOT`, `PEER_JOIN`,
+    /// `PEER_LEAVE`) from the peer; other frames give no action.
+    ///
+    /// # Errors
+    /// A frame out of order (a snapshot chunk that does not continue the
+    /// snapshot, a second snapshot, a join or leave before the snapshot is
+    /// whole) is `UNEXPECTED`; a member id of another node is
+    /// `NOT_ALLOWED`. Either closes the link.
+    pub fn on_frame(&mut self, frame: &Frame) -> Result<Vec<ViewAction>, LinkError> {
+        match frame {
+            Frame::Snapshot { flags, entries } => {
+                let first = flags & snapshot_flags::FIRST != 0;
+                match (self.phase, first) {
+                    (Phase::AwaitingSnapshot, true) | (Phase::InSnapshot, false) => {}
+                    (Phase::AwaitingSnapshot, false) => {
+                        return Err(unexpected("a snapshot chunk without FIRST came first"))
+                    }
+                    (Phase::InSnapshot, true) => {
+                        return Err(unexpected("a snapshot started before the last one ended"))
+                    }
+                    (Phase::Live, _) => return Err(unexpected("a second snapshot on one link")),
+                }
+                let mut out = Vec::with_capacity(entries.len() + 1);
+                for (group, member) in entries {
+                    self.check_member(member)?;
+                    out.push(ViewAction::Join {
+                        group: group.clone(),
+                        member: member.clone(),
+                    });
+                }
+                if flags & snapshot_flags::LAST != 0 {
+                    self.phase = Phase::Live;
+                    out.push(ViewAction::ViewComplete);
+                } else {
+                    self.phase = Phase::InSnapshot;
+                }
+                Ok(out)
+            }
+            Frame::PeerJoin { group, member } => {
+                self.live("PEER_JOIN")?;
+                self.check_member(member)?;
+                Ok(vec![ViewAction::Join {
+                    group: group.clone(),
+                    member: member.clone(),
+                }])
+            }
+            Frame::PeerLeave {
+                group,
+                member,
+                reason,
+            } => {
+                self.live("PEER_LEAVE")?;
+                self.check_member(member)?;
+                Ok(vec![ViewAction::Leave {
+                    group: group.clone(),
+                    member: member.clone(),
+                    reason: *reason,
+                }])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    fn live(&self, what: &str) -> Result<(), LinkError> {
+        if self.phase == Phase::Live {
+            Ok(())
+        } else {
+            Err(unexpected(&format!("{what} before the snapshot was whole")))
+        }
+    }
+
+    /// A member id from the peer must be one its node assigned.
+    fn check_member(&self, member: &MemberId) -> Result<(), LinkError> {
+        match member.parts() {
+            Some((node, ..)) if node == self.node => Ok(()),
+            _ => Err((
+                ErrorCode::NOT_ALLOWED,
+                format!(
+                    "member id {:?} is not one of node {:?}",
+                    member.as_str(),
+                    self.node
+                ),
+            )),
+        }
+    }
+}
+
+fn unexpected(msg: &str) -> LinkError {
+    (ErrorCode::UNEXPECTED, msg.to_owned())
+}
+
+/// A link: (peer index, the link's connection sequence number).
+pub type LinkId = (usize, u64);
+
+/// Barrier `PING`s in flight per link, each with the waiters it holds.
+#[derive(Debug)]
+pub struct Barriers<W> {
+    links: HashMap<LinkId, (u64, VecDeque<(u64, W)>)>,
+}
+
+impl<W> Default for Barriers<W> {
+    fn default() -> Self {
+        Self {
+            links: HashMap::new(),
+        }
+    }
+}
+
+impl<W> Barriers<W> {
+    /// Queues a barrier for `waiter` on `link`: returns the token of the
+    /// `PING` to send on it (behind what is queued there already).
+    pub fn ping(&mut self, link: LinkId, waiter: W) -> u64 {
+        let (next, q) = self.links.entry(link).or_insert((0, VecDeque::new()));
+        *next += 1;
+        q.push_back((*next, waiter));
+        *next
+    }
+
+    /// `PONG token` came back on `link`: the waiters of that `PING` and of
+    /// every earlier one passed (a `PONG` follows everything sent before
+    /// its `PING`). A token that answers nothing passes nothing.
+    pub fn pong(&mut self, link: LinkId, token: u64) -> Vec<W> {
+        let Some((_, q)) = self.links.get_mut(&link) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while q.front().is_some_and(|(t, _)| *t <= token) {
+            if let Some((_, w)) = q.pop_front() {
+                out.push(w);
+            }
+        }
+        out
+    }
+
+    /// `link` went: every waiter on it passes (a link that comes up again
+    /// starts with a snapshot that holds whatever they waited for).
+    pub fn link_gone(&mut self, link: LinkId) -> Vec<W> {
+        self.links
+            .remove(&link)
+            .map(|(_, q)| q.into_iter().map(|(_, w)| w).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waiters held now, on every link.
+    pub fn waiting(&self) -> usize {
+        self.links.values().map(|(_, q)| q.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::snapshot_flags::{FIRST, LAST};
+
+    fn g(s: &str) -> GroupName {
+        GroupName::from_str_checked(s).unwrap()
+    }
+    fn m(s: &str) -> MemberId {
+        MemberId::from_str_checked(s).unwrap()
+    }
+    fn snap(flags: u8, entries: &[(&str, &str)]) -> Frame {
+        Frame::Snapshot {
+            flags,
+            entries: entries.iter().map(|(a, b)| (g(a), m(b))).collect(),
+        }
+    }
+    fn join(group: &str, member: &str) -> Frame {
+        Frame::PeerJoin {
+            group: g(group),
+            member: m(member),
+        }
+    }
+    fn leave(group: &str, member: &str) -> Frame {
+        Frame::PeerLeave {
+            group: g(group),
+            member: m(member),
+            reason: Reason::Disconnect,
+        }
+    }
+
+    /// Each row: frames fed in order to a fresh link from node `n2`, and
+    /// what the last one gives (actions as short strings, or the error
+    /// code).
+    #[test]
+    fn link_view_table() {
+        let ok = |v: &[&str]| Ok(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        type Row = (&'static str, Vec<Frame>, Result<Vec<String>, ErrorCode>);
+        let rows: Vec<Row> = vec![
+            (
+                "one chunk",
+                vec![snap(FIRST | LAST, &[("a", "n2/0.1.x")])],
+                ok(&["join a n2/0.1.x", "complete"]),
+            ),
+            (
+                "empty snapshot",
+                vec![snap(FIRST | LAST, &[])],
+                ok(&["complete"]),
+            ),
+            (
+                "three chunks",
+                vec![
+                    snap(FIRST, &[("a", "n2/0.1")]),
+                    snap(0, &[("b", "n2/0.1")]),
+                    snap(LAST, &[("c", "n2/0.2")]),
+                ],
+                ok(&["join c n2/0.2", "complete"]),
+            ),
+            (
+                "join after the snapshot",
+                vec![snap(FIRST | LAST, &[]), join("a", "n2/1.4")],
+                ok(&["join a n2/1.4"]),
+            ),
+            (
+                "leave after the snapshot",
+                vec![snap(FIRST | LAST, &[]), leave("a", "n2/1.4")],
+                ok(&["leave a n2/1.4 disconnect"]),
+            ),
+            (
+                "other frames are not membership",
+                vec![Frame::Noop],
+                ok(&[]),
+            ),
+            (
+                "join before the snapshot",
+                vec![join("a", "n2/1.4")],
+                Err(ErrorCode::UNEXPECTED),
+            ),
+            (
+                "join in the middle of the snapshot",
+                vec![snap(FIRST, &[]), join("a", "n2/1.4")],
+                Err(ErrorCode::UNEXPECTED),
+            ),
+            (
+                "chunk without FIRST first",
+                vec![snap(LAST, &[])],
+                Err(ErrorCode::UNEXPECTED),
+            ),
+            (
+                "FIRST twice",
+                vec![snap(FIRST, &[]), snap(FIRST, &[])],
+                Err(ErrorCode::UNEXPECTED),
+            ),
+            (
+                "a second snapshot",
+                vec![snap(FIRST | LAST, &[]), snap(FIRST | LAST, &[])],
+                Err(ErrorCode::UNEXPECTED),
+            ),
+            (
+                "snapshot member of another node",
+                vec![snap(FIRST | LAST, &[("a", "n3/0.1")])],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "join of another node's member",
+                vec![snap(FIRST | LAST, &[]), join("a", "n1/0.1")],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "leave of an id no node assigned",
+                vec![snap(FIRST | LAST, &[]), leave("a", "stranger")],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+        ];
+        for (what, frames, want) in rows {
+            let mut view = LinkView::new("n2");
+            let mut last = Ok(Vec::new());
+            for f in &frames {
+                last = view.on_frame(f).map(|acts| {
+                    acts.iter()
+                        .map(|a| match a {
+                            ViewAction::Join { group, member } => {
+                                format!("join {group} {member}")
+                            }
+                            ViewAction::Leave {
+                                group,
+                                member,
+                                reason,
+                            } => format!("leave {group} {member} {}", reason.name()),
+                            ViewAction::ViewComplete => "complete".into(),
+                        })
+                        .collect()
+                });
+                if last.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(last.map_err(|(c, _)| c), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_node_name_with_slashes_owns_its_ids() {
+        let mut view = LinkView::new("eu/n2");
+        let f = snap(FIRST | LAST, &[("a", "eu/n2/0.1.x")]);
+        assert!(view.on_frame(&f).is_ok());
+        assert_eq!(view.phase(), Phase::Live);
+    }
+
+    /// Each row: operations on two links, and the waiters each gives back.
+    #[test]
+    fn barriers_table() {
+        let (l1, l2) = ((1, 10), (2, 20));
+        let mut b = Barriers::default();
+        let t1 = b.ping(l1, "j1");
+        let t2 = b.ping(l1, "j2");
+        let t3 = b.ping(l2, "j1");
+        assert_eq!((t1, t2, t3), (1, 2, 1), "tokens count per link");
+        assert_eq!(b.pong(l1, 0), Vec::<&str>::new(), "token 0 answers nothing");
+        assert_eq!(b.pong(l2, 1), vec!["j1"]);
+        assert_eq!(
+            b.pong(l1, 2),
+            vec!["j1", "j2"],
+            "a later PONG passes the earlier PINGs"
+        );
+        assert_eq!(b.pong(l1, 2), Vec::<&str>::new(), "each waiter passes once");
+        assert_eq!(b.waiting(), 0);
+        b.ping(l1, "j3");
+        b.ping(l1, "j4");
+        assert_eq!(
+            b.pong((1, 11), 5),
+            Vec::<&str>::new(),
+            "another link of the same peer"
+        );
+        assert_eq!(
+            b.link_gone(l1),
+            vec!["j3", "j4"],
+            "a link that goes passes them all"
+        );
+        assert_eq!(b.link_gone(l1), Vec::<&str>::new());
+        assert_eq!(b.ping(l1, "j5"), 1, "a link seen again starts over");
+    }
+}
