@@ -164,6 +164,49 @@ fn unexpected(msg: &str) -> LinkError {
     (ErrorCode::UNEXPECTED, msg.to_owned())
 }
 
+/// What a lost node leaves behind (see [`node_down`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDown<G> {
+    /// Groups whose local members are told node-down, each once.
+    pub tell: Vec<G>,
+    /// Groups that remember the node had members there (publishes to them
+    /// count as lost for it until its next view).
+    pub ghosts: Vec<G>,
+}
+
+/// Decides what the loss of a peer node means: `lost` are the groups in
+/// which it had members, with how many left the view; `heard` the groups
+/// its link forwarded publishes for; `local(g)` says whether group `g`
+/// has members on this node (only they can be told); `removed` that the
+/// node was taken out of `peers` (nothing is remembered for it then).
+pub fn node_down<G: Clone + Eq + std::hash::Hash>(
+    lost: &[(G, usize)],
+    heard: impl IntoIterator<Item = G>,
+    local: impl Fn(&G) -> bool,
+    removed: bool,
+) -> NodeDown<G> {
+    let mut told = std::collections::HashSet::new();
+    let mut plan = NodeDown {
+        tell: Vec::new(),
+        ghosts: Vec::new(),
+    };
+    for (g, gone) in lost.iter().filter(|(_, gone)| *gone > 0) {
+        let _ = gone;
+        if !removed {
+            plan.ghosts.push(g.clone());
+        }
+        if told.insert(g.clone()) && local(g) {
+            plan.tell.push(g.clone());
+        }
+    }
+    for g in heard {
+        if local(&g) && told.insert(g.clone()) {
+            plan.tell.push(g);
+        }
+    }
+    plan
+}
+
 /// A link: (peer index, the link's connection sequence number).
 pub type LinkId = (usize, u64);
 
@@ -360,6 +403,52 @@ mod tests {
                 }
             }
             assert_eq!(last.map_err(|(c, _)| c), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn node_down_table() {
+        // (lost (group, members gone), heard, groups with local members,
+        // removed) → (told, ghosts)
+        type Row = (
+            &'static [(&'static str, usize)],
+            &'static [&'static str],
+            &'static [&'static str],
+            bool,
+            &'static [&'static str],
+            &'static [&'static str],
+        );
+        let rows: &[Row] = &[
+            (&[("a", 2)], &[], &["a"], false, &["a"], &["a"]),
+            (&[("a", 2)], &[], &["a"], true, &["a"], &[]),
+            // Members only elsewhere: remembered, nobody here to tell.
+            (&[("a", 1)], &[], &[], false, &[], &["a"]),
+            // It only published to "b": told, not remembered.
+            (&[], &["b"], &["b"], false, &["b"], &[]),
+            // Published to a group it also had members in: told once.
+            (
+                &[("a", 1)],
+                &["a", "b"],
+                &["a", "b"],
+                false,
+                &["a", "b"],
+                &["a"],
+            ),
+            // Published to a group nobody here belongs to any more.
+            (&[], &["c"], &[], false, &[], &[]),
+            // A group it had no member left in (0 gone) is not its loss.
+            (&[("a", 0)], &[], &["a"], false, &[], &[]),
+        ];
+        for (lost, heard, local, removed, tell, ghosts) in rows {
+            let lost: Vec<(&str, usize)> = lost.to_vec();
+            let plan = node_down(
+                &lost,
+                heard.iter().copied(),
+                |g| local.contains(g),
+                *removed,
+            );
+            assert_eq!(plan.tell, tell.to_vec(), "told: {lost:?} {heard:?}");
+            assert_eq!(plan.ghosts, ghosts.to_vec(), "ghosts: {lost:?} {heard:?}");
         }
     }
 

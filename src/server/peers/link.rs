@@ -379,46 +379,49 @@ fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
     let table = &shard.shared.table;
     let mesh = &shard.shared.cluster;
     let groups = table.remote_groups(i);
-    let mut told = std::collections::HashSet::new();
-    let mut ghosts = Vec::new();
+    let mut lost = Vec::with_capacity(groups.len());
+    let mut changes = Vec::with_capacity(groups.len());
     for group in &groups {
         let (ch, gone) = table.drop_remote(group, i, !removed);
-        if gone > 0 {
-            told.insert(group.clone());
-            if !removed {
-                ghosts.push(group.clone());
-            }
-            if valid {
-                let g = group.name();
-                let frame = encode_membership(g, Reason::NodeDown, ch.size, subject);
-                shard.membership_event(g, &frame, ch.seq, ch.shards);
-            }
-        }
+        lost.push((group.clone(), gone));
+        changes.push(ch);
     }
-    mesh.add_ghosts(i, ghosts);
-    // Members that only heard from the node (it published to their group
-    // and had no members there) are told too: it will publish no more.
     let heard = mesh.take_heard(i);
-    let mut heard_only = 0;
-    for group in heard.iter().filter(|g| !told.contains(*g)) {
-        let shards = group.shard_mask();
-        if shards == 0 || !valid {
-            continue;
+    let heard_count = heard.len();
+    let plan = crate::cluster::machine::node_down(
+        &lost,
+        heard,
+        |g: &crate::router::Group| g.shard_mask() != 0,
+        removed,
+    );
+    mesh.add_ghosts(i, plan.ghosts);
+    if valid {
+        let at: std::collections::HashMap<*const crate::router::GroupEntry, usize> = lost
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, gone))| *gone > 0)
+            .map(|(k, (g, _))| (&**g as *const crate::router::GroupEntry, k))
+            .collect();
+        for group in &plan.tell {
+            // A group that lost members has its change; one the node only
+            // published to gets a fresh number (it changes nothing).
+            let change = at
+                .get(&(&**group as *const crate::router::GroupEntry))
+                .map(|&k| (changes[k].seq, changes[k].size, changes[k].shards));
+            let (seq, size, shards) = change.unwrap_or_else(|| {
+                let st = group.lock();
+                (table.next_change(), st.size(), group.shard_mask())
+            });
+            let g = group.name();
+            let frame = encode_membership(g, Reason::NodeDown, size, subject);
+            shard.membership_event(g, &frame, seq, shards);
         }
-        heard_only += 1;
-        let (seq, size) = {
-            let st = group.lock();
-            (table.next_change(), st.size())
-        };
-        let g = group.name();
-        let frame = encode_membership(g, Reason::NodeDown, size, subject);
-        shard.membership_event(g, &frame, seq, shards);
     }
     shard.links.forget_heard(i);
     tracing::warn!(
         peer = name,
         groups = groups.len(),
-        published_to = heard_only,
+        published_to = heard_count,
         "peer link down: its members left every group"
     );
 }
