@@ -53,6 +53,7 @@ mod config;
 mod connection;
 mod error;
 mod event;
+mod names;
 mod state;
 mod supervisor;
 
@@ -68,56 +69,12 @@ use crate::protocol::{encode_publish, DecodeError, Frame, GroupName, MemberId};
 pub use config::{ClientConfig, DEFAULT_MAX_MESSAGE_SIZE};
 pub use error::ClientError;
 pub use event::Event;
+pub use names::IntoName;
 pub use state::ServerInfo;
 
 use connection::{connect_any, Out};
 use state::{Shared, Waiter};
 use supervisor::{supervise, Links};
-
-/// A value usable as a group name or member id: a `&str`/`String`
-/// (validated on use) or an already validated name (cloned cheaply).
-pub trait IntoName<T> {
-    /// Validates (if needed) and converts.
-    ///
-    /// # Errors
-    /// [`ClientError::InvalidName`] when the text breaks the name rules.
-    fn into_name(self) -> Result<T, ClientError>;
-}
-
-macro_rules! into_name {
-    ($t:ty) => {
-        impl IntoName<$t> for $t {
-            fn into_name(self) -> Result<$t, ClientError> {
-                Ok(self)
-            }
-        }
-        impl IntoName<$t> for &$t {
-            fn into_name(self) -> Result<$t, ClientError> {
-                Ok(self.clone())
-            }
-        }
-        impl IntoName<$t> for &str {
-            fn into_name(self) -> Result<$t, ClientError> {
-                <$t>::from_str_checked(self).map_err(|error| ClientError::InvalidName {
-                    name: self.to_string(),
-                    error,
-                })
-            }
-        }
-        impl IntoName<$t> for String {
-            fn into_name(self) -> Result<$t, ClientError> {
-                self.as_str().into_name()
-            }
-        }
-        impl IntoName<$t> for &String {
-            fn into_name(self) -> Result<$t, ClientError> {
-                self.as_str().into_name()
-            }
-        }
-    };
-}
-into_name!(GroupName);
-into_name!(MemberId);
 
 /// A connected msgc client. Cheap to clone; every clone is the same
 /// client. `Send + Sync`.
