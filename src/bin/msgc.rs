@@ -262,6 +262,13 @@ fn report(event: Event, verbose: bool) {
         Event::Reconnected { server, member } => {
             eprintln!("msgc: reconnected to {server} as {member}")
         }
+        Event::Gap {
+            group,
+            sender,
+            missing,
+        } => {
+            eprintln!("msgc: {missing} messages from {sender} to {group} lost");
+        }
         Event::Membership {
             group,
             subject,

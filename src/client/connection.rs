@@ -3,9 +3,10 @@
 //!
 //! The writer drains the outbound queue into one buffer and writes each
 //! batch with a single `write_all`; PUBLISH frames are encoded straight into
-//! that buffer. The reader decodes from a large `BytesMut` and hands frames
-//! to [`Shared::on_frame`]. Each task returns an [`End`] saying why it
-//! stopped; reconnecting is the supervisor's business, not this file's.
+//! that buffer. The reader decodes from a large `BytesMut`, hands frames to
+//! [`Shared::on_frame`], and checks sequenced deliveries for gaps
+//! ([`Gaps`]). Each task returns an [`End`] saying why it stopped;
+//! reconnecting is the supervisor's business, not this file's.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,14 +21,15 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 use crate::protocol::{
-    decode, encode_publish, max_frame_for, DecodeError, ErrorCode, Frame, FrameType, GroupName,
-    Hello, Role, Welcome, PROTOCOL_VERSION,
+    decode, encode_publish, features, max_frame_for, DecodeError, ErrorCode, Frame, FrameType,
+    Hello, Reason, Role, Welcome, PROTOCOL_VERSION,
 };
-use crate::protocol::{MemberId, NodeName};
+use crate::protocol::{GroupName, MemberId, NodeName};
 
 use super::config::ClientConfig;
 use super::error::{describe_io, fmt_duration, ClientError};
 use super::event::Event;
+use super::gaps::Gaps;
 use super::state::Shared;
 
 /// Initial (and minimum refill) size of the read buffer.
@@ -222,7 +224,7 @@ async fn handshake(
         role: Role::Client,
         name,
         credentials: Bytes::new(),
-        features: 0,
+        features: if cfg.sequenced { features::SEQ } else { 0 },
         max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
@@ -269,10 +271,14 @@ pub(crate) struct ReadCtx {
     pub max_frame: usize,
     pub idle: Duration,
     pub per_iter: usize,
+    /// Our member id on this connection (to tell our own leave).
+    pub member: MemberId,
+    /// Last sequence numbers seen on this connection.
+    pub gaps: Gaps,
 }
 
 /// Reads, decodes and dispatches until the connection ends.
-pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: ReadCtx) -> End {
+pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx: ReadCtx) -> End {
     let mut since_yield = 0usize;
     loop {
         loop {
@@ -281,7 +287,7 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
                 Ok(None) => break,
                 Err(e) => return End::Protocol(e),
             };
-            if let Err(end) = dispatch(&ctx, frame).await {
+            if let Err(end) = dispatch(&mut ctx, frame).await {
                 return end;
             }
             since_yield += 1;
@@ -306,39 +312,91 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
     }
 }
 
-async fn dispatch(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
-    // A batch of membership changes is handed out one event per change,
-    // exactly as if each had come in its own MEMBERSHIP frame.
-    if let Frame::MembershipBatch { group, changes } = frame {
-        for c in changes {
-            let one = Frame::Membership {
-                group: group.clone(),
-                subject: c.subject,
-                reason: c.reason,
-                size: c.size,
+async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
+    match frame {
+        Frame::Deliver {
+            group,
+            sender,
+            seq,
+            payload,
+        } => {
+            if let Some(missing) = seq.and_then(|seq| ctx.gaps.observe(&group, &sender, seq)) {
+                ctx.shared.add_gaps(missing);
+                let gap = Event::Gap {
+                    group: group.clone(),
+                    sender: sender.clone(),
+                    missing,
+                };
+                emit(ctx, gap).await?;
+            }
+            let message = Event::Message {
+                group,
+                sender,
+                payload,
             };
-            dispatch_one(ctx, one).await?;
+            emit(ctx, message).await
         }
-        return Ok(());
+        // A batch of membership changes is handed out one event per change,
+        // exactly as if each had come in its own MEMBERSHIP frame.
+        Frame::MembershipBatch { group, changes } => {
+            for c in changes {
+                let one = Frame::Membership {
+                    group: group.clone(),
+                    subject: c.subject,
+                    reason: c.reason,
+                    size: c.size,
+                };
+                dispatch_one(ctx, one).await?;
+            }
+            Ok(())
+        }
+        frame => dispatch_one(ctx, frame).await,
     }
-    dispatch_one(ctx, frame).await
 }
 
-async fn dispatch_one(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
+async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
+    if let Frame::Membership {
+        group,
+        subject,
+        reason,
+        ..
+    } = &frame
+    {
+        forget(ctx, group, subject, *reason);
+    }
     match ctx.shared.on_frame(frame) {
-        Ok(Some(event)) => match ctx.events.try_send(event) {
-            Ok(()) => Ok(()),
-            // Full: wait for the application; this is the backpressure.
-            Err(flume::TrySendError::Full(event)) => ctx
-                .events
-                .send_async(event)
-                .await
-                .map_err(|_| End::ClientGone),
-            Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
-        },
+        Ok(Some(event)) => emit(ctx, event).await,
         Ok(None) => Ok(()),
         Err(Frame::Error { code, message }) => Err(End::Server { code, message }),
         Err(other) => Err(End::Unexpected(other.frame_type())),
+    }
+}
+
+/// A membership change ends the runs it concerns: the group's, when we
+/// leave it; a member's in that group, when it leaves or disconnects; a
+/// lost node's members' there.
+fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
+    match reason {
+        Reason::Leave | Reason::Disconnect if subject == ctx.member.as_bytes() => {
+            ctx.gaps.forget_group(group);
+        }
+        Reason::Leave | Reason::Disconnect => ctx.gaps.forget_member(group, subject),
+        Reason::NodeDown => ctx.gaps.forget_node(group, subject),
+        Reason::Join => {}
+    }
+}
+
+/// Hands an event to the application.
+async fn emit(ctx: &ReadCtx, event: Event) -> Result<(), End> {
+    match ctx.events.try_send(event) {
+        Ok(()) => Ok(()),
+        // Full: wait for the application; this is the backpressure.
+        Err(flume::TrySendError::Full(event)) => ctx
+            .events
+            .send_async(event)
+            .await
+            .map_err(|_| End::ClientGone),
+        Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
     }
 }
 

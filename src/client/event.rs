@@ -38,6 +38,30 @@ pub enum Event {
         /// The group's cluster-wide size after the change.
         size: u32,
     },
+    /// Messages from `sender` to `group` were lost: the next
+    /// [`Event::Message`] from that sender to that group, which follows
+    /// this event, is numbered `missing + 1` past the last one delivered.
+    ///
+    /// Only on a connection whose server granted sequenced deliveries
+    /// ([`ServerInfo::sequenced`](super::ServerInfo::sequenced), asked for
+    /// by [`ClientConfig::sequenced`](super::ClientConfig::sequenced)).
+    /// The first message from a sender to a group on a connection sets the
+    /// baseline, and a number at or below the last one starts a new run
+    /// (the sender's numbering started over): neither is a gap. Not
+    /// reported: losses not followed by a later message from the same
+    /// sender, losses spanning a reconnection (see
+    /// [`Event::Disconnected`]), a membership change of the sender or of
+    /// this client in the group, or the table's bound
+    /// ([`MAX_SEQ_ENTRIES`](super::MAX_SEQ_ENTRIES)). A gap is reported
+    /// once, and only when messages were lost.
+    Gap {
+        /// The group the messages were published to.
+        group: GroupName,
+        /// Who published them.
+        sender: MemberId,
+        /// How many are missing (at least 1).
+        missing: u64,
+    },
     /// The connection was lost; the client re-dials every
     /// `reconnect_interval`. Messages published to the client's groups
     /// until [`Event::Reconnected`] are not delivered to it.

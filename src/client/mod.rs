@@ -28,7 +28,14 @@
 //! Calls put frames on a bounded queue (`max_backlog` frames). One writer
 //! task per connection drains it into one buffer and writes each batch
 //! with a single `write_all`; one reader task decodes and dispatches. A
-//! supervisor task owns reconnecting (see `supervisor.rs`).
+//! supervisor task owns reconnecting (see `supervisor.rs`). The reader's
+//! gap table (`gaps.rs`) checks sequence numbers.
+//!
+//! # What the client can tell about loss
+//! - Received: with [`ClientConfig::sequenced`] (the default) the server
+//!   numbers each sender's messages to each group, and a skipped number is
+//!   reported as [`Event::Gap`] before the message that revealed it;
+//!   [`Client::gaps`] is the running total.
 //!
 //! # Backpressure and disconnection
 //! - `publish` and `send` wait while the queue is full (at most
@@ -53,6 +60,7 @@ mod config;
 mod connection;
 mod error;
 mod event;
+mod gaps;
 mod names;
 mod state;
 mod supervisor;
@@ -69,6 +77,7 @@ use crate::protocol::{encode_publish, DecodeError, Frame, GroupName, MemberId};
 pub use config::{ClientConfig, DEFAULT_MAX_MESSAGE_SIZE};
 pub use error::ClientError;
 pub use event::Event;
+pub use gaps::MAX_SEQ_ENTRIES;
 pub use names::IntoName;
 pub use state::ServerInfo;
 
@@ -166,6 +175,12 @@ impl Client {
     /// The configuration in force.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.shared.cfg
+    }
+
+    /// Messages reported missing by [`Event::Gap`] so far (the sum of their
+    /// `missing`), all connections.
+    pub fn gaps(&self) -> u64 {
+        self.inner.shared.gaps()
     }
 
     /// Joins `group` and waits for the server's acknowledgement (our own

@@ -7,14 +7,14 @@
 //! [`Shared::on_connected`] and [`Shared::on_disconnected`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch, Notify};
 
-use crate::protocol::{Frame, GroupName, MemberId, NodeName, Reason, Welcome};
+use crate::protocol::{features, Frame, GroupName, MemberId, NodeName, Reason, Welcome};
 
 use super::config::ClientConfig;
 use super::error::ClientError;
@@ -34,6 +34,10 @@ pub struct ServerInfo {
     pub max_message_size: u32,
     /// The server's idle timeout: it closes connections silent for longer.
     pub idle_timeout: Duration,
+    /// Whether the server granted sequenced deliveries (asked for when
+    /// [`ClientConfig::sequenced`] is set): only then are gaps detected
+    /// ([`Event::Gap`]).
+    pub sequenced: bool,
 }
 
 impl ServerInfo {
@@ -43,6 +47,7 @@ impl ServerInfo {
             node: w.node.clone(),
             max_message_size: w.max_message_size,
             idle_timeout: Duration::from_millis(u64::from(w.idle_timeout_ms)),
+            sequenced: w.features & features::SEQ != 0,
         }
     }
 }
@@ -107,6 +112,8 @@ pub(crate) struct Shared {
     /// `None` while the supervisor runs; then whether everything queued
     /// before `close` was written.
     finished: watch::Sender<Option<bool>>,
+    /// Messages reported missing by [`Event::Gap`], all connections.
+    gaps: AtomicU64,
 }
 
 impl Shared {
@@ -128,6 +135,7 @@ impl Shared {
             closing: AtomicBool::new(false),
             stop: Notify::new(),
             finished: watch::Sender::new(None),
+            gaps: AtomicU64::new(0),
         }
     }
 
@@ -169,6 +177,16 @@ impl Shared {
     /// Watches for the supervisor's end (see [`Shared::finish`]).
     pub(crate) fn finished(&self) -> watch::Receiver<Option<bool>> {
         self.finished.subscribe()
+    }
+
+    /// Counts messages reported missing.
+    pub(crate) fn add_gaps(&self, missing: u64) {
+        self.gaps.fetch_add(missing, Ordering::Relaxed);
+    }
+
+    /// Messages reported missing so far.
+    pub(crate) fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
     }
 
     /// A new connection is up: records its facts and registers a join
@@ -222,22 +240,13 @@ impl Shared {
         }
     }
 
-    /// Handles one frame from the server. Returns the event to hand to the
-    /// application, if any, or `Err(frame)` for a frame the reader must
-    /// treat as the end of the connection (`ERROR`, or one a server may not
-    /// send).
+    /// Handles one frame from the server other than a delivery (which the
+    /// reader turns into events itself, checking its sequence number).
+    /// Returns the event to hand to the application, if any, or
+    /// `Err(frame)` for a frame the reader must treat as the end of the
+    /// connection (`ERROR`, or one a server may not send).
     pub(crate) fn on_frame(&self, frame: Frame) -> Result<Option<Event>, Frame> {
         Ok(match frame {
-            Frame::Deliver {
-                group,
-                sender,
-                payload,
-                ..
-            } => Some(Event::Message {
-                group,
-                sender,
-                payload,
-            }),
             Frame::Direct { sender, payload } => Some(Event::Direct { sender, payload }),
             Frame::Membership {
                 group,

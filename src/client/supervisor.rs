@@ -21,6 +21,7 @@ use crate::protocol::{max_frame_for, Events, Frame, GroupName};
 use super::connection::{connect_any, read_loop, write_loop, Conn, End, Out, ReadCtx};
 use super::error::ClientError;
 use super::event::Event;
+use super::gaps::Gaps;
 use super::state::{ServerInfo, Shared};
 
 /// What the supervisor holds: the shared state, the consuming end of the
@@ -217,6 +218,8 @@ impl Tasks {
             max_frame: max_frame_for(cfg.max_message_size.max(server_max)),
             idle: cfg.idle_timeout,
             per_iter: cfg.messages_per_iter.max(1),
+            member: conn.member.clone(),
+            gaps: Gaps::default(),
         };
         let keepalive = cfg.effective_keepalive(conn.welcome.idle_timeout_ms);
         let reader = tokio::spawn(read_loop(conn.rd, conn.leftover, ctx));
