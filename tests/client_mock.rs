@@ -2,7 +2,7 @@
 //! handshake, join acknowledgement, publish → message, multi-part members
 //! replies, stats, ping, server errors, flushing on close, keepalive, idle
 //! detection and reconnection with re-join; sequenced deliveries and gap
-//! detection.
+//! detection; publishes left unconfirmed by a lost connection or a close.
 //!
 //! Every wait is bounded; no test sleeps where an event can be awaited.
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use msgc::client::{Client, ClientConfig, ClientError, Event};
+use msgc::client::{Client, ClientConfig, ClientError, CloseReport, Event};
 use msgc::protocol::{
     decode, features, max_frame_for, ErrorCode, Frame, GroupName, MemberId, NodeName, Reason,
     Welcome, PROTOCOL_VERSION,
@@ -34,6 +34,13 @@ struct Behaviour {
     max_message_size: u32,
     /// Never send anything after WELCOME (to trigger the client's idle check).
     silent: bool,
+    /// Answer everything but PING.
+    no_pong: bool,
+    /// Close the connection right after answering a PING.
+    close_after_pong: bool,
+    /// Answer the first PING only when the second arrives (just before
+    /// answering that one).
+    hold_first_pong: bool,
 }
 
 /// A mock server on 127.0.0.1, port 0. Each connection is numbered from 1;
@@ -65,6 +72,8 @@ impl Mock {
                     sequenced: false,
                     seqs: HashMap::new(),
                     inject: inject_rx.clone(),
+                    pings: 0,
+                    held: None,
                 };
                 tokio::spawn(conn.run(stream, kill_rx.clone()));
             }
@@ -91,6 +100,14 @@ impl Mock {
     /// Has the open connection send `frame`.
     fn send(&self, frame: Frame) {
         self.inject.send(frame).expect("mock running");
+    }
+
+    /// Waits until `n` PUBLISH frames have been received.
+    async fn expect_publishes(&self, n: usize) {
+        for _ in 0..n {
+            self.expect("PUBLISH", |f| matches!(f, Frame::Publish { .. }))
+                .await;
+        }
     }
 
     /// Closes every open connection.
@@ -133,6 +150,9 @@ struct MockConn {
     /// Numbers of this client's publishes, by group.
     seqs: HashMap<GroupName, u64>,
     inject: flume::Receiver<Frame>,
+    /// PINGs answered so far, and the token of a held one.
+    pings: u64,
+    held: Option<u64>,
 }
 
 impl MockConn {
@@ -156,6 +176,10 @@ impl MockConn {
                 };
                 greeted = true;
                 if !self.send(&mut stream, &replies).await {
+                    return;
+                }
+                let ponged = replies.iter().any(|f| matches!(f, Frame::Pong { .. }));
+                if ponged && self.b.close_after_pong {
                     return;
                 }
             }
@@ -250,9 +274,22 @@ impl MockConn {
                 req,
                 json: Bytes::from_static(br#"{"node":"mock","totals":{"published":3}}"#),
             }],
-            Frame::Ping { token } => vec![Frame::Pong { token }],
+            Frame::Ping { .. } if self.b.no_pong => vec![],
+            Frame::Ping { token } => self.pong(token),
             _ => vec![],
         }
+    }
+}
+
+impl MockConn {
+    fn pong(&mut self, token: u64) -> Vec<Frame> {
+        self.pings += 1;
+        if self.b.hold_first_pong && self.pings == 1 {
+            self.held = Some(token);
+            return vec![];
+        }
+        let held = self.held.take().map(|token| Frame::Pong { token });
+        held.into_iter().chain([Frame::Pong { token }]).collect()
     }
 }
 
@@ -414,7 +451,7 @@ async fn reconnect_rejoins_and_announces() {
 
     mock.kill_all();
     match next_event(&events).await {
-        Event::Disconnected { reason } => assert!(reason.contains("closed"), "{reason}"),
+        Event::Disconnected { reason, .. } => assert!(reason.contains("closed"), "{reason}"),
         other => panic!("unexpected {other:?}"),
     }
     let mut rejoined = false;
@@ -453,7 +490,12 @@ async fn close_flushes_everything_queued() {
     for i in 0..2000u32 {
         client.publish("g", i.to_string()).await.expect("publish");
     }
-    client.close().await.expect("close");
+    let all_confirmed = CloseReport {
+        flushed: true,
+        unconfirmed: 0,
+        unsent: 0,
+    };
+    assert_eq!(client.close().await, all_confirmed);
     let mut count = 0u32;
     while count < 2000 {
         let (_, frame) = timeout(WAIT, mock.log.recv_async())
@@ -469,7 +511,11 @@ async fn close_flushes_everything_queued() {
         client.publish("g", "late").await,
         Err(ClientError::Closed)
     ));
-    assert!(client.close().await.is_ok(), "a second close is a no-op");
+    assert_eq!(
+        client.close().await,
+        all_confirmed,
+        "a second close reports the same"
+    );
     // The event stream ends once the client is closed.
     let ended = timeout(WAIT, async {
         while client.events().recv_async().await.is_ok() {}
@@ -565,7 +611,9 @@ async fn keepalive_and_idle_timeout() {
     let events = client.events();
     mock.expect("NOOP", |f| matches!(f, Frame::Noop)).await;
     match next_event(&events).await {
-        Event::Disconnected { reason } => assert!(reason.contains("nothing received"), "{reason}"),
+        Event::Disconnected { reason, .. } => {
+            assert!(reason.contains("nothing received"), "{reason}")
+        }
         other => panic!("unexpected {other:?}"),
     }
     assert!(!client.is_connected());
@@ -589,10 +637,15 @@ async fn keepalive_and_idle_timeout() {
         Err(ClientError::Disconnected)
     ));
     // Closing cannot flush them: close says so.
-    assert!(matches!(
-        client.close().await,
-        Err(ClientError::Disconnected)
-    ));
+    let report = client.close().await;
+    assert_eq!(
+        report,
+        CloseReport {
+            flushed: false,
+            unconfirmed: 4,
+            unsent: 4
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -808,4 +861,146 @@ async fn seq_is_asked_for_unless_disabled() {
     let not_asked = |f: &Frame| matches!(f, Frame::Hello(h) if h.features == 0);
     mock.expect("HELLO without features", not_asked).await;
     assert!(!plain.server().sequenced);
+}
+
+#[tokio::test]
+async fn disconnected_counts_what_was_not_confirmed() {
+    let mock = Mock::start(Behaviour {
+        no_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        reconnect_interval: Duration::from_secs(60),
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    let events = client.events();
+    for i in 0..10 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    mock.expect_publishes(10).await;
+    assert_eq!(client.unconfirmed(), 10);
+    mock.kill_all();
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (10, 0), "written, never confirmed");
+    assert_eq!(client.unconfirmed(), 0, "reported once");
+    // Queued while disconnected: never written, reported by close.
+    for i in 0..3 {
+        client
+            .publish("g", format!("late {i}"))
+            .await
+            .expect("queued");
+    }
+    client.send("mock/0.1", "direct").await.expect("queued");
+    assert_eq!(client.unconfirmed(), 4);
+    let report = client.close().await;
+    let want = CloseReport {
+        flushed: false,
+        unconfirmed: 4,
+        unsent: 4,
+    };
+    assert_eq!(report, want);
+}
+
+#[tokio::test]
+async fn a_ping_confirms_what_came_before_it() {
+    let mock = Mock::start(Behaviour {
+        hold_first_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    // The first publish's confirmation stays outstanding (held) while the
+    // others are written: only the user PING can have them confirmed.
+    client.publish("g", "0").await.expect("publish");
+    mock.expect("a confirmation PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
+    for i in 1..10 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    client.ping().await.expect("ping");
+    assert_eq!(client.unconfirmed(), 0);
+    mock.kill_all();
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (0, 0));
+}
+
+#[tokio::test]
+async fn the_writer_asks_for_confirmation_by_itself() {
+    let mock = Mock::start(Behaviour {
+        close_after_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    // One queue item, so one batch, followed by one confirmation PING: the
+    // mock answers it and hangs up.
+    client
+        .publish_batch("g", (0..10).map(|i| i.to_string()))
+        .await
+        .expect("publish");
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (0, 0));
+    mock.expect("a confirmation PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
+}
+
+#[tokio::test]
+async fn close_against_a_server_that_never_confirms() {
+    let mock = Mock::start(Behaviour {
+        no_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_millis(300),
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    for i in 0..5 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    mock.expect_publishes(5).await;
+    let report = client.close().await;
+    let want = CloseReport {
+        flushed: false,
+        unconfirmed: 5,
+        unsent: 0,
+    };
+    assert_eq!(report, want);
+    mock.expect("the close PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
 }

@@ -1,9 +1,7 @@
 //! One connection to a server: dialling (socket2 options), the HELLO →
-//! WELCOME handshake, and the reader and writer tasks.
+//! WELCOME handshake, and the reader task (the writer is `writer.rs`).
 //!
-//! The writer drains the outbound queue into one buffer and writes each
-//! batch with a single `write_all`; PUBLISH frames are encoded straight into
-//! that buffer. The reader decodes from a large `BytesMut`, hands frames to
+//! The reader decodes from a large `BytesMut`, hands frames to
 //! [`Shared::on_frame`], and checks sequenced deliveries for gaps
 //! ([`Gaps`]). Each task returns an [`End`] saying why it stopped;
 //! reconnecting is the supervisor's business, not this file's.
@@ -21,8 +19,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 use crate::protocol::{
-    decode, encode_publish, features, max_frame_for, DecodeError, ErrorCode, Frame, FrameType,
-    Hello, Reason, Role, Welcome, PROTOCOL_VERSION,
+    decode, features, max_frame_for, DecodeError, ErrorCode, Frame, FrameType, Hello, Reason, Role,
+    Welcome, PROTOCOL_VERSION,
 };
 use crate::protocol::{GroupName, MemberId, NodeName};
 
@@ -34,21 +32,6 @@ use super::state::Shared;
 
 /// Initial (and minimum refill) size of the read buffer.
 pub(crate) const READ_BUF: usize = 64 * 1024;
-/// The writer stops coalescing once a batch holds this many bytes.
-pub(crate) const WRITE_BATCH: usize = 256 * 1024;
-
-/// An item of the outbound queue.
-pub(crate) enum Out {
-    /// A PUBLISH, encoded by the writer straight into its batch buffer.
-    Publish { group: GroupName, payload: Bytes },
-    /// Any other frame.
-    Frame(Frame),
-    /// Frames already encoded (`publish_batch`).
-    Encoded(Bytes),
-    /// `close`: flush everything before this, then shut the socket down.
-    Close,
-}
-
 /// Why a connection task stopped.
 pub(crate) enum End {
     /// The server closed the connection.
@@ -68,7 +51,8 @@ pub(crate) enum End {
     /// `close`: the queue was flushed (or the flush failed) and the socket
     /// shut down.
     Closing {
-        /// Whether everything queued before `Close` was written.
+        /// Whether everything queued before `Close` was written and
+        /// confirmed by the server.
         flushed: bool,
     },
     /// Every handle of the client was dropped.
@@ -398,80 +382,4 @@ async fn emit(ctx: &ReadCtx, event: Event) -> Result<(), End> {
             .map_err(|_| End::ClientGone),
         Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
     }
-}
-
-/// Drains the outbound queue in batches until the connection ends.
-///
-/// Sends a NOOP after `keepalive` without anything to send; a write that
-/// makes no progress for `stall` ends the connection.
-pub(crate) async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    queue: flume::Receiver<Out>,
-    keepalive: Duration,
-    stall: Duration,
-) -> End {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
-    loop {
-        let first = match queue.try_recv() {
-            Ok(item) => Ok(Ok(item)),
-            // Only arm the keepalive timer when there is nothing to send.
-            Err(_) => timeout(keepalive, queue.recv_async()).await,
-        };
-        let mut close = match first {
-            Ok(Ok(item)) => push(&mut buf, item),
-            Ok(Err(_)) => return flush_and_end(&mut wr, &buf, stall, End::ClientGone).await,
-            Err(_) => {
-                Frame::Noop.encode(&mut buf);
-                false
-            }
-        };
-        while !close && buf.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(item) => close = push(&mut buf, item),
-                Err(_) => break,
-            }
-        }
-        if close {
-            return flush_and_end(&mut wr, &buf, stall, End::Closing { flushed: true }).await;
-        }
-        if let Err(end) = write_batch(&mut wr, &buf, stall).await {
-            return end;
-        }
-        buf.clear();
-    }
-}
-
-/// Appends one queue item to the batch; returns whether it was `Close`.
-fn push(buf: &mut BytesMut, item: Out) -> bool {
-    match item {
-        Out::Publish { group, payload } => encode_publish(buf, &group, &payload),
-        Out::Frame(frame) => frame.encode(buf),
-        Out::Encoded(bytes) => buf.extend_from_slice(&bytes),
-        Out::Close => return true,
-    }
-    false
-}
-
-async fn write_batch(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration) -> Result<(), End> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    match timeout(stall, wr.write_all(buf)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Io(e)),
-        Err(_) => Err(End::WriteStall(stall)),
-    }
-}
-
-/// Writes what is batched, shuts the write side down, and ends with `end`
-/// (or with the write's failure; when closing, with `flushed: false`).
-async fn flush_and_end(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration, end: End) -> End {
-    if let Err(failed) = write_batch(wr, buf, stall).await {
-        return match end {
-            End::Closing { .. } => End::Closing { flushed: false },
-            _ => failed,
-        };
-    }
-    let _ = timeout(stall, wr.shutdown()).await;
-    end
 }

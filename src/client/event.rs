@@ -65,9 +65,28 @@ pub enum Event {
     /// The connection was lost; the client re-dials every
     /// `reconnect_interval`. Messages published to the client's groups
     /// until [`Event::Reconnected`] are not delivered to it.
+    ///
+    /// A publish (or send) is *confirmed* once the server has answered a
+    /// PING written after it: by then the server has handled it. The
+    /// client confirms by itself (a PING per round trip at most, while
+    /// there is something to confirm) and [`Client::ping`] confirms every
+    /// publish accepted before it.
+    ///
+    /// [`Client::ping`]: super::Client::ping
     Disconnected {
         /// Why, in words (`connection closed by the server`, `idle for 30s`…).
         reason: String,
+        /// Publishes and sends that `publish`, `try_publish`,
+        /// `publish_batch` (each payload) and `send` accepted and that are
+        /// not confirmed: those written to the lost connection after its
+        /// last confirmation, which may or may not have reached the server
+        /// (they are counted in this event only), plus `queued`.
+        unconfirmed: u64,
+        /// Of `unconfirmed`, those never written: still queued, they go out
+        /// on the next connection (unless the client is closed first), and
+        /// a later `Disconnected` counts them again if they are still
+        /// unconfirmed then.
+        queued: u64,
     },
     /// A new connection is up and every group the client had joined has
     /// been re-joined (acknowledged by the server).

@@ -2,9 +2,10 @@
 //! facts, the groups joined, and the waiters of outstanding requests.
 //!
 //! Owns matching server frames to waiters (join/leave acknowledgements by
-//! group, replies by request id) and failing them when a connection ends.
-//! It does no I/O: the reader calls [`Shared::on_frame`], the supervisor
-//! [`Shared::on_connected`] and [`Shared::on_disconnected`].
+//! group, replies by request id, confirmation PONGs to the [`Ledger`]) and
+//! failing them when a connection ends. It does no I/O: the reader calls
+//! [`Shared::on_frame`], the supervisor [`Shared::on_connected`] and
+//! [`Shared::on_disconnected`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -19,6 +20,7 @@ use crate::protocol::{features, Frame, GroupName, MemberId, NodeName, Reason, We
 use super::config::ClientConfig;
 use super::error::ClientError;
 use super::event::Event;
+use super::ledger::{Ledger, CONFIRM};
 
 /// Completes a join or leave (or a `close`).
 pub(crate) type Ack = oneshot::Sender<Result<(), ClientError>>;
@@ -109,9 +111,10 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// Wakes the supervisor out of its re-dial wait when closing.
     pub stop: Notify,
-    /// `None` while the supervisor runs; then whether everything queued
-    /// before `close` was written.
-    finished: watch::Sender<Option<bool>>,
+    /// Set once the supervisor has stopped.
+    finished: watch::Sender<bool>,
+    /// Publishes and sends accepted, written, confirmed.
+    pub ledger: Ledger,
     /// Messages reported missing by [`Event::Gap`], all connections.
     gaps: AtomicU64,
 }
@@ -134,7 +137,8 @@ impl Shared {
             next_req: AtomicU32::new(1),
             closing: AtomicBool::new(false),
             stop: Notify::new(),
-            finished: watch::Sender::new(None),
+            finished: watch::Sender::new(false),
+            ledger: Ledger::default(),
             gaps: AtomicU64::new(0),
         }
     }
@@ -168,14 +172,13 @@ impl Shared {
         was
     }
 
-    /// The supervisor has stopped; `flushed` says whether everything queued
-    /// was written.
-    pub(crate) fn finish(&self, flushed: bool) {
-        self.finished.send_replace(Some(flushed));
+    /// The supervisor has stopped.
+    pub(crate) fn finish(&self) {
+        self.finished.send_replace(true);
     }
 
     /// Watches for the supervisor's end (see [`Shared::finish`]).
-    pub(crate) fn finished(&self) -> watch::Receiver<Option<bool>> {
+    pub(crate) fn finished(&self) -> watch::Receiver<bool> {
         self.finished.subscribe()
     }
 
@@ -264,6 +267,10 @@ impl Shared {
                 if let Some(Waiter::Stats(tx)) = self.take_waiter(u64::from(req)) {
                     let _ = tx.send(Ok(json));
                 }
+                None
+            }
+            Frame::Pong { token } if token & CONFIRM != 0 => {
+                self.ledger.confirm(token & !CONFIRM);
                 None
             }
             Frame::Pong { token } => {
