@@ -385,7 +385,7 @@ fn client_event(
                 w.on_event(reason as u8, subject.as_bytes(), now);
             }
         }
-        Event::Disconnected { reason } => return Err(format!("disconnected: {reason}")),
+        Event::Disconnected { reason, .. } => return Err(format!("disconnected: {reason}")),
         _ => {}
     }
     Ok(())

@@ -1,19 +1,21 @@
 //! The client against an in-test mock server speaking `msgc::protocol`:
 //! handshake, join acknowledgement, publish → message, multi-part members
 //! replies, stats, ping, server errors, flushing on close, keepalive, idle
-//! detection and reconnection with re-join.
+//! detection and reconnection with re-join; sequenced deliveries and gap
+//! detection; publishes left unconfirmed by a lost connection or a close.
 //!
 //! Every wait is bounded; no test sleeps where an event can be awaited.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use msgc::client::{Client, ClientConfig, ClientError, Event};
+use msgc::client::{Client, ClientConfig, ClientError, CloseReport, Event};
 use msgc::protocol::{
-    decode, max_frame_for, ErrorCode, Frame, GroupName, MemberId, NodeName, Reason, Welcome,
-    PROTOCOL_VERSION,
+    decode, features, max_frame_for, ErrorCode, Frame, GroupName, MemberId, NodeName, Reason,
+    Welcome, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,14 +34,24 @@ struct Behaviour {
     max_message_size: u32,
     /// Never send anything after WELCOME (to trigger the client's idle check).
     silent: bool,
+    /// Answer everything but PING.
+    no_pong: bool,
+    /// Close the connection right after answering a PING.
+    close_after_pong: bool,
+    /// Answer the first PING only when the second arrives (just before
+    /// answering that one).
+    hold_first_pong: bool,
 }
 
 /// A mock server on 127.0.0.1, port 0. Each connection is numbered from 1;
-/// its member id is `mock/0.N`. Frames received go to `log`.
+/// its member id is `mock/0.N`. Frames received go to `log`; frames given
+/// to `inject` are sent by the open connection. It grants `SEQ` when asked
+/// and then numbers the publishes it echoes.
 struct Mock {
     addr: String,
     log: flume::Receiver<(u64, Frame)>,
     kill: watch::Sender<u64>,
+    inject: flume::Sender<Frame>,
 }
 
 impl Mock {
@@ -48,6 +60,7 @@ impl Mock {
         let addr = listener.local_addr().expect("addr").to_string();
         let (log_tx, log) = flume::unbounded();
         let (kill, kill_rx) = watch::channel(0u64);
+        let (inject, inject_rx) = flume::unbounded();
         let seq = Arc::new(AtomicU64::new(0));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -56,11 +69,45 @@ impl Mock {
                     n,
                     log: log_tx.clone(),
                     b: behaviour.clone(),
+                    sequenced: false,
+                    seqs: HashMap::new(),
+                    inject: inject_rx.clone(),
+                    pings: 0,
+                    held: None,
                 };
                 tokio::spawn(conn.run(stream, kill_rx.clone()));
             }
         });
-        Mock { addr, log, kill }
+        Mock {
+            addr,
+            log,
+            kill,
+            inject,
+        }
+    }
+
+    /// Has the open connection send `DELIVER_SEQ` from `sender` to `group`
+    /// numbered `seq`, with the number as payload.
+    fn deliver(&self, group: &str, sender: &str, seq: u64) {
+        self.send(Frame::Deliver {
+            group: GroupName::from_str_checked(group).expect("group"),
+            sender: MemberId::from_str_checked(sender).expect("sender"),
+            seq: Some(seq),
+            payload: Bytes::from(seq.to_string()),
+        });
+    }
+
+    /// Has the open connection send `frame`.
+    fn send(&self, frame: Frame) {
+        self.inject.send(frame).expect("mock running");
+    }
+
+    /// Waits until `n` PUBLISH frames have been received.
+    async fn expect_publishes(&self, n: usize) {
+        for _ in 0..n {
+            self.expect("PUBLISH", |f| matches!(f, Frame::Publish { .. }))
+                .await;
+        }
     }
 
     /// Closes every open connection.
@@ -98,6 +145,14 @@ struct MockConn {
     n: u64,
     log: flume::Sender<(u64, Frame)>,
     b: Behaviour,
+    /// The client asked for `SEQ` (and was granted it).
+    sequenced: bool,
+    /// Numbers of this client's publishes, by group.
+    seqs: HashMap<GroupName, u64>,
+    inject: flume::Receiver<Frame>,
+    /// PINGs answered so far, and the token of a held one.
+    pings: u64,
+    held: Option<u64>,
 }
 
 impl MockConn {
@@ -105,26 +160,35 @@ impl MockConn {
         MemberId::from_str_checked(&format!("mock/0.{}", self.n)).expect("member id")
     }
 
-    async fn run(self, mut stream: TcpStream, mut kill: watch::Receiver<u64>) {
+    async fn run(mut self, mut stream: TcpStream, mut kill: watch::Receiver<u64>) {
         kill.mark_unchanged();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         let max_frame = max_frame_for(2 * 1024 * 1024);
         let mut greeted = false;
+        let inject = self.inject.clone();
         loop {
             while let Ok(Some(frame)) = decode(&mut buf, max_frame) {
                 let _ = self.log.send((self.n, frame.clone()));
                 let replies = if greeted {
                     self.answer(frame)
                 } else {
-                    self.greet()
+                    self.greet(&frame)
                 };
                 greeted = true;
                 if !self.send(&mut stream, &replies).await {
                     return;
                 }
+                let ponged = replies.iter().any(|f| matches!(f, Frame::Pong { .. }));
+                if ponged && self.b.close_after_pong {
+                    return;
+                }
             }
             tokio::select! {
                 read = stream.read_buf(&mut buf) => if !matches!(read, Ok(n) if n > 0) { return },
+                frame = inject.recv_async(), if greeted => match frame {
+                    Ok(frame) => if !self.send(&mut stream, &[frame]).await { return },
+                    Err(_) => return,
+                },
                 _ = kill.changed() => return,
             }
         }
@@ -141,7 +205,12 @@ impl MockConn {
         !replies.iter().any(|f| matches!(f, Frame::Error { .. }))
     }
 
-    fn greet(&self) -> Vec<Frame> {
+    fn greet(&mut self, hello: &Frame) -> Vec<Frame> {
+        let asked = match hello {
+            Frame::Hello(h) => h.features,
+            _ => 0,
+        };
+        self.sequenced = asked & features::SEQ != 0;
         if self.b.reject_hello {
             return vec![Frame::Error {
                 code: ErrorCode::UNSUPPORTED_VERSION,
@@ -159,11 +228,11 @@ impl MockConn {
             member: Some(self.member()),
             max_message_size: max,
             idle_timeout_ms: 30_000,
-            features: 0,
+            features: asked & features::SEQ,
         })]
     }
 
-    fn answer(&self, frame: Frame) -> Vec<Frame> {
+    fn answer(&mut self, frame: Frame) -> Vec<Frame> {
         if self.b.silent {
             return vec![];
         }
@@ -177,12 +246,16 @@ impl MockConn {
             }
             Frame::Join { group, .. } => vec![membership(group, &me, Reason::Join)],
             Frame::Leave { group } => vec![membership(group, &me, Reason::Leave)],
-            Frame::Publish { group, payload } => vec![Frame::Deliver {
-                group,
-                sender: me,
-                seq: None,
-                payload,
-            }],
+            Frame::Publish { group, payload } => {
+                let seq = self.seqs.entry(group.clone()).or_default();
+                *seq += 1;
+                vec![Frame::Deliver {
+                    group,
+                    sender: me,
+                    seq: self.sequenced.then_some(*seq),
+                    payload,
+                }]
+            }
             Frame::MembersRequest { req, group } => vec![
                 Frame::MembersReply {
                     req,
@@ -201,9 +274,22 @@ impl MockConn {
                 req,
                 json: Bytes::from_static(br#"{"node":"mock","totals":{"published":3}}"#),
             }],
-            Frame::Ping { token } => vec![Frame::Pong { token }],
+            Frame::Ping { .. } if self.b.no_pong => vec![],
+            Frame::Ping { token } => self.pong(token),
             _ => vec![],
         }
+    }
+}
+
+impl MockConn {
+    fn pong(&mut self, token: u64) -> Vec<Frame> {
+        self.pings += 1;
+        if self.b.hold_first_pong && self.pings == 1 {
+            self.held = Some(token);
+            return vec![];
+        }
+        let held = self.held.take().map(|token| Frame::Pong { token });
+        held.into_iter().chain([Frame::Pong { token }]).collect()
     }
 }
 
@@ -365,7 +451,7 @@ async fn reconnect_rejoins_and_announces() {
 
     mock.kill_all();
     match next_event(&events).await {
-        Event::Disconnected { reason } => assert!(reason.contains("closed"), "{reason}"),
+        Event::Disconnected { reason, .. } => assert!(reason.contains("closed"), "{reason}"),
         other => panic!("unexpected {other:?}"),
     }
     let mut rejoined = false;
@@ -404,7 +490,12 @@ async fn close_flushes_everything_queued() {
     for i in 0..2000u32 {
         client.publish("g", i.to_string()).await.expect("publish");
     }
-    client.close().await.expect("close");
+    let all_confirmed = CloseReport {
+        flushed: true,
+        unconfirmed: 0,
+        unsent: 0,
+    };
+    assert_eq!(client.close().await, all_confirmed);
     let mut count = 0u32;
     while count < 2000 {
         let (_, frame) = timeout(WAIT, mock.log.recv_async())
@@ -420,7 +511,11 @@ async fn close_flushes_everything_queued() {
         client.publish("g", "late").await,
         Err(ClientError::Closed)
     ));
-    assert!(client.close().await.is_ok(), "a second close is a no-op");
+    assert_eq!(
+        client.close().await,
+        all_confirmed,
+        "a second close reports the same"
+    );
     // The event stream ends once the client is closed.
     let ended = timeout(WAIT, async {
         while client.events().recv_async().await.is_ok() {}
@@ -516,7 +611,9 @@ async fn keepalive_and_idle_timeout() {
     let events = client.events();
     mock.expect("NOOP", |f| matches!(f, Frame::Noop)).await;
     match next_event(&events).await {
-        Event::Disconnected { reason } => assert!(reason.contains("nothing received"), "{reason}"),
+        Event::Disconnected { reason, .. } => {
+            assert!(reason.contains("nothing received"), "{reason}")
+        }
         other => panic!("unexpected {other:?}"),
     }
     assert!(!client.is_connected());
@@ -540,10 +637,15 @@ async fn keepalive_and_idle_timeout() {
         Err(ClientError::Disconnected)
     ));
     // Closing cannot flush them: close says so.
-    assert!(matches!(
-        client.close().await,
-        Err(ClientError::Disconnected)
-    ));
+    let report = client.close().await;
+    assert_eq!(
+        report,
+        CloseReport {
+            flushed: false,
+            unconfirmed: 4,
+            unsent: 4
+        }
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,4 +674,333 @@ async fn usable_from_spawned_tasks() {
             messages += 1;
         }
     }
+}
+
+/// The next `n` events that are messages or gaps, as text (`group sender
+/// payload`, `gap group sender missing`); membership events are skipped
+/// (at most 50 of them).
+async fn deliveries(events: &flume::Receiver<Event>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n + 50 {
+        if out.len() == n {
+            break;
+        }
+        match next_event(events).await {
+            Event::Message {
+                group,
+                sender,
+                payload,
+            } => out.push(format!(
+                "{group} {sender} {}",
+                String::from_utf8_lossy(&payload)
+            )),
+            Event::Gap {
+                group,
+                sender,
+                missing,
+            } => out.push(format!("gap {group} {sender} {missing}")),
+            Event::Membership { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn gaps_are_reported_before_the_message_that_reveals_them() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    assert!(client.server().sequenced, "SEQ asked for and granted");
+    let events = client.events();
+    // 3 and 4 lost; 1 after 7 is a new run; then 3 lost.
+    for seq in [1, 2, 5, 6, 7, 1, 2, 4] {
+        mock.deliver("g", "x/0.1", seq);
+    }
+    let got = deliveries(&events, 10).await;
+    let want = [
+        "g x/0.1 1",
+        "g x/0.1 2",
+        "gap g x/0.1 2",
+        "g x/0.1 5",
+        "g x/0.1 6",
+        "g x/0.1 7",
+        "g x/0.1 1",
+        "g x/0.1 2",
+        "gap g x/0.1 1",
+        "g x/0.1 4",
+    ];
+    assert_eq!(got, want);
+    assert_eq!(client.gaps(), 3);
+}
+
+#[tokio::test]
+async fn senders_and_groups_are_numbered_apart() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    let script = [
+        ("g", "a/0.1", 1),
+        ("g", "b/0.1", 4),  // b's baseline in g
+        ("h", "a/0.1", 10), // a's baseline in h
+        ("g", "a/0.1", 2),
+        ("g", "b/0.1", 6), // 5 lost
+        ("h", "a/0.1", 11),
+        ("h", "b/0.1", 1),
+        ("g", "a/0.1", 4), // 3 lost
+    ];
+    for (group, sender, seq) in script {
+        mock.deliver(group, sender, seq);
+    }
+    let got = deliveries(&events, 10).await;
+    let want = [
+        "g a/0.1 1",
+        "g b/0.1 4",
+        "h a/0.1 10",
+        "g a/0.1 2",
+        "gap g b/0.1 1",
+        "g b/0.1 6",
+        "h a/0.1 11",
+        "h b/0.1 1",
+        "gap g a/0.1 1",
+        "g a/0.1 4",
+    ];
+    assert_eq!(got, want);
+    assert_eq!(client.gaps(), 2);
+}
+
+#[tokio::test]
+async fn leaving_and_membership_changes_restart_baselines() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    let group = || GroupName::from_str_checked("g").expect("group");
+    let change = |subject: &'static str, reason| Frame::Membership {
+        group: group(),
+        subject: Bytes::from_static(subject.as_bytes()),
+        reason,
+        size: 1,
+    };
+    client.join("g").await.expect("join");
+    mock.deliver("g", "a/0.1", 1);
+    mock.deliver("g", "a/0.1", 2);
+    assert_eq!(deliveries(&events, 2).await, ["g a/0.1 1", "g a/0.1 2"]);
+    // Our own leave forgets the group: 9 is a new baseline.
+    client.leave("g").await.expect("leave");
+    mock.deliver("g", "a/0.1", 9);
+    // Another member's leave, disconnect, or its node's loss forget it.
+    mock.deliver("g", "b/0.1", 1);
+    mock.send(change("b/0.1", Reason::Leave));
+    mock.deliver("g", "b/0.1", 5);
+    mock.deliver("g", "c/0.1", 1);
+    mock.send(change("c/0.1", Reason::Disconnect));
+    mock.deliver("g", "c/0.1", 5);
+    mock.deliver("g", "n2/0.1", 1);
+    mock.send(change("n2", Reason::NodeDown));
+    mock.deliver("g", "n2/0.1", 5);
+    // a was kept: 10 lost.
+    mock.deliver("g", "a/0.1", 11);
+    let got = deliveries(&events, 9).await;
+    let want = [
+        "g a/0.1 9",
+        "g b/0.1 1",
+        "g b/0.1 5",
+        "g c/0.1 1",
+        "g c/0.1 5",
+        "g n2/0.1 1",
+        "g n2/0.1 5",
+        "gap g a/0.1 1",
+        "g a/0.1 11",
+    ];
+    assert_eq!(got, want);
+    assert_eq!(client.gaps(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_starts_new_baselines() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    mock.deliver("g", "a/0.1", 1);
+    assert_eq!(deliveries(&events, 1).await, ["g a/0.1 1"]);
+    mock.kill_all();
+    assert!(matches!(
+        next_event(&events).await,
+        Event::Disconnected { .. }
+    ));
+    assert!(matches!(
+        next_event(&events).await,
+        Event::Reconnected { .. }
+    ));
+    mock.deliver("g", "a/0.1", 7);
+    mock.deliver("g", "a/0.1", 9);
+    let got = deliveries(&events, 3).await;
+    assert_eq!(got, ["g a/0.1 7", "gap g a/0.1 1", "g a/0.1 9"]);
+}
+
+#[tokio::test]
+async fn seq_is_asked_for_unless_disabled() {
+    let mock = Mock::start(Behaviour::default()).await;
+    let client = connect(&mock).await;
+    let asked = |f: &Frame| matches!(f, Frame::Hello(h) if h.features == features::SEQ);
+    mock.expect("HELLO asking for SEQ", asked).await;
+    // Our own publishes come back numbered: no gap among them.
+    let events = client.events();
+    for i in 0..3 {
+        client.publish("g", format!("m{i}")).await.expect("publish");
+    }
+    let me = client.member_id();
+    let want: Vec<String> = (0..3).map(|i| format!("g {me} m{i}")).collect();
+    assert_eq!(deliveries(&events, 3).await, want);
+    assert_eq!(client.gaps(), 0);
+
+    let cfg = ClientConfig {
+        sequenced: false,
+        ..mock.config()
+    };
+    let plain = Client::connect(cfg).await.expect("connect");
+    let not_asked = |f: &Frame| matches!(f, Frame::Hello(h) if h.features == 0);
+    mock.expect("HELLO without features", not_asked).await;
+    assert!(!plain.server().sequenced);
+}
+
+#[tokio::test]
+async fn disconnected_counts_what_was_not_confirmed() {
+    let mock = Mock::start(Behaviour {
+        no_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        reconnect_interval: Duration::from_secs(60),
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    let events = client.events();
+    for i in 0..10 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    mock.expect_publishes(10).await;
+    assert_eq!(client.unconfirmed(), 10);
+    mock.kill_all();
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (10, 0), "written, never confirmed");
+    assert_eq!(client.unconfirmed(), 0, "reported once");
+    // Queued while disconnected: never written, reported by close.
+    for i in 0..3 {
+        client
+            .publish("g", format!("late {i}"))
+            .await
+            .expect("queued");
+    }
+    client.send("mock/0.1", "direct").await.expect("queued");
+    assert_eq!(client.unconfirmed(), 4);
+    let report = client.close().await;
+    let want = CloseReport {
+        flushed: false,
+        unconfirmed: 4,
+        unsent: 4,
+    };
+    assert_eq!(report, want);
+}
+
+#[tokio::test]
+async fn a_ping_confirms_what_came_before_it() {
+    let mock = Mock::start(Behaviour {
+        hold_first_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    // The first publish's confirmation stays outstanding (held) while the
+    // others are written: only the user PING can have them confirmed.
+    client.publish("g", "0").await.expect("publish");
+    mock.expect("a confirmation PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
+    for i in 1..10 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    client.ping().await.expect("ping");
+    assert_eq!(client.unconfirmed(), 0);
+    mock.kill_all();
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (0, 0));
+}
+
+#[tokio::test]
+async fn the_writer_asks_for_confirmation_by_itself() {
+    let mock = Mock::start(Behaviour {
+        close_after_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let client = connect(&mock).await;
+    let events = client.events();
+    // One queue item, so one batch, followed by one confirmation PING: the
+    // mock answers it and hangs up.
+    client
+        .publish_batch("g", (0..10).map(|i| i.to_string()))
+        .await
+        .expect("publish");
+    let lost = loop {
+        match next_event(&events).await {
+            Event::Disconnected {
+                unconfirmed,
+                queued,
+                ..
+            } => break (unconfirmed, queued),
+            Event::Message { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(lost, (0, 0));
+    mock.expect("a confirmation PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
+}
+
+#[tokio::test]
+async fn close_against_a_server_that_never_confirms() {
+    let mock = Mock::start(Behaviour {
+        no_pong: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let cfg = ClientConfig {
+        request_timeout: Duration::from_millis(300),
+        ..mock.config()
+    };
+    let client = Client::connect(cfg).await.expect("connect");
+    for i in 0..5 {
+        client.publish("g", format!("{i}")).await.expect("publish");
+    }
+    mock.expect_publishes(5).await;
+    let report = client.close().await;
+    let want = CloseReport {
+        flushed: false,
+        unconfirmed: 5,
+        unsent: 0,
+    };
+    assert_eq!(report, want);
+    mock.expect("the close PING", |f| matches!(f, Frame::Ping { .. }))
+        .await;
 }

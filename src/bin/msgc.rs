@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{ArgAction, Parser, Subcommand};
 use msgc::client::{Client, ClientConfig, Event};
 use msgc::protocol::GroupName;
@@ -256,8 +256,21 @@ fn write_line(out: &mut impl Write, payload: &[u8], flush: bool) -> std::io::Res
 /// Events other than group messages, on stderr.
 fn report(event: Event, verbose: bool) {
     match event {
-        Event::Disconnected { reason } => {
-            eprintln!("msgc: connection lost: {reason}; reconnecting")
+        Event::Disconnected {
+            reason,
+            unconfirmed,
+            ..
+        } => {
+            eprintln!(
+                "msgc: connection lost: {reason} ({unconfirmed} publishes unconfirmed); reconnecting"
+            )
+        }
+        Event::Gap {
+            group,
+            sender,
+            missing,
+        } => {
+            eprintln!("msgc: {missing} messages from {sender} to {group} lost");
         }
         Event::Reconnected { server, member } => {
             eprintln!("msgc: reconnected to {server} as {member}")
@@ -287,7 +300,14 @@ async fn publish(cfg: ClientConfig, group: &str, message: Option<String>) -> Res
         Some(message) => client.publish(&group, message).await?,
         None => publish_stdin(&client, &group).await?,
     }
-    client.close().await.context("not every message was sent")?;
+    let report = client.close().await;
+    if !report.flushed {
+        bail!(
+            "not every message was sent: {} not confirmed by the server ({} never written)",
+            report.unconfirmed,
+            report.unsent
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

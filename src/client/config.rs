@@ -77,6 +77,13 @@ pub struct ClientConfig {
     ///
     /// [`Event::Membership`]: super::Event::Membership
     pub membership_events: Events,
+    /// Ask the server for sequenced deliveries (the `SEQ` feature) and
+    /// report lost messages as [`Event::Gap`]; a server that does not know
+    /// the feature ignores the request. Costs 8 bytes per message received
+    /// and one hash lookup. Default `true`.
+    ///
+    /// [`Event::Gap`]: super::Event::Gap
+    pub sequenced: bool,
 }
 
 impl Default for ClientConfig {
@@ -112,6 +119,7 @@ impl ClientConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             request_timeout: s.connect_timeout,
             membership_events: Events::Batched,
+            sequenced: true,
         }
     }
 
@@ -185,6 +193,7 @@ mod tests {
         assert_eq!(c.reconnect_interval, Duration::from_secs(5));
         assert_eq!(c.tcpbuf_size, 131_072);
         assert_eq!(c.bind_address, None);
+        assert!(c.sequenced);
         assert!(c.validate().is_ok());
     }
 

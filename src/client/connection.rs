@@ -1,11 +1,10 @@
 //! One connection to a server: dialling (socket2 options), the HELLO →
-//! WELCOME handshake, and the reader and writer tasks.
+//! WELCOME handshake, and the reader task (the writer is `writer.rs`).
 //!
-//! The writer drains the outbound queue into one buffer and writes each
-//! batch with a single `write_all`; PUBLISH frames are encoded straight into
-//! that buffer. The reader decodes from a large `BytesMut` and hands frames
-//! to [`Shared::on_frame`]. Each task returns an [`End`] saying why it
-//! stopped; reconnecting is the supervisor's business, not this file's.
+//! The reader decodes from a large `BytesMut`, hands frames to
+//! [`Shared::on_frame`], and checks sequenced deliveries for gaps
+//! ([`Gaps`]). Each task returns an [`End`] saying why it stopped;
+//! reconnecting is the supervisor's business, not this file's.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,33 +19,19 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 use crate::protocol::{
-    decode, encode_publish, max_frame_for, DecodeError, ErrorCode, Frame, FrameType, GroupName,
-    Hello, Role, Welcome, PROTOCOL_VERSION,
+    decode, features, max_frame_for, DecodeError, ErrorCode, Frame, FrameType, Hello, Reason, Role,
+    Welcome, PROTOCOL_VERSION,
 };
-use crate::protocol::{MemberId, NodeName};
+use crate::protocol::{GroupName, MemberId, NodeName};
 
 use super::config::ClientConfig;
 use super::error::{describe_io, fmt_duration, ClientError};
 use super::event::Event;
+use super::gaps::Gaps;
 use super::state::Shared;
 
 /// Initial (and minimum refill) size of the read buffer.
 pub(crate) const READ_BUF: usize = 64 * 1024;
-/// The writer stops coalescing once a batch holds this many bytes.
-pub(crate) const WRITE_BATCH: usize = 256 * 1024;
-
-/// An item of the outbound queue.
-pub(crate) enum Out {
-    /// A PUBLISH, encoded by the writer straight into its batch buffer.
-    Publish { group: GroupName, payload: Bytes },
-    /// Any other frame.
-    Frame(Frame),
-    /// Frames already encoded (`publish_batch`).
-    Encoded(Bytes),
-    /// `close`: flush everything before this, then shut the socket down.
-    Close,
-}
-
 /// Why a connection task stopped.
 pub(crate) enum End {
     /// The server closed the connection.
@@ -66,7 +51,8 @@ pub(crate) enum End {
     /// `close`: the queue was flushed (or the flush failed) and the socket
     /// shut down.
     Closing {
-        /// Whether everything queued before `Close` was written.
+        /// Whether everything queued before `Close` was written and
+        /// confirmed by the server.
         flushed: bool,
     },
     /// Every handle of the client was dropped.
@@ -222,7 +208,7 @@ async fn handshake(
         role: Role::Client,
         name,
         credentials: Bytes::new(),
-        features: 0,
+        features: if cfg.sequenced { features::SEQ } else { 0 },
         max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
@@ -269,10 +255,14 @@ pub(crate) struct ReadCtx {
     pub max_frame: usize,
     pub idle: Duration,
     pub per_iter: usize,
+    /// Our member id on this connection (to tell our own leave).
+    pub member: MemberId,
+    /// Last sequence numbers seen on this connection.
+    pub gaps: Gaps,
 }
 
 /// Reads, decodes and dispatches until the connection ends.
-pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: ReadCtx) -> End {
+pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx: ReadCtx) -> End {
     let mut since_yield = 0usize;
     loop {
         loop {
@@ -281,7 +271,7 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
                 Ok(None) => break,
                 Err(e) => return End::Protocol(e),
             };
-            if let Err(end) = dispatch(&ctx, frame).await {
+            if let Err(end) = dispatch(&mut ctx, frame).await {
                 return end;
             }
             since_yield += 1;
@@ -306,114 +296,90 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, ctx: Rea
     }
 }
 
-async fn dispatch(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
-    // A batch of membership changes is handed out one event per change,
-    // exactly as if each had come in its own MEMBERSHIP frame.
-    if let Frame::MembershipBatch { group, changes } = frame {
-        for c in changes {
-            let one = Frame::Membership {
-                group: group.clone(),
-                subject: c.subject,
-                reason: c.reason,
-                size: c.size,
+async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
+    match frame {
+        Frame::Deliver {
+            group,
+            sender,
+            seq,
+            payload,
+        } => {
+            if let Some(missing) = seq.and_then(|seq| ctx.gaps.observe(&group, &sender, seq)) {
+                ctx.shared.add_gaps(missing);
+                let gap = Event::Gap {
+                    group: group.clone(),
+                    sender: sender.clone(),
+                    missing,
+                };
+                emit(ctx, gap).await?;
+            }
+            let message = Event::Message {
+                group,
+                sender,
+                payload,
             };
-            dispatch_one(ctx, one).await?;
+            emit(ctx, message).await
         }
-        return Ok(());
+        // A batch of membership changes is handed out one event per change,
+        // exactly as if each had come in its own MEMBERSHIP frame.
+        Frame::MembershipBatch { group, changes } => {
+            for c in changes {
+                let one = Frame::Membership {
+                    group: group.clone(),
+                    subject: c.subject,
+                    reason: c.reason,
+                    size: c.size,
+                };
+                dispatch_one(ctx, one).await?;
+            }
+            Ok(())
+        }
+        frame => dispatch_one(ctx, frame).await,
     }
-    dispatch_one(ctx, frame).await
 }
 
-async fn dispatch_one(ctx: &ReadCtx, frame: Frame) -> Result<(), End> {
+async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
+    if let Frame::Membership {
+        group,
+        subject,
+        reason,
+        ..
+    } = &frame
+    {
+        forget(ctx, group, subject, *reason);
+    }
     match ctx.shared.on_frame(frame) {
-        Ok(Some(event)) => match ctx.events.try_send(event) {
-            Ok(()) => Ok(()),
-            // Full: wait for the application; this is the backpressure.
-            Err(flume::TrySendError::Full(event)) => ctx
-                .events
-                .send_async(event)
-                .await
-                .map_err(|_| End::ClientGone),
-            Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
-        },
+        Ok(Some(event)) => emit(ctx, event).await,
         Ok(None) => Ok(()),
         Err(Frame::Error { code, message }) => Err(End::Server { code, message }),
         Err(other) => Err(End::Unexpected(other.frame_type())),
     }
 }
 
-/// Drains the outbound queue in batches until the connection ends.
-///
-/// Sends a NOOP after `keepalive` without anything to send; a write that
-/// makes no progress for `stall` ends the connection.
-pub(crate) async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    queue: flume::Receiver<Out>,
-    keepalive: Duration,
-    stall: Duration,
-) -> End {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
-    loop {
-        let first = match queue.try_recv() {
-            Ok(item) => Ok(Ok(item)),
-            // Only arm the keepalive timer when there is nothing to send.
-            Err(_) => timeout(keepalive, queue.recv_async()).await,
-        };
-        let mut close = match first {
-            Ok(Ok(item)) => push(&mut buf, item),
-            Ok(Err(_)) => return flush_and_end(&mut wr, &buf, stall, End::ClientGone).await,
-            Err(_) => {
-                Frame::Noop.encode(&mut buf);
-                false
-            }
-        };
-        while !close && buf.len() < WRITE_BATCH {
-            match queue.try_recv() {
-                Ok(item) => close = push(&mut buf, item),
-                Err(_) => break,
-            }
+/// A membership change ends the runs it concerns: the group's, when we
+/// leave it; a member's in that group, when it leaves or disconnects; a
+/// lost node's members' there.
+fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
+    match reason {
+        Reason::Leave | Reason::Disconnect if subject == ctx.member.as_bytes() => {
+            ctx.gaps.forget_group(group);
         }
-        if close {
-            return flush_and_end(&mut wr, &buf, stall, End::Closing { flushed: true }).await;
-        }
-        if let Err(end) = write_batch(&mut wr, &buf, stall).await {
-            return end;
-        }
-        buf.clear();
+        Reason::Leave | Reason::Disconnect => ctx.gaps.forget_member(group, subject),
+        Reason::NodeDown => ctx.gaps.forget_node(group, subject),
+        Reason::Join => {}
     }
 }
 
-/// Appends one queue item to the batch; returns whether it was `Close`.
-fn push(buf: &mut BytesMut, item: Out) -> bool {
-    match item {
-        Out::Publish { group, payload } => encode_publish(buf, &group, &payload),
-        Out::Frame(frame) => frame.encode(buf),
-        Out::Encoded(bytes) => buf.extend_from_slice(&bytes),
-        Out::Close => return true,
+/// Hands an event to the application.
+async fn emit(ctx: &ReadCtx, event: Event) -> Result<(), End> {
+    match ctx.events.try_send(event) {
+        Ok(()) => Ok(()),
+        // Full: wait for the application; this is the backpressure.
+        Err(flume::TrySendError::Full(event)) => ctx
+            .events
+            .send_async(event)
+            .await
+            .map_err(|_| End::ClientGone),
+        Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
     }
-    false
-}
-
-async fn write_batch(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration) -> Result<(), End> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    match timeout(stall, wr.write_all(buf)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Io(e)),
-        Err(_) => Err(End::WriteStall(stall)),
-    }
-}
-
-/// Writes what is batched, shuts the write side down, and ends with `end`
-/// (or with the write's failure; when closing, with `flushed: false`).
-async fn flush_and_end(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration, end: End) -> End {
-    if let Err(failed) = write_batch(wr, buf, stall).await {
-        return match end {
-            End::Closing { .. } => End::Closing { flushed: false },
-            _ => failed,
-        };
-    }
-    let _ = timeout(stall, wr.shutdown()).await;
-    end
 }

@@ -20,15 +20,31 @@
 //!         break;
 //!     }
 //! }
-//! client.close().await?; // flushes what is queued
+//! let report = client.close().await; // flushes what is queued, has it confirmed
+//! assert!(report.flushed, "{} publishes may not have arrived", report.unconfirmed);
 //! # Ok(()) }
 //! ```
 //!
 //! # Inside
 //! Calls put frames on a bounded queue (`max_backlog` frames). One writer
 //! task per connection drains it into one buffer and writes each batch
-//! with a single `write_all`; one reader task decodes and dispatches. A
-//! supervisor task owns reconnecting (see `supervisor.rs`).
+//! with a single `write_all` (`writer.rs`); one reader task decodes and
+//! dispatches (`connection.rs`). A supervisor task owns reconnecting
+//! (`supervisor.rs`). The ledger (`ledger.rs`) counts publishes from
+//! accepted to confirmed; the reader's gap table (`gaps.rs`) checks
+//! sequence numbers.
+//!
+//! # What the client can tell about loss
+//! - Received: with [`ClientConfig::sequenced`] (the default) the server
+//!   numbers each sender's messages to each group, and a skipped number is
+//!   reported as [`Event::Gap`] before the message that revealed it;
+//!   [`Client::gaps`] is the running total.
+//! - Sent: a publish is *confirmed* once the server has answered a PING
+//!   written after it (the writer sends one per round trip at most while
+//!   something is unconfirmed; [`Client::ping`] confirms all before it).
+//!   [`Event::Disconnected`] says how many accepted publishes the lost
+//!   connection left unconfirmed, [`Client::close`] whether everything was
+//!   confirmed, and [`Client::unconfirmed`] how many are not yet.
 //!
 //! # Backpressure and disconnection
 //! - `publish` and `send` wait while the queue is full (at most
@@ -53,8 +69,12 @@ mod config;
 mod connection;
 mod error;
 mod event;
+mod gaps;
+mod ledger;
+mod names;
 mod state;
 mod supervisor;
+mod writer;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,56 +88,15 @@ use crate::protocol::{encode_publish, DecodeError, Frame, GroupName, MemberId};
 pub use config::{ClientConfig, DEFAULT_MAX_MESSAGE_SIZE};
 pub use error::ClientError;
 pub use event::Event;
+pub use gaps::MAX_SEQ_ENTRIES;
+pub use ledger::CloseReport;
+pub use names::IntoName;
 pub use state::ServerInfo;
 
-use connection::{connect_any, Out};
+use connection::connect_any;
 use state::{Shared, Waiter};
 use supervisor::{supervise, Links};
-
-/// A value usable as a group name or member id: a `&str`/`String`
-/// (validated on use) or an already validated name (cloned cheaply).
-pub trait IntoName<T> {
-    /// Validates (if needed) and converts.
-    ///
-    /// # Errors
-    /// [`ClientError::InvalidName`] when the text breaks the name rules.
-    fn into_name(self) -> Result<T, ClientError>;
-}
-
-macro_rules! into_name {
-    ($t:ty) => {
-        impl IntoName<$t> for $t {
-            fn into_name(self) -> Result<$t, ClientError> {
-                Ok(self)
-            }
-        }
-        impl IntoName<$t> for &$t {
-            fn into_name(self) -> Result<$t, ClientError> {
-                Ok(self.clone())
-            }
-        }
-        impl IntoName<$t> for &str {
-            fn into_name(self) -> Result<$t, ClientError> {
-                <$t>::from_str_checked(self).map_err(|error| ClientError::InvalidName {
-                    name: self.to_string(),
-                    error,
-                })
-            }
-        }
-        impl IntoName<$t> for String {
-            fn into_name(self) -> Result<$t, ClientError> {
-                self.as_str().into_name()
-            }
-        }
-        impl IntoName<$t> for &String {
-            fn into_name(self) -> Result<$t, ClientError> {
-                self.as_str().into_name()
-            }
-        }
-    };
-}
-into_name!(GroupName);
-into_name!(MemberId);
+use writer::{Out, Waited};
 
 /// A connected msgc client. Cheap to clone; every clone is the same
 /// client. `Send + Sync`.
@@ -209,6 +188,20 @@ impl Client {
     /// The configuration in force.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.shared.cfg
+    }
+
+    /// Messages reported missing by [`Event::Gap`] so far (the sum of their
+    /// `missing`), all connections.
+    pub fn gaps(&self) -> u64 {
+        self.inner.shared.gaps()
+    }
+
+    /// Publishes and sends accepted that the server has not confirmed yet,
+    /// queued ones included (those settled by an [`Event::Disconnected`]
+    /// excluded). After [`Client::ping`] returns `Ok`, everything accepted
+    /// before the call is confirmed.
+    pub fn unconfirmed(&self) -> u64 {
+        self.inner.shared.ledger.unconfirmed()
     }
 
     /// Joins `group` and waits for the server's acknowledgement (our own
@@ -318,15 +311,18 @@ impl Client {
     {
         let group = group.into_name()?;
         let mut buf = BytesMut::new();
+        let mut count = 0u64;
         for payload in payloads {
             let payload = payload.as_ref();
             self.check_size(payload.len())?;
             encode_publish(&mut buf, &group, payload);
+            count += 1;
         }
         if buf.is_empty() {
             return Ok(());
         }
-        self.enqueue(Out::Encoded(buf.freeze())).await
+        let bytes = buf.freeze();
+        self.enqueue(Out::Encoded { bytes, count }).await
     }
 
     /// Sends `payload` to one member (delivered as [`Event::Direct`]). An
@@ -390,6 +386,8 @@ impl Client {
     }
 
     /// Round-trip time of a PING through the queue, the server and back.
+    /// When it returns `Ok`, every publish and send accepted before the
+    /// call is confirmed (see [`Client::unconfirmed`]).
     ///
     /// # Errors
     /// As [`Client::members`].
@@ -402,42 +400,36 @@ impl Client {
         Ok(start.elapsed())
     }
 
-    /// Flushes what is queued, closes the connection (after the server has
-    /// closed its side, so nothing sent is lost to a reset) and stops
+    /// Flushes what is queued, has the server confirm it (a PING, whose
+    /// PONG it awaits), closes the connection (after the server has closed
+    /// its side, so nothing sent is lost to a reset) and stops
     /// reconnecting. Later calls on any clone fail with
     /// [`ClientError::Closed`]; calling `close` again waits for the first
-    /// to finish and returns `Ok`. The event stream ends.
+    /// to finish and reports the same. The event stream ends.
     ///
-    /// # Errors
-    /// [`ClientError::Disconnected`] when frames were still queued and no
-    /// connection was up to carry them; [`ClientError::Timeout`] when the
-    /// flush took longer than `request_timeout`.
-    pub async fn close(&self) -> Result<(), ClientError> {
+    /// Waits at most `request_timeout` in all; the report says what was
+    /// not confirmed by then. The PONG is read like any frame: an
+    /// application that stopped reading [`Client::events`] while the
+    /// channel is full gets `flushed: false` after the bound.
+    pub async fn close(&self) -> CloseReport {
         let shared = &self.inner.shared;
         let mut finished = shared.finished();
         let bound = shared.cfg.request_timeout;
         if shared.set_closing() {
-            let _ = timeout(bound, finished.wait_for(Option::is_some)).await;
-            return Ok(());
+            let _ = timeout(bound, finished.wait_for(|done| *done)).await;
+            return shared.ledger.close_report();
         }
         let wait = async {
             // The supervisor may stop (if disconnected) before `Close` finds
             // room in the queue: stop waiting for room then.
             tokio::select! {
                 _ = self.inner.queue.send_async(Out::Close) => {}
-                _ = finished.wait_for(Option::is_some) => {}
+                _ = finished.wait_for(|done| *done) => {}
             }
-            match finished.wait_for(Option::is_some).await.map(|v| *v) {
-                Ok(Some(false)) => Err(ClientError::Disconnected),
-                _ => Ok(()),
-            }
+            let _ = finished.wait_for(|done| *done).await;
         };
-        timeout(bound, wait)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what: "close",
-                after: bound,
-            })?
+        let _ = timeout(bound, wait).await;
+        shared.ledger.close_report()
     }
 
     fn check_open(&self) -> Result<(), ClientError> {
@@ -457,17 +449,29 @@ impl Client {
         Ok(())
     }
 
-    /// Queues a frame, waiting (bounded) for room while connected.
+    /// Queues a frame, waiting (bounded) for room while connected. Its
+    /// messages count as accepted from just before the first try; if it
+    /// is not queued after all they are taken back.
     async fn enqueue(&self, out: Out) -> Result<(), ClientError> {
+        let shared = &self.inner.shared;
+        let n = out.messages();
+        shared.ledger.accept(n);
         let out = match self.inner.queue.try_send(out) {
             Ok(()) => return Ok(()),
-            Err(flume::TrySendError::Disconnected(_)) => return Err(ClientError::Closed),
+            Err(flume::TrySendError::Disconnected(_)) => {
+                shared.ledger.unaccept(n);
+                return Err(ClientError::Closed);
+            }
             Err(flume::TrySendError::Full(out)) => out,
         };
         if !self.is_connected() {
+            shared.ledger.unaccept(n);
             return Err(ClientError::Disconnected);
         }
-        let bound = self.inner.shared.cfg.request_timeout;
+        // From here the item may be taken even if this call gives up: the
+        // wrapper takes its messages back only if it is dropped untaken.
+        let out = Waited::wrap(out, shared.clone());
+        let bound = shared.cfg.request_timeout;
         match timeout(bound, self.inner.queue.send_async(out)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(ClientError::Closed),
@@ -479,8 +483,11 @@ impl Client {
     }
 
     fn try_enqueue(&self, out: Out) -> Result<(), ClientError> {
-        match self.inner.queue.try_send(out) {
-            Ok(()) => Ok(()),
+        let ledger = &self.inner.shared.ledger;
+        let n = out.messages();
+        ledger.accept(n);
+        let result = match self.inner.queue.try_send(out) {
+            Ok(()) => return Ok(()),
             Err(flume::TrySendError::Disconnected(_)) => Err(ClientError::Closed),
             Err(flume::TrySendError::Full(_)) if !self.is_connected() => {
                 Err(ClientError::Disconnected)
@@ -488,7 +495,9 @@ impl Client {
             Err(flume::TrySendError::Full(_)) => {
                 Err(ClientError::QueueFull(self.inner.shared.cfg.max_backlog))
             }
-        }
+        };
+        ledger.unaccept(n);
+        result
     }
 
     /// Sends `frame` (if any) and waits for `rx`, all within `request_timeout`.

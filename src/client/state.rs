@@ -2,23 +2,25 @@
 //! facts, the groups joined, and the waiters of outstanding requests.
 //!
 //! Owns matching server frames to waiters (join/leave acknowledgements by
-//! group, replies by request id) and failing them when a connection ends.
-//! It does no I/O: the reader calls [`Shared::on_frame`], the supervisor
-//! [`Shared::on_connected`] and [`Shared::on_disconnected`].
+//! group, replies by request id, confirmation PONGs to the [`Ledger`]) and
+//! failing them when a connection ends. It does no I/O: the reader calls
+//! [`Shared::on_frame`], the supervisor [`Shared::on_connected`] and
+//! [`Shared::on_disconnected`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch, Notify};
 
-use crate::protocol::{Frame, GroupName, MemberId, NodeName, Reason, Welcome};
+use crate::protocol::{features, Frame, GroupName, MemberId, NodeName, Reason, Welcome};
 
 use super::config::ClientConfig;
 use super::error::ClientError;
 use super::event::Event;
+use super::ledger::{Ledger, CONFIRM};
 
 /// Completes a join or leave (or a `close`).
 pub(crate) type Ack = oneshot::Sender<Result<(), ClientError>>;
@@ -34,6 +36,10 @@ pub struct ServerInfo {
     pub max_message_size: u32,
     /// The server's idle timeout: it closes connections silent for longer.
     pub idle_timeout: Duration,
+    /// Whether the server granted sequenced deliveries (asked for when
+    /// [`ClientConfig::sequenced`] is set): only then are gaps detected
+    /// ([`Event::Gap`]).
+    pub sequenced: bool,
 }
 
 impl ServerInfo {
@@ -43,6 +49,7 @@ impl ServerInfo {
             node: w.node.clone(),
             max_message_size: w.max_message_size,
             idle_timeout: Duration::from_millis(u64::from(w.idle_timeout_ms)),
+            sequenced: w.features & features::SEQ != 0,
         }
     }
 }
@@ -104,9 +111,12 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     /// Wakes the supervisor out of its re-dial wait when closing.
     pub stop: Notify,
-    /// `None` while the supervisor runs; then whether everything queued
-    /// before `close` was written.
-    finished: watch::Sender<Option<bool>>,
+    /// Set once the supervisor has stopped.
+    finished: watch::Sender<bool>,
+    /// Publishes and sends accepted, written, confirmed.
+    pub ledger: Ledger,
+    /// Messages reported missing by [`Event::Gap`], all connections.
+    gaps: AtomicU64,
 }
 
 impl Shared {
@@ -127,7 +137,9 @@ impl Shared {
             next_req: AtomicU32::new(1),
             closing: AtomicBool::new(false),
             stop: Notify::new(),
-            finished: watch::Sender::new(None),
+            finished: watch::Sender::new(false),
+            ledger: Ledger::default(),
+            gaps: AtomicU64::new(0),
         }
     }
 
@@ -160,15 +172,24 @@ impl Shared {
         was
     }
 
-    /// The supervisor has stopped; `flushed` says whether everything queued
-    /// was written.
-    pub(crate) fn finish(&self, flushed: bool) {
-        self.finished.send_replace(Some(flushed));
+    /// The supervisor has stopped.
+    pub(crate) fn finish(&self) {
+        self.finished.send_replace(true);
     }
 
     /// Watches for the supervisor's end (see [`Shared::finish`]).
-    pub(crate) fn finished(&self) -> watch::Receiver<Option<bool>> {
+    pub(crate) fn finished(&self) -> watch::Receiver<bool> {
         self.finished.subscribe()
+    }
+
+    /// Counts messages reported missing.
+    pub(crate) fn add_gaps(&self, missing: u64) {
+        self.gaps.fetch_add(missing, Ordering::Relaxed);
+    }
+
+    /// Messages reported missing so far.
+    pub(crate) fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
     }
 
     /// A new connection is up: records its facts and registers a join
@@ -222,22 +243,13 @@ impl Shared {
         }
     }
 
-    /// Handles one frame from the server. Returns the event to hand to the
-    /// application, if any, or `Err(frame)` for a frame the reader must
-    /// treat as the end of the connection (`ERROR`, or one a server may not
-    /// send).
+    /// Handles one frame from the server other than a delivery (which the
+    /// reader turns into events itself, checking its sequence number).
+    /// Returns the event to hand to the application, if any, or
+    /// `Err(frame)` for a frame the reader must treat as the end of the
+    /// connection (`ERROR`, or one a server may not send).
     pub(crate) fn on_frame(&self, frame: Frame) -> Result<Option<Event>, Frame> {
         Ok(match frame {
-            Frame::Deliver {
-                group,
-                sender,
-                payload,
-                ..
-            } => Some(Event::Message {
-                group,
-                sender,
-                payload,
-            }),
             Frame::Direct { sender, payload } => Some(Event::Direct { sender, payload }),
             Frame::Membership {
                 group,
@@ -255,6 +267,10 @@ impl Shared {
                 if let Some(Waiter::Stats(tx)) = self.take_waiter(u64::from(req)) {
                     let _ = tx.send(Ok(json));
                 }
+                None
+            }
+            Frame::Pong { token } if token & CONFIRM != 0 => {
+                self.ledger.confirm(token & !CONFIRM);
                 None
             }
             Frame::Pong { token } => {

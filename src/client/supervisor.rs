@@ -1,7 +1,8 @@
 //! The supervisor: one task per client that owns the connection's life.
 //!
 //! It runs a connection's reader and writer, notices when either ends,
-//! fails the requests that were waiting, emits [`Event::Disconnected`],
+//! fails the requests that were waiting, settles the publishes the lost
+//! connection left unconfirmed and emits [`Event::Disconnected`] with them,
 //! re-dials the server list every `reconnect_interval`, re-joins the groups
 //! the application had joined and emits [`Event::Reconnected`]. It stops
 //! when the client is closed or every handle is dropped; its end drops the
@@ -16,12 +17,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use crate::protocol::{max_frame_for, Events, Frame, GroupName};
+use crate::protocol::{max_frame_for, Events, Frame, GroupName, MemberId};
 
-use super::connection::{connect_any, read_loop, write_loop, Conn, End, Out, ReadCtx};
+use super::connection::{connect_any, read_loop, Conn, End, ReadCtx};
 use super::error::ClientError;
 use super::event::Event;
+use super::gaps::Gaps;
 use super::state::{ServerInfo, Shared};
+use super::writer::{write_loop, Out, Writer};
 
 /// What the supervisor holds: the shared state, the consuming end of the
 /// outbound queue, and the producing end of the event channel.
@@ -42,33 +45,39 @@ type Rejoin = Vec<(GroupName, oneshot::Receiver<Result<(), ClientError>>)>;
 /// [`Client::connect`](super::Client::connect) made; its facts are already
 /// in the shared state.
 pub(crate) async fn supervise(links: Links, first: Conn) {
-    let flushed = run_all(&links, first).await;
-    let lost = drain(&links.queue);
-    links.shared.finish(flushed && lost == 0);
+    run_all(&links, first).await;
+    drain(&links.queue);
+    links.shared.finish();
 }
 
-/// The connection loop; returns whether everything queued up to a `close`
-/// was written (`true` when no `close` was asked).
-async fn run_all(links: &Links, first: Conn) -> bool {
+/// The connection loop, until the client is closed or dropped.
+async fn run_all(links: &Links, first: Conn) {
     let mut next = Some((first, None));
     while let Some((conn, rejoin)) = next.take() {
         let end = run(links, conn, rejoin).await;
         links.shared.on_disconnected(|| end.waiter_error());
-        match end {
-            End::Closing { flushed } => return flushed,
-            End::ClientGone => return true,
-            _ if links.shared.is_closing() => return false,
-            _ => {}
+        if let End::Closing { flushed } = end {
+            tracing::debug!(flushed, "msgc client: closed");
+            return;
+        }
+        if matches!(end, End::ClientGone) || links.shared.is_closing() {
+            return;
         }
         let reason = end.reason();
-        tracing::warn!(%reason, "msgc client: connection lost");
-        if links
-            .events
-            .send_async(Event::Disconnected { reason })
-            .await
-            .is_err()
-        {
-            return true;
+        let lost = links.shared.ledger.settle();
+        tracing::warn!(
+            %reason,
+            unconfirmed = lost.total,
+            queued = lost.queued,
+            "msgc client: connection lost"
+        );
+        let event = Event::Disconnected {
+            reason,
+            unconfirmed: lost.total,
+            queued: lost.queued,
+        };
+        if links.events.send_async(event).await.is_err() {
+            return;
         }
         next = redial(links).await.map(|conn| {
             let info = ServerInfo::new(&conn.server, &conn.welcome);
@@ -76,20 +85,25 @@ async fn run_all(links: &Links, first: Conn) -> bool {
             (conn, Some(acks))
         });
     }
-    true
 }
 
-/// Empties the queue once no connection will carry it; returns how many
-/// frames were dropped.
-fn drain(queue: &flume::Receiver<Out>) -> usize {
-    let lost = queue
-        .drain()
-        .filter(|item| !matches!(item, Out::Close))
-        .count();
-    if lost > 0 {
-        tracing::warn!(lost, "msgc client: stopped with frames still queued");
+/// Empties the queue once no connection will carry it. What it held was
+/// accepted and stays counted (`CloseReport::unsent`).
+fn drain(queue: &flume::Receiver<Out>) {
+    let (mut frames, mut messages) = (0usize, 0u64);
+    for item in queue.drain().map(Out::taken) {
+        if !matches!(item, Out::Close) {
+            frames += 1;
+            messages += item.messages();
+        }
     }
-    lost
+    if frames > 0 {
+        tracing::warn!(
+            frames,
+            messages,
+            "msgc client: stopped with frames still queued"
+        );
+    }
 }
 
 /// Re-dials every `reconnect_interval` until a server answers; `None` when
@@ -125,8 +139,16 @@ async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
             return end;
         }
     }
-    let (server, member) = (conn.server.clone(), conn.member.clone());
     let mut tasks = Tasks::spawn(links, conn);
+    let end = drive(links, &mut tasks, rejoin).await;
+    // The writer must have stopped before its counts are settled.
+    tasks.stop().await;
+    end
+}
+
+/// Runs the tasks of a connection to their end; see [`run`].
+async fn drive(links: &Links, tasks: &mut Tasks, rejoin: Option<Rejoin>) -> End {
+    let cfg = &links.shared.cfg;
     let Some(acks) = rejoin else {
         return tasks.finished().await;
     };
@@ -140,6 +162,7 @@ async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
             }
         }
     }
+    let (server, member) = (tasks.server.clone(), tasks.member.clone());
     tracing::info!(%server, %member, "msgc client: reconnected");
     if links
         .events
@@ -199,6 +222,10 @@ async fn await_rejoin(acks: Rejoin, bound: Duration) -> Result<(), End> {
 
 /// The reader and writer tasks of one connection.
 struct Tasks {
+    /// The server as configured.
+    server: String,
+    /// Our member id on this connection.
+    member: MemberId,
     reader: JoinHandle<End>,
     writer: JoinHandle<End>,
     /// How long `close` waits for the server to close its side.
@@ -217,17 +244,23 @@ impl Tasks {
             max_frame: max_frame_for(cfg.max_message_size.max(server_max)),
             idle: cfg.idle_timeout,
             per_iter: cfg.messages_per_iter.max(1),
+            member: conn.member.clone(),
+            gaps: Gaps::default(),
         };
-        let keepalive = cfg.effective_keepalive(conn.welcome.idle_timeout_ms);
+        let writer = Writer {
+            wr: conn.wr,
+            queue: links.queue.clone(),
+            shared: links.shared.clone(),
+            keepalive: cfg.effective_keepalive(conn.welcome.idle_timeout_ms),
+            stall: cfg.idle_timeout,
+            close_wait: cfg.request_timeout,
+        };
         let reader = tokio::spawn(read_loop(conn.rd, conn.leftover, ctx));
-        let writer = tokio::spawn(write_loop(
-            conn.wr,
-            links.queue.clone(),
-            keepalive,
-            cfg.idle_timeout,
-        ));
+        let writer = tokio::spawn(write_loop(writer));
         let linger = (cfg.request_timeout / 2).min(MAX_LINGER);
         Tasks {
+            server: conn.server,
+            member: conn.member,
             reader,
             writer,
             linger,
@@ -269,6 +302,21 @@ impl Tasks {
         self.reader.abort();
         self.writer.abort();
         end
+    }
+
+    /// Stops both tasks and waits until they have (an aborted task stops
+    /// at its next await, maybe on another thread).
+    async fn stop(mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        // A finished handle may have been polled to its end already (and
+        // must not be polled again); an unfinished one was not.
+        if !self.reader.is_finished() {
+            let _ = (&mut self.reader).await;
+        }
+        if !self.writer.is_finished() {
+            let _ = (&mut self.writer).await;
+        }
     }
 }
 

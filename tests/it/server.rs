@@ -138,7 +138,7 @@ impl Inbox {
                 events.push((group.as_str().to_owned(), subject, reason, size));
                 None
             }
-            Event::Disconnected { reason } => panic!("unexpected disconnection: {reason}"),
+            Event::Disconnected { reason, .. } => panic!("unexpected disconnection: {reason}"),
             Event::Reconnected { .. } => panic!("unexpected reconnection"),
             _ => None,
         })
@@ -172,7 +172,7 @@ impl Inbox {
                 reason,
                 size,
             } => Some((group.as_str().to_owned(), subject, reason, size)),
-            Event::Disconnected { reason } => panic!("unexpected disconnection: {reason}"),
+            Event::Disconnected { reason, .. } => panic!("unexpected disconnection: {reason}"),
             _ => None,
         })
         .await
@@ -1018,7 +1018,7 @@ async fn client_reconnects_after_server_restart() {
 
     tokio::task::block_in_place(|| node.kill9());
     let reason = event(&rx, "Disconnected after the kill", WAIT, |e| match e {
-        Event::Disconnected { reason } => Some(reason),
+        Event::Disconnected { reason, .. } => Some(reason),
         _ => None,
     })
     .await;
@@ -1182,7 +1182,7 @@ async fn sigterm_says_shutting_down_and_exits_0() {
     let code = tokio::task::block_in_place(|| node.terminate());
     assert_eq!(code, Some(0), "msgc-server exits 0 on SIGTERM");
     let reason = event(&rx, "Disconnected at SIGTERM", WAIT, |e| match e {
-        Event::Disconnected { reason } => Some(reason),
+        Event::Disconnected { reason, .. } => Some(reason),
         _ => None,
     })
     .await;
