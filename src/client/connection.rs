@@ -357,16 +357,18 @@ async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
 }
 
 /// A membership change ends the runs it concerns: the group's, when we
-/// leave it; a member's in that group, when it leaves or disconnects; a
-/// lost node's members' there.
+/// leave it; a member's in that group, when it leaves or disconnects (ids
+/// are never reused). A node-down ends nothing: a sender behind a link
+/// that was cut and re-formed goes on numbering, and what was lost in
+/// between shows as a gap; the senders of a node that restarted have new
+/// ids.
 fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
     match reason {
         Reason::Leave | Reason::Disconnect if subject == ctx.member.as_bytes() => {
             ctx.gaps.forget_group(group);
         }
         Reason::Leave | Reason::Disconnect => ctx.gaps.forget_member(group, subject),
-        Reason::NodeDown => ctx.gaps.forget_node(group, subject),
-        Reason::Join => {}
+        Reason::NodeDown | Reason::Join => {}
     }
 }
 

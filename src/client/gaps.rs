@@ -12,9 +12,11 @@
 //!
 //! One table per connection (its reader owns it: no lock), so a new
 //! connection starts from new baselines. Entries are forgotten when this
-//! client leaves a group (all of the group's), when a membership event says
-//! a member left or disconnected (that member's in that group), and when a
-//! node is lost (that node's members in that group). The table holds at
+//! client leaves a group (all of the group's) and when a membership event
+//! says a member left or disconnected (that member's in that group; ids are
+//! never reused). A node-down forgets nothing: a sender behind a link that
+//! was cut and re-formed goes on numbering, so what was lost in between
+//! shows as a gap (a restarted node's senders have new ids). The table holds at
 //! most [`MAX_SEQ_ENTRIES`]; inserting one more forgets everything first. A
 //! forgotten entry only restarts its baseline: forgetting can hide a gap,
 //! never invent one.
@@ -164,35 +166,11 @@ impl Gaps {
         self.last.remove(&(member, group.as_bytes()) as &dyn Pair);
     }
 
-    /// Node `node` was lost: forgets the entries in `group` of the members
-    /// it had (ids `node/…`). Scans the group's senders.
-    pub(crate) fn forget_node(&mut self, group: &GroupName, node: &[u8]) {
-        let Some(senders) = self.by_group.get_mut(group) else {
-            return;
-        };
-        let before = senders.len();
-        senders.retain(|sender| {
-            let on_node = node_of(sender.as_bytes()) == Some(node);
-            if on_node {
-                self.last
-                    .remove(&(sender.as_bytes(), group.as_bytes()) as &dyn Pair);
-            }
-            !on_node
-        });
-        self.indexed -= before - senders.len();
-    }
-
     /// Pairs remembered now.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.last.len()
     }
-}
-
-/// The node part of a member id (`node/shard.seq`).
-fn node_of(member: &[u8]) -> Option<&[u8]> {
-    let slash = member.iter().rposition(|&b| b == b'/')?;
-    Some(&member[..slash])
 }
 
 #[cfg(test)]
@@ -245,9 +223,8 @@ mod tests {
         }
         gaps.forget_member(&g1, b.as_bytes());
         assert_eq!(gaps.observe(&g1, &b, 9), None, "b's baseline restarted");
-        gaps.forget_node(&g1, b"n1");
-        assert_eq!(gaps.observe(&g1, &a, 9), None, "n1's members forgotten");
-        assert_eq!(gaps.observe(&g1, &c, 3), Some(1), "n2's kept");
+        assert_eq!(gaps.observe(&g1, &a, 9), Some(7), "a's run goes on");
+        assert_eq!(gaps.observe(&g1, &c, 3), Some(1), "c's kept");
         assert_eq!(gaps.observe(&g2, &a, 3), Some(1), "other groups kept");
         gaps.forget_group(&g1);
         assert_eq!(gaps.observe(&g1, &c, 9), None);
@@ -278,12 +255,5 @@ mod tests {
             gaps.forget_member(&grp, who.as_bytes());
         }
         assert!(gaps.indexed <= 2 * MAX_SEQ_ENTRIES);
-    }
-
-    #[test]
-    fn node_of_member_ids() {
-        assert_eq!(node_of(b"node1/0.7"), Some(&b"node1"[..]));
-        assert_eq!(node_of(b"a/b/0.7"), Some(&b"a/b"[..]));
-        assert_eq!(node_of(b"opaque"), None);
     }
 }
