@@ -787,7 +787,8 @@ async fn leaving_and_membership_changes_restart_baselines() {
     // Our own leave forgets the group: 9 is a new baseline.
     client.leave("g").await.expect("leave");
     mock.deliver("g", "a/0.1", 9);
-    // Another member's leave, disconnect, or its node's loss forget it.
+    // Another member's leave or disconnect forgets it; its node's loss
+    // does not (a link re-formed: the loss shows as a gap).
     mock.deliver("g", "b/0.1", 1);
     mock.send(change("b/0.1", Reason::Leave));
     mock.deliver("g", "b/0.1", 5);
@@ -799,7 +800,7 @@ async fn leaving_and_membership_changes_restart_baselines() {
     mock.deliver("g", "n2/0.1", 5);
     // a was kept: 10 lost.
     mock.deliver("g", "a/0.1", 11);
-    let got = deliveries(&events, 9).await;
+    let got = deliveries(&events, 10).await;
     let want = [
         "g a/0.1 9",
         "g b/0.1 1",
@@ -807,12 +808,13 @@ async fn leaving_and_membership_changes_restart_baselines() {
         "g c/0.1 1",
         "g c/0.1 5",
         "g n2/0.1 1",
+        "gap g n2/0.1 3",
         "g n2/0.1 5",
         "gap g a/0.1 1",
         "g a/0.1 11",
     ];
     assert_eq!(got, want);
-    assert_eq!(client.gaps(), 1);
+    assert_eq!(client.gaps(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
