@@ -87,6 +87,15 @@ struct Pending {
     due: Option<(Instant, u64)>,
 }
 
+/// Which waiting acknowledgements to send.
+#[derive(Clone, Copy)]
+enum Release<'a> {
+    /// Those whose barrier has passed every link.
+    Passed,
+    /// The one of this group, passed or not (its member leaves it).
+    Group(&'a [u8]),
+}
+
 /// The number of a member whose join is not acknowledged yet: it is told
 /// of no change.
 const NOT_YET: u64 = u64::MAX;
@@ -176,7 +185,7 @@ impl Shard {
     }
 
     /// Barrier `id` passed one more link: when it has passed them all, its
-    /// joiner's acknowledgement goes out (in the order of its joins).
+    /// joiner's acknowledgement goes out.
     pub fn barrier_done(&self, id: u64) {
         let conn = {
             let mut waiting = self.acks.waiting.borrow_mut();
@@ -192,28 +201,32 @@ impl Shard {
                 None => return,
             }
         };
-        self.release_acks(&conn, false);
+        self.release_acks(&conn, Release::Passed);
     }
 
-    /// Sends `conn`'s acknowledgements that no barrier holds any more, in
-    /// the order of its joins; with `all`, every one of them, held or not
-    /// (the connection leaves a group: its acknowledgements come before
-    /// its leave's). Each is made now: the group's size now, and the member
-    /// is told every change numbered after it.
-    fn release_acks(&self, conn: &Conn, all: bool) {
-        loop {
-            let next = {
-                let mut q = conn.pending_acks.borrow_mut();
-                let held = q
-                    .front()
-                    .is_some_and(|(id, _)| !all && self.acks.waiting.borrow().contains_key(id));
-                if held {
-                    None
-                } else {
-                    q.pop_front()
+    /// Sends `conn`'s acknowledgements that no barrier holds any more, or
+    /// the one of a group it leaves, held or not (it comes just before the
+    /// leave's; the other groups' keep waiting). Each is made now: the
+    /// group's size now, and the member is told every change numbered
+    /// after it.
+    fn release_acks(&self, conn: &Conn, which: Release<'_>) {
+        let taken: Vec<(u64, Group)> = {
+            let mut q = conn.pending_acks.borrow_mut();
+            let waiting = self.acks.waiting.borrow();
+            let mut taken = Vec::new();
+            q.retain(|(id, group)| {
+                let go = match which {
+                    Release::Passed => !waiting.contains_key(id),
+                    Release::Group(name) => group.name() == name,
+                };
+                if go {
+                    taken.push((*id, group.clone()));
                 }
-            };
-            let Some((id, group)) = next else { break };
+                !go
+            });
+            taken
+        };
+        for (id, group) in taken {
             self.acks.waiting.borrow_mut().remove(&id);
             // Numbered under the group's lock, as the group's changes are:
             // the size includes exactly the changes numbered before it.
@@ -271,7 +284,7 @@ impl Shard {
     fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
         if !conn.pending_acks.borrow().is_empty() {
             if reason == Reason::Leave {
-                self.release_acks(conn, true);
+                self.release_acks(conn, Release::Group(group.name()));
             } else {
                 self.drop_acks(conn);
             }
