@@ -18,7 +18,7 @@ use crate::router::Group;
 use crate::stats::ShardStats;
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -75,9 +75,10 @@ pub struct Conn {
     /// A peer's `max_message_size` from its `HELLO` or `WELCOME` (0: not
     /// said; ours is assumed).
     pub peer_max: Cell<usize>,
-    /// Join acknowledgements not sent yet (barrier id, frame), in the order
-    /// of the joins (see `Shard::join`).
-    pub pending_acks: RefCell<std::collections::VecDeque<(u64, Group)>>,
+    /// Join acknowledgements not sent yet: group → barrier id (see
+    /// `Shard::join`).
+    #[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
+    pub pending_acks: RefCell<HashMap<Group, u64>>,
     /// This client's publish sequence numbers, per group.
     pub pub_seqs: super::seqs::PubSeqs,
     /// When the connection opened (for the handshake deadline).

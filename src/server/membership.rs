@@ -87,25 +87,20 @@ struct Pending {
     due: Option<(Instant, u64)>,
 }
 
-/// Which waiting acknowledgements to send.
-#[derive(Clone, Copy)]
-enum Release<'a> {
-    /// Those whose barrier has passed every link.
-    Passed,
-    /// The one of this group, passed or not (its member leaves it).
-    Group(&'a [u8]),
-}
-
 /// The number of a member whose join is not acknowledged yet: it is told
 /// of no change.
 const NOT_YET: u64 = u64::MAX;
+
+/// A join acknowledgement's barrier: (the joiner, the group, links still
+/// to pass).
+type Waiting = (Rc<Conn>, Group, u32);
 
 /// Join acknowledgements waiting for their barriers (see [`Shard::join`]).
 #[derive(Default)]
 pub struct Acks {
     next_id: Cell<u64>,
-    /// Barrier id → (the joiner, links still to pass).
-    waiting: RefCell<HashMap<u64, (Rc<Conn>, u32)>>,
+    /// Barrier id → (the joiner, the group, links still to pass).
+    waiting: RefCell<HashMap<u64, Waiting>>,
 }
 
 /// A shard's batched membership changes and their flush schedule.
@@ -161,13 +156,11 @@ impl Shard {
             0 => self.push_event(conn, frame),
             waits => {
                 self.set_joined_at(&group, conn, NOT_YET);
-                conn.pending_acks
-                    .borrow_mut()
-                    .push_back((id, group.clone()));
+                conn.pending_acks.borrow_mut().insert(group.clone(), id);
                 self.acks
                     .waiting
                     .borrow_mut()
-                    .insert(id, (conn.clone(), waits));
+                    .insert(id, (conn.clone(), group.clone(), waits));
             }
         }
     }
@@ -187,9 +180,9 @@ impl Shard {
     /// Barrier `id` passed one more link: when it has passed them all, its
     /// joiner's acknowledgement goes out.
     pub fn barrier_done(&self, id: u64) {
-        let conn = {
+        let (conn, group) = {
             let mut waiting = self.acks.waiting.borrow_mut();
-            let Some((_, left)) = waiting.get_mut(&id) else {
+            let Some((_, _, left)) = waiting.get_mut(&id) else {
                 return;
             };
             *left -= 1;
@@ -197,61 +190,50 @@ impl Shard {
                 return;
             }
             match waiting.remove(&id) {
-                Some((conn, _)) => conn,
+                Some((conn, group, _)) => (conn, group),
                 None => return,
             }
         };
-        self.release_acks(&conn, Release::Passed);
+        if conn.pending_acks.borrow_mut().remove(&group).is_some() {
+            self.send_ack(&conn, &group);
+        }
     }
 
-    /// Sends `conn`'s acknowledgements that no barrier holds any more, or
-    /// the one of a group it leaves, held or not (it comes just before the
-    /// leave's; the other groups' keep waiting). Each is made now: the
+    /// Sends `conn`'s acknowledgement of its join to `group`, made now: the
     /// group's size now, and the member is told every change numbered
     /// after it.
-    fn release_acks(&self, conn: &Conn, which: Release<'_>) {
-        let taken: Vec<(u64, Group)> = {
-            let mut q = conn.pending_acks.borrow_mut();
-            let waiting = self.acks.waiting.borrow();
-            let mut taken = Vec::new();
-            q.retain(|(id, group)| {
-                let go = match which {
-                    Release::Passed => !waiting.contains_key(id),
-                    Release::Group(name) => group.name() == name,
-                };
-                if go {
-                    taken.push((*id, group.clone()));
-                }
-                !go
-            });
-            taken
+    fn send_ack(&self, conn: &Conn, group: &Group) {
+        // Numbered under the group's lock, as the group's changes are: the
+        // size includes exactly the changes numbered before it.
+        let (at, size) = {
+            let st = group.lock();
+            (self.shared.table.next_change(), st.size())
         };
-        for (id, group) in taken {
+        if self.set_joined_at(group, conn, at) {
+            let frame = encode_membership(group.name(), Reason::Join, size, conn.id.as_bytes());
+            self.push_event(conn, frame);
+        }
+    }
+
+    /// `conn` leaves `group`: the acknowledgement of its join, if still
+    /// waiting, goes out now, just before the leave's (the barriers of its
+    /// other groups go on).
+    #[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
+    fn ack_before_leave(&self, conn: &Conn, group: &Group) {
+        let id = conn.pending_acks.borrow_mut().remove(group);
+        if let Some(id) = id {
             self.acks.waiting.borrow_mut().remove(&id);
-            // Numbered under the group's lock, as the group's changes are:
-            // the size includes exactly the changes numbered before it.
-            let (at, size) = {
-                let st = group.lock();
-                (self.shared.table.next_change(), st.size())
-            };
-            if self.set_joined_at(&group, conn, at) {
-                let frame = encode_membership(group.name(), Reason::Join, size, conn.id.as_bytes());
-                self.push_event(conn, frame);
-            }
+            self.send_ack(conn, group);
         }
     }
 
     /// `conn` closed: its acknowledgements will never be sent.
+    #[allow(clippy::mutable_key_type)]
     fn drop_acks(&self, conn: &Conn) {
-        let ids: Vec<u64> = conn
-            .pending_acks
-            .borrow_mut()
-            .drain(..)
-            .map(|(id, _)| id)
-            .collect();
+        let pending = std::mem::take(&mut *conn.pending_acks.borrow_mut());
         let mut waiting = self.acks.waiting.borrow_mut();
-        for id in ids {
-            waiting.remove(&id);
+        for id in pending.values() {
+            waiting.remove(id);
         }
     }
 
@@ -284,7 +266,7 @@ impl Shard {
     fn forget(&self, conn: &Conn, group: &Group, reason: Reason) {
         if !conn.pending_acks.borrow().is_empty() {
             if reason == Reason::Leave {
-                self.release_acks(conn, Release::Group(group.name()));
+                self.ack_before_leave(conn, group);
             } else {
                 self.drop_acks(conn);
             }
