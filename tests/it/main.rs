@@ -5,6 +5,7 @@ mod client;
 mod cluster;
 mod flow;
 mod flowkit;
+mod honest;
 mod loadgen;
 mod memory;
 mod server;

@@ -516,3 +516,63 @@ pub fn raw_stats(addr: SocketAddr) -> serde_json::Value {
         }
     }
 }
+
+// ---- Honest delivery (tests/it/honest.rs). ----
+
+/// What [`Raw::poll`] found.
+#[derive(Debug)]
+pub enum Polled {
+    /// A whole frame.
+    Frame(Frame),
+    /// Nothing whole within the socket's read timeout (what came is kept).
+    Quiet,
+    /// End of stream, or the connection was reset.
+    Closed,
+}
+
+impl Raw {
+    /// Connects and completes the client handshake asking for `features`;
+    /// returns the connection and the `WELCOME`.
+    pub fn client_with(addr: SocketAddr, features: u32) -> (Self, msgc::protocol::Welcome) {
+        let mut r = Self::connect(addr);
+        r.send(&Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Client,
+            name: None,
+            credentials: bytes::Bytes::new(),
+            features,
+            max_message_size: 0,
+        }));
+        match r.recv() {
+            Some(Frame::Welcome(w)) => (r, w),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+    }
+
+    /// Like [`Raw::recv`], but tells a quiet socket (nothing within the
+    /// read timeout) from a closed one.
+    pub fn poll(&mut self) -> Polled {
+        loop {
+            match decode(&mut self.buf, 64 << 20) {
+                Ok(Some(f)) => return Polled::Frame(f),
+                Ok(None) => {}
+                Err(e) => panic!("server sent a bad frame: {e}"),
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Polled::Closed,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Polled::Quiet
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Polled::Closed,
+            }
+        }
+    }
+}
