@@ -14,6 +14,7 @@ use crate::cluster::{
 };
 use crate::util::{group, Polled, Raw, WAIT};
 use bytes::Bytes;
+use msgc::client::Event;
 use msgc::protocol::{
     features, ErrorCode, Events, Frame, GroupName, Hello, MemberId, NodeName, Reason, Role,
     PROTOCOL_VERSION,
@@ -762,9 +763,6 @@ async fn a_join_is_not_acknowledged_while_a_linked_node_cannot_apply_it() {
 
 /// A LEAVE read while a JOIN of the same connection waits for its barrier
 /// must not release that JOIN's acknowledgement early.
-#[ignore = "server bug: a LEAVE releases every join ack its connection has waiting for a \
-            barrier (Shard::forget -> release_acks(conn, true)); the ack goes out before the \
-            other nodes applied the join, and their publishes right after it find no route"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_does_not_release_the_ack_of_a_join_in_flight() {
     let (me, before) = join_while_node2_stopped("honest-leave-ack", true).await;
@@ -944,6 +942,12 @@ async fn gaps_count_exactly_the_messages_missed() {
     let s3 = Sub::open(c.addr(2));
     s2.join(g).await;
     s3.join(g).await;
+    // And one through the client library, which turns the numbers into
+    // `Event::Gap`s (its idle limit outlasts node3's pause).
+    let mut cfg = crate::cluster::client_config(c.addr(2));
+    cfg.idle_timeout = Duration::from_secs(30);
+    let lib3 = Member::connect_with(cfg).await;
+    lib3.join(g).await;
     let p = Member::connect(c.addr(0)).await;
     let pid = p.id();
     let node1 = c.addr(0);
@@ -1008,7 +1012,7 @@ async fn gaps_count_exactly_the_messages_missed() {
 
     c.nodes[2].signal(libc::SIGCONT);
     c.wait_mesh(&[0, 1, 2]).await;
-    let mut want = vec![s2.id.clone(), s3.id.clone()];
+    let mut want = vec![s2.id.clone(), s3.id.clone(), lib3.id()];
     want.sort();
     p.wait_view(g, &want).await;
     publish(sent, 100).await;
@@ -1020,6 +1024,18 @@ async fn gaps_count_exactly_the_messages_missed() {
     until("node2's subscriber to get every publish", || {
         s2.count_from(&pid) >= sent
     })
+    .await;
+    until(
+        "the library's subscriber on node3 to get the last publish",
+        || {
+            lib3.with(|evs| {
+                evs.iter().any(|e| {
+                    matches!(e, Event::Message { sender, payload, .. }
+                    if sender.as_str() == pid && payload_number(payload) == Some(sent - 1))
+                })
+            })
+        },
+    )
     .await;
 
     s2.assert_clean();
@@ -1065,6 +1081,46 @@ async fn gaps_count_exactly_the_messages_missed() {
         1,
         "told of node1's loss"
     );
+
+    // The client library: messages and `Event::Gap`s from the publisher
+    // add up to what was published from its first message on, and no gap
+    // ever lands in the message stream.
+    let (lib_got, lib_missed, lib_first) = lib3.with(|evs| {
+        let (mut got, mut missed, mut first) = (0u64, 0u64, None);
+        for e in evs {
+            match e {
+                Event::Message {
+                    sender, payload, ..
+                } if sender.as_str() == pid => {
+                    got += 1;
+                    first = first.or(payload_number(payload));
+                }
+                Event::Gap {
+                    sender, missing, ..
+                } if sender.as_str() == pid => missed += missing,
+                _ => {}
+            }
+        }
+        (got, missed, first.expect("a first message"))
+    });
+    eprintln!("the library's subscriber: {lib_got} messages, gaps {lib_missed}, first {lib_first}");
+    assert_eq!(
+        lib_got + lib_missed,
+        sent - lib_first,
+        "library: messages + gaps = what was published from its first message on"
+    );
+    assert!(lib_missed > 0, "the library reported no gap");
+    assert_eq!(
+        lib3.client.gaps(),
+        lib_missed,
+        "Client::gaps() is the total"
+    );
+}
+
+/// The publish number in a test payload (`payload("p", k, _)`: `p:k:…`).
+fn payload_number(payload: &Bytes) -> Option<u64> {
+    let text = std::str::from_utf8(payload.get(..payload.len().min(40))?).ok()?;
+    text.strip_prefix("p:")?.split(':').next()?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -1276,6 +1332,11 @@ async fn peer_leave_reasons_are_validated() {
         peer_state(node1, "node2") == "up"
     })
     .await;
+    // A peer's membership stream starts with its snapshot.
+    fake.send(&Frame::Snapshot {
+        flags: msgc::protocol::snapshot_flags::FIRST | msgc::protocol::snapshot_flags::LAST,
+        entries: Vec::new(),
+    });
     // Valid reasons are accepted from a peer (the member is unknown: no-op).
     fake.send(&peer_leave(Reason::Leave));
     fake.send(&peer_leave(Reason::Disconnect));
@@ -1322,4 +1383,92 @@ async fn peer_leave_reasons_are_validated() {
     m.join("after").await;
     m.publish("after", payload("m", 0, 10)).await;
     m.wait_messages("after", 1).await;
+}
+
+/// A fake node2 (from node2's address), handshaken with node1, its link up.
+async fn fake_node2(c: &Cluster) -> Raw {
+    let node1 = c.addr(0);
+    let mut fake = Raw::connect_from(node1, crate::cluster::ip(1));
+    fake.send(&Frame::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        role: Role::Peer,
+        name: Some(NodeName::from_str_checked("node2").expect("name")),
+        credentials: Bytes::new(),
+        features: features::SEQ,
+        max_message_size: 1 << 20,
+    }));
+    match fake.recv() {
+        Some(Frame::Welcome(w)) => assert_eq!(w.node.as_str(), "node1"),
+        other => panic!("fake node2: expected WELCOME, got {other:?}"),
+    }
+    until("node1 to see the fake node2 up", || {
+        peer_state(node1, "node2") == "up"
+    })
+    .await;
+    fake
+}
+
+/// A peer's membership stream is checked (PROTOCOL.md section 13): its
+/// snapshot comes first, and every member id it reports is one of its own
+/// node's. Anything else closes the link as a protocol error, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_membership_stream_out_of_order_or_with_foreign_ids_is_refused() {
+    let mut c = Cluster::new("honest-order");
+    let conf = c.conf("cluster.conf", 3, QUICK);
+    c.spawn(0, conf);
+    c.ready();
+    let node1 = c.addr(0);
+    let errors = || num(&stats(node1)["totals"]["protocol_errors"]);
+    let before = errors();
+    let join = |member: &str| Frame::PeerJoin {
+        group: group("order"),
+        member: MemberId::from_str_checked(member).expect("member id"),
+    };
+    let snapshot = |flags| Frame::Snapshot {
+        flags,
+        entries: Vec::new(),
+    };
+    use msgc::protocol::snapshot_flags::{FIRST, LAST};
+
+    let mut fake = fake_node2(&c).await;
+    fake.send(&join("node2/0.1.x"));
+    expect_error(
+        &mut fake,
+        ErrorCode::UNEXPECTED,
+        "PEER_JOIN before the snapshot",
+    );
+
+    let mut fake = fake_node2(&c).await;
+    fake.send(&snapshot(LAST));
+    expect_error(
+        &mut fake,
+        ErrorCode::UNEXPECTED,
+        "a snapshot chunk without FIRST",
+    );
+
+    let mut fake = fake_node2(&c).await;
+    fake.send(&snapshot(FIRST | LAST));
+    fake.send(&join("node3/0.1.x"));
+    expect_error(
+        &mut fake,
+        ErrorCode::NOT_ALLOWED,
+        "a member id of node3 from node2",
+    );
+
+    let mut fake = fake_node2(&c).await;
+    fake.send(&Frame::Snapshot {
+        flags: FIRST | LAST,
+        entries: vec![(
+            group("order"),
+            MemberId::from_str_checked("elsewhere/0.1").expect("member id"),
+        )],
+    });
+    expect_error(
+        &mut fake,
+        ErrorCode::NOT_ALLOWED,
+        "a snapshot entry of another node",
+    );
+    until("the four refusals to be counted", || errors() >= before + 4).await;
+    // None of the refused members reached the view.
+    assert_eq!(stats(node1)["groups"], 0, "{}", stats(node1));
 }
