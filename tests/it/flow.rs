@@ -11,8 +11,8 @@ use crate::cluster::{
     num, payload, peer_of, range, sequences, stats, until, Cluster, Member, QUICK,
 };
 use crate::flowkit::{
-    assert_healthy, flood, group, members_on_both_shards, raw_client, start, totals, wait_all,
-    Reader,
+    assert_healthy, flood, group, join, members_on_both_shards, numbered, raw_client, shard_of,
+    start, totals, wait_all, Reader,
 };
 use crate::util::{wait_for, NodeProc, Raw, TempDir, WAIT};
 use bytes::{Bytes, BytesMut};
@@ -713,4 +713,62 @@ fn budgets_apply_live_to_open_connections() {
         handled < 200,
         "{handled} requests read: the new budget did not apply"
     );
+}
+
+/// A publish handed to another shard whose member there left while it was
+/// on its way is counted `left` (PROTOCOL.md section 14): shard 1 (the
+/// member's) sleeps with the member's LEAVE unread in its socket while
+/// shard 0 routes publishes to it; when it wakes, what it handles before
+/// the LEAVE is delivered, what after is counted. Every publish is then
+/// delivered, counted `left`, or (routed after the leave) `unrouted`.
+#[test]
+fn a_delivery_that_finds_its_member_gone_is_counted_left() {
+    const N: u64 = 5_000;
+    let srv = start("epoll", "").expect("epoll runs");
+    let publisher = loop {
+        let (r, id) = raw_client(srv.addr);
+        if shard_of(&id) == 0 {
+            break r;
+        }
+    };
+    let mut publisher = publisher;
+    // Whether the LEAVE lands before or after the stall begins is the
+    // scheduler's: a few attempts, each with the identity checked.
+    for attempt in 0..5 {
+        let g = group(&format!("left.{attempt}"));
+        let (mut member, _) = loop {
+            let (r, id) = raw_client(srv.addr);
+            if shard_of(&id) == 1 {
+                break (r, id);
+            }
+        };
+        join(&mut member, &g);
+        let mut leaver = member.clone_stream();
+        let reader = Reader::spawn(member, format!("member {attempt}"));
+        let (left0, unrouted0) = (totals(&srv, "dropped_left"), totals(&srv, "unrouted"));
+        srv.server().stall_shard(1, Duration::from_millis(300));
+        leaver.send(&Frame::Leave { group: g.clone() });
+        let mut buf = BytesMut::new();
+        for k in 0..N {
+            Frame::Publish {
+                group: g.clone(),
+                payload: numbered(k, 16),
+            }
+            .encode(&mut buf);
+        }
+        publisher.s.write_all(&buf).expect("publishes written");
+        let accounted = || {
+            reader.got() + totals(&srv, "dropped_left") - left0 + totals(&srv, "unrouted")
+                - unrouted0
+        };
+        wait_for("every publish delivered or counted", WAIT, || {
+            accounted() >= N
+        });
+        assert_eq!(accounted(), N, "delivered + left + unrouted = published");
+        assert_healthy(std::slice::from_ref(&reader));
+        if totals(&srv, "dropped_left") > left0 {
+            return;
+        }
+    }
+    panic!("in 5 attempts no publish reached shard 1 after its member left");
 }
