@@ -186,12 +186,44 @@ fn lookups(c: &mut Criterion) {
     g.finish();
 }
 
+/// What numbering publishes adds to each: the route lookup alone, and the
+/// route lookup with the publisher's counter for the group (the same probe
+/// groups, one publisher numbering all of them).
+fn numbering(c: &mut Criterion) {
+    let probes = probes();
+    let table = papaya_table();
+    let seqs = msgc::server::seqs::PubSeqs::default();
+    let mut g = c.benchmark_group("router/publish_route_10k_groups");
+    g.throughput(Throughput::Elements(LOOKUPS as u64));
+    g.bench_function("route", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in &probes {
+                acc ^= table.with_group(p.as_bytes(), |e| e.map_or(0, |e| e.shard_mask()));
+            }
+            black_box(acc)
+        })
+    });
+    g.bench_function("route_and_number", |b| {
+        b.iter(|| {
+            let mut acc = 0u64;
+            for p in &probes {
+                acc ^= table.with_group(p.as_bytes(), |e| {
+                    e.map_or(0, |e| e.shard_mask() ^ seqs.next(e, || Some(e.clone())))
+                });
+            }
+            black_box(acc)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = lookups
+    targets = lookups, numbering
 }
 criterion_main!(benches);
