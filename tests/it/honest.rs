@@ -1315,23 +1315,7 @@ async fn peer_leave_reasons_are_validated() {
     let errors_before = errors();
 
     // node2, played by the test from node2's address.
-    let mut fake = Raw::connect_from(node1, crate::cluster::ip(1));
-    fake.send(&Frame::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        role: Role::Peer,
-        name: Some(NodeName::from_str_checked("node2").expect("name")),
-        credentials: Bytes::new(),
-        features: features::SEQ,
-        max_message_size: 1 << 20,
-    }));
-    match fake.recv() {
-        Some(Frame::Welcome(w)) => assert_eq!(w.node.as_str(), "node1"),
-        other => panic!("fake node2: expected WELCOME, got {other:?}"),
-    }
-    until("node1 to see the fake node2 up", || {
-        peer_state(node1, "node2") == "up"
-    })
-    .await;
+    let mut fake = fake_node2(&c).await;
     // A peer's membership stream starts with its snapshot.
     fake.send(&Frame::Snapshot {
         flags: msgc::protocol::snapshot_flags::FIRST | msgc::protocol::snapshot_flags::LAST,

@@ -264,19 +264,7 @@ impl Raw {
 
     /// Connects and completes the client handshake.
     pub fn client(addr: SocketAddr) -> Self {
-        let mut r = Self::connect(addr);
-        r.send(&Frame::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            role: Role::Client,
-            name: None,
-            credentials: bytes::Bytes::new(),
-            features: 0,
-            max_message_size: 0,
-        }));
-        match r.recv() {
-            Some(Frame::Welcome(_)) => r,
-            other => panic!("expected WELCOME, got {other:?}"),
-        }
+        Self::client_with(addr, 0).0
     }
 
     /// A second reader of the same socket (e.g. on another thread).
