@@ -32,7 +32,7 @@
 //!    (shard-local member list)      other shard with members        node with members
 //!             └──────────────▶ each member's outbound queue ◀────────────────┘
 //!                                              │
-//!             writer: up to messages_per_iter queued frames per writev
+//!     writer: everything due (≤ 256 KiB, ≤ 1,024 frames) per writev, one batch a turn
 //! ```
 //!
 //! The publish is numbered (per sender and group, `server::seqs`), and the

@@ -332,15 +332,10 @@ async fn serve<S: Stream>(
 
 async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
     let st = shard.stats();
-    let unsent = write_loop(
-        &conn.out,
-        &*stream,
-        || shard.live.get().messages_per_iter,
-        |w: Written| {
-            ShardStats::add(&st.msgs_out, w.frames);
-            ShardStats::add(&st.bytes_out, w.bytes);
-        },
-    )
+    let unsent = write_loop(&conn.out, &*stream, |w: Written| {
+        ShardStats::add(&st.msgs_out, w.frames);
+        ShardStats::add(&st.bytes_out, w.bytes);
+    })
     .await;
     // Counted under the reason the connection closed: a stuck member's
     // batch in flight when it was killed is dropped as stuck.

@@ -146,7 +146,8 @@ impl Stream for EpollStream {
 }
 
 /// IoSlices for a batch without a heap allocation for batches up to 64
-/// frames (the writer's batches are bounded by messages_per_iter).
+/// frames (larger batches, up to 1,024 frames, allocate the slice list once
+/// per `writev`).
 mod smallvec_slices {
     use super::*;
 

@@ -5,10 +5,12 @@
 //! budget and the slow/stuck rule live in [`super::flow`]: a push to a full
 //! queue either makes its producer wait ([`Push::Slow`]) or reports
 //! [`Push::Stuck`], and the caller closes the connection. The writer takes
-//! up to `messages_per_iter` frames per turn (at most [`MAX_IOV`]) and hands
-//! them to one `writev`, owning the partial-write loop (tokio-uring has no
-//! `writev_all`); every write that makes progress is reported to the
-//! backlog, which lets waiting producers go once the queue has drained.
+//! everything due per turn, up to [`WRITE_BYTES`] and [`MAX_IOV`] frames,
+//! and hands it to one `writev`, owning the partial-write loop (tokio-uring
+//! has no `writev_all`); then it yields if more is due, so that one
+//! connection's backlog delays the shard's others by one batch at most.
+//! Every write that makes progress is reported to the backlog, which lets
+//! waiting producers go once the queue has drained.
 
 use super::flow::{Admit, Backlog, Budget, Gate};
 use super::io::Stream;
@@ -26,8 +28,14 @@ use tokio::sync::Notify;
 /// write and close the connection.
 pub const MAX_IOV: usize = 1024;
 
+/// Bytes one write takes from the queue, at the most (a frame larger than
+/// this goes alone): small frames are coalesced up to this, whatever
+/// `messages_per_iter`, so that a turn's cost does not grow with the number
+/// of frames.
+pub const WRITE_BYTES: usize = 256 * 1024;
+
 /// Slots of a queue kept once it is empty and idle (the sweep gives more
-/// back), and of a write batch beyond `messages_per_iter`.
+/// back), and of a write batch.
 const KEEP_CAPACITY: usize = 64;
 /// Slots of a queue given back as soon as it is empty: a burst's room
 /// (up to 4,096 slots, 128 KiB, stays for the sweep to give back, so a
@@ -222,9 +230,20 @@ impl Outbound {
         self.last_tx.get()
     }
 
-    fn take_batch(&self, batch: &mut Vec<Bytes>, max: usize) {
+    /// Takes what is due, up to [`MAX_IOV`] frames and about
+    /// [`WRITE_BYTES`] (always one frame at least).
+    fn take_batch(&self, batch: &mut Vec<Bytes>) {
         let mut q = self.queue.borrow_mut();
-        let n = q.len().min(max.clamp(1, MAX_IOV));
+        let mut bytes = 0;
+        let n = q
+            .iter()
+            .take(MAX_IOV)
+            .take_while(|f| {
+                let first = bytes == 0;
+                bytes += f.len();
+                first || bytes <= WRITE_BYTES
+            })
+            .count();
         batch.extend(q.drain(..n));
         if q.is_empty() && q.capacity() > DROP_CAPACITY {
             // A big burst is over: do not keep its room.
@@ -261,21 +280,24 @@ pub struct Written {
     pub bytes: u64,
 }
 
-/// Drains `out` into `stream` until the connection closes. `on_write` is
-/// told what each turn wrote; `batch_max` gives messages_per_iter (read
-/// each turn so a reload applies). Shuts the stream down on the way out and
-/// returns how many frames a failed write left unsent: those of the batch
-/// being written that did not go out whole, and what was still queued.
+/// Drains `out` into `stream` until the connection closes: each turn one
+/// batch, everything due up to [`WRITE_BYTES`] and [`MAX_IOV`] frames, in
+/// one `writev` (more only when the socket takes part of it); then, if
+/// more is due, it yields, so that every writer of the shard gets its turn
+/// (a connection with a huge backlog delays one with a single frame by one
+/// batch at most). `on_write` is told what each turn wrote. Shuts the
+/// stream down on the way out and returns how many frames a failed write
+/// left unsent: those of the batch being written that did not go out
+/// whole, and what was still queued.
 pub async fn write_loop<S: Stream>(
     out: &Outbound,
     stream: &S,
-    batch_max: impl Fn() -> usize,
     on_write: impl Fn(Written),
 ) -> usize {
     let mut dropped = 0;
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
-        out.take_batch(&mut batch, batch_max());
+        out.take_batch(&mut batch);
         if batch.is_empty() {
             match out.phase() {
                 Phase::Open => {
@@ -292,11 +314,16 @@ pub async fn write_loop<S: Stream>(
         let frames = batch.len() as u64;
         match write_all(stream, batch, |f, b| out.written(f, b)).await {
             Ok((bytes, mut b)) => {
-                if b.capacity() > KEEP_CAPACITY.max(batch_max()) {
+                if b.capacity() > KEEP_CAPACITY {
                     b = Vec::new();
                 }
                 batch = b;
                 on_write(Written { frames, bytes });
+                if !out.queue.borrow().is_empty() {
+                    // One batch per turn: the shard's other writers (and
+                    // readers) go before this one's next.
+                    tokio::task::yield_now().await;
+                }
             }
             Err(unsent) => {
                 // The batch was taken off the queue: what of it did not go
@@ -344,4 +371,102 @@ async fn write_all<S: Stream>(
         bufs = b;
     }
     Ok((total, bufs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    /// A socket that takes every byte at once and logs each write as
+    /// (which connection, frames, bytes).
+    struct Sink {
+        name: char,
+        log: Rc<RefCell<Vec<(char, usize, usize)>>>,
+        fd: std::os::unix::net::UnixStream,
+    }
+
+    impl Stream for Sink {
+        async fn read(&self, buf: bytes::BytesMut) -> (io::Result<usize>, bytes::BytesMut) {
+            (Ok(0), buf)
+        }
+        async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+            let n: usize = bufs.iter().map(Bytes::len).sum();
+            self.log.borrow_mut().push((self.name, bufs.len(), n));
+            (Ok(n), bufs)
+        }
+        fn raw_fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+    }
+
+    fn queue(frames: usize, len: usize) -> Outbound {
+        let budget = Budget {
+            frames: usize::MAX,
+            bytes: usize::MAX,
+            stuck_after: Duration::from_secs(1),
+        };
+        let out = Outbound::new(Instant::now(), budget);
+        for _ in 0..frames {
+            out.push(Bytes::from(vec![7u8; len]), Instant::now(), None);
+        }
+        out.drain_with(None);
+        out
+    }
+
+    /// Connection A has 100,000 small frames due, B one: B's frame goes
+    /// out in the first turn, right after A's first batch, and A's frames
+    /// are coalesced into few large writes (not `messages_per_iter` each).
+    #[test]
+    fn a_huge_backlog_delays_another_connection_by_one_batch_at_most() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let (a, b) = (queue(100_000, 16), queue(1, 16));
+        let (fa, fb) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let sink = |name, fd| Sink {
+            name,
+            log: log.clone(),
+            fd,
+        };
+        let (sa, sb) = (sink('a', fa), sink('b', fb));
+        tokio::task::LocalSet::new().block_on(&rt, async {
+            let wa = write_loop(&a, &sa, |_| {});
+            let wb = write_loop(&b, &sb, |_| {});
+            let (da, db) = tokio::join!(wa, wb);
+            assert_eq!((da, db), (0, 0), "nothing dropped");
+        });
+        let log = log.borrow();
+        let b_at = log.iter().position(|(n, _, _)| *n == 'b').expect("b wrote");
+        assert!(b_at <= 1, "b waited for {b_at} writes of a");
+        let a_writes: Vec<_> = log.iter().filter(|(n, _, _)| *n == 'a').collect();
+        let frames: usize = a_writes.iter().map(|(_, f, _)| f).sum();
+        assert_eq!(frames, 100_000);
+        assert!(
+            a_writes.len() <= 100_000 / MAX_IOV + 1,
+            "a's frames in {} writes",
+            a_writes.len()
+        );
+        assert!(a_writes
+            .iter()
+            .all(|(_, f, b)| *f <= MAX_IOV && *b <= WRITE_BYTES));
+    }
+
+    /// Large frames are bounded by bytes, and a frame over the bound still
+    /// goes (alone).
+    #[test]
+    fn batches_are_bounded_in_bytes() {
+        let out = queue(10, 100 * 1024);
+        let mut batch = Vec::new();
+        out.take_batch(&mut batch);
+        assert_eq!(batch.len(), 2, "two 100 KiB frames fit in 256 KiB");
+        let big = queue(1, 1 << 20);
+        batch.clear();
+        big.take_batch(&mut batch);
+        assert_eq!(batch.len(), 1, "a frame larger than the bound goes alone");
+    }
 }
