@@ -11,12 +11,12 @@ use super::outbound::{write_loop, Outbound, Phase, Written};
 use super::shard::{Kill, Shard};
 use super::Live;
 use crate::protocol::{
-    decode, list_budget, max_frame_for, split_by_size, ErrorCode, Frame, GroupName, Hello,
-    MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
+    decode, list_budget, max_frame_for, split_by_size, validate_name, ErrorCode, Frame, FrameType,
+    GroupName, Hello, MemberId, Reason, Role, Welcome, LEN_PREFIX, PROTOCOL_VERSION,
 };
 use crate::router::Group;
 use crate::stats::ShardStats;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -469,6 +469,14 @@ fn decode_some(
         if !conn.gate.is_open() {
             return Decoded::Wait;
         }
+        // The common case, a client's PUBLISH, is handled where it lies in
+        // the buffer: no frame value, no reference counts. Anything else,
+        // or anything wrong with it, takes the general path below.
+        if let Some(len) = publish_in_place(shard, conn, buf, max_frame) {
+            ShardStats::add(&shard.stats().msgs_in, 1);
+            buf.advance(len);
+            continue;
+        }
         match decode(buf, max_frame) {
             Ok(Some(frame)) => {
                 ShardStats::add(&shard.stats().msgs_in, 1);
@@ -491,6 +499,30 @@ fn decode_some(
     } else {
         Decoded::Wait
     }
+}
+
+/// If `buf` starts with a whole, valid `PUBLISH` from a client within the
+/// limits, routes it from the buffer and returns its length; otherwise
+/// `None` (incomplete, another frame, or invalid: the decoder then answers
+/// it as usual).
+#[inline]
+fn publish_in_place(shard: &Shard, conn: &Conn, buf: &[u8], max_frame: usize) -> Option<usize> {
+    if buf.len() < LEN_PREFIX + 2 || buf[LEN_PREFIX] != FrameType::PUBLISH.0 || !conn.is_client() {
+        return None;
+    }
+    let n = u32::from_be_bytes(buf[..LEN_PREFIX].try_into().ok()?) as usize;
+    if n == 0 || n > max_frame || buf.len() < LEN_PREFIX + n {
+        return None;
+    }
+    let body = &buf[LEN_PREFIX + 1..LEN_PREFIX + n];
+    let (&glen, rest) = body.split_first()?;
+    let group = rest.get(..usize::from(glen))?;
+    let payload = &rest[usize::from(glen)..];
+    if validate_name(group).is_err() || payload.len() > shard.live.get().max_message_size {
+        return None;
+    }
+    shard.publish(conn, group, payload);
+    Some(LEN_PREFIX + n)
 }
 
 fn protocol_error(shard: &Shard, conn: &Conn, code: ErrorCode, msg: &str) {
@@ -562,7 +594,7 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
     match frame {
         Frame::Publish { group, payload } => {
             check_size(shard, payload.len())?;
-            shard.publish(conn, &group, &payload);
+            shard.publish(conn, group.as_bytes(), &payload);
         }
         Frame::Send { to, payload } => {
             check_size(shard, payload.len())?;

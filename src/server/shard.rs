@@ -17,8 +17,8 @@ use super::outbound::Push;
 use super::shared::{ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
-    encode_group_message, encode_group_message_raw, group_message_parts, group_of, ErrorCode,
-    Frame, FrameType, GroupName, MemberId, LEN_PREFIX,
+    encode_group_message_raw, group_message_parts, group_of, ErrorCode, Frame, FrameType, MemberId,
+    LEN_PREFIX,
 };
 use crate::router::{bits, Group};
 use crate::stats::ShardStats;
@@ -325,10 +325,10 @@ impl Shard {
     /// Routes a publish by `conn` to `group`: numbered, encoded once,
     /// queued by reference to local members, once per other shard, once
     /// per peer.
-    pub fn publish(&self, conn: &Conn, group: &GroupName, payload: &[u8]) {
+    pub fn publish(&self, conn: &Conn, group: &[u8], payload: &[u8]) {
         let st = self.stats();
         ShardStats::add(&st.publishes, 1);
-        let route = self.shared.table.with_group(group.as_bytes(), |e| {
+        let route = self.shared.table.with_group(group, |e| {
             let e = e?;
             let seq = conn.pub_seqs.next(e, || Some(e.clone()));
             let remote = e.node_mask().any() || e.ghost_mask().any();
@@ -339,18 +339,19 @@ impl Shard {
             return;
         };
         if shards != 0 {
-            let frame = if seq_shards & shards != 0 {
-                encode_group_message_raw(
-                    FrameType::DELIVER_SEQ,
-                    group.as_bytes(),
-                    conn.id.as_bytes(),
-                    Some(seq),
-                    payload,
-                )
-            } else {
-                encode_group_message(FrameType::DELIVER, group, &conn.id, payload)
-            };
-            let n = self.to_shards(group.as_bytes(), &frame, shards, Some(seq));
+            let numbered = seq_shards & shards != 0;
+            let frame = encode_group_message_raw(
+                if numbered {
+                    FrameType::DELIVER_SEQ
+                } else {
+                    FrameType::DELIVER
+                },
+                group,
+                conn.id.as_bytes(),
+                numbered.then_some(seq),
+                payload,
+            );
+            let n = self.to_shards(group, &frame, shards, Some(seq));
             ShardStats::add(&st.deliveries, n);
         }
         if remote {

@@ -21,10 +21,7 @@ use crate::cluster::machine::{Barriers, LinkView};
 use crate::cluster::mesh;
 
 use crate::config::ServerSettings;
-use crate::protocol::{
-    encode_group_message, encode_group_message_raw, features, Frame, FrameType, GroupName,
-    MemberId, Reason,
-};
+use crate::protocol::{encode_group_message_raw, features, Frame, FrameType, MemberId, Reason};
 use crate::router::Group;
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
@@ -207,7 +204,7 @@ pub(crate) fn drop_for_peer(shard: &Shard, i: usize) {
 /// a drop, or, once its link is back but its new view is not, sent the
 /// message anyway; a message larger than a peer's `max_message_size` is
 /// counted for that peer and not sent.
-pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, seq: u64, payload: &[u8]) {
+pub fn forward(shard: &Shard, sender: &MemberId, group: &[u8], seq: u64, payload: &[u8]) {
     let mesh = &shard.shared.cluster;
     let (mut plain, mut numbered): (Option<Bytes>, Option<Bytes>) = (None, None);
     let mut send = |j: usize| {
@@ -223,7 +220,7 @@ pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, seq: u64, pa
             numbered.get_or_insert_with(|| {
                 encode_group_message_raw(
                     FrameType::FORWARD_SEQ,
-                    group.as_bytes(),
+                    group,
                     sender.as_bytes(),
                     Some(seq),
                     payload,
@@ -231,12 +228,18 @@ pub fn forward(shard: &Shard, sender: &MemberId, group: &GroupName, seq: u64, pa
             })
         } else {
             plain.get_or_insert_with(|| {
-                encode_group_message(FrameType::FORWARD, group, sender, payload)
+                encode_group_message_raw(
+                    FrameType::FORWARD,
+                    group,
+                    sender.as_bytes(),
+                    None,
+                    payload,
+                )
             })
         };
         route_to_peer(shard, j, frame.clone());
     };
-    shard.shared.table.with(group.as_bytes(), |e| {
+    shard.shared.table.with(group, |e| {
         let Some(e) = e else { return };
         e.node_mask().for_each(&mut send);
         e.ghost_mask().for_each(|j| {
