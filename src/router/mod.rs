@@ -27,6 +27,10 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// How group names are hashed in every map keyed by them: foldhash,
+/// seeded at random per map (flooding-resistant, not SipHash's cost).
+pub type NameHasher = foldhash::fast::RandomState;
+
 /// Most shards a server runs (one bit each in a group's shard mask).
 pub const MAX_SHARDS: usize = 64;
 
@@ -243,7 +247,10 @@ const UNCHANGED: Change = Change {
 /// The shared group table: lock-free reads, per-group locking for changes.
 #[derive(Debug)]
 pub struct GroupTable {
-    map: papaya::HashMap<Group, ()>,
+    /// Keyed by the group's name with a randomly seeded foldhash: clients
+    /// choose the names, so the hash must resist flooding, at a fraction
+    /// of SipHash's cost (benches/router.rs).
+    map: papaya::HashMap<Group, (), NameHasher>,
     /// Numbers every change (see [`Change::seq`]).
     changes: AtomicU64,
 }
@@ -264,6 +271,7 @@ impl GroupTable {
     pub fn new() -> Self {
         Self {
             map: papaya::HashMap::builder()
+                .hasher(NameHasher::default())
                 .resize_mode(papaya::ResizeMode::Blocking)
                 .build(),
             changes: AtomicU64::new(0),

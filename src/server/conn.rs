@@ -66,7 +66,7 @@ pub struct Conn {
     /// has producers waiting).
     pub congested: Cell<bool>,
     /// Groups this client has joined (interned: no name is stored twice).
-    pub groups: RefCell<HashSet<Group>>,
+    pub groups: RefCell<HashSet<Group, crate::router::NameHasher>>,
     /// Client, peer, or not yet known.
     pub role: Cell<ConnRole>,
     /// Features granted in the handshake (`protocol::features`): a client
@@ -118,7 +118,7 @@ impl Conn {
             out: Outbound::new(now, budget),
             gate: Gate::new(),
             congested: Cell::new(false),
-            groups: RefCell::new(HashSet::new()),
+            groups: RefCell::new(HashSet::default()),
             role: Cell::new(ConnRole::Pending),
             features: Cell::new(0),
             peer_max: Cell::new(0),

@@ -530,7 +530,9 @@ impl Shard {
 
 /// Gives back a map's room once it holds a quarter of what it once did
 /// (after a client with 100,000 groups left them, say).
-pub(super) fn shrink_after_mass_leave<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+pub(super) fn shrink_after_mass_leave<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
         map.shrink_to_fit();
     }

@@ -57,7 +57,7 @@ pub struct Shard {
     pub conns: RefCell<HashMap<u64, Rc<Conn>>>,
     /// Local members of each group (shard-local; the hot path's list),
     /// keyed by the interned group (looked up by name).
-    pub(super) members: RefCell<HashMap<Group, Members>>,
+    pub(super) members: RefCell<HashMap<Group, Members, crate::router::NameHasher>>,
     /// Membership changes waiting for batched members.
     pub(super) batches: Batches,
     /// Join acknowledgements waiting for the cluster.
@@ -100,7 +100,7 @@ impl Shard {
             uring,
             live: Cell::new(live),
             conns: RefCell::new(HashMap::new()),
-            members: RefCell::new(HashMap::new()),
+            members: RefCell::new(HashMap::default()),
             batches: Batches::default(),
             acks: Default::default(),
             next_seq: Cell::new(1),
