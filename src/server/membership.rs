@@ -319,7 +319,7 @@ impl Shard {
                     seq,
                     producer: self.producer(),
                 };
-                self.shared.send(s, msg);
+                self.send_to(s, msg);
             }
         }
     }

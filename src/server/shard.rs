@@ -30,6 +30,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Group messages for another shard: frames and their publish numbers.
+type Batch = Vec<(Bytes, Option<u64>)>;
+
+/// Most group messages for one shard gathered before they are sent (a
+/// producer's turn normally ends well before: `messages_per_iter` frames).
+const OUTGOING_MAX: usize = 256;
+
 /// Why a connection is being closed, for counting what it held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kill {
@@ -60,6 +67,11 @@ pub struct Shard {
     pub(super) members: RefCell<HashMap<Group, Members, crate::router::NameHasher>>,
     /// Membership changes waiting for batched members.
     pub(super) batches: Batches,
+    /// Group messages routed to other shards in the current producer's
+    /// turn, by destination shard (see [`Shard::flush_outgoing`]).
+    outgoing: RefCell<Vec<Batch>>,
+    /// Set while `outgoing` holds anything.
+    outgoing_any: Cell<bool>,
     /// Join acknowledgements waiting for the cluster.
     pub(super) acks: super::membership::Acks,
     next_seq: Cell<u64>,
@@ -86,6 +98,8 @@ pub struct Producing<'a> {
 
 impl Drop for Producing<'_> {
     fn drop(&mut self) {
+        // What this producer routed to other shards goes now, charged to it.
+        self.shard.flush_outgoing();
         *self.shard.producer.borrow_mut() = self.prev.take();
     }
 }
@@ -102,6 +116,8 @@ impl Shard {
             conns: RefCell::new(HashMap::new()),
             members: RefCell::new(HashMap::default()),
             batches: Batches::default(),
+            outgoing: RefCell::new(Vec::new()),
+            outgoing_any: Cell::new(false),
             acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
@@ -137,8 +153,56 @@ impl Shard {
     /// nobody, e.g. events of a lost node). Must not be held across an
     /// `.await`: other tasks of the shard queue for their own producers.
     pub fn producing(&self, producer: Option<Arc<Gate>>) -> Producing<'_> {
+        self.flush_outgoing();
         let prev = self.producer.replace(producer);
         Producing { shard: self, prev }
+    }
+
+    /// Queues a group message for shard `s`'s members: it leaves with the
+    /// others this producer routes there in its turn, in one inbox message
+    /// (see [`Shard::flush_outgoing`]).
+    fn queue_deliver(&self, s: usize, frame: Bytes, seq: Option<u64>) {
+        let full = {
+            let mut out = self.outgoing.borrow_mut();
+            if out.len() <= s {
+                out.resize_with(self.shared.shards(), Vec::new);
+            }
+            out[s].push((frame, seq));
+            out[s].len() >= OUTGOING_MAX
+        };
+        self.outgoing_any.set(true);
+        if full {
+            self.flush_outgoing();
+        }
+    }
+
+    /// Sends what this shard routed to other shards since the last flush:
+    /// one inbox message per shard, charged to the current producer. Runs
+    /// when a producer's turn ends, and before any other message leaves
+    /// for another shard (so nothing overtakes a delivery routed before it).
+    pub fn flush_outgoing(&self) {
+        if !self.outgoing_any.replace(false) {
+            return;
+        }
+        let batches: Vec<(usize, Batch)> = self
+            .outgoing
+            .borrow_mut()
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(s, v)| (s, std::mem::take(v)))
+            .collect();
+        for (s, frames) in batches {
+            let producer = self.producer();
+            self.shared
+                .send(s, ShardMsg::DeliverBatch { frames, producer });
+        }
+    }
+
+    /// Sends `msg` to shard `s`, after the deliveries routed before it.
+    pub fn send_to(&self, s: usize, msg: ShardMsg) {
+        self.flush_outgoing();
+        self.shared.send(s, msg);
     }
 
     /// The current producer's gate (for a message to another shard).
@@ -308,15 +372,7 @@ impl Shard {
                     ShardStats::add(&self.stats().dropped_left, 1);
                 }
             } else {
-                let (frame, producer) = (frame.clone(), self.producer());
-                self.shared.send(
-                    s,
-                    ShardMsg::Deliver {
-                        frame,
-                        seq,
-                        producer,
-                    },
-                );
+                self.queue_deliver(s, frame.clone(), seq);
             }
         }
         local
@@ -384,7 +440,7 @@ impl Shard {
                         frame,
                         producer,
                     };
-                    self.shared.send(shard, msg);
+                    self.send_to(shard, msg);
                 } else {
                     ShardStats::add(&self.stats().dropped_unknown_member, 1);
                 }
@@ -411,6 +467,19 @@ impl Shard {
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
         let cost = msg.cost();
         match msg {
+            ShardMsg::DeliverBatch { frames, producer } => {
+                let _p = self.producing(producer);
+                let mut delivered = 0;
+                for (frame, seq) in &frames {
+                    let n = group_of(frame).map_or(0, |g| self.to_local_members(g, frame, *seq));
+                    if n == 0 {
+                        // Its members here left while it was on its way.
+                        ShardStats::add(&self.stats().dropped_left, 1);
+                    }
+                    delivered += n;
+                }
+                ShardStats::add(&self.stats().deliveries, delivered);
+            }
             ShardMsg::Deliver {
                 frame,
                 seq,
@@ -492,6 +561,7 @@ impl Shard {
             }
             // The writes this batch woke go to the kernel now, not when
             // the shard next has nothing to do.
+            self.flush_outgoing();
             super::io::submit_pending(self.uring);
             tokio::task::yield_now().await;
         }
@@ -503,7 +573,7 @@ impl Shard {
     fn count_leftovers(&self, rx: &flume::Receiver<ShardMsg>) {
         let mut n = 0;
         while let Ok(m) = rx.try_recv() {
-            n += u64::from(m.carries_message());
+            n += m.messages();
             self.shared.inboxes[self.index].taken(m.cost());
         }
         ShardStats::add(&self.stats().dropped_shutdown, n);

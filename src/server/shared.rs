@@ -30,6 +30,15 @@ pub enum ShardMsg {
         /// Who made it.
         producer: Option<Arc<Gate>>,
     },
+    /// Group messages (DELIVER or DELIVER_SEQ frames, with their publish
+    /// numbers) for the local members of their groups: what one producer's
+    /// turn routed to the receiving shard, in order, in one message.
+    DeliverBatch {
+        /// The frames and their publish numbers, oldest first.
+        frames: Vec<(Bytes, Option<u64>)>,
+        /// Who made them.
+        producer: Option<Arc<Gate>>,
+    },
     /// A membership event (MEMBERSHIP frame) for the local members of its group.
     Event {
         /// The encoded frame.
@@ -69,7 +78,20 @@ impl ShardMsg {
             | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 frame.len() + super::inbox::MSG_OVERHEAD
             }
+            ShardMsg::DeliverBatch { frames, .. } => frames
+                .iter()
+                .map(|(f, _)| f.len() + super::inbox::MSG_OVERHEAD)
+                .sum(),
             _ => 0,
+        }
+    }
+
+    /// How many messages for members or a peer it carries (what is
+    /// counted as dropped if it is never handled).
+    pub fn messages(&self) -> u64 {
+        match self {
+            ShardMsg::DeliverBatch { frames, .. } => frames.len() as u64,
+            m => u64::from(m.carries_message()),
         }
     }
 
@@ -77,7 +99,9 @@ impl ShardMsg {
     /// is counted as dropped if it is never handled).
     pub fn carries_message(&self) -> bool {
         match self {
-            ShardMsg::Deliver { .. } | ShardMsg::Direct { .. } => true,
+            ShardMsg::Deliver { .. } | ShardMsg::Direct { .. } | ShardMsg::DeliverBatch { .. } => {
+                true
+            }
             ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 crate::protocol::group_message_parts(frame).is_some()
                     || frame.get(crate::protocol::LEN_PREFIX)
@@ -91,6 +115,7 @@ impl ShardMsg {
     pub fn producer(&self) -> Option<&Arc<Gate>> {
         match self {
             ShardMsg::Deliver { producer, .. }
+            | ShardMsg::DeliverBatch { producer, .. }
             | ShardMsg::Event { producer, .. }
             | ShardMsg::Direct { producer, .. }
             | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { producer, .. }) => {
@@ -149,9 +174,9 @@ impl Shared {
         if let Some(inbox) = self.inboxes.get(i) {
             // Fails only when that shard has exited (shutdown): what the
             // message carried is counted as dropped.
-            let carried = msg.carries_message();
-            if !inbox.send(msg) && carried {
-                ShardStats::add(&self.stats[i].dropped_shutdown, 1);
+            let carried = msg.messages();
+            if !inbox.send(msg) && carried > 0 {
+                ShardStats::add(&self.stats[i].dropped_shutdown, carried);
             }
         }
     }

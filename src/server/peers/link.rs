@@ -50,7 +50,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         crate::cluster::mesh::Admit::Accept { replace } => {
             if let Some((s, seq)) = replace {
                 tracing::info!(peer = %name, "a new link from the peer replaced the old one");
-                shard.shared.send(
+                shard.send_to(
                     s,
                     crate::server::shared::ShardMsg::Cluster(ClusterMsg::Close { seq }),
                 );

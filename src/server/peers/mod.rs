@@ -175,7 +175,7 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
             Some(conn) => link::push_link(shard, &conn, i, frame),
             None => drop_for_peer(shard, i),
         },
-        Some((s, seq)) => shard.shared.send(
+        Some((s, seq)) => shard.send_to(
             s,
             ShardMsg::Cluster(ClusterMsg::ToPeer {
                 peer: i,
@@ -303,7 +303,7 @@ pub fn local_join(shard: &Shard, group: &Group, member: &MemberId, id: u64) -> u
                 from,
                 id,
             };
-            shard.shared.send(s, ShardMsg::Cluster(msg));
+            shard.send_to(s, ShardMsg::Cluster(msg));
         }
     }
     waits
@@ -325,7 +325,7 @@ fn barrier_passed(shard: &Shard, from: usize, id: u64) {
         shard.barrier_done(id);
     } else {
         let msg = ClusterMsg::BarrierDone { id };
-        shard.shared.send(from, ShardMsg::Cluster(msg));
+        shard.send_to(from, ShardMsg::Cluster(msg));
     }
 }
 
