@@ -18,11 +18,27 @@ use crate::config::ServerSettings;
 use crate::protocol::NodeName;
 use crate::router::mask::MAX_PEERS;
 use crate::router::{Group, MAX_SHARDS};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
+
+/// A group entry's identity (its address: held alive by the map that
+/// uses it as a key).
+fn entry_key(g: &Group) -> usize {
+    &**g as *const crate::router::GroupEntry as usize
+}
+
+/// What a link's peer said of itself at link-up, in force from the moment
+/// the link is routed to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinkParams {
+    /// Its `max_message_size` (0: not said).
+    pub max_message_size: u64,
+    /// The features the link speaks (`protocol::features`).
+    pub features: u64,
+}
 
 /// Most groups remembered per link as "published to from there" (for
 /// node-down events to their members).
@@ -161,11 +177,10 @@ pub struct Mesh {
     pub counters: Vec<PeerCounters>,
     /// Per peer index: the groups in which it had members when its link
     /// went down (their ghost bit is set), until its next view arrives.
-    ghosts: Vec<Mutex<Vec<Group>>>,
+    ghosts: Vec<Mutex<HashMap<usize, Group>>>,
     /// Per peer index: the groups its current link has forwarded
     /// publishes for (told node-down when the link goes).
-    #[allow(clippy::mutable_key_type)]
-    heard: Vec<Mutex<HashSet<Group>>>,
+    heard: Vec<Mutex<HashMap<usize, Group>>>,
     /// One past the highest peer index in use (bounds loops over peers).
     high_water: AtomicUsize,
     /// Source of [`PeerSlot::generation`].
@@ -183,8 +198,8 @@ impl Mesh {
             inner: Mutex::new(Vec::new()),
             link: (0..MAX_PEERS).map(|_| AtomicU64::new(NO_LINK)).collect(),
             counters: (0..MAX_PEERS).map(|_| PeerCounters::default()).collect(),
-            ghosts: (0..MAX_PEERS).map(|_| Mutex::new(Vec::new())).collect(),
-            heard: (0..MAX_PEERS).map(|_| Mutex::new(HashSet::new())).collect(),
+            ghosts: (0..MAX_PEERS).map(|_| Mutex::new(HashMap::new())).collect(),
+            heard: (0..MAX_PEERS).map(|_| Mutex::new(HashMap::new())).collect(),
             high_water: AtomicUsize::new(0),
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
@@ -369,8 +384,16 @@ impl Mesh {
     /// be the peer's abandoned simultaneous dial: refuse it.
     ///
     /// When a link is replaced, `drop_members` runs under the lock, before
-    /// the new link is up (the peer's members go with the old link).
-    pub fn admit(&self, i: usize, shard: usize, seq: u64, drop_members: impl FnOnce()) -> Admit {
+    /// the new link is up (the peer's members go with the old link). The
+    /// new link's `params` are in force before any shard can route to it.
+    pub fn admit(
+        &self,
+        i: usize,
+        shard: usize,
+        seq: u64,
+        params: LinkParams,
+        drop_members: impl FnOnce(),
+    ) -> Admit {
         let mut slots = self.lock();
         let Some(p) = slots
             .get_mut(i)
@@ -384,6 +407,7 @@ impl Mesh {
             if replace.is_some() {
                 drop_members();
             }
+            self.counters[i].set_params(params);
             Self::set_up(p, &self.link[i], shard, seq, false);
         }
         verdict
@@ -405,10 +429,11 @@ impl Mesh {
     /// Our dial of peer `i` (connection `seq` on `shard`) got WELCOME:
     /// true if it becomes the link, false if it was overtaken or the peer
     /// removed meanwhile (close it).
-    pub fn dial_welcomed(&self, i: usize, shard: usize, seq: u64) -> bool {
+    pub fn dial_welcomed(&self, i: usize, shard: usize, seq: u64, params: LinkParams) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(i).and_then(Option::as_mut) {
             Some(p) if !p.removed && p.state == (LinkState::Dialling { shard, seq }) => {
+                self.counters[i].set_params(params);
                 Self::set_up(p, &self.link[i], shard, seq, true);
                 true
             }
@@ -419,8 +444,9 @@ impl Mesh {
     /// Connection `seq` on `shard` for peer `i` is gone (or a dial failed
     /// before it had a connection, with `seq` 0). True when it was the up
     /// link; its members are then dropped by `drop_members`, under the lock
-    /// (so a new link admitted right after cannot lose its snapshot to it).
-    pub fn down(&self, i: usize, shard: usize, seq: u64, drop_members: impl FnOnce()) -> bool {
+    /// (so a new link admitted right after cannot lose its snapshot to it),
+    /// told whether a reload removed the peer meanwhile.
+    pub fn down(&self, i: usize, shard: usize, seq: u64, drop_members: impl FnOnce(bool)) -> bool {
         let mut slots = self.lock();
         let Some(p) = slots.get_mut(i).and_then(Option::as_mut) else {
             return false;
@@ -436,14 +462,14 @@ impl Mesh {
         p.since = SystemTime::now();
         if was_up {
             self.link[i].store(NO_LINK, Release);
-            drop_members();
+            drop_members(p.removed);
         }
         was_up
     }
 
     /// Our dial of peer `i` from `shard` failed before it had a connection.
     pub fn dial_failed(&self, i: usize, shard: usize) {
-        self.down(i, shard, 0, || {});
+        self.down(i, shard, 0, |_| {});
     }
 
     fn set_up(p: &mut PeerSlot, link: &AtomicU64, shard: usize, seq: u64, dialled: bool) {
@@ -459,10 +485,12 @@ impl Mesh {
     }
 
     /// Remembers `groups` as peer `i`'s ghosts (see
-    /// [`crate::router::GroupEntry::ghost_mask`]).
+    /// [`crate::router::GroupEntry::ghost_mask`]), each entry once.
     pub fn add_ghosts(&self, i: usize, groups: impl IntoIterator<Item = Group>) {
         if let Some(g) = self.ghosts.get(i) {
-            g.lock().unwrap_or_else(|p| p.into_inner()).extend(groups);
+            g.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(groups.into_iter().map(|g| (entry_key(&g), g)));
         }
     }
 
@@ -470,28 +498,30 @@ impl Mesh {
     pub fn take_ghosts(&self, i: usize) -> Vec<Group> {
         self.ghosts.get(i).map_or_else(Vec::new, |g| {
             std::mem::take(&mut *g.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect()
         })
     }
 
-    /// Notes that peer `i`'s link forwarded a publish to `group`; false if
-    /// it was known already.
-    pub fn heard(&self, i: usize, group: &Group) -> bool {
-        self.heard.get(i).is_some_and(|h| {
+    /// Notes that peer `i`'s link forwarded a publish to `group` (this
+    /// entry of it: a group of the same name created later is another).
+    pub fn heard(&self, i: usize, group: &Group) {
+        if let Some(h) = self.heard.get(i) {
             let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-            if h.len() >= MAX_HEARD && !h.contains(group) {
-                // Bounded: past this a node-down reaches only the groups
-                // with the lost node's members.
-                return false;
+            // Bounded: past this a node-down reaches only the groups with
+            // the lost node's members.
+            if h.len() < MAX_HEARD {
+                h.entry(entry_key(group)).or_insert_with(|| group.clone());
             }
-            h.insert(group.clone())
-        })
+        }
     }
 
     /// Takes the groups peer `i`'s link forwarded publishes for.
-    #[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
-    pub fn take_heard(&self, i: usize) -> HashSet<Group> {
-        self.heard.get(i).map_or_else(HashSet::new, |h| {
+    pub fn take_heard(&self, i: usize) -> Vec<Group> {
+        self.heard.get(i).map_or_else(Vec::new, |h| {
             std::mem::take(&mut *h.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_values()
+                .collect()
         })
     }
 
@@ -539,6 +569,11 @@ impl Mesh {
 }
 
 impl PeerCounters {
+    fn set_params(&self, p: LinkParams) {
+        self.max_message_size.store(p.max_message_size, Relaxed);
+        self.features.store(p.features, Relaxed);
+    }
+
     fn reset(&self) {
         for c in [
             &self.msgs_in,

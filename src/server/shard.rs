@@ -36,6 +36,10 @@ type Batch = Vec<(Bytes, Option<u64>)>;
 /// Most group messages for one shard gathered before they are sent (a
 /// producer's turn normally ends well before: `messages_per_iter` frames).
 const OUTGOING_MAX: usize = 256;
+/// Most bytes of group messages for one shard gathered before they are
+/// sent: a shard's inbox passes its bound by at most this (plus one frame)
+/// per producer.
+const OUTGOING_BYTES: usize = 64 * 1024;
 
 /// Why a connection is being closed, for counting what it held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +73,7 @@ pub struct Shard {
     pub(super) batches: Batches,
     /// Group messages routed to other shards in the current producer's
     /// turn, by destination shard (see [`Shard::flush_outgoing`]).
-    outgoing: RefCell<Vec<Batch>>,
+    outgoing: RefCell<Vec<(Batch, usize)>>,
     /// Set while `outgoing` holds anything.
     outgoing_any: Cell<bool>,
     /// Join acknowledgements waiting for the cluster.
@@ -165,10 +169,12 @@ impl Shard {
         let full = {
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
-                out.resize_with(self.shared.shards(), Vec::new);
+                out.resize_with(self.shared.shards(), || (Vec::new(), 0));
             }
-            out[s].push((frame, seq));
-            out[s].len() >= OUTGOING_MAX
+            let (batch, bytes) = &mut out[s];
+            *bytes += frame.len();
+            batch.push((frame, seq));
+            batch.len() >= OUTGOING_MAX || *bytes >= OUTGOING_BYTES
         };
         self.outgoing_any.set(true);
         if full {
@@ -189,8 +195,11 @@ impl Shard {
             .borrow_mut()
             .iter_mut()
             .enumerate()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(s, v)| (s, std::mem::take(v)))
+            .filter(|(_, (v, _))| !v.is_empty())
+            .map(|(s, (v, bytes))| {
+                *bytes = 0;
+                (s, std::mem::take(v))
+            })
             .collect();
         for (s, frames) in batches {
             let producer = self.producer();
@@ -332,13 +341,14 @@ impl Shard {
 
     /// Queues `frame` (a DELIVER or DELIVER_SEQ of publish number `seq`)
     /// to every local member of group `name`, each in the form it asked
-    /// for; returns how many. The other form is built at most once.
+    /// for; returns how many took it, or `None` when the group has no
+    /// member here (they left while the message was on its way: counted
+    /// `left` by the caller; a push that failed was counted by
+    /// [`Shard::push`]'s reasons). The other form is built at most once.
     #[inline]
-    pub fn to_local_members(&self, name: &[u8], frame: &Bytes, seq: Option<u64>) -> u64 {
+    pub fn to_local_members(&self, name: &[u8], frame: &Bytes, seq: Option<u64>) -> Option<u64> {
         let members = self.members.borrow();
-        let Some(list) = members.get(name) else {
-            return 0;
-        };
+        let list = members.get(name)?;
         let now = self.clock.get();
         let producer = self.producer.borrow();
         let framed_seq = is_seq_frame(frame);
@@ -356,7 +366,17 @@ impl Shard {
             };
             n += u64::from(self.push_from(&m.conn, f, now, producer.as_ref()));
         }
-        n
+        Some(n)
+    }
+
+    /// Delivers one group message that another shard or node routed here,
+    /// counting it `left` when its group has no member here any more.
+    fn deliver_here(&self, frame: &Bytes, seq: Option<u64>) -> u64 {
+        let n = group_of(frame).and_then(|g| self.to_local_members(g, frame, seq));
+        if n.is_none() {
+            ShardStats::add(&self.stats().dropped_left, 1);
+        }
+        n.unwrap_or(0)
     }
 
     /// Queues `frame` (a DELIVER or DELIVER_SEQ of group `name`) to the
@@ -366,11 +386,11 @@ impl Shard {
         let mut local = 0;
         for s in bits(mask) {
             if s == self.index {
-                local = self.to_local_members(name, frame, seq);
-                if local == 0 {
+                local = self.to_local_members(name, frame, seq).unwrap_or_else(|| {
                     // Its last member here left since the route was read.
                     ShardStats::add(&self.stats().dropped_left, 1);
-                }
+                    0
+                });
             } else {
                 self.queue_deliver(s, frame.clone(), seq);
             }
@@ -469,15 +489,7 @@ impl Shard {
         match msg {
             ShardMsg::DeliverBatch { frames, producer } => {
                 let _p = self.producing(producer);
-                let mut delivered = 0;
-                for (frame, seq) in &frames {
-                    let n = group_of(frame).map_or(0, |g| self.to_local_members(g, frame, *seq));
-                    if n == 0 {
-                        // Its members here left while it was on its way.
-                        ShardStats::add(&self.stats().dropped_left, 1);
-                    }
-                    delivered += n;
-                }
+                let delivered: u64 = frames.iter().map(|(f, s)| self.deliver_here(f, *s)).sum();
                 ShardStats::add(&self.stats().deliveries, delivered);
             }
             ShardMsg::Deliver {
@@ -486,11 +498,7 @@ impl Shard {
                 producer,
             } => {
                 let _p = self.producing(producer);
-                let n = group_of(&frame).map_or(0, |g| self.to_local_members(g, &frame, seq));
-                if n == 0 {
-                    // Its members here left while it was on its way.
-                    ShardStats::add(&self.stats().dropped_left, 1);
-                }
+                let n = self.deliver_here(&frame, seq);
                 ShardStats::add(&self.stats().deliveries, n);
             }
             ShardMsg::Event {

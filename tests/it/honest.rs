@@ -1456,3 +1456,70 @@ async fn a_peer_membership_stream_out_of_order_or_with_foreign_ids_is_refused() 
     // None of the refused members reached the view.
     assert_eq!(stats(node1)["groups"], 0, "{}", stats(node1));
 }
+
+/// A join's barrier waits on the link that was up when it was sent: when
+/// that link is replaced by a new one on the same shard, the old link's
+/// barriers pass (the new link starts with a snapshot that holds the join)
+/// and the joiner is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_waiting_on_a_replaced_link_is_acknowledged() {
+    let mut c = Cluster::new("honest-repl");
+    // One shard: the replacing link lands where the old one was.
+    let conf = c.conf("cluster.conf", 3, &format!("{QUICK}\n shards = 1"));
+    c.spawn(0, conf);
+    c.ready();
+    let node1 = c.addr(0);
+    use msgc::protocol::snapshot_flags::{FIRST, LAST};
+    let empty = || Frame::Snapshot {
+        flags: FIRST | LAST,
+        entries: Vec::new(),
+    };
+    let mut fake = fake_node2(&c).await;
+    fake.send(&empty());
+    let (mut r, me) = plain(node1);
+    r.send(&Frame::Join {
+        group: group("repl"),
+        events: Events::None,
+    });
+    // node1 asks the fake node2 to confirm the join; it does not answer.
+    loop {
+        match fake.recv() {
+            Some(Frame::Ping { .. }) => break,
+            Some(_) => {}
+            None => panic!("the fake node2's link closed before the barrier"),
+        }
+    }
+    // node2 comes back on a new link, which replaces the old one.
+    let mut fake2 = fake_node2(&c).await;
+    fake2.send(&empty());
+    let fake2_sock = fake2.s.try_clone().expect("clone socket");
+    let answering = std::thread::spawn(move || {
+        let end = Instant::now() + WAIT;
+        while Instant::now() < end {
+            match fake2.recv() {
+                Some(Frame::Ping { token }) => fake2.send(&Frame::Pong { token }),
+                Some(_) => {}
+                None => break,
+            }
+        }
+    });
+    assert!(fake.closed(), "the replaced link was not closed");
+    let acked = loop {
+        match r.recv() {
+            Some(Frame::Membership {
+                subject,
+                reason: Reason::Join,
+                ..
+            }) if subject.as_ref() == me.as_bytes() => break true,
+            Some(_) => {}
+            None => break false,
+        }
+    };
+    drop(r);
+    let _ = fake2_sock.shutdown(Shutdown::Both);
+    let _ = answering.join();
+    assert!(
+        acked,
+        "the join was never acknowledged after its link was replaced"
+    );
+}

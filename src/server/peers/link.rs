@@ -3,6 +3,7 @@
 
 use super::{route_to_peer, ClusterMsg};
 use crate::cluster::machine::ViewAction;
+use crate::cluster::mesh::LinkParams;
 use crate::protocol::{
     encode_group_message_raw, encode_membership, list_budget, snapshot_flags, split_by_size,
     ErrorCode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
@@ -36,7 +37,12 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             format!("{} is not the address of node {name:?}", conn.addr.ip()),
         ));
     }
-    match mesh.admit(i, shard.index, conn.seq, || {
+    let features = hello.features & crate::protocol::features::ALL;
+    let params = LinkParams {
+        max_message_size: u64::from(hello.max_message_size),
+        features: u64::from(features),
+    };
+    match mesh.admit(i, shard.index, conn.seq, params, || {
         node_down(shard, i, &name, false)
     }) {
         crate::cluster::mesh::Admit::Duplicate => {
@@ -63,10 +69,9 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
                 member: None,
                 max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
                 idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
-                features: hello.features & crate::protocol::features::ALL,
+                features,
             };
-            conn.features
-                .set(hello.features & crate::protocol::features::ALL);
+            conn.features.set(features);
             conn.peer_max.set(hello.max_message_size as usize);
             shard.push(conn, Frame::Welcome(welcome).to_bytes());
             link_up(shard, conn, i, &name);
@@ -88,10 +93,6 @@ pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     shard.links.insert(i, conn.clone());
     shard.links.start_view(i, conn.seq, name);
     shard.links.forget_heard(i);
-    let c = &shard.shared.cluster.counters[i];
-    c.max_message_size
-        .store(conn.peer_max.get() as u64, Relaxed);
-    c.features.store(u64::from(conn.features.get()), Relaxed);
     tracing::info!(peer = name, addr = %conn.addr, shard = shard.index, "peer link up");
     // The link is published (mesh state) before the snapshot reads the
     // table; a join elsewhere writes the table before reading the link
@@ -237,10 +238,14 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
                 let msg = format!("dialled node {name:?} but {:?} answered", w.node.as_str());
                 return Err((ErrorCode::NOT_ALLOWED, msg));
             }
-            conn.features
-                .set(w.features & crate::protocol::features::ALL);
+            let features = w.features & crate::protocol::features::ALL;
+            conn.features.set(features);
             conn.peer_max.set(w.max_message_size as usize);
-            if mesh.dial_welcomed(i, shard.index, conn.seq) {
+            let params = LinkParams {
+                max_message_size: u64::from(w.max_message_size),
+                features: u64::from(features),
+            };
+            if mesh.dial_welcomed(i, shard.index, conn.seq, params) {
                 link_up(shard, conn, i, &name);
             } else {
                 // A link from the peer was admitted meanwhile: this one goes.
@@ -432,17 +437,17 @@ pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
         let c = &shard.shared.cluster.counters[i];
         c.queued_frames.store(0, Relaxed);
         c.queued_bytes.store(0, Relaxed);
-        // Barriers waiting on the link pass (a new link starts with a
-        // snapshot that holds every join); its view ends.
-        super::link_gone(shard, i, conn.seq);
     }
+    // Barriers waiting on this link pass (a new link starts with a
+    // snapshot that holds every join); its view ends. Keyed by the
+    // connection: a newer link of the peer on this shard keeps its own.
+    super::link_gone(shard, i, conn.seq);
     shard.links.remove(i, conn.seq);
     shard.links.forget_heard(i);
     let mesh = &shard.shared.cluster;
-    let slot = mesh.slot(i);
-    let removed = slot.as_ref().is_none_or(|p| p.removed);
-    let name = slot.map(|p| p.name).unwrap_or_default();
-    mesh.down(i, shard.index, conn.seq, || {
+    let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
+    // Whether a reload removed the peer is read under the mesh's lock.
+    mesh.down(i, shard.index, conn.seq, |removed| {
         node_down(shard, i, &name, removed)
     });
 }

@@ -173,7 +173,7 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
     match shard.shared.cluster.link_of(i) {
         Some((s, seq)) if s == shard.index => match shard.links.get_if(i, seq) {
             Some(conn) => link::push_link(shard, &conn, i, frame),
-            None => drop_for_peer(shard, i),
+            None => lost_for_peer(shard, i, &frame),
         },
         Some((s, seq)) => shard.send_to(
             s,
@@ -184,7 +184,18 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
                 producer: shard.producer(),
             }),
         ),
-        None => drop_for_peer(shard, i),
+        None => lost_for_peer(shard, i, &frame),
+    }
+}
+
+/// `frame` for peer `i` could not be queued (no link up, or the link it
+/// was routed to is gone): counted if it is a message (membership news is
+/// not: the peer's next snapshot holds it).
+fn lost_for_peer(shard: &Shard, i: usize, frame: &[u8]) {
+    let message = crate::protocol::group_message_parts(frame).is_some()
+        || frame.get(crate::protocol::LEN_PREFIX) == Some(&FrameType::FORWARD_DIRECT.0);
+    if message {
+        drop_for_peer(shard, i);
     }
 }
 
@@ -375,7 +386,7 @@ pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
             let _p = shard.producing(producer);
             match shard.links.get_if(peer, seq) {
                 Some(conn) => link::push_link(shard, &conn, peer, frame),
-                None => drop_for_peer(shard, peer),
+                None => lost_for_peer(shard, peer, &frame),
             }
         }
         ClusterMsg::Barrier {
