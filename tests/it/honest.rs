@@ -923,6 +923,33 @@ async fn a_node_with_only_publishers_dying_is_told_to_subscribers() {
     }
 }
 
+/// The same when the group was emptied and created again on node1 between
+/// node3's publishes (a new group entry of the same name): the members of
+/// the group as it is now are told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_node_dying_is_told_to_a_recreated_group() {
+    let mut c = Cluster::start("honest-recreated", 3, QUICK).await;
+    let g = "recreated";
+    let p = Member::connect(c.addr(2)).await;
+    let first = Member::joined(c.addr(0), g).await;
+    p.wait_view(g, &[first.id()]).await;
+    p.publish(g, payload("p", 0, 16)).await;
+    first.wait_messages(g, 1).await;
+    // The group empties everywhere (node1 forgets it), then comes back.
+    first.client.leave(g).await.expect("leave");
+    until("node1 to forget the group", || {
+        stats(c.addr(0))["groups"] == 0
+    })
+    .await;
+    let again = Member::joined(c.addr(0), g).await;
+    p.wait_view(g, &[again.id()]).await;
+    p.publish(g, payload("p", 1, 16)).await;
+    again.wait_messages(g, 1).await;
+    c.nodes[2].kill9();
+    again.wait_membership(g, "node3", Reason::NodeDown).await;
+    assert_eq!(again.memberships(g, "node3", Reason::NodeDown).len(), 1);
+}
+
 // ---------------------------------------------------------------------------
 // 4. Gaps.
 
