@@ -508,6 +508,11 @@ impl Mesh {
     pub fn heard(&self, i: usize, group: &Group) {
         if let Some(h) = self.heard.get(i) {
             let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() >= MAX_HEARD {
+                // Groups with no member here any more have nobody to tell
+                // (and the entries they pin are dead): let them go.
+                h.retain(|_, g| g.shard_mask() != 0);
+            }
             // Bounded: past this a node-down reaches only the groups with
             // the lost node's members.
             if h.len() < MAX_HEARD {

@@ -478,6 +478,14 @@ pub fn encode_group_message_raw(
 /// (group, sender, seq, payload) of an encoded group message.
 pub type GroupMessageParts<'a> = (&'a [u8], &'a [u8], Option<u64>, &'a [u8]);
 
+/// True when an encoded frame carries a message for members (a group
+/// message or a `FORWARD_DIRECT`), as opposed to control or membership
+/// news: what counts as a lost message when it cannot be delivered.
+pub fn is_message_frame(frame: &[u8]) -> bool {
+    group_message_parts(frame).is_some()
+        || frame.get(LEN_PREFIX) == Some(&FrameType::FORWARD_DIRECT.0)
+}
+
 /// The parts of an encoded `DELIVER`, `DELIVER_SEQ`, `FORWARD` or
 /// `FORWARD_SEQ` frame built by this module: (group, sender, seq, payload).
 /// `None` when the frame is not one of those or is cut short.

@@ -69,8 +69,9 @@ pub struct Conn {
     pub groups: RefCell<HashSet<Group, crate::router::NameHasher>>,
     /// Client, peer, or not yet known.
     pub role: Cell<ConnRole>,
-    /// Features granted in the handshake (`protocol::features`): a client
-    /// with `SEQ` gets `DELIVER_SEQ`, a peer with it `FORWARD_SEQ`.
+    /// Features granted to a client in the handshake
+    /// (`protocol::features`): with `SEQ` it gets `DELIVER_SEQ`. (A peer
+    /// link's are in the mesh's counters, read by the publish path.)
     pub features: Cell<u32>,
     /// A peer's `max_message_size` from its `HELLO` or `WELCOME` (0: not
     /// said; ours is assumed).
@@ -418,7 +419,7 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
     loop {
-        let decoded = decode_some(shard, conn, buf, max_frame, live.messages_per_iter);
+        let decoded = decode_some(shard, conn, buf, &live, max_frame);
         if !matches!(decoded, Decoded::Done) {
             // What this turn queued is written while others have theirs.
             super::io::submit_pending(shard.uring);
@@ -458,11 +459,11 @@ fn decode_some(
     shard: &Rc<Shard>,
     conn: &Rc<Conn>,
     buf: &mut BytesMut,
+    live: &Live,
     max_frame: usize,
-    per_turn: usize,
 ) -> Decoded {
     let _producing = shard.producing(Some(conn.gate.clone()));
-    for _ in 0..per_turn {
+    for _ in 0..live.messages_per_iter {
         if conn.out.phase() != Phase::Open {
             return Decoded::Done;
         }
@@ -472,7 +473,7 @@ fn decode_some(
         // The common case, a client's PUBLISH, is handled where it lies in
         // the buffer: no frame value, no reference counts. Anything else,
         // or anything wrong with it, takes the general path below.
-        if let Some(len) = publish_in_place(shard, conn, buf, max_frame) {
+        if let Some(len) = publish_in_place(shard, conn, buf, max_frame, live.max_message_size) {
             ShardStats::add(&shard.stats().msgs_in, 1);
             buf.advance(len);
             continue;
@@ -506,7 +507,13 @@ fn decode_some(
 /// `None` (incomplete, another frame, or invalid: the decoder then answers
 /// it as usual).
 #[inline]
-fn publish_in_place(shard: &Shard, conn: &Conn, buf: &[u8], max_frame: usize) -> Option<usize> {
+fn publish_in_place(
+    shard: &Shard,
+    conn: &Conn,
+    buf: &[u8],
+    max_frame: usize,
+    max_payload: usize,
+) -> Option<usize> {
     if buf.len() < LEN_PREFIX + 2 || buf[LEN_PREFIX] != FrameType::PUBLISH.0 || !conn.is_client() {
         return None;
     }
@@ -518,7 +525,7 @@ fn publish_in_place(shard: &Shard, conn: &Conn, buf: &[u8], max_frame: usize) ->
     let (&glen, rest) = body.split_first()?;
     let group = rest.get(..usize::from(glen))?;
     let payload = &rest[usize::from(glen)..];
-    if validate_name(group).is_err() || payload.len() > shard.live.get().max_message_size {
+    if validate_name(group).is_err() || payload.len() > max_payload {
         return None;
     }
     shard.publish(conn, group, payload);

@@ -138,9 +138,8 @@ mod tests {
     use bytes::Bytes;
 
     fn deliver(len: usize, g: &Arc<Gate>) -> ShardMsg {
-        ShardMsg::Deliver {
-            frame: Bytes::from(vec![0u8; len]),
-            seq: None,
+        ShardMsg::DeliverBatch {
+            frames: vec![(Bytes::from(vec![0u8; len]), None)],
             producer: Some(g.clone()),
         }
     }

@@ -14,35 +14,16 @@
 use crate::router::{Group, GroupEntry};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 /// Groups a connection numbers publishes for before it starts over.
 pub const MAX_GROUPS: usize = 16_384;
 
-/// Hashes an entry address: a multiply, enough for pointers (which the
-/// client does not choose).
-#[derive(Default)]
-pub struct AddrHasher(u64);
-
-impl Hasher for AddrHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.0 = (n as u64)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(26);
-    }
-}
-
 /// One connection's publish counters.
 #[derive(Default)]
-pub struct PubSeqs(RefCell<HashMap<usize, (Group, u64), BuildHasherDefault<AddrHasher>>>);
+pub struct PubSeqs(RefCell<HashMap<usize, (Group, u64), AddrHash>>);
+
+/// Hashes entry addresses (not chosen by clients: no seed needed).
+pub type AddrHash = foldhash::fast::FixedState;
 
 impl PubSeqs {
     /// The next sequence number of a publish to `entry`'s group (1 for

@@ -492,15 +492,6 @@ impl Shard {
                 let delivered: u64 = frames.iter().map(|(f, s)| self.deliver_here(f, *s)).sum();
                 ShardStats::add(&self.stats().deliveries, delivered);
             }
-            ShardMsg::Deliver {
-                frame,
-                seq,
-                producer,
-            } => {
-                let _p = self.producing(producer);
-                let n = self.deliver_here(&frame, seq);
-                ShardStats::add(&self.stats().deliveries, n);
-            }
             ShardMsg::Event {
                 frame,
                 seq,

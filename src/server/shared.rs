@@ -19,17 +19,6 @@ use std::time::Instant;
 /// (a slow member there), and the inbox does when it is over its bound.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// A group message (DELIVER or DELIVER_SEQ frame) for the local
-    /// members of its group (the frame's first field).
-    Deliver {
-        /// The encoded frame, shared by all recipients.
-        frame: Bytes,
-        /// The publish's sequence number (also in the frame when it is a
-        /// DELIVER_SEQ; None when it came from a peer that numbers nothing).
-        seq: Option<u64>,
-        /// Who made it.
-        producer: Option<Arc<Gate>>,
-    },
     /// Group messages (DELIVER or DELIVER_SEQ frames, with their publish
     /// numbers) for the local members of their groups: what one producer's
     /// turn routed to the receiving shard, in order, in one message.
@@ -72,8 +61,7 @@ impl ShardMsg {
     /// bookkeeping; control messages count nothing.
     pub fn cost(&self) -> usize {
         match self {
-            ShardMsg::Deliver { frame, .. }
-            | ShardMsg::Event { frame, .. }
+            ShardMsg::Event { frame, .. }
             | ShardMsg::Direct { frame, .. }
             | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 frame.len() + super::inbox::MSG_OVERHEAD
@@ -91,31 +79,18 @@ impl ShardMsg {
     pub fn messages(&self) -> u64 {
         match self {
             ShardMsg::DeliverBatch { frames, .. } => frames.len() as u64,
-            m => u64::from(m.carries_message()),
-        }
-    }
-
-    /// True when the message carries a message for members or a peer (what
-    /// is counted as dropped if it is never handled).
-    pub fn carries_message(&self) -> bool {
-        match self {
-            ShardMsg::Deliver { .. } | ShardMsg::Direct { .. } | ShardMsg::DeliverBatch { .. } => {
-                true
-            }
+            ShardMsg::Direct { .. } => 1,
             ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
-                crate::protocol::group_message_parts(frame).is_some()
-                    || frame.get(crate::protocol::LEN_PREFIX)
-                        == Some(&crate::protocol::FrameType::FORWARD_DIRECT.0)
+                u64::from(crate::protocol::is_message_frame(frame))
             }
-            _ => false,
+            _ => 0,
         }
     }
 
     /// The producer of the message's frame, if any.
     pub fn producer(&self) -> Option<&Arc<Gate>> {
         match self {
-            ShardMsg::Deliver { producer, .. }
-            | ShardMsg::DeliverBatch { producer, .. }
+            ShardMsg::DeliverBatch { producer, .. }
             | ShardMsg::Event { producer, .. }
             | ShardMsg::Direct { producer, .. }
             | ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { producer, .. }) => {

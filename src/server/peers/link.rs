@@ -71,7 +71,6 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
                 idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
                 features,
             };
-            conn.features.set(features);
             conn.peer_max.set(hello.max_message_size as usize);
             shard.push(conn, Frame::Welcome(welcome).to_bytes());
             link_up(shard, conn, i, &name);
@@ -239,7 +238,6 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
                 return Err((ErrorCode::NOT_ALLOWED, msg));
             }
             let features = w.features & crate::protocol::features::ALL;
-            conn.features.set(features);
             conn.peer_max.set(w.max_message_size as usize);
             let params = LinkParams {
                 max_message_size: u64::from(w.max_message_size),

@@ -25,14 +25,13 @@ use crate::protocol::{encode_group_message_raw, features, Frame, FrameType, Memb
 use crate::router::Group;
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
-use crate::server::seqs::AddrHasher;
+use crate::server::seqs::AddrHash;
 use crate::server::shard::Shard;
 use crate::server::shared::{ShardMsg, Shared};
 use crate::stats::ShardStats;
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::hash::BuildHasherDefault;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -92,7 +91,7 @@ pub struct ShardLinks {
     /// (peer, group entry address) of the groups a link here forwarded
     /// publishes for: a cheap check before the mesh's own list (which
     /// holds the groups, so no address is reused while it is here).
-    heard: RefCell<HashSet<(usize, usize), BuildHasherDefault<AddrHasher>>>,
+    heard: RefCell<HashSet<(usize, usize), AddrHash>>,
     /// The barrier `PING`s in flight on the links here, each holding
     /// (waiting shard, barrier id).
     barriers: RefCell<Barriers<(usize, u64)>>,
@@ -192,9 +191,7 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
 /// was routed to is gone): counted if it is a message (membership news is
 /// not: the peer's next snapshot holds it).
 fn lost_for_peer(shard: &Shard, i: usize, frame: &[u8]) {
-    let message = crate::protocol::group_message_parts(frame).is_some()
-        || frame.get(crate::protocol::LEN_PREFIX) == Some(&FrameType::FORWARD_DIRECT.0);
-    if message {
+    if crate::protocol::is_message_frame(frame) {
         drop_for_peer(shard, i);
     }
 }
