@@ -85,6 +85,27 @@ pub fn decode(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, Dec
     decode_body(FrameType(ty), body).map(Some)
 }
 
+/// A whole, valid `PUBLISH` at the front of `buf`, read where it lies:
+/// (its length with the prefix, the group, the payload). `None` when the
+/// front is anything else, incomplete, or invalid: [`decode`] then gives
+/// the frame or its error as usual. The server's fast path for the most
+/// common frame: no frame value, no reference counts.
+#[inline]
+pub fn peek_publish(buf: &[u8], max_frame: usize) -> Option<(usize, &[u8], &[u8])> {
+    if buf.get(LEN_PREFIX) != Some(&FrameType::PUBLISH.0) {
+        return None;
+    }
+    let n = u32::from_be_bytes(buf.get(..LEN_PREFIX)?.try_into().ok()?) as usize;
+    if n > max_frame {
+        return None;
+    }
+    let body = buf.get(LEN_PREFIX + 1..LEN_PREFIX + n)?;
+    let (&glen, rest) = body.split_first()?;
+    let group = rest.get(..usize::from(glen))?;
+    super::names::validate_name(group).ok()?;
+    Some((LEN_PREFIX + n, group, &rest[usize::from(glen)..]))
+}
+
 /// Reads and checks the length prefix, if four bytes are there.
 ///
 /// # Errors
@@ -787,6 +808,36 @@ mod tests {
             );
         }
         assert_eq!(group_message_parts(&Frame::Noop.to_bytes()), None);
+    }
+
+    /// The fast path reads exactly what the decoder reads, and leaves
+    /// everything else (other types, incomplete, invalid) to it.
+    #[test]
+    fn peek_publish_agrees_with_decode() {
+        let mut ok = BytesMut::new();
+        encode_publish(&mut ok, &g("orders"), b"hello");
+        let len = ok.len();
+        assert_eq!(
+            peek_publish(&ok, 1024),
+            Some((len, &b"orders"[..], &b"hello"[..]))
+        );
+        let mut copy = ok.clone();
+        assert!(matches!(
+            decode(&mut copy, 1024),
+            Ok(Some(Frame::Publish { .. }))
+        ));
+        assert_eq!(peek_publish(&ok[..len - 1], 1024), None, "incomplete");
+        assert_eq!(peek_publish(&ok, len - 5), None, "over the frame limit");
+        let mut bad = ok.to_vec();
+        bad[6] = b' ';
+        assert_eq!(peek_publish(&bad, 1024), None, "invalid name");
+        assert_eq!(peek_publish(&[0, 0, 0, 0, 0x12], 1024), None, "N = 0");
+        assert_eq!(peek_publish(&[0, 0, 0, 1, 0x12], 1024), None, "no group");
+        assert_eq!(
+            peek_publish(&Frame::Noop.to_bytes(), 1024),
+            None,
+            "another type"
+        );
     }
 
     #[test]

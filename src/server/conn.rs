@@ -11,8 +11,8 @@ use super::outbound::{write_loop, Outbound, Phase, Written};
 use super::shard::{Kill, Shard};
 use super::Live;
 use crate::protocol::{
-    decode, list_budget, max_frame_for, split_by_size, validate_name, ErrorCode, Frame, FrameType,
-    GroupName, Hello, MemberId, Reason, Role, Welcome, LEN_PREFIX, PROTOCOL_VERSION,
+    decode, list_budget, max_frame_for, peek_publish, split_by_size, ErrorCode, Frame, GroupName,
+    Hello, MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
 };
 use crate::router::Group;
 use crate::stats::ShardStats;
@@ -514,22 +514,15 @@ fn publish_in_place(
     max_frame: usize,
     max_payload: usize,
 ) -> Option<usize> {
-    if buf.len() < LEN_PREFIX + 2 || buf[LEN_PREFIX] != FrameType::PUBLISH.0 || !conn.is_client() {
+    if !conn.is_client() {
         return None;
     }
-    let n = u32::from_be_bytes(buf[..LEN_PREFIX].try_into().ok()?) as usize;
-    if n == 0 || n > max_frame || buf.len() < LEN_PREFIX + n {
-        return None;
-    }
-    let body = &buf[LEN_PREFIX + 1..LEN_PREFIX + n];
-    let (&glen, rest) = body.split_first()?;
-    let group = rest.get(..usize::from(glen))?;
-    let payload = &rest[usize::from(glen)..];
-    if validate_name(group).is_err() || payload.len() > max_payload {
+    let (len, group, payload) = peek_publish(buf, max_frame)?;
+    if payload.len() > max_payload {
         return None;
     }
     shard.publish(conn, group, payload);
-    Some(LEN_PREFIX + n)
+    Some(len)
 }
 
 fn protocol_error(shard: &Shard, conn: &Conn, code: ErrorCode, msg: &str) {
