@@ -484,16 +484,80 @@ pub fn encode_group_message_raw(
     seq: Option<u64>,
     payload: &[u8],
 ) -> Bytes {
-    let body = 2 + group.len() + sender.len() + seq.map_or(0, |_| 8) + payload.len();
-    let mut dst = BytesMut::with_capacity(LEN_PREFIX + 1 + body);
-    header(&mut dst, ty, body);
-    put_str8(&mut dst, group);
-    put_str8(&mut dst, sender);
-    if let Some(seq) = seq {
-        dst.put_u64(seq);
+    GroupMessage {
+        ty,
+        group,
+        sender,
+        seq,
+        payload,
     }
-    dst.put_slice(payload);
-    dst.freeze()
+    .encode()
+}
+
+/// A group message to encode (`DELIVER`, `DELIVER_SEQ`, `FORWARD` or
+/// `FORWARD_SEQ`; `seq` set for the numbered forms) from raw, already
+/// valid names.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupMessage<'a> {
+    /// The frame type.
+    pub ty: FrameType,
+    /// The group's name.
+    pub group: &'a [u8],
+    /// The sender's member id.
+    pub sender: &'a [u8],
+    /// The publish number, for the numbered forms.
+    pub seq: Option<u64>,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+impl GroupMessage<'_> {
+    /// Names are validated to at most 255 bytes; longer input is cut,
+    /// never wrapped.
+    fn name(s: &[u8]) -> &[u8] {
+        &s[..s.len().min(255)]
+    }
+
+    /// The length of the encoded frame.
+    pub fn len(&self) -> usize {
+        LEN_PREFIX + 1 + self.body_len()
+    }
+
+    /// Never empty: a frame has at least its header.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    fn body_len(&self) -> usize {
+        2 + Self::name(self.group).len()
+            + Self::name(self.sender).len()
+            + self.seq.map_or(0, |_| 8)
+            + self.payload.len()
+    }
+
+    /// Appends the frame to `dst` (frames for another shard are packed
+    /// back to back in one buffer).
+    pub fn put<B: BufMut>(&self, dst: &mut B) {
+        let (group, sender) = (Self::name(self.group), Self::name(self.sender));
+        // Frames are bounded by the frame limit (far below 4 GiB) before encoding.
+        dst.put_u32((self.body_len() + 1) as u32);
+        dst.put_u8(self.ty.0);
+        dst.put_u8(group.len() as u8);
+        dst.put_slice(group);
+        dst.put_u8(sender.len() as u8);
+        dst.put_slice(sender);
+        if let Some(seq) = self.seq {
+            dst.put_u64(seq);
+        }
+        dst.put_slice(self.payload);
+    }
+
+    /// The frame, in a buffer of its own.
+    pub fn encode(&self) -> Bytes {
+        let mut dst = BytesMut::with_capacity(self.len());
+        self.put(&mut dst);
+        dst.freeze()
+    }
 }
 
 /// (group, sender, seq, payload) of an encoded group message.

@@ -11,7 +11,7 @@ pub mod names;
 pub use codec::{
     decode, decode_body, encode_group_message, encode_group_message_raw, encode_membership,
     encode_membership_batch, encode_publish, group_message_parts, group_of, is_message_frame,
-    peek_len, peek_publish, DecodeError, FRAME_OVERHEAD, LEN_PREFIX,
+    peek_len, peek_publish, DecodeError, GroupMessage, FRAME_OVERHEAD, LEN_PREFIX,
 };
 pub use frame::{
     features, snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason,

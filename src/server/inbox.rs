@@ -138,8 +138,10 @@ mod tests {
     use bytes::Bytes;
 
     fn deliver(len: usize, g: &Arc<Gate>) -> ShardMsg {
+        let mut frames = crate::server::shared::FrameBatch::default();
+        frames.push_shared(Bytes::from(vec![0u8; len]), None);
         ShardMsg::DeliverBatch {
-            frames: vec![(Bytes::from(vec![0u8; len]), None)],
+            frames,
             producer: Some(g.clone()),
         }
     }

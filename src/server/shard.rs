@@ -14,11 +14,11 @@ use super::flow::Gate;
 use super::io::Listener;
 use super::membership::{Batches, Members};
 use super::outbound::Push;
-use super::shared::{ShardMsg, Shared};
+use super::shared::{FrameBatch, ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
-    encode_group_message_raw, group_message_parts, group_of, ErrorCode, Frame, FrameType, MemberId,
-    LEN_PREFIX,
+    encode_group_message_raw, group_message_parts, group_of, ErrorCode, Frame, FrameType,
+    GroupMessage, MemberId, LEN_PREFIX,
 };
 use crate::router::{bits, Group};
 use crate::stats::ShardStats;
@@ -29,17 +29,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// Group messages for another shard: frames and their publish numbers.
-type Batch = Vec<(Bytes, Option<u64>)>;
-
-/// Most group messages for one shard gathered before they are sent (a
-/// producer's turn normally ends well before: `messages_per_iter` frames).
-const OUTGOING_MAX: usize = 256;
-/// Most bytes of group messages for one shard gathered before they are
-/// sent: a shard's inbox passes its bound by at most this (plus one frame)
-/// per producer.
-const OUTGOING_BYTES: usize = 64 * 1024;
 
 /// Why a connection is being closed, for counting what it held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +62,7 @@ pub struct Shard {
     pub(super) batches: Batches,
     /// Group messages routed to other shards in the current producer's
     /// turn, by destination shard (see [`Shard::flush_outgoing`]).
-    outgoing: RefCell<Vec<(Batch, usize)>>,
+    outgoing: RefCell<Vec<FrameBatch>>,
     /// Set while `outgoing` holds anything.
     outgoing_any: Cell<bool>,
     /// Join acknowledgements waiting for the cluster.
@@ -165,16 +154,24 @@ impl Shard {
     /// Queues a group message for shard `s`'s members: it leaves with the
     /// others this producer routes there in its turn, in one inbox message
     /// (see [`Shard::flush_outgoing`]).
-    fn queue_deliver(&self, s: usize, frame: Bytes, seq: Option<u64>) {
+    fn queue_deliver(
+        &self,
+        s: usize,
+        msg: &GroupMessage<'_>,
+        shared: Option<&Bytes>,
+        seq: Option<u64>,
+    ) {
         let full = {
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
-                out.resize_with(self.shared.shards(), || (Vec::new(), 0));
+                out.resize_with(self.shared.shards(), FrameBatch::default);
             }
-            let (batch, bytes) = &mut out[s];
-            *bytes += frame.len();
-            batch.push((frame, seq));
-            batch.len() >= OUTGOING_MAX || *bytes >= OUTGOING_BYTES
+            let batch = &mut out[s];
+            match shared {
+                Some(frame) => batch.push_shared(frame.clone(), seq),
+                None => batch.push_packed(msg, seq),
+            }
+            batch.full()
         };
         self.outgoing_any.set(true);
         if full {
@@ -190,16 +187,13 @@ impl Shard {
         if !self.outgoing_any.replace(false) {
             return;
         }
-        let batches: Vec<(usize, Batch)> = self
+        let batches: Vec<(usize, FrameBatch)> = self
             .outgoing
             .borrow_mut()
             .iter_mut()
             .enumerate()
-            .filter(|(_, (v, _))| !v.is_empty())
-            .map(|(s, (v, bytes))| {
-                *bytes = 0;
-                (s, std::mem::take(v))
-            })
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(s, b)| (s, std::mem::take(b)))
             .collect();
         for (s, frames) in batches {
             let producer = self.producer();
@@ -346,61 +340,81 @@ impl Shard {
     /// `left` by the caller; a push that failed was counted by
     /// [`Shard::push`]'s reasons). The other form is built at most once.
     #[inline]
-    pub fn to_local_members(&self, name: &[u8], frame: &Bytes, seq: Option<u64>) -> Option<u64> {
-        let members = self.members.borrow();
-        let list = members.get(name)?;
+    pub fn to_local_members(&self, name: &[u8], frame: Bytes, seq: Option<u64>) -> Option<u64> {
+        let list = std::cell::Ref::filter_map(self.members.borrow(), |m| m.get(name)).ok()?;
+        Some(self.to_list(&list, frame, seq))
+    }
+
+    /// Queues `frame` to every member in `list`; returns how many took it.
+    fn to_list(&self, list: &Members, frame: Bytes, seq: Option<u64>) -> u64 {
         let now = self.clock.get();
         let producer = self.producer.borrow();
-        let framed_seq = is_seq_frame(frame);
+        let framed_seq = is_seq_frame(&frame);
+        let mut frame = frame;
         let mut other: Option<Bytes> = None;
         let mut n = 0;
-        for m in list {
+        let last = list.len().saturating_sub(1);
+        for (i, m) in list.iter().enumerate() {
             // A member that asked for numbers gets the plain form only when
             // the message has none (from a peer that numbers nothing).
             let f = if m.seq == framed_seq || (m.seq && seq.is_none()) {
-                frame.clone()
+                // The last member takes the frame itself: a frame for one
+                // member is never shared (sharing costs an allocation).
+                if i == last {
+                    std::mem::take(&mut frame)
+                } else {
+                    frame.clone()
+                }
             } else {
                 other
-                    .get_or_insert_with(|| recode(frame, seq.filter(|_| m.seq)))
+                    .get_or_insert_with(|| recode(&frame, seq.filter(|_| m.seq)))
                     .clone()
             };
             n += u64::from(self.push_from(&m.conn, f, now, producer.as_ref()));
         }
-        Some(n)
+        n
     }
 
     /// Delivers one group message that another shard or node routed here,
     /// counting it `left` when its group has no member here any more.
-    fn deliver_here(&self, frame: &Bytes, seq: Option<u64>) -> u64 {
-        let n = group_of(frame).and_then(|g| self.to_local_members(g, frame, seq));
+    fn deliver_here(&self, frame: Bytes, seq: Option<u64>) -> u64 {
+        let list = group_of(&frame)
+            .and_then(|g| std::cell::Ref::filter_map(self.members.borrow(), |m| m.get(g)).ok());
+        let n = list.map(|list| self.to_list(&list, frame, seq));
         if n.is_none() {
             ShardStats::add(&self.stats().dropped_left, 1);
         }
         n.unwrap_or(0)
     }
 
-    /// Queues `frame` (a DELIVER or DELIVER_SEQ of group `name`) to the
-    /// group's members on every shard in `mask`. Returns the local
-    /// deliveries.
-    pub fn to_shards(&self, name: &[u8], frame: &Bytes, mask: u64, seq: Option<u64>) -> u64 {
-        let mut local = 0;
-        for s in bits(mask) {
-            if s == self.index {
-                local = self.to_local_members(name, frame, seq).unwrap_or_else(|| {
-                    // Its last member here left since the route was read.
-                    ShardStats::add(&self.stats().dropped_left, 1);
-                    0
-                });
-            } else {
-                self.queue_deliver(s, frame.clone(), seq);
-            }
+    /// Routes `msg` (a DELIVER or DELIVER_SEQ with publish number `seq`)
+    /// to its group's members on every shard in `mask`, encoded once for
+    /// the members here and, when small, straight into each other shard's
+    /// batch (see `FrameBatch`). Returns the local deliveries.
+    pub fn to_shards(&self, msg: &GroupMessage<'_>, mask: u64, seq: Option<u64>) -> u64 {
+        let here = mask & (1 << self.index) != 0;
+        let others = mask & !(1 << self.index);
+        // Small frames are packed into each other shard's batch; a large
+        // one is encoded once and shared (see `FrameBatch`).
+        let shared = (others != 0 && msg.len() > FrameBatch::PACK_MAX).then(|| msg.encode());
+        for s in bits(others) {
+            self.queue_deliver(s, msg, shared.as_ref(), seq);
         }
-        local
+        if !here {
+            return 0;
+        }
+        let frame = shared.unwrap_or_else(|| msg.encode());
+        self.to_local_members(msg.group, frame, seq)
+            .unwrap_or_else(|| {
+                // Its last member here left since the route was read.
+                ShardStats::add(&self.stats().dropped_left, 1);
+                0
+            })
     }
 
-    /// Routes a publish by `conn` to `group`: numbered, encoded once,
-    /// queued by reference to local members, once per other shard, once
-    /// per peer.
+    /// Routes a publish by `conn` to `group`: numbered, encoded once for
+    /// this shard and once into each other shard's batch (shared by
+    /// reference among the members there), once per peer.
     pub fn publish(&self, conn: &Conn, group: &[u8], payload: &[u8]) {
         let st = self.stats();
         ShardStats::add(&st.publishes, 1);
@@ -416,18 +430,18 @@ impl Shard {
         };
         if shards != 0 {
             let numbered = seq_shards & shards != 0;
-            let frame = encode_group_message_raw(
-                if numbered {
+            let msg = GroupMessage {
+                ty: if numbered {
                     FrameType::DELIVER_SEQ
                 } else {
                     FrameType::DELIVER
                 },
                 group,
-                conn.id.as_bytes(),
-                numbered.then_some(seq),
+                sender: conn.id.as_bytes(),
+                seq: numbered.then_some(seq),
                 payload,
-            );
-            let n = self.to_shards(group, &frame, shards, Some(seq));
+            };
+            let n = self.to_shards(&msg, shards, Some(seq));
             ShardStats::add(&st.deliveries, n);
         }
         if remote {
@@ -489,7 +503,10 @@ impl Shard {
         match msg {
             ShardMsg::DeliverBatch { frames, producer } => {
                 let _p = self.producing(producer);
-                let delivered: u64 = frames.iter().map(|(f, s)| self.deliver_here(f, *s)).sum();
+                let delivered: u64 = frames
+                    .into_frames()
+                    .map(|(f, s)| self.deliver_here(f, s))
+                    .sum();
                 ShardStats::add(&self.stats().deliveries, delivered);
             }
             ShardMsg::Event {

@@ -5,8 +5,8 @@ use super::{route_to_peer, ClusterMsg};
 use crate::cluster::machine::ViewAction;
 use crate::cluster::mesh::LinkParams;
 use crate::protocol::{
-    encode_group_message_raw, encode_membership, list_budget, snapshot_flags, split_by_size,
-    ErrorCode, Frame, FrameType, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
+    encode_membership, list_budget, snapshot_flags, split_by_size, ErrorCode, Frame, FrameType,
+    GroupMessage, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, Reject};
 use crate::server::shard::{Kill, Shard};
@@ -292,17 +292,19 @@ fn deliver_forward(
         ShardStats::add(&shard.stats().dropped_left, 1);
         return;
     }
-    let frame = match seq {
-        Some(n) if seq_mask & mask != 0 => encode_group_message_raw(
-            FrameType::DELIVER_SEQ,
-            group.as_bytes(),
-            sender.as_bytes(),
-            Some(n),
-            payload,
-        ),
-        _ => crate::protocol::encode_group_message(FrameType::DELIVER, group, sender, payload),
+    let numbered = seq.filter(|_| seq_mask & mask != 0);
+    let msg = GroupMessage {
+        ty: if numbered.is_some() {
+            FrameType::DELIVER_SEQ
+        } else {
+            FrameType::DELIVER
+        },
+        group: group.as_bytes(),
+        sender: sender.as_bytes(),
+        seq: numbered,
+        payload,
     };
-    let n = shard.to_shards(group.as_bytes(), &frame, mask, seq);
+    let n = shard.to_shards(&msg, mask, seq);
     ShardStats::add(&shard.stats().deliveries, n);
 }
 
