@@ -431,7 +431,7 @@ fn choose_backend(want: IoBackend) -> Result<bool, Error> {
         IoBackend::Auto => match io::uring_available() {
             Ok(()) => Ok(true),
             Err(e) => {
-                tracing::warn!(error = %e, "io_uring is not available here (seccomp or kernel.io_uring_disabled?); using epoll");
+                tracing::warn!(target: crate::logging::OPS, error = %e, "io_uring is not available here (seccomp or kernel.io_uring_disabled?); using epoll");
                 Ok(false)
             }
         },

@@ -271,6 +271,88 @@ fn a_shard_that_cannot_start_fails_the_start() {
     }
 }
 
+/// `msgc-server ARGS` with io_uring's three system calls refused by a
+/// seccomp filter (EPERM), as Docker's and containerd's default profiles
+/// do.
+fn spawn_without_io_uring(args: &[&str]) -> Logged {
+    use std::os::unix::process::CommandExt;
+    const LD_NR: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS, offset 0: the number
+    const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RET: u16 = 0x06; // BPF_RET | BPF_K
+    const ALLOW: u32 = 0x7fff_0000;
+    const EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    // io_uring_setup, _enter, _register: 425, 426, 427 on every
+    // architecture this runs on.
+    let filter = [
+        op(LD_NR, 0, 0, 0),
+        op(JEQ, 3, 0, 425),
+        op(JEQ, 2, 0, 426),
+        op(JEQ, 1, 0, 427),
+        op(RET, 0, 0, ALLOW),
+        op(RET, 0, 0, EPERM),
+    ];
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    // SAFETY: runs in the child between fork and exec: two prctl calls on
+    // a filter built before the fork (nothing allocated here).
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Logged::spawn_cmd(cmd)
+}
+
+/// Where seccomp blocks io_uring, `io_backend = auto` (the default) runs on
+/// epoll and says so at the default debug_level; `io_backend = uring`
+/// fails to start, saying why.
+#[test]
+fn without_io_uring_auto_falls_back_to_epoll_and_uring_fails() {
+    let port = free_port(&["127.0.0.1"]);
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = spawn_without_io_uring(&["--listen", &listen, "--shards", "1"]);
+    let lines = banner(&mut server);
+    let first = line_of(&lines, "msgc-server: node ");
+    assert!(first.contains("(1 shards, epoll backend)"), "{first}");
+    let log = server.log();
+    assert!(
+        log.contains("io_uring is not available here") && log.contains("using epoll"),
+        "{log}"
+    );
+    assert!(line_of(&lines, "io_backend = ").ends_with("# default; running: epoll"));
+    let mut cfg = ClientConfig::with_servers([listen.clone()]);
+    cfg.connect_timeout = Duration::from_secs(5);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let client = Client::connect(cfg).await.expect("client connects");
+        client.ping().await.expect("ping");
+        let _ = client.close().await;
+    });
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+
+    let mut server = spawn_without_io_uring(&["--listen", &listen, "--io-backend", "uring"]);
+    assert_eq!(server.wait_exit(), Some(1), "{}", server.log());
+    let last = server.seen.last().cloned().unwrap_or_default();
+    assert_eq!(
+        last,
+        "msgc-server: io_backend = uring, but io_uring is not available here: \
+         Operation not permitted (os error 1) (use io_backend = auto or epoll)"
+    );
+}
+
 /// An address that is in use fails the start after `--listen-wait`, the
 /// wait said in the log; the error says its cause once.
 #[test]
