@@ -552,6 +552,27 @@ fn json_log_lines() {
             "{line}"
         );
     }
+    // A start that fails says why in JSON too.
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr").to_string();
+    let args = [
+        "--listen",
+        &taken,
+        "--listen-wait",
+        "0",
+        "--log-format",
+        "json",
+    ];
+    let mut failed = Logged::spawn(&args);
+    assert_eq!(failed.wait_exit(), Some(1), "{}", failed.log());
+    let last = failed.seen.last().cloned().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&last).expect("a JSON line");
+    assert_eq!(v["level"], "ERROR");
+    let message = v["fields"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with(&format!("cannot listen on {taken}: ")),
+        "{last}"
+    );
 }
 
 /// Per-connection messages are rate-limited: a flood of bad connections
