@@ -55,6 +55,7 @@
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod logging;
 pub mod protocol;
 pub mod router;
 pub mod server;

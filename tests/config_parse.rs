@@ -114,7 +114,10 @@ fn defaults_are_the_seeds() {
     assert!(cfg.server.peers.is_empty());
     assert_client_defaults(&cfg.client);
     assert_eq!(cfg.listener, ListenerSettings::default());
-    assert_eq!(cfg.listener.effective(cfg.server.port), vec![any(4809)]);
+    assert_eq!(
+        cfg.listen_addrs(None),
+        vec!["127.0.0.1:4809".parse::<SocketAddr>().expect("addr")]
+    );
     assert_eq!(DebugLevel::default().as_tracing_filter(), "error");
     assert_eq!(parse(""), Config::default());
 }
@@ -160,7 +163,7 @@ fn seed_samples_together() {
     let cfg = parse(&text);
     assert_eq!(cfg.server.peers, seed_peers());
     assert_server_defaults(&cfg.server);
-    assert_eq!(cfg.listener.effective(cfg.server.port), vec![any(4809)]);
+    assert_eq!(cfg.listen_addrs(None), vec![any(4809)]);
     assert_client_defaults(&cfg.client);
     assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
     let rendered = cfg.render_effective();
@@ -280,7 +283,7 @@ fn every_option_set_explicitly() {
         [
             "  node = \"\"  # default",
             "  peers = [ ]  # default",
-            "  listen \":4900\" { }  # default"
+            "  listen \"127.0.0.1:4900\" { }  # default"
         ],
         "{rendered}"
     );
@@ -298,7 +301,7 @@ fn names_are_case_insensitive() {
         (5000, secs(2))
     );
     assert_eq!(cfg.server.debug_level, DebugLevel::Info);
-    assert_eq!(cfg.listener.effective(cfg.server.port), vec![any(5000)]);
+    assert_eq!(cfg.listen_addrs(None), vec![any(5000)]);
     assert_eq!(cfg.client.server, vec!["127.0.0.1:5000".to_string()]);
     assert!(cfg.is_set("msgc_server", "connect_timeout"));
 }
@@ -432,7 +435,7 @@ fn include_is_relative_to_the_including_file() {
         (cfg.server.port, cfg.server.node.as_deref()),
         (5000, Some("a"))
     );
-    assert_eq!(cfg.listener.effective(5000), vec![any(5000)]);
+    assert_eq!(cfg.listen_addrs(None), vec![any(5000)]);
     let names: Vec<String> = cfg
         .sources
         .iter()

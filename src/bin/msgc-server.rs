@@ -2,10 +2,13 @@
 
 use anyhow::Context;
 use clap::Parser;
-use msgc::config::{Config, IoBackend, ListenAddr};
+use msgc::config::{Config, IoBackend, ListenAddr, Notes};
 use msgc::server::Server;
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use tracing_subscriber::{reload, EnvFilter};
 
 /// Cluster message bus server (Momentum msgc_server + msgcserver_listener).
@@ -19,7 +22,8 @@ struct Args {
     /// This node's name in `peers` (overrides msgc_server.node).
     #[arg(long, value_name = "NAME")]
     node: Option<String>,
-    /// Parse FILE, print the effective settings and exit (0 valid, 2 invalid).
+    /// Parse FILE, print the effective settings (with the other flags
+    /// applied) and exit (0 valid, 2 invalid).
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
     /// Listen on ADDR instead of the configured listen scopes (repeatable).
@@ -31,15 +35,32 @@ struct Args {
     /// I/O backend: auto, uring or epoll (overrides msgc_server.io_backend).
     #[arg(long, value_name = "BACKEND")]
     io_backend: Option<String>,
+    /// Seconds to wait for a listen address that is in use (the lingering
+    /// sockets of a process that just exited) before giving up.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    listen_wait: f64,
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(path) = &args.check_config {
-        return check_config(path, args.node.as_deref());
+        return check_config(path, &args);
     }
+    let json = args.log_format == "json";
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            let line = serde_json::json!({
+                "level": "ERROR",
+                "target": "msgc-server",
+                "fields": { "message": format!("{e:#}") },
+            });
+            eprintln!("{line}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("msgc-server: {e:#}");
             ExitCode::from(1)
@@ -47,36 +68,50 @@ fn main() -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path, node: Option<&str>) -> ExitCode {
-    let mut config = match Config::load(path) {
+/// `--check-config FILE`: the settings the server would run with, as far
+/// as they can be known without starting it.
+fn check_config(path: &Path, args: &Args) -> ExitCode {
+    let (config, notes) = match load(Some(path), args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{e:#}");
             return ExitCode::from(2);
         }
     };
-    if let Some(n) = node {
-        if !config.server.peers.is_empty() && config.server.peer(n).is_none() {
-            eprintln!(
-                "{}: --node {n:?} is not an entry of msgc_server.peers",
-                path.display()
-            );
-            return ExitCode::from(2);
-        }
-        config.server.node = Some(n.to_owned());
-    }
     for w in &config.warnings {
         eprintln!("warning: {w}");
     }
-    print!("{}", config.render_effective());
+    let (config, notes) = match msgc::server::plan(&config, args.node.as_deref()) {
+        Ok((node, listen)) => annotate(&config, notes, node.as_str(), &listen, None),
+        // Without --node, a config shared by several machines may name none
+        // of this one's addresses: what every node shares is still shown.
+        Err(_) if args.node.is_none() => {
+            let mut notes = notes;
+            notes.insert(
+                "msgc_server.node".into(),
+                "default: the entry of peers that is an address of the machine it runs on".into(),
+            );
+            (config, notes)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", config.render_annotated(&notes));
     ExitCode::SUCCESS
 }
 
-/// Loads the file (or the embedded default) and applies the command line.
-fn load(args: &Args) -> anyhow::Result<Config> {
-    let mut config = match &args.config {
+/// Loads `path` (or the embedded default) and applies the command line;
+/// the notes name the flag behind each value it set.
+fn load(path: Option<&Path>, args: &Args) -> anyhow::Result<(Config, Notes)> {
+    let mut config = match path {
         Some(p) => Config::load(p).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Config::default(),
+    };
+    let mut notes = Notes::new();
+    let mut note = |key: &str, flag: &str| {
+        notes.insert(key.to_owned(), format!("{flag} (command line)"));
     };
     if !args.listen.is_empty() {
         config.listener.listen = args
@@ -88,10 +123,16 @@ fn load(args: &Args) -> anyhow::Result<Config> {
                     .with_context(|| format!("--listen {a:?}: expected IP:PORT"))
             })
             .collect::<anyhow::Result<_>>()?;
+        note("msgcserver_listener.listen", "--listen");
+    }
+    if let Some(n) = &args.node {
+        config.server.node = Some(n.clone());
+        note("msgc_server.node", "--node");
     }
     if let Some(n) = args.shards {
         anyhow::ensure!((1..=64).contains(&n), "--shards {n}: expected 1 to 64");
         config.server.shards = Some(n);
+        note("msgc_server.shards", "--shards");
     }
     if let Some(b) = &args.io_backend {
         config.server.io_backend = match b.as_str() {
@@ -100,73 +141,202 @@ fn load(args: &Args) -> anyhow::Result<Config> {
             "epoll" => IoBackend::Epoll,
             other => anyhow::bail!("--io-backend {other:?}: expected auto, uring or epoll"),
         };
+        note("msgc_server.io_backend", "--io-backend");
     }
-    Ok(config)
+    Ok((config, notes))
+}
+
+/// The configuration as it is in force: the node's name, the listen
+/// addresses (as bound) and the shard count filled in, with a note saying
+/// where each came from when not from the files.
+fn annotate(
+    config: &Config,
+    mut notes: Notes,
+    node: &str,
+    listen: &[SocketAddr],
+    shards: Option<usize>,
+) -> (Config, Notes) {
+    let mut c = config.clone();
+    let mut default = |key: &str, why: String| {
+        notes.entry(key.to_owned()).or_insert(why);
+    };
+    if c.server.node.is_none() {
+        c.server.node = Some(node.to_owned());
+        let why = if c.server.peers.is_empty() {
+            "default: the host name"
+        } else {
+            "detected: the entry of peers that is an address of this machine"
+        };
+        default("msgc_server.node", why.to_owned());
+    }
+    if let (None, Some(n)) = (c.server.shards, shards) {
+        c.server.shards = Some(n);
+        default("msgc_server.shards", "default: one per CPU".to_owned());
+    }
+    let listed: Vec<SocketAddr> = c.listener.listen.iter().map(|a| a.0).collect();
+    if listed.is_empty() {
+        let why = if c.server.peers.is_empty() {
+            "default: no peers, so 127.0.0.1 on port".to_owned()
+        } else {
+            format!("default: {node}'s address in peers")
+        };
+        default("msgcserver_listener.listen", why);
+    } else if listed != listen {
+        let asked: Vec<String> = listed.iter().map(|a| ListenAddr(*a).to_string()).collect();
+        default(
+            "msgcserver_listener.listen",
+            format!("as bound ({} asked)", asked.join(", ")),
+        );
+    }
+    c.listener.listen = listen.iter().copied().map(ListenAddr).collect();
+    (c, notes)
 }
 
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
-fn init_logging(config: &Config) -> FilterHandle {
+fn init_logging(config: &Config, json: bool) -> FilterHandle {
     use tracing_subscriber::prelude::*;
     let filter = log_filter(config);
     let (layer, handle) = reload::Layer::new(filter);
+    type Filtered = tracing_subscriber::layer::Layered<
+        reload::Layer<EnvFilter, tracing_subscriber::Registry>,
+        tracing_subscriber::Registry,
+    >;
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let lines: Box<dyn tracing_subscriber::Layer<Filtered> + Send + Sync> = if json {
+        Box::new(fmt.json())
+    } else {
+        Box::new(fmt)
+    };
     tracing_subscriber::registry()
         .with(layer)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(lines)
         .init();
     handle
 }
 
-/// `RUST_LOG` when set, else `debug_level` mapped onto tracing's levels.
+/// `RUST_LOG` when set, else `debug_level` mapped onto tracing's levels;
+/// the events an operator must see ([`msgc::logging::OPS`]) always.
 fn log_filter(config: &Config) -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.server.debug_level.as_tracing_filter()))
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(msgc::logging::filter_directives(
+            config.server.debug_level.as_tracing_filter(),
+        ))
+    })
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = load(&args)?;
-    let log = init_logging(&config);
+    let (config, notes) = load(args.config.as_deref(), &args)?;
+    let log = init_logging(&config, args.log_format == "json");
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let server = Server::start(&config, args.node.as_deref())?;
+    anyhow::ensure!(
+        args.listen_wait.is_finite() && (0.0..=3600.0).contains(&args.listen_wait),
+        "--listen-wait {}: expected 0 to 3600 seconds",
+        args.listen_wait
+    );
+    let wait = Duration::from_secs_f64(args.listen_wait);
+    let signals = Signals::catch()?;
+    let server = Server::start_waiting(&config, args.node.as_deref(), wait)?;
+    let json = args.log_format == "json";
+    banner(&server, &config, notes, &args, json);
+    wait_for_signals(signals, &server, &args, &log)?;
+    if json {
+        tracing::info!(target: msgc::logging::OPS, "msgc-server: shutting down");
+    } else {
+        eprintln!("msgc-server: shutting down");
+    }
+    server.shutdown();
+    Ok(())
+}
+
+/// What runs, where, and with which settings (each marked with where it
+/// came from when not from the files): lines of text, or one log event
+/// with `--log-format json`.
+fn banner(server: &Server, config: &Config, notes: Notes, args: &Args, json: bool) {
     let source = args
         .config
         .as_ref()
         .map_or("the embedded default config".into(), |p| {
             p.display().to_string()
         });
-    eprintln!(
-        "msgc-server: node {} listening on {} ({} shards, {} backend), settings from {source}:",
-        server.node(),
-        server
-            .local_addrs()
-            .iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        server.stats_json()["shards"],
-        server.stats_json()["io_backend"].as_str().unwrap_or("?"),
+    let stats = server.stats_json();
+    let shards = stats["shards"].as_u64().unwrap_or(0);
+    let backend = stats["io_backend"].as_str().unwrap_or("?");
+    let addrs = server.local_addrs();
+    let listening = addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (shown, mut notes) = annotate(
+        config,
+        notes,
+        server.node().as_str(),
+        addrs,
+        usize::try_from(shards).ok(),
     );
-    for line in config.render_effective().lines() {
+    if config.server.io_backend == IoBackend::Auto {
+        notes
+            .entry("msgc_server.io_backend".into())
+            .or_insert_with(|| format!("default; running: {backend}"));
+    }
+    let settings = shown.render_annotated(&notes);
+    let node = server.node();
+    if json {
+        tracing::info!(target: msgc::logging::OPS, %node, listen = listening, shards, backend,
+            source, settings, "msgc-server started");
+        return;
+    }
+    eprintln!(
+        "msgc-server: node {node} listening on {listening} ({shards} shards, {backend} backend), settings from {source}:"
+    );
+    for line in settings.lines() {
         eprintln!("  {line}");
     }
-    wait_for_signals(&server, &args, &log)?;
-    eprintln!("msgc-server: shutting down");
-    server.shutdown();
-    Ok(())
+}
+
+/// The signals the server acts on, caught from before it starts (a
+/// SIGTERM right after the banner stops it cleanly).
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn catch() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let _in_rt = rt.enter();
+        let int = signal(SignalKind::interrupt())?;
+        let term = signal(SignalKind::terminate())?;
+        let hup = signal(SignalKind::hangup())?;
+        drop(_in_rt);
+        Ok(Self { rt, int, term, hup })
+    }
 }
 
 /// Blocks until SIGINT or SIGTERM; SIGHUP re-reads the configuration.
-fn wait_for_signals(server: &Server, args: &Args, log: &FilterHandle) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+fn wait_for_signals(
+    signals: Signals,
+    server: &Server,
+    args: &Args,
+    log: &FilterHandle,
+) -> anyhow::Result<()> {
+    let Signals {
+        rt,
+        mut int,
+        mut term,
+        mut hup,
+    } = signals;
     rt.block_on(async {
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = int.recv() => return Ok(()),
@@ -182,8 +352,8 @@ fn reload_config(server: &Server, args: &Args, log: &FilterHandle) {
         tracing::warn!("SIGHUP: running on the embedded default config; nothing to re-read");
         return;
     };
-    let config = match load(args) {
-        Ok(c) => c,
+    let config = match load(Some(path), args) {
+        Ok((c, _)) => c,
         Err(e) => {
             tracing::error!(
                 "SIGHUP: {} not reloaded, the running settings stay: {e:#}",

@@ -1,7 +1,7 @@
 //! `msgc`: the msgc bus from a terminal.
 //!
 //! `msgc sub GROUP…`, `msgc pub GROUP [MESSAGE]`, `msgc members GROUP`,
-//! `msgc stats [--json]`, `msgc ping`. Output meant for pipes goes to
+//! `msgc stats [--full|--json]`, `msgc cluster`, `msgc ping`. Output meant for pipes goes to
 //! stdout (payloads, member ids, stats); everything else to stderr. Errors
 //! are one line, `msgc: …`, with exit status 1; usage errors exit 2.
 
@@ -16,6 +16,9 @@ use msgc::client::{Client, ClientConfig, Event};
 use msgc::protocol::GroupName;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
+
+#[path = "msgc/summary.rs"]
+mod summary;
 
 /// Talk to an msgc server: subscribe, publish, list members, read stats.
 #[derive(Parser)]
@@ -70,12 +73,20 @@ enum Command {
         /// The group
         group: String,
     },
-    /// Print the server's counters (a table, or the raw JSON)
+    /// Print a summary of the server's state (links up, connections,
+    /// groups, drops); --full for every counter
     Stats {
+        /// Print every counter (per shard, per peer…) as tables
+        #[arg(long, conflicts_with = "json")]
+        full: bool,
         /// Print the JSON document as the server sent it (pretty-printed)
         #[arg(long)]
         json: bool,
     },
+    /// Ask the server and each of its peers for their view of the mesh, one
+    /// line per node; exit status 1 unless every node answers and sees
+    /// every link up
+    Cluster,
     /// Check that the server answers and print the round-trip time
     Ping,
 }
@@ -119,7 +130,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => sub(cfg, &groups, count, timeout, cli.verbose > 0).await,
         Command::Pub { group, message } => publish(cfg, &group, message).await,
         Command::Members { group } => members(cfg, &group).await,
-        Command::Stats { json } => stats(cfg, json).await,
+        Command::Stats { full, json } => stats(cfg, full, json).await,
+        Command::Cluster => cluster(cfg).await,
         Command::Ping => ping(cfg).await,
     }
 }
@@ -387,17 +399,75 @@ async fn ping(cfg: ClientConfig) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn stats(cfg: ClientConfig, json: bool) -> Result<ExitCode> {
+async fn stats(cfg: ClientConfig, full: bool, json: bool) -> Result<ExitCode> {
     let client = Client::connect(cfg).await?;
     let stats = client.stats().await?;
     let _ = client.close().await;
     let text = if json {
         serde_json::to_string_pretty(&stats).context("cannot format the stats")?
-    } else {
+    } else if full {
         render(&stats)
+    } else {
+        summary::node(&stats)
     };
     println!("{}", text.trim_end());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Longest wait for one node in `msgc cluster` (connect, then STATS).
+const CLUSTER_WAIT: Duration = Duration::from_secs(5);
+
+/// The first server's stats, then every peer's it lists, asked at once.
+async fn cluster(cfg: ClientConfig) -> Result<ExitCode> {
+    let first = ask_stats(cfg.clone()).await?;
+    let peers: Vec<String> = first["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["address"].as_str().map(str::to_owned))
+        .collect();
+    let asks: Vec<_> = peers
+        .iter()
+        .map(|address| {
+            let mut one = cfg.clone();
+            one.servers = vec![address.clone()];
+            tokio::spawn(ask_stats(one))
+        })
+        .collect();
+    let mut views = vec![summary::View {
+        address: cfg.servers.first().cloned().unwrap_or_default(),
+        stats: Ok(first),
+    }];
+    for (address, ask) in peers.into_iter().zip(asks) {
+        let stats = match ask.await {
+            Ok(r) => r.map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e.to_string()),
+        };
+        views.push(summary::View { address, stats });
+    }
+    let (table, healthy) = summary::cluster(&views);
+    print!("{table}");
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One node's stats document, within [`CLUSTER_WAIT`].
+async fn ask_stats(mut cfg: ClientConfig) -> Result<Value> {
+    cfg.connect_timeout = cfg.connect_timeout.min(CLUSTER_WAIT);
+    cfg.request_timeout = cfg.request_timeout.min(CLUSTER_WAIT);
+    let server = cfg.servers.first().cloned().unwrap_or_default();
+    let asked = async {
+        let client = Client::connect(cfg).await?;
+        let stats = client.stats().await?;
+        let _ = client.close().await;
+        anyhow::Ok(stats)
+    };
+    tokio::time::timeout(CLUSTER_WAIT * 2, asked)
+        .await
+        .map_err(|_| anyhow!("{server}: no answer within {CLUSTER_WAIT:?}"))?
 }
 
 // ------------------------------------------------------------ stats table

@@ -37,8 +37,9 @@
 //!   top-level `key = value` and an unknown option of `msgc_server` or
 //!   `msgc_client` are errors.
 //! - No `listen` scope: [`ListenerSettings::listen`] is empty and the server
-//!   listens on `":PORT"` with `msgc_server.port`
-//!   ([`ListenerSettings::effective`]).
+//!   listens on its own address in `peers`, or, without peers, on
+//!   127.0.0.1 and `msgc_server.port` ([`Config::listen_addrs`]); never on
+//!   every address unless a scope says `":PORT"`.
 //! - Errors are collected: every lexical error, the first syntax error of
 //!   each file, and, when the syntax is sound, every settings error.
 
@@ -52,8 +53,12 @@ mod syntax;
 mod types;
 mod values;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+/// Notes for [`Config::render_annotated`]: `stanza.option` → the comment.
+pub type Notes = BTreeMap<String, String>;
 
 pub use error::{Diagnostic, Error};
 pub use settings::{
@@ -128,11 +133,37 @@ impl Config {
         self.explicit.contains(&key)
     }
 
+    /// Where the server listens: the `listen` scopes; else `own`, this
+    /// node's address in `peers` (resolved by the caller); else 127.0.0.1
+    /// on `msgc_server.port` (never every address by default).
+    pub fn listen_addrs(&self, own: Option<SocketAddr>) -> Vec<SocketAddr> {
+        if !self.listener.listen.is_empty() {
+            return self
+                .listener
+                .listen
+                .iter()
+                .map(|a| a.socket_addr())
+                .collect();
+        }
+        vec![own.unwrap_or(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            self.server.port,
+        ))]
+    }
+
     /// Every option of every stanza, one per line, in Momentum syntax;
     /// values not set in the files end in `# default`. Parses back to the
     /// same settings.
     pub fn render_effective(&self) -> String {
-        render::render(self)
+        render::render(self, &Notes::new())
+    }
+
+    /// As [`Config::render_effective`], with `notes` (keyed
+    /// `stanza.option`, lower case) in place of `# default` or after an
+    /// explicit value: where a value came from when not from the files
+    /// (a command-line flag, what the server detected).
+    pub fn render_annotated(&self, notes: &Notes) -> String {
+        render::render(self, notes)
     }
 }
 

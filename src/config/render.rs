@@ -1,9 +1,15 @@
 //! Printing the effective configuration in Momentum syntax.
 //!
 //! Every option of every stanza, one per line, values not set in the files
-//! marked `# default`. The output parses back to the same settings (a unit
-//! test holds us to it), so `msgc-server --print-config > x.conf` is a
-//! valid starting point. Unset optional values print as `""`.
+//! marked `# default` (or with the caller's note: a command-line flag, a
+//! value the server detected). The output parses back to the same settings
+//! (a unit test holds us to it), so `msgc-server --check-config x.conf >
+//! y.conf` is a valid starting point. Unset optional values print as `""`.
+//!
+//! The listener is printed as the server would bind it: without `listen`
+//! scopes and without peers that is 127.0.0.1 on `port`; with peers it is
+//! each node's own address, which only the caller (knowing the node) can
+//! print, so it is a comment here.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -11,42 +17,52 @@ use std::time::Duration;
 use super::apply::{CLIENT, LISTENER, SERVER};
 use super::settings::{ClientSettings, ServerSettings};
 use super::types::Peer;
-use super::Config;
+use super::{Config, Notes};
 
 /// The whole effective configuration as Momentum text.
-pub(crate) fn render(cfg: &Config) -> String {
+pub(crate) fn render(cfg: &Config, notes: &Notes) -> String {
     let mut out = String::from(
         "# Effective msgc configuration. `# default` marks values not set in the files.\n",
     );
-    stanza(&mut out, cfg, SERVER, &server_lines(&cfg.server));
-    listener(&mut out, cfg);
-    stanza(&mut out, cfg, CLIENT, &client_lines(&cfg.client));
+    stanza(&mut out, cfg, notes, SERVER, &server_lines(&cfg.server));
+    listener(&mut out, cfg, notes);
+    stanza(&mut out, cfg, notes, CLIENT, &client_lines(&cfg.client));
     out
 }
 
-fn stanza(out: &mut String, cfg: &Config, name: &str, lines: &[(&str, String)]) {
+/// The comment after `stanza.key`'s line: the note, else `default` when
+/// the files do not set it.
+fn mark(cfg: &Config, notes: &Notes, stanza: &str, key: &str) -> String {
+    let full = format!("{stanza}.{key}").to_ascii_lowercase();
+    match notes.get(&full) {
+        Some(note) => format!("  # {note}"),
+        None if cfg.is_set(stanza, key) => String::new(),
+        None => "  # default".to_string(),
+    }
+}
+
+fn stanza(out: &mut String, cfg: &Config, notes: &Notes, name: &str, lines: &[(&str, String)]) {
     let _ = writeln!(out, "{name} {{");
     for (key, value) in lines {
-        let mark = if cfg.is_set(name, key) {
-            ""
-        } else {
-            "  # default"
-        };
+        let mark = mark(cfg, notes, name, key);
         let _ = writeln!(out, "  {key} = {value}{mark}");
     }
     out.push_str("}\n");
 }
 
-fn listener(out: &mut String, cfg: &Config) {
+fn listener(out: &mut String, cfg: &Config, notes: &Notes) {
     let _ = writeln!(out, "{LISTENER} {{");
-    let mark = if cfg.is_set(LISTENER, "listen") {
-        ""
+    let mark = mark(cfg, notes, LISTENER, "listen");
+    if cfg.listener.listen.is_empty() && !cfg.server.peers.is_empty() {
+        let _ = writeln!(
+            out,
+            "  # listen: not set; each node listens on its own address in peers"
+        );
     } else {
-        "  # default"
-    };
-    for addr in cfg.listener.effective(cfg.server.port) {
-        let addr = super::ListenAddr(addr).to_string();
-        let _ = writeln!(out, "  listen {} {{ }}{mark}", quote(&addr));
+        for addr in cfg.listen_addrs(None) {
+            let addr = super::ListenAddr(addr).to_string();
+            let _ = writeln!(out, "  listen {} {{ }}{mark}", quote(&addr));
+        }
     }
     out.push_str("}\n");
 }
@@ -202,7 +218,7 @@ mod tests {
         let text = cfg.render_effective();
         assert!(text.contains("  port = 4809  # default\n"), "{text}");
         assert!(
-            text.contains("  listen \":4809\" { }  # default\n"),
+            text.contains("  listen \"127.0.0.1:4809\" { }  # default\n"),
             "{text}"
         );
         assert!(
@@ -238,5 +254,31 @@ mod tests {
         assert_eq!(back.server, cfg.server);
         assert_eq!(back.listener, cfg.listener);
         assert_eq!(back.client, cfg.client);
+    }
+
+    #[test]
+    fn peers_without_listen_say_so_and_notes_replace_default() {
+        let cfg =
+            Config::parse_str("t", "msgc_server { peers = [ a = \"10.0.0.1\" ] }").expect("valid");
+        let out = cfg.render_effective();
+        assert!(
+            out.contains("  # listen: not set; each node listens on its own address in peers\n"),
+            "{out}"
+        );
+        assert!(!out.contains("listen \""), "{out}");
+        let back = Config::parse_str("rendered", &out).expect("rendered text parses");
+        assert_eq!(back.listener, cfg.listener);
+        let mut notes = Notes::new();
+        notes.insert(
+            "msgc_server.shards".into(),
+            "--shards (command line)".into(),
+        );
+        notes.insert("msgc_server.peers".into(), "from t".into());
+        let out = cfg.render_annotated(&notes);
+        assert!(
+            out.contains("  shards = auto  # --shards (command line)\n"),
+            "{out}"
+        );
+        assert!(out.contains("\" ]  # from t\n"), "{out}");
     }
 }

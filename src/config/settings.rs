@@ -3,7 +3,7 @@
 //! Owns the fields, their defaults and their documented ranges. Reading them
 //! from a syntax tree lives in `apply.rs`; printing them in `render.rs`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use super::types::{DebugLevel, IoBackend, ListenAddr, Peer};
@@ -142,21 +142,10 @@ impl ServerSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ListenerSettings {
     /// Addresses from the `listen` scopes, in file order, no duplicates.
-    /// Default: empty, meaning "not configured": the server listens on
-    /// `":PORT"` with `msgc_server.port` (see [`ListenerSettings::effective`]).
+    /// Default: empty, meaning "not configured": the server listens on its
+    /// own address in `peers`, or on 127.0.0.1 and `msgc_server.port`
+    /// without peers (see [`Config::listen_addrs`](super::Config::listen_addrs)).
     pub listen: Vec<ListenAddr>,
-}
-
-impl ListenerSettings {
-    /// The addresses to bind: `listen` if any, else every IPv4 address on
-    /// `port`.
-    pub fn effective(&self, port: u16) -> Vec<SocketAddr> {
-        if self.listen.is_empty() {
-            vec![ListenAddr::any(port).0]
-        } else {
-            self.listen.iter().map(|a| a.0).collect()
-        }
-    }
 }
 
 /// `msgc_client { … }`: a client's connection to its msgc_server.

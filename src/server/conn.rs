@@ -213,7 +213,9 @@ impl Conn {
                     && !self.has_unread_input() =>
             {
                 ShardStats::add(&shard.stats().handshake_timeouts, 1);
-                tracing::info!(peer = %self.addr, "no HELLO within handshake_timeout; closing");
+                if crate::logging::HANDSHAKE_TIMEOUT.allow() {
+                    tracing::info!(peer = %self.addr, "no HELLO within handshake_timeout; closing");
+                }
                 self.closing_as(Kill::Idle);
                 let msg = "handshake_timeout: no HELLO";
                 shard.close_with_error_within(
@@ -247,7 +249,9 @@ impl Conn {
 
     fn close_idle(&self, shard: &Shard, live: &Live) {
         ShardStats::add(&shard.stats().idle_kills, 1);
-        tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
+        if crate::logging::IDLE_CLOSE.allow() {
+            tracing::info!(conn = %self.id, peer = %self.addr, "nothing received for idle_timeout; closing");
+        }
         self.closing_as(Kill::Idle);
         // A silent peer is probably gone: give it one keepalive interval to
         // take the ERROR, so node loss is noticed within idle_timeout +
@@ -264,7 +268,9 @@ pub fn spawn(shard: Rc<Shard>, stream: AnyStream, addr: SocketAddr) {
         tcpbuf_size: shard.live.get().tcpbuf_size,
     };
     if let Err(e) = opts.apply_fd(stream.raw_fd()) {
-        tracing::warn!(error = %e, peer = %addr, "could not set socket options");
+        if crate::logging::SOCKET_OPTIONS.allow() {
+            tracing::warn!(error = %e, peer = %addr, "could not set socket options");
+        }
     }
     spawn_with(shard, stream, addr, |_, _| {});
 }
@@ -527,7 +533,9 @@ fn publish_in_place(
 
 fn protocol_error(shard: &Shard, conn: &Conn, code: ErrorCode, msg: &str) {
     ShardStats::add(&shard.stats().protocol_errors, 1);
-    tracing::info!(conn = %conn.id, peer = %conn.addr, code = code.name(), "bad input: {msg}; closing");
+    if crate::logging::BAD_INPUT.allow() {
+        tracing::info!(conn = %conn.id, peer = %conn.addr, code = code.name(), "bad input: {msg}; closing");
+    }
     conn.closing_as(Kill::Protocol);
     shard.close_with_error(conn, code, msg);
 }
@@ -619,7 +627,9 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
             );
         }
         Frame::Error { code, message } => {
-            tracing::info!(conn = %conn.id, code = code.name(), "client reported an error: {message}");
+            if crate::logging::CLIENT_ERROR.allow() {
+                tracing::info!(conn = %conn.id, code = code.name(), "client reported an error: {message}");
+            }
             conn.close_gracefully(None, shard.live.get().idle_timeout);
         }
         Frame::Hello(_) => return Err((ErrorCode::HANDSHAKE_REQUIRED, "HELLO sent twice".into())),

@@ -27,7 +27,7 @@ use inbox::Inbox;
 use shard::Shard;
 use shared::{ShardMsg, Shared};
 use sockets::SocketOpts;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -104,12 +104,13 @@ pub enum Error {
     #[error("{0}")]
     Node(String),
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {error}")]
     Listen {
         /// The address.
         addr: SocketAddr,
-        /// What the kernel said.
-        source: std::io::Error,
+        /// What the kernel said (in the message, not a separate cause, so
+        /// that it is said once).
+        error: std::io::Error,
     },
     /// `io_backend = uring` was asked for but io_uring cannot be set up.
     #[error("io_backend = uring, but io_uring is not available here: {0} (use io_backend = auto or epoll)")]
@@ -117,6 +118,14 @@ pub enum Error {
     /// A shard thread could not be started.
     #[error("cannot start shard thread: {0}")]
     Thread(std::io::Error),
+    /// A shard's runtime or listener could not be set up.
+    #[error("shard {shard} did not start: {reason}")]
+    Shard {
+        /// The shard.
+        shard: usize,
+        /// Why.
+        reason: String,
+    },
     /// A reload asked for a change that needs a restart.
     #[error("{0} cannot change without a restart")]
     NeedsRestart(&'static str),
@@ -125,7 +134,7 @@ pub enum Error {
 /// A running server.
 pub struct Server {
     shared: Arc<Shared>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<ShardThread>,
     /// Gives freed memory back to the kernel; stops when the server drops.
     _housekeeper: Option<memory::Housekeeper>,
     addrs: Vec<SocketAddr>,
@@ -146,9 +155,24 @@ impl Server {
     /// `msgc_server.node`.
     ///
     /// # Errors
-    /// [`Error`] when the node is ambiguous, an address cannot be bound, or
-    /// io_uring was required and is unavailable.
+    /// [`Error`] when the node is ambiguous, an address cannot be bound (is
+    /// in use), io_uring was required and is unavailable, or a shard cannot
+    /// start.
     pub fn start(config: &Config, node: Option<&str>) -> Result<Server, Error> {
+        Self::start_waiting(config, node, Duration::ZERO)
+    }
+
+    /// As [`Server::start`], but a listen address in use is waited for, up
+    /// to `listen_wait` (see [`sockets::wait_until_free`]): what a restart
+    /// right after a crash needs.
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub fn start_waiting(
+        config: &Config,
+        node: Option<&str>,
+        listen_wait: Duration,
+    ) -> Result<Server, Error> {
         let s = &config.server;
         let node = resolve_node(s, node)?;
         let listen = listen_addrs(config, &node);
@@ -161,6 +185,7 @@ impl Server {
             SocketOpts {
                 tcpbuf_size: s.tcpbuf_size,
             },
+            listen_wait,
         )?;
         let (inboxes, rxs): (Vec<_>, Vec<_>) = (0..shards)
             .map(|_| Inbox::new(live.shard_inbox_bytes))
@@ -178,6 +203,7 @@ impl Server {
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
         });
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
+        let threads = wait_started(&shared, threads)?;
         let housekeeper = memory::Housekeeper::start()
             .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
             .ok();
@@ -264,12 +290,54 @@ impl Server {
     /// Stops accepting, flushes what is queued (bounded by
     /// [`SHUTDOWN_GRACE`]), closes every connection and joins the shards.
     pub fn shutdown(self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        for i in 0..self.shared.shards() {
-            self.shared.send(i, ShardMsg::Shutdown);
+        stop_threads(&self.shared, self.threads);
+        crate::logging::flush_suppressed();
+    }
+}
+
+/// Tells every shard to stop and joins their threads.
+fn stop_threads(shared: &Shared, threads: Vec<ShardThread>) {
+    shared.stopping.store(true, Ordering::Release);
+    for i in 0..shared.shards() {
+        shared.send(i, ShardMsg::Shutdown);
+    }
+    for t in threads {
+        let _ = t.handle.join();
+    }
+}
+
+/// How long start-up waits for every shard to report.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+/// Waits until every shard has its runtime and listeners, or one failed:
+/// then the others are stopped and the first failure is the error.
+fn wait_started(shared: &Shared, threads: Vec<ShardThread>) -> Result<Vec<ShardThread>, Error> {
+    let deadline = Instant::now() + START_LIMIT;
+    let mut failure = None;
+    for t in &threads {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let report = match t.started.recv_timeout(left) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                Err(format!("not running after {START_LIMIT:?}"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err("its thread ended during start-up".to_owned())
+            }
+        };
+        if let Err(reason) = report {
+            failure = Some(Error::Shard {
+                shard: t.index,
+                reason,
+            });
+            break;
         }
-        for t in self.threads {
-            let _ = t.join();
+    }
+    match failure {
+        None => Ok(threads),
+        Some(e) => {
+            stop_threads(shared, threads);
+            Err(e)
         }
     }
 }
@@ -317,22 +385,22 @@ fn resolve_node(s: &ServerSettings, flag: Option<&str>) -> Result<NodeName, Erro
 /// Where to listen: the listener's `listen` scopes; else this node's own
 /// peer address; else 127.0.0.1 on `port` (never every address by default).
 fn listen_addrs(config: &Config, node: &NodeName) -> Vec<SocketAddr> {
-    if !config.listener.listen.is_empty() {
-        return config
-            .listener
-            .listen
-            .iter()
-            .map(|a| a.socket_addr())
-            .collect();
-    }
     let s = &config.server;
-    if let Some(addr) = s
+    let own = s
         .peer(node.as_str())
-        .and_then(|p| resolve(&p.addr_string(s.port)))
-    {
-        return vec![addr];
-    }
-    vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), s.port)]
+        .and_then(|p| resolve(&p.addr_string(s.port)));
+    config.listen_addrs(own)
+}
+
+/// The node name and listen addresses [`Server::start`] would use with
+/// `config` and `node` (the `--node` flag), without binding anything.
+///
+/// # Errors
+/// [`Error::Node`] as [`Server::start`].
+pub fn plan(config: &Config, node: Option<&str>) -> Result<(NodeName, Vec<SocketAddr>), Error> {
+    let node = resolve_node(&config.server, node)?;
+    let listen = listen_addrs(config, &node);
+    Ok((node, listen))
 }
 
 /// Resolves `host:port` to its first address.
@@ -363,7 +431,7 @@ fn choose_backend(want: IoBackend) -> Result<bool, Error> {
         IoBackend::Auto => match io::uring_available() {
             Ok(()) => Ok(true),
             Err(e) => {
-                tracing::warn!(error = %e, "io_uring is not available here (seccomp or kernel.io_uring_disabled?); using epoll");
+                tracing::warn!(target: crate::logging::OPS, error = %e, "io_uring is not available here (seccomp or kernel.io_uring_disabled?); using epoll");
                 Ok(false)
             }
         },
@@ -374,24 +442,24 @@ type ShardListeners = Vec<Vec<std::net::TcpListener>>;
 
 /// Binds each address once per shard; a port of 0 is resolved by the first
 /// bind and reused by the others so that all shards share one port. An
-/// address something already listens on is refused (see
-/// [`sockets::check_not_listening`]).
+/// address something already listens on is waited for (up to `wait`), then
+/// refused (see [`sockets::wait_until_free`]).
 fn bind_all(
     listen: &[SocketAddr],
     shards: usize,
     opts: SocketOpts,
+    wait: Duration,
 ) -> Result<(ShardListeners, Vec<SocketAddr>), Error> {
     let mut per_shard: ShardListeners = (0..shards).map(|_| Vec::new()).collect();
     let mut actual = Vec::new();
     for &addr in listen {
-        sockets::check_not_listening(addr).map_err(|source| Error::Listen { addr, source })?;
+        sockets::wait_until_free(addr, wait).map_err(|error| Error::Listen { addr, error })?;
         let mut addr = addr;
         for slot in per_shard.iter_mut() {
-            let l =
-                sockets::listener(addr, opts).map_err(|source| Error::Listen { addr, source })?;
+            let l = sockets::listener(addr, opts).map_err(|error| Error::Listen { addr, error })?;
             addr = l
                 .local_addr()
-                .map_err(|source| Error::Listen { addr, source })?;
+                .map_err(|error| Error::Listen { addr, error })?;
             slot.push(l);
         }
         actual.push(addr);
@@ -399,27 +467,48 @@ fn bind_all(
     Ok((per_shard, actual))
 }
 
+/// A shard's thread and how it reports its start (runtime and listeners
+/// ready: `Ok`; else why not).
+struct ShardThread {
+    index: usize,
+    handle: JoinHandle<()>,
+    started: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+/// Where a shard says whether it started.
+type Started = std::sync::mpsc::SyncSender<Result<(), String>>;
+
 fn spawn_shards(
     shared: &Arc<Shared>,
     listeners: ShardListeners,
     rxs: Vec<flume::Receiver<ShardMsg>>,
     uring: bool,
-) -> Result<Vec<JoinHandle<()>>, Error> {
+) -> Result<Vec<ShardThread>, Error> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::new();
     for (i, (ls, rx)) in listeners.into_iter().zip(rxs).enumerate() {
-        let shared = shared.clone();
+        let shared2 = shared.clone();
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
-        let t = std::thread::Builder::new()
+        let (tx, started) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
             .name(format!("msgc-shard-{i}"))
             .spawn(move || {
                 if let Some(c) = core {
                     core_affinity::set_for_current(c);
                 }
-                run_shard(i, shared, ls, rx, uring);
-            })
-            .map_err(Error::Thread)?;
-        threads.push(t);
+                run_shard(i, shared2, ls, rx, uring, tx);
+            });
+        match spawned {
+            Ok(handle) => threads.push(ShardThread {
+                index: i,
+                handle,
+                started,
+            }),
+            Err(e) => {
+                stop_threads(shared, threads);
+                return Err(Error::Thread(e));
+            }
+        }
     }
     Ok(threads)
 }
@@ -430,20 +519,28 @@ fn run_shard(
     ls: Vec<std::net::TcpListener>,
     rx: flume::Receiver<ShardMsg>,
     uring: bool,
+    started: Started,
 ) {
-    let fut = shard_main(i, shared, ls, rx, uring);
     if uring {
         match tokio_uring::Runtime::new(tokio_uring::builder().entries(1024)) {
-            Ok(rt) => rt.block_on(fut),
-            Err(e) => tracing::error!(shard = i, error = %e, "cannot start io_uring runtime"),
+            Ok(rt) => rt.block_on(shard_main(i, shared, ls, rx, uring, started)),
+            Err(e) => {
+                let _ = started.send(Err(format!("cannot start its io_uring runtime: {e}")));
+            }
         }
     } else {
+        // No signal driver: shards take no signals, and its set-up panics
+        // (rather than fails) when file descriptors run out.
         match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
+            .enable_time()
             .build()
         {
-            Ok(rt) => tokio::task::LocalSet::new().block_on(&rt, fut),
-            Err(e) => tracing::error!(shard = i, error = %e, "cannot start runtime"),
+            Ok(rt) => tokio::task::LocalSet::new()
+                .block_on(&rt, shard_main(i, shared, ls, rx, uring, started)),
+            Err(e) => {
+                let _ = started.send(Err(format!("cannot start its runtime: {e}")));
+            }
         }
     }
 }
@@ -454,15 +551,20 @@ async fn shard_main(
     ls: Vec<std::net::TcpListener>,
     rx: flume::Receiver<ShardMsg>,
     uring: bool,
+    started: Started,
 ) {
-    let shard = Shard::new(i, shared, uring);
     let mut listeners = Vec::new();
     for l in ls {
         match io::Listener::from_std(l, uring) {
             Ok(l) => listeners.push(Rc::new(l)),
-            Err(e) => tracing::error!(shard = i, error = %e, "cannot register listener"),
+            Err(e) => {
+                let _ = started.send(Err(format!("cannot register its listener: {e}")));
+                return;
+            }
         }
     }
+    let _ = started.send(Ok(()));
+    let shard = Shard::new(i, shared, uring);
     for l in &listeners {
         tokio::task::spawn_local(shard.clone().accept_loop(l.clone()));
     }

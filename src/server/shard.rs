@@ -302,11 +302,14 @@ impl Shard {
             match conn.role.get() {
                 super::conn::ConnRole::Peer(i) => {
                     let peer = self.shared.cluster.slot(i).map(|p| p.name);
-                    tracing::error!(peer = ?peer, addr = %conn.addr, pending, dropped, ?after,
+                    tracing::error!(target: crate::logging::OPS, peer = ?peer, addr = %conn.addr, pending, dropped, ?after,
                         "peer link stuck: its queue is full and the peer accepted nothing for peer_stuck_timeout; closed (re-dialled after reconnect_interval)");
                 }
-                _ => tracing::warn!(conn = %conn.id, peer = %conn.addr, pending, dropped, ?after,
-                    "reader stuck: its queue is full and it accepted nothing for stuck_timeout; closed"),
+                _ if crate::logging::STUCK_READER.allow() => {
+                    tracing::warn!(conn = %conn.id, peer = %conn.addr, pending, dropped, ?after,
+                    "reader stuck: its queue is full and it accepted nothing for stuck_timeout; closed")
+                }
+                _ => {}
             }
         }
         conn.shutdown();
@@ -618,7 +621,9 @@ impl Shard {
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, shard = self.index, "accept failed");
+                    if crate::logging::ACCEPT_FAILED.allow() {
+                        tracing::warn!(error = %e, shard = self.index, "accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

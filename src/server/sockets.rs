@@ -87,6 +87,60 @@ pub fn check_not_listening(addr: SocketAddr) -> io::Result<()> {
     sock.bind(&addr.into())
 }
 
+/// How often [`wait_until_free`] probes a port in use.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// Waits (at most `limit`) until nothing listens on `addr`, probing with
+/// [`check_not_listening`]; says once in the log that it waits and once
+/// how long it took.
+///
+/// Why: a process killed with SIGKILL leaves its listeners behind for a
+/// while when io_uring owns them (the kernel tears the ring down, and
+/// closes what it holds, after the process is gone). A supervisor that
+/// restarts the server at once finds the port in use. Binding with
+/// SO_REUSEPORT right away would succeed (same user) and share the port
+/// with the dead process's listeners, whose backlog nobody accepts from:
+/// some clients' connections would be reset. So the probe, without
+/// SO_REUSEPORT, must pass first; a dead process's listeners never come
+/// back once gone, so the binds that follow share the port only with our
+/// own shards.
+///
+/// # Errors
+/// The probe's error (EADDRINUSE still after `limit`, or anything else at
+/// once: not a local address, no permission).
+pub fn wait_until_free(addr: SocketAddr, limit: Duration) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        match check_not_listening(addr) {
+            Ok(()) => {
+                if said {
+                    tracing::warn!(target: crate::logging::OPS, %addr,
+                        "the port is free after {:.3}s; listening", start.elapsed().as_secs_f64());
+                }
+                return Ok(());
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && start.elapsed() < limit => {
+                if !said {
+                    tracing::warn!(target: crate::logging::OPS, %addr, ?limit,
+                        "address in use (by the lingering sockets of a process that just exited, or by another server); waiting for it");
+                    said = true;
+                }
+                std::thread::sleep(PROBE_EVERY.min(limit.saturating_sub(start.elapsed())));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && said => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                    "address still in use after waiting {limit:?} (another server running there?)"
+                ),
+                ))
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Dials `addr` from `bind` (when given), bounded by `timeout`, and returns
 /// a connected blocking-mode std stream with the options applied.
 ///

@@ -142,3 +142,63 @@ fn errors_are_one_line_and_non_zero() {
         1
     );
 }
+
+/// `msgc stats` fits on a screen: links up of total and which are not,
+/// connections, groups, drops; `--full` has every counter. `msgc cluster`
+/// shows every node's view of the mesh from one command, and exits 1
+/// while a node is unreachable or a link down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_summary_and_cluster_view() {
+    use crate::cluster::{until, Cluster, QUICK};
+    let mut c = Cluster::start("cli-cluster", 3, QUICK).await;
+    let first = c.addr(0);
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let out = tokio::task::spawn_blocking(move || msgc(first, &["stats"]))
+        .await
+        .expect("msgc stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = text(&out);
+    assert!(summary.lines().count() <= 10, "{summary}");
+    assert!(summary.starts_with("node         node1 ("), "{summary}");
+    assert!(summary.contains("\nlinks        2/2 up\n"), "{summary}");
+    assert!(summary.contains("\ndrops        0\n"), "{summary}");
+    let full = tokio::task::spawn_blocking(move || msgc(first, &["stats", "--full"]))
+        .await
+        .expect("msgc stats --full");
+    assert!(text(&full).contains("per_shard"), "{}", text(&full));
+
+    let out = tokio::task::spawn_blocking(move || msgc(first, &["cluster"]))
+        .await
+        .expect("msgc cluster");
+    assert!(out.status.success(), "{}", text(&out));
+    let table = text(&out);
+    for i in 0..3 {
+        let row = format!("node{}  {}  2/2 ", i + 1, c.addr(i));
+        assert!(table.contains(&row), "{row:?} in:\n{table}");
+    }
+
+    c.nodes[2].kill9();
+    until("node1 to see node3 down", || {
+        let out = msgc(first, &["stats"]);
+        text(&out).contains("links        1/2 up; not up: node3 down")
+    })
+    .await;
+    let out = tokio::task::spawn_blocking(move || msgc(first, &["cluster"]))
+        .await
+        .expect("msgc cluster");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let table = text(&out);
+    assert!(
+        table.contains(&format!("?      {}  unreachable: ", c.addr(2))),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("node1  {}  1/2 ", first)),
+        "{table}"
+    );
+}

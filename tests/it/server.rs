@@ -4,7 +4,8 @@
 //! Delivery, large-message, order, stuck-member, idle and bad-input tests
 //! run on both I/O backends (`..._uring` / `..._epoll`); the rest on one
 //! each. Where io_uring is blocked (Docker's default seccomp profile,
-//! `kernel.io_uring_disabled`) the `_uring` tests say so and pass.
+//! `kernel.io_uring_disabled`) the `_uring` tests fail, unless
+//! `MSGC_SKIP_URING` is set: then they say so and pass.
 
 use crate::util::{group, wait_for, NodeProc, Raw, TempDir, TestServer, WAIT};
 use bytes::{BufMut, Bytes, BytesMut};

@@ -24,14 +24,18 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         .map(|n| n.as_str().to_owned())
         .unwrap_or_default();
     let Some(i) = mesh.index_of(&name) else {
-        tracing::warn!(peer = %conn.addr, name, "refused a peer link: not in peers");
+        if crate::logging::PEER_REFUSED.allow() {
+            tracing::warn!(peer = %conn.addr, name, "refused a peer link: not in peers");
+        }
         return Err((
             ErrorCode::NOT_ALLOWED,
             format!("node {name:?} is not in this node's peers"),
         ));
     };
     if !address_matches(mesh.slot(i).map(|p| p.addr).as_deref(), conn.addr.ip()) {
-        tracing::warn!(peer = %conn.addr, name, "refused a peer link: address does not match peers");
+        if crate::logging::PEER_REFUSED.allow() {
+            tracing::warn!(peer = %conn.addr, name, "refused a peer link: address does not match peers");
+        }
         return Err((
             ErrorCode::NOT_ALLOWED,
             format!("{} is not the address of node {name:?}", conn.addr.ip()),
@@ -55,7 +59,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         }
         crate::cluster::mesh::Admit::Accept { replace } => {
             if let Some((s, seq)) = replace {
-                tracing::info!(peer = %name, "a new link from the peer replaced the old one");
+                tracing::info!(target: crate::logging::OPS, peer = %name, "a new link from the peer replaced the old one");
                 shard.send_to(
                     s,
                     crate::server::shared::ShardMsg::Cluster(ClusterMsg::Close { seq }),
@@ -92,7 +96,7 @@ pub fn link_up(shard: &Shard, conn: &Rc<Conn>, i: usize, name: &str) {
     shard.links.insert(i, conn.clone());
     shard.links.start_view(i, conn.seq, name);
     shard.links.forget_heard(i);
-    tracing::info!(peer = name, addr = %conn.addr, shard = shard.index, "peer link up");
+    tracing::info!(target: crate::logging::OPS, peer = name, addr = %conn.addr, shard = shard.index, "peer link up");
     // The link is published (mesh state) before the snapshot reads the
     // table; a join elsewhere writes the table before reading the link
     // state (`local_join`). The fences make sure at least one of the two
@@ -424,6 +428,7 @@ fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
     }
     shard.links.forget_heard(i);
     tracing::warn!(
+        target: crate::logging::OPS,
         peer = name,
         groups = groups.len(),
         published_to = heard_count,

@@ -422,7 +422,7 @@ pub fn reconfigure(shared: &Shared, s: &ServerSettings) {
     }
     for i in removed.iter().chain(&moved) {
         let name = mesh.slot(*i).map(|p| p.name).unwrap_or_default();
-        tracing::info!(peer = name, "peers changed: closing its link");
+        tracing::info!(target: crate::logging::OPS, peer = name, "peers changed: closing its link");
         if let Some(p) = mesh.slot(*i) {
             if let mesh::LinkState::Up { shard, seq, .. }
             | mesh::LinkState::Dialling { shard, seq } = p.state
@@ -433,6 +433,7 @@ pub fn reconfigure(shared: &Shared, s: &ServerSettings) {
     }
     for i in added {
         tracing::info!(
+            target: crate::logging::OPS,
             peer = mesh.slot(i).map(|p| p.name).unwrap_or_default(),
             "peers changed: new peer"
         );
