@@ -31,6 +31,9 @@ struct Args {
     /// I/O backend: auto, uring or epoll (overrides msgc_server.io_backend).
     #[arg(long, value_name = "BACKEND")]
     io_backend: Option<String>,
+    /// Serve the HTTP monitoring endpoint on ADDR (overrides msgc_server.monitor).
+    #[arg(long, value_name = "IP:PORT")]
+    monitor: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +104,12 @@ fn load(args: &Args) -> anyhow::Result<Config> {
             other => anyhow::bail!("--io-backend {other:?}: expected auto, uring or epoll"),
         };
     }
+    if let Some(m) = &args.monitor {
+        let addr = m
+            .parse()
+            .with_context(|| format!("--monitor {m:?}: expected IP:PORT"))?;
+        config.server.monitor = Some(addr);
+    }
     Ok(config)
 }
 
@@ -130,6 +139,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("{w}");
     }
     let server = Server::start(&config, args.node.as_deref())?;
+    let monitor = match config.server.monitor {
+        Some(addr) => Some(
+            msgc::monitor::Monitor::start(addr, server.shared().clone())
+                .with_context(|| format!("monitor: cannot serve on {addr}"))?,
+        ),
+        None => None,
+    };
     let source = args
         .config
         .as_ref()
@@ -154,6 +170,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     wait_for_signals(&server, &args, &log)?;
     eprintln!("msgc-server: shutting down");
     server.shutdown();
+    drop(monitor);
     Ok(())
 }
 

@@ -60,6 +60,9 @@ pub struct ServerSettings {
     /// Frames read from (or written to) one connection before serving
     /// others. Default 20; 1..=[`MAX_MESSAGES_PER_ITER`].
     pub messages_per_iter: usize,
+    /// Address of the HTTP monitoring endpoint (`/metrics`, `/healthz`,
+    /// JSON views). Default: none (off). Written `""` for "not set".
+    pub monitor: Option<SocketAddr>,
     /// This node's name in `peers`. Default: none (found by matching a local
     /// address). When `peers` is non-empty it names one of them.
     pub node: Option<String>,
@@ -109,6 +112,7 @@ impl Default for ServerSettings {
             max_backlog_bytes: 16 * 1024 * 1024,
             max_message_size: 1024 * 1024,
             messages_per_iter: 20,
+            monitor: None,
             node: None,
             peer_max_backlog: 50_000,
             peer_max_backlog_bytes: 64 * 1024 * 1024,
