@@ -8,5 +8,6 @@ mod flowkit;
 mod honest;
 mod loadgen;
 mod memory;
+mod monitor;
 mod server;
 mod util;
