@@ -590,3 +590,24 @@ fn fuzz_entry_point_never_touches_files_and_never_panics() {
         let _ = msgc::config::parse_for_fuzz(&text);
     }
 }
+
+#[test]
+fn monitor_is_an_address_or_off() {
+    let cfg = Config::parse_str("m.conf", "msgc_server { monitor = \"127.0.0.1:8249\" }\n")
+        .expect("valid");
+    let want: SocketAddr = "127.0.0.1:8249".parse().expect("addr");
+    assert_eq!(cfg.server.monitor, Some(want));
+    let text = cfg.render_effective();
+    assert!(text.contains("  monitor = \"127.0.0.1:8249\"\n"), "{text}");
+    let off = Config::default().render_effective();
+    assert!(off.contains("  monitor = \"\"  # default\n"), "{off}");
+    let v6 = Config::parse_str("m.conf", "msgc_server { monitor = \"[::1]:9\" }\n").expect("v6");
+    assert_eq!(v6.server.monitor, "[::1]:9".parse().ok());
+    let err = Config::parse_str("m.conf", "msgc_server {\n  monitor = 8249\n}\n")
+        .expect_err("a port alone is not an address")
+        .to_string();
+    assert!(
+        err.starts_with("m.conf:2:13: monitor: expected IP:PORT"),
+        "{err}"
+    );
+}

@@ -61,7 +61,8 @@ pub struct ServerSettings {
     /// others. Default 20; 1..=[`MAX_MESSAGES_PER_ITER`].
     pub messages_per_iter: usize,
     /// Address of the HTTP monitoring endpoint (`/metrics`, `/healthz`,
-    /// JSON views). Default: none (off). Written `""` for "not set".
+    /// JSON views), served by `msgc-server` (`msgc::monitor::Monitor`).
+    /// Default: none (off). Written `""` for "not set".
     pub monitor: Option<SocketAddr>,
     /// This node's name in `peers`. Default: none (found by matching a local
     /// address). When `peers` is non-empty it names one of them.

@@ -601,4 +601,29 @@ mod tests {
             assert!(text.contains(want), "{want:?} not in\n{text}");
         }
     }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let summary = ShardSummary::default();
+        let text = render(&snapshot(Some(summary)));
+        let exported: HashSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let dashboard = include_str!("../../deploy/grafana-msgc.json");
+        let mut used = 0;
+        for (at, _) in dashboard.match_indices("msgc_") {
+            let name: String = dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard uses {name}, which /metrics lacks"
+            );
+            used += 1;
+        }
+        assert!(used > 10, "the dashboard's queries were found");
+    }
 }

@@ -346,7 +346,7 @@ fn group(shared: &Shared, name: &str) -> Reply {
         .iter()
         .map(|m| {
             let (node, shard) = match m.parts() {
-                Some((node, shard, _, _)) => (Some(node), (node == me).then_some(shard)),
+                Some((node, shard, _, _)) => (Some(node), Some(shard)),
                 None => (None, None),
             };
             json!({

@@ -420,3 +420,22 @@ fn healthz_fails_while_a_shard_is_stalled() {
     drop(monitor);
     srv.stop();
 }
+
+#[test]
+fn a_reload_that_moves_the_monitor_is_refused() {
+    let text = |monitor: &str| {
+        format!(
+            "msgc_server {{\n node = \"test\"\n shards = 1\n io_backend = epoll\n monitor = \"{monitor}\"\n}}\n\
+             msgcserver_listener {{ listen \"127.0.0.76:0\" {{ }} }}\n"
+        )
+    };
+    let parse = |t: &str| msgc::config::Config::parse_str("m.conf", t).expect("parses");
+    let server = msgc::server::Server::start(&parse(&text("127.0.0.76:1")), None).expect("starts");
+    let moved = server.reload(&parse(&text("127.0.0.76:2")), None);
+    assert!(
+        matches!(moved, Err(msgc::server::Error::NeedsRestart("monitor"))),
+        "{moved:?}"
+    );
+    assert!(server.reload(&parse(&text("127.0.0.76:1")), None).is_ok());
+    server.shutdown();
+}
