@@ -138,12 +138,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
-    let server = Server::start(&config, args.node.as_deref())?;
     let monitor = match config.server.monitor {
         Some(addr) => Some(
-            msgc::monitor::Monitor::start(addr, server.shared().clone())
-                .with_context(|| format!("monitor: cannot serve on {addr}"))?,
+            msgc::monitor::Monitor::bind(addr)
+                .with_context(|| format!("monitor: cannot listen on {addr}"))?,
         ),
+        None => None,
+    };
+    let server = Server::start(&config, args.node.as_deref())?;
+    let monitor = match monitor {
+        Some(m) => Some(m.serve(server.shared().clone()).context("monitor")?),
         None => None,
     };
     let source = args

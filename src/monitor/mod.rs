@@ -53,14 +53,42 @@ pub struct Monitor {
 
 impl Monitor {
     /// Listens on `addr` and serves `shared`'s figures from a thread of
-    /// its own.
+    /// its own ([`Monitor::bind`] then [`Bound::serve`]).
     ///
     /// # Errors
     /// When `addr` cannot be bound, or the thread or its runtime cannot be
     /// started.
     pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<Monitor> {
+        Self::bind(addr)?.serve(shared)
+    }
+
+    /// Binds `addr` (so that a server can refuse to start when its monitor
+    /// address is taken, before it starts anything else).
+    ///
+    /// # Errors
+    /// When `addr` cannot be bound.
+    pub fn bind(addr: SocketAddr) -> std::io::Result<Bound> {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
+        Ok(Bound(listener))
+    }
+
+    /// The address it listens on (the port resolved when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// A monitoring endpoint's bound listener, not serving yet.
+pub struct Bound(std::net::TcpListener);
+
+impl Bound {
+    /// Serves `shared`'s figures from a thread of its own.
+    ///
+    /// # Errors
+    /// When the thread or its runtime cannot be started.
+    pub fn serve(self, shared: Arc<Shared>) -> std::io::Result<Monitor> {
+        let listener = self.0;
         let addr = listener.local_addr()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -75,11 +103,6 @@ impl Monitor {
             stop: Some(stop),
             thread: Some(thread),
         })
-    }
-
-    /// The address it listens on (the port resolved when 0 was asked).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.addr
     }
 }
 

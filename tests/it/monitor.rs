@@ -439,3 +439,45 @@ fn a_reload_that_moves_the_monitor_is_refused() {
     assert!(server.reload(&parse(&text("127.0.0.76:1")), None).is_ok());
     server.shutdown();
 }
+
+#[test]
+fn a_taken_monitor_address_stops_the_start() {
+    let ip = "127.0.0.76";
+    let taken = std::net::TcpListener::bind((ip, 0)).expect("bind");
+    let mon = taken.local_addr().expect("addr");
+    let port = another_port(ip, mon.port());
+    /// Killed on drop, whatever the test's outcome.
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_msgc-server"))
+        .args(["--listen", &format!("{ip}:{port}"), "--shards", "1"])
+        .args(["--monitor", &mon.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn msgc-server");
+    let mut child = Reap(child);
+    let mut status = None;
+    wait_for("msgc-server to exit", WAIT, || {
+        status = child.0.try_wait().ok().flatten();
+        status.is_some()
+    });
+    let mut err = String::new();
+    if let Some(mut e) = child.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("monitor: cannot listen on {mon}")),
+        "{err}"
+    );
+    assert!(
+        std::net::TcpStream::connect(addr(ip, port)).is_err(),
+        "nothing listens"
+    );
+}
