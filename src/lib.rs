@@ -7,8 +7,9 @@
 //! Dependencies point one way: [`protocol`] and [`config`] (sans-IO: bytes
 //! and values in, values out) → [`router`] → [`cluster`] (sans-IO: the
 //! mesh's rules) → [`server`] (sockets, shards, and the peer links that
-//! drive the cluster's rules) → the binaries. No module imports one to
-//! its right. The [`client`] uses only [`protocol`] and [`config`].
+//! drive the cluster's rules) → [`monitor`] (the HTTP endpoint, reading
+//! the server's state from a thread of its own) → the binaries. No module
+//! imports one to its right. The [`client`] uses only [`protocol`] and [`config`].
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -17,6 +18,7 @@
 //! | [`router`] | the shared group table: lock-free reads, per-group locking for changes |
 //! | [`cluster`] | the mesh's rules, sans-IO: admission, link states, the order of a link's membership stream, join barriers, what a lost node leaves behind |
 //! | [`server`] | shards, sockets, I/O backends, connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding |
+//! | [`monitor`] | the HTTP monitoring endpoint: Prometheus metrics, health, JSON views |
 //! | [`client`] | the async client library |
 //! | [`stats`] | per-shard counters and drops by reason |
 //!
@@ -56,6 +58,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod logging;
+pub mod monitor;
 pub mod protocol;
 pub mod router;
 pub mod server;

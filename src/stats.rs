@@ -2,7 +2,7 @@
 //! contention), summed on a stats query. Every dropped message is counted
 //! here under the reason it was dropped.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 macro_rules! counters {
@@ -19,7 +19,7 @@ macro_rules! counters {
         }
 
         /// A point-in-time copy of [`ShardStats`], summable.
-        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
         pub struct Counts { $($(#[$fdoc])* pub $field: u64,)* }
 
         impl std::ops::AddAssign for Counts {

@@ -222,6 +222,7 @@ fn every_option_set_explicitly() {
              max_backlog_bytes = 65536; stuck_timeout = 0.05; handshake_timeout = 3
              peer_max_backlog = 7000; peer_max_backlog_bytes = "1048576"
              peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
+             monitor = "127.0.0.1:8249"
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -258,6 +259,7 @@ fn every_option_set_explicitly() {
         (7000, 1 << 20, Duration::from_millis(1500))
     );
     assert_eq!(s.shard_inbox_bytes, 131072);
+    assert_eq!(s.monitor, "127.0.0.1:8249".parse().ok());
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());
@@ -592,4 +594,25 @@ fn fuzz_entry_point_never_touches_files_and_never_panics() {
             .collect();
         let _ = msgc::config::parse_for_fuzz(&text);
     }
+}
+
+#[test]
+fn monitor_is_an_address_or_off() {
+    let cfg = Config::parse_str("m.conf", "msgc_server { monitor = \"127.0.0.1:8249\" }\n")
+        .expect("valid");
+    let want: SocketAddr = "127.0.0.1:8249".parse().expect("addr");
+    assert_eq!(cfg.server.monitor, Some(want));
+    let text = cfg.render_effective();
+    assert!(text.contains("  monitor = \"127.0.0.1:8249\"\n"), "{text}");
+    let off = Config::default().render_effective();
+    assert!(off.contains("  monitor = \"\"  # default\n"), "{off}");
+    let v6 = Config::parse_str("m.conf", "msgc_server { monitor = \"[::1]:9\" }\n").expect("v6");
+    assert_eq!(v6.server.monitor, "[::1]:9".parse().ok());
+    let err = Config::parse_str("m.conf", "msgc_server {\n  monitor = 8249\n}\n")
+        .expect_err("a port alone is not an address")
+        .to_string();
+    assert!(
+        err.starts_with("m.conf:2:13: monitor: expected IP:PORT"),
+        "{err}"
+    );
 }

@@ -1,5 +1,5 @@
 //! lib.rs promises that dependencies point one way: protocol, config →
-//! router → cluster → server → binaries, with the client beside them using
+//! router → cluster → server → monitor → binaries, with the client beside them using
 //! only protocol and config. This test reads the sources and fails when a
 //! module names one that sits to its right.
 
@@ -9,15 +9,24 @@ use std::path::Path;
 const RULES: &[(&str, &[&str])] = &[
     (
         "protocol",
-        &["config", "router", "cluster", "server", "client", "stats"],
+        &[
+            "config", "router", "cluster", "server", "monitor", "client", "stats",
+        ],
     ),
     (
         "config",
-        &["router", "cluster", "server", "client", "stats"],
+        &["router", "cluster", "server", "monitor", "client", "stats"],
     ),
-    ("router", &["cluster", "server", "client", "stats"]),
-    ("cluster", &["server", "client", "stats"]),
-    ("client", &["router", "cluster", "server", "stats"]),
+    (
+        "router",
+        &["cluster", "server", "monitor", "client", "stats"],
+    ),
+    ("cluster", &["server", "monitor", "client", "stats"]),
+    ("server", &["monitor"]),
+    (
+        "client",
+        &["router", "cluster", "server", "monitor", "stats"],
+    ),
 ];
 
 fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -42,6 +42,9 @@ struct Args {
     /// Log lines as text or as JSON objects (one per line).
     #[arg(long, value_name = "FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Serve the HTTP monitoring endpoint on ADDR (overrides msgc_server.monitor).
+    #[arg(long, value_name = "IP:PORT")]
+    monitor: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -143,6 +146,13 @@ fn load(path: Option<&Path>, args: &Args) -> anyhow::Result<(Config, Notes)> {
         };
         note("msgc_server.io_backend", "--io-backend");
     }
+    if let Some(m) = &args.monitor {
+        let addr = m
+            .parse()
+            .with_context(|| format!("--monitor {m:?}: expected IP:PORT"))?;
+        config.server.monitor = Some(addr);
+        note("msgc_server.monitor", "--monitor");
+    }
     Ok((config, notes))
 }
 
@@ -240,7 +250,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     let wait = Duration::from_secs_f64(args.listen_wait);
     let signals = Signals::catch()?;
+    let monitor = match config.server.monitor {
+        Some(addr) => Some(
+            msgc::monitor::Monitor::bind(addr)
+                .with_context(|| format!("monitor: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     let server = Server::start_waiting(&config, args.node.as_deref(), wait)?;
+    let monitor = match monitor {
+        Some(m) => Some(m.serve(server.shared().clone()).context("monitor")?),
+        None => None,
+    };
     let json = args.log_format == "json";
     banner(&server, &config, notes, &args, json);
     wait_for_signals(signals, &server, &args, &log)?;
@@ -250,6 +271,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("msgc-server: shutting down");
     }
     server.shutdown();
+    drop(monitor);
     Ok(())
 }
 

@@ -19,7 +19,9 @@ use super::settings::{
 use super::source::{Problem, Span};
 use super::syntax::{Item, Scope, Spanned, Value};
 use super::types::{split_host_port, ListenAddr, Peer};
-use super::values::{duration, integer, optional_ip, parsed, scalar, size, string_list};
+use super::values::{
+    duration, integer, optional_ip, optional_socket_addr, parsed, scalar, size, string_list,
+};
 
 /// Stanza names as they appear in `explicit` keys and messages.
 pub(crate) const SERVER: &str = "msgc_server";
@@ -99,6 +101,9 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     }),
     opt("messages_per_iter", |s, v| {
         set_size(&mut s.messages_per_iter, v, MAX_MESSAGES_PER_ITER)
+    }),
+    opt("monitor", |s, v| {
+        set(&mut s.monitor, optional_socket_addr(v))
     }),
     opt("node", |s, v| set(&mut s.node, optional_string(v))),
     opt("peer_max_backlog", |s, v| {

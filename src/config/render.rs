@@ -84,6 +84,7 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
         ("max_backlog_bytes", s.max_backlog_bytes.to_string()),
         ("max_message_size", s.max_message_size.to_string()),
         ("messages_per_iter", s.messages_per_iter.to_string()),
+        ("monitor", opt_quote(s.monitor.map(|a| a.to_string()))),
         ("node", opt_quote(s.node.clone())),
         ("peer_max_backlog", s.peer_max_backlog.to_string()),
         (

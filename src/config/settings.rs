@@ -3,7 +3,7 @@
 //! Owns the fields, their defaults and their documented ranges. Reading them
 //! from a syntax tree lives in `apply.rs`; printing them in `render.rs`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::types::{DebugLevel, IoBackend, ListenAddr, Peer};
@@ -60,6 +60,10 @@ pub struct ServerSettings {
     /// Frames read from (or written to) one connection before serving
     /// others. Default 20; 1..=[`MAX_MESSAGES_PER_ITER`].
     pub messages_per_iter: usize,
+    /// Address of the HTTP monitoring endpoint (`/metrics`, `/healthz`,
+    /// JSON views), served by `msgc-server` (`msgc::monitor::Monitor`).
+    /// Default: none (off). Written `""` for "not set".
+    pub monitor: Option<SocketAddr>,
     /// This node's name in `peers`. Default: none (found by matching a local
     /// address). When `peers` is non-empty it names one of them.
     pub node: Option<String>,
@@ -109,6 +113,7 @@ impl Default for ServerSettings {
             max_backlog_bytes: 16 * 1024 * 1024,
             max_message_size: 1024 * 1024,
             messages_per_iter: 20,
+            monitor: None,
             node: None,
             peer_max_backlog: 50_000,
             peer_max_backlog_bytes: 64 * 1024 * 1024,

@@ -6,7 +6,7 @@
 //! always equivalent (`port = 4809` and `port = "4809"`).
 
 use std::fmt::Display;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::time::Duration;
@@ -121,6 +121,18 @@ pub(crate) fn optional_ip(v: &Spanned<Value>) -> Result<Option<IpAddr>, Problem>
     }
     text.parse::<IpAddr>().map(Some).map_err(|_| {
         let msg = format!("expected an IP address (such as 10.0.0.5 or ::1), found `{text}`");
+        (v.span, msg)
+    })
+}
+
+/// `IP:PORT` (`[v6]:PORT` for IPv6), or `""` for "not set".
+pub(crate) fn optional_socket_addr(v: &Spanned<Value>) -> Result<Option<SocketAddr>, Problem> {
+    let text = scalar(v, "an address IP:PORT")?;
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<SocketAddr>().map(Some).map_err(|_| {
+        let msg = format!("expected IP:PORT (such as \"127.0.0.1:8249\"), found `{text}`");
         (v.span, msg)
     })
 }

@@ -84,6 +84,11 @@ pub struct Conn {
     pub pub_seqs: super::seqs::PubSeqs,
     /// When the connection opened (for the handshake deadline).
     opened: Instant,
+    /// Bytes read from the socket (for the monitoring endpoint; a plain
+    /// cell added to once per read).
+    pub bytes_in: Cell<u64>,
+    /// Bytes written to the socket (once per write).
+    pub bytes_out: Cell<u64>,
     /// When the last bytes arrived.
     pub last_rx: Cell<Instant>,
     /// Sweeps in a row that found the connection idle (see [`Conn::sweep`]).
@@ -126,6 +131,8 @@ impl Conn {
             pub_seqs: Default::default(),
             pending_acks: Default::default(),
             opened: now,
+            bytes_in: Cell::new(0),
+            bytes_out: Cell::new(0),
             last_rx: Cell::new(now),
             idle_strikes: Cell::new(0),
             held_input: Cell::new(false),
@@ -135,6 +142,11 @@ impl Conn {
             closing: tokio::sync::Notify::new(),
             shutdown,
         }
+    }
+
+    /// When the connection opened.
+    pub fn opened(&self) -> Instant {
+        self.opened
     }
 
     /// True once the handshake made this a client.
@@ -342,6 +354,7 @@ async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
     let unsent = write_loop(&conn.out, &*stream, |w: Written| {
         ShardStats::add(&st.msgs_out, w.frames);
         ShardStats::add(&st.bytes_out, w.bytes);
+        conn.bytes_out.set(conn.bytes_out.get() + w.bytes);
     })
     .await;
     // Counted under the reason the connection closed: a stuck member's
@@ -363,6 +376,7 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
         let buf = rb.done(b, n, spare);
         conn.last_rx.set(shard.tick());
         ShardStats::add(&shard.stats().bytes_in, n as u64);
+        conn.bytes_in.set(conn.bytes_in.get() + n as u64);
         if conn.out.phase() != Phase::Open {
             // Closing: input is no longer acted on; read on until the end.
             buf.clear();

@@ -148,6 +148,7 @@ struct RestartOnly {
     shards: usize,
     io_backend: IoBackend,
     listen: Vec<SocketAddr>,
+    monitor: Option<SocketAddr>,
 }
 
 impl Server {
@@ -213,6 +214,7 @@ impl Server {
             shards,
             io_backend: s.io_backend,
             listen,
+            monitor: s.monitor,
         };
         Ok(Server {
             shared,
@@ -248,8 +250,8 @@ impl Server {
     /// max_message_size and peers. `debug_level` is the binary's to apply.
     ///
     /// # Errors
-    /// [`Error::NeedsRestart`] when node, shards, io_backend or the listen
-    /// addresses changed; nothing is applied then.
+    /// [`Error::NeedsRestart`] when node, shards, io_backend, the listen
+    /// addresses or the monitor address changed; nothing is applied then.
     pub fn reload(&self, config: &Config, node: Option<&str>) -> Result<(), Error> {
         let s = &config.server;
         let wanted = resolve_node(s, node)?;
@@ -258,6 +260,7 @@ impl Server {
             shards: s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS),
             io_backend: s.io_backend,
             listen: listen_addrs(config, &wanted),
+            monitor: s.monitor,
         };
         let old = &self.restart_only;
         for (changed, what) in [
@@ -265,6 +268,7 @@ impl Server {
             (new.shards != old.shards, "shards"),
             (new.io_backend != old.io_backend, "io_backend"),
             (new.listen != old.listen, "the listen address"),
+            (new.monitor != old.monitor, "monitor"),
         ] {
             if changed {
                 return Err(Error::NeedsRestart(what));

@@ -533,6 +533,7 @@ impl Shard {
             ShardMsg::Cluster(m) => crate::server::peers::handle_shard_msg(self, m),
             ShardMsg::Reload(live) => self.reload(live),
             ShardMsg::Stall(d) => std::thread::sleep(d),
+            ShardMsg::Inspect(f) => (f.0)(self),
             ShardMsg::Shutdown => {
                 self.begin_shutdown();
                 return false;

@@ -5,11 +5,13 @@
 
 use super::flow::Gate;
 use super::inbox::Inbox;
+use super::shard::Shard;
 use super::Live;
 use crate::protocol::{GroupMessage, NodeName};
 use crate::router::GroupTable;
 use crate::stats::{Counts, ShardStats};
 use bytes::Bytes;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -163,6 +165,9 @@ pub enum ShardMsg {
     Reload(Live),
     /// Block the shard's thread this long (tests: a shard that stops).
     Stall(std::time::Duration),
+    /// Run this on the shard's thread (the monitoring endpoint's questions
+    /// about what only the shard holds: its connections, its queues).
+    Inspect(Inspect),
     /// Stop: flush and close every connection, then exit.
     Shutdown,
 }
@@ -208,6 +213,20 @@ impl ShardMsg {
             }
             _ => None,
         }
+    }
+}
+
+/// A question for a shard, run on its thread between two inbox messages
+/// (see [`ShardMsg::Inspect`]). It answers through whatever channel it
+/// captured; one dropped unrun (the shard has exited) drops that channel.
+pub struct Inspect(pub Box<InspectFn>);
+
+/// What an [`Inspect`] runs.
+pub type InspectFn = dyn FnOnce(&Rc<Shard>) + Send;
+
+impl std::fmt::Debug for Inspect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Inspect")
     }
 }
 

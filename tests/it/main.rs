@@ -8,6 +8,7 @@ mod flowkit;
 mod honest;
 mod loadgen;
 mod memory;
+mod monitor;
 mod ops;
 mod server;
 mod util;

@@ -563,3 +563,70 @@ impl Raw {
         }
     }
 }
+
+// ---- Monitoring endpoint (tests/it/monitor.rs). ----
+
+impl NodeProc {
+    /// Starts `msgc-server --config CONFIG --node NAME` with `extra` command
+    /// line arguments, and waits until `addr` accepts.
+    pub fn start_with(config: PathBuf, name: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--node".into(),
+            name.into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let node = Self {
+            child: spawn_server(&args),
+            addr,
+            config,
+            name: name.into(),
+            args,
+        };
+        node.wait_listening();
+        node
+    }
+}
+
+/// An HTTP response: status and body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends `request` as is to `addr` and reads the response until the server
+/// closes (bounded by read timeouts); `None` when nothing could be read.
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> Option<HttpReply> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(request).ok()?;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    for _ in 0..100_000 {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some(HttpReply {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// `GET path` on `addr` (one request per connection).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<HttpReply> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    http_raw(addr, req.as_bytes())
+}
