@@ -174,7 +174,11 @@ async fn dial(cfg: &ClientConfig, addr: SocketAddr) -> io::Result<TcpStream> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if cfg.tcpbuf_size > 0 {
         sock.set_send_buffer_size(cfg.tcpbuf_size)?;
-        sock.set_recv_buffer_size(cfg.tcpbuf_size)?;
+        // The receive side is left to autotuning where it reaches
+        // tcpbuf_size (a fixed one makes the server face zero windows).
+        if crate::config::fixed_receive(cfg.tcpbuf_size, crate::config::autotuned_receive_max()) {
+            sock.set_recv_buffer_size(cfg.tcpbuf_size)?;
+        }
     }
     sock.set_tcp_nodelay(true)?;
     if let Some(ip) = cfg.bind_address {

@@ -10,6 +10,26 @@ use super::types::{DebugLevel, IoBackend, ListenAddr, Peer};
 
 /// The seed's port for msgc traffic (`msgc_server.port`, `listen ":4809"`).
 pub const DEFAULT_PORT: u16 = 4809;
+/// What `tcpbuf_size` means on the receive side (see tuning.md): true
+/// when a receive buffer of `tcpbuf_size` must be set because receive
+/// autotuning, which grows a buffer up to `autotuned_max` bytes, cannot
+/// reach it. (`autotuned_max` 0: unknown, set it.)
+pub fn fixed_receive(tcpbuf_size: usize, autotuned_max: usize) -> bool {
+    tcpbuf_size > 0 && tcpbuf_size > autotuned_max
+}
+
+/// The most receive autotuning gives a socket: `net.ipv4.tcp_rmem`'s third
+/// field, read once; 0 when it cannot be read.
+pub fn autotuned_receive_max() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Smallest non-zero `tcpbuf_size`.
 pub const MIN_TCPBUF: usize = 4096;
 /// Largest `tcpbuf_size` (256 MiB).
@@ -93,8 +113,9 @@ pub struct ServerSettings {
     /// counts as stuck (and is closed) rather than slow (and slows its
     /// publishers). Default 0.2 s; > 0.
     pub stuck_timeout: Duration,
-    /// SO_SNDBUF/SO_RCVBUF in bytes. Default 131072. 0 leaves the kernel's
-    /// default and autotuning (our extension); otherwise
+    /// SO_SNDBUF in bytes, and a floor under receive autotuning
+    /// ([`fixed_receive`]). Default 131072. 0 leaves both to the kernel
+    /// (our extension); otherwise
     /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
     pub tcpbuf_size: usize,
 }
@@ -177,8 +198,9 @@ pub struct ClientSettings {
     /// Servers as `host:port` (or `[v6]:port`), tried in order; never empty.
     /// Default `["127.0.0.1:4809"]`.
     pub server: Vec<String>,
-    /// SO_SNDBUF/SO_RCVBUF in bytes. Default 131072; 0 = kernel default,
-    /// else [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
+    /// SO_SNDBUF in bytes, and a floor under receive autotuning
+    /// ([`fixed_receive`]). Default 131072; 0 = the kernel's, else
+    /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
     pub tcpbuf_size: usize,
 }
 

@@ -56,7 +56,7 @@ pub struct Live {
     pub shard_inbox_bytes: usize,
     /// Frames read or written per connection per turn.
     pub messages_per_iter: usize,
-    /// SO_SNDBUF/SO_RCVBUF for sockets made from now on (0: kernel default).
+    /// `tcpbuf_size` for sockets made from now on (see `sockets`).
     pub tcpbuf_size: usize,
     /// Largest payload accepted.
     pub max_message_size: usize,

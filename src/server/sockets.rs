@@ -1,12 +1,20 @@
 //! Socket options, applied in one place through socket2: listeners that
-//! every shard binds on the same address (SO_REUSEPORT), `tcpbuf_size` for
-//! SO_SNDBUF/SO_RCVBUF, TCP_NODELAY, and dialling from `bind_address`
-//! within `connect_timeout`.
+//! every shard binds on the same address (SO_REUSEPORT), `tcpbuf_size`,
+//! TCP_NODELAY, and dialling from `bind_address` within `connect_timeout`.
 //!
-//! Linux doubles the value given to SO_SNDBUF/SO_RCVBUF, caps it at
-//! `net.core.wmem_max`/`rmem_max`, and turns autotuning off for that
-//! socket; `tcpbuf_size = 0` leaves the kernel's defaults and autotuning.
+//! `tcpbuf_size` sets SO_SNDBUF: the kernel's share of what a slow reader
+//! holds, in front of msgc's own counted and bounded queue (and the pace
+//! at which a blocked write completes, which `stuck_timeout` is measured
+//! against). On the receive side it is a floor under the kernel's
+//! autotuning: SO_RCVBUF is set only when autotuning could not reach
+//! `tcpbuf_size` (`net.ipv4.tcp_rmem`'s maximum is below it). Setting
+//! SO_RCVBUF turns receive autotuning off, and a fixed receive buffer was
+//! measured to make senders face zero windows and wait for TCP's 200 ms
+//! persist timer (tuning.md, `tcpbuf_size`). Linux doubles the value
+//! given, and caps it at `net.core.wmem_max`/`rmem_max`;
+//! `tcpbuf_size = 0` leaves both sides to the kernel.
 
+use crate::config::{autotuned_receive_max, fixed_receive};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -16,7 +24,8 @@ use std::time::Duration;
 /// Options for sockets the server makes or accepts.
 #[derive(Debug, Clone, Copy)]
 pub struct SocketOpts {
-    /// SO_SNDBUF and SO_RCVBUF in bytes; 0 leaves the kernel default.
+    /// SO_SNDBUF in bytes, and the floor of SO_RCVBUF (see the module's
+    /// doc); 0 leaves both to the kernel.
     pub tcpbuf_size: usize,
 }
 
@@ -28,7 +37,9 @@ impl SocketOpts {
     pub fn apply(&self, sock: &SockRef<'_>) -> io::Result<()> {
         if self.tcpbuf_size > 0 {
             sock.set_send_buffer_size(self.tcpbuf_size)?;
-            sock.set_recv_buffer_size(self.tcpbuf_size)?;
+            if fixed_receive(self.tcpbuf_size, autotuned_receive_max()) {
+                sock.set_recv_buffer_size(self.tcpbuf_size)?;
+            }
         }
         sock.set_tcp_nodelay(true)
     }
@@ -184,4 +195,54 @@ pub fn unread_bytes(fd: RawFd) -> usize {
 /// True when `ip` is an address of this machine (a socket can bind to it).
 pub fn is_local_ip(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{autotuned_receive_max, fixed_receive};
+
+    #[test]
+    fn the_receive_buffer_is_set_only_above_what_autotuning_reaches() {
+        // (tcpbuf_size, autotuning's maximum, set SO_RCVBUF?)
+        let table = [
+            (131_072, 6_291_456, false), // the default under Linux's defaults
+            (131_072, 33_554_432, false),
+            (8 << 20, 6_291_456, true), // more than autotuning would give
+            (131_072, 0, true),         // unknown maximum: as asked
+            (0, 0, false),              // 0: the kernel's, always
+            (0, 6_291_456, false),
+        ];
+        for (size, max, want) in table {
+            assert_eq!(
+                fixed_receive(size, max),
+                want,
+                "tcpbuf_size {size}, max {max}"
+            );
+        }
+    }
+
+    fn buffers(sock: &Socket) -> (usize, usize) {
+        (
+            sock.send_buffer_size().expect("SO_SNDBUF"),
+            sock.recv_buffer_size().expect("SO_RCVBUF"),
+        )
+    }
+
+    #[test]
+    fn tcpbuf_size_sets_the_send_buffer_and_leaves_receive_autotuning() {
+        let max = autotuned_receive_max();
+        assert!(max > 0, "net.ipv4.tcp_rmem is readable on Linux");
+        let size = 65_536;
+        assert!(size < max, "this kernel's autotuning reaches {size}");
+        let fresh = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let (_, kernel_rcv) = buffers(&fresh);
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        SocketOpts { tcpbuf_size: size }
+            .apply(&SockRef::from(&sock))
+            .expect("options");
+        let (snd, rcv) = buffers(&sock);
+        assert_eq!(snd, 2 * size, "SO_SNDBUF set (Linux doubles it)");
+        assert_eq!(rcv, kernel_rcv, "SO_RCVBUF left to autotuning");
+    }
 }
