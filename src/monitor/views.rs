@@ -205,16 +205,20 @@ pub fn peerz(shared: &Shared) -> Reply {
     )
 }
 
+/// `offset` and `limit` of a paged view.
+fn paging(q: &Query) -> Result<(usize, usize), Reply> {
+    Ok((
+        q.number("offset", 0, usize::MAX)?,
+        q.number("limit", DEFAULT_LIMIT, MAX_LIMIT)?,
+    ))
+}
+
 /// `/connz`: connections, paged (`offset`, `limit`) and sorted (`sort` =
 /// `id`, `queue_bytes`, `queue_frames`, `groups`, `since`, `bytes_in`,
 /// `bytes_out`; biggest or oldest first, `id` in shard then connection order).
 pub async fn connz(shared: &Shared, q: &Query) -> Reply {
-    let offset = match q.number("offset", 0, usize::MAX) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let limit = match q.number("limit", DEFAULT_LIMIT, MAX_LIMIT) {
-        Ok(n) => n,
+    let (offset, limit) = match paging(q) {
+        Ok(p) => p,
         Err(r) => return r,
     };
     let sort = q.get("sort").unwrap_or("id");
@@ -299,12 +303,8 @@ pub fn groupz(shared: &Shared, q: &Query) -> Reply {
     if let Some(name) = q.get("group") {
         return group(shared, name);
     }
-    let offset = match q.number("offset", 0, usize::MAX) {
-        Ok(n) => n,
-        Err(r) => return r,
-    };
-    let limit = match q.number("limit", DEFAULT_LIMIT, MAX_LIMIT) {
-        Ok(n) => n,
+    let (offset, limit) = match paging(q) {
+        Ok(p) => p,
         Err(r) => return r,
     };
     let mut groups: Vec<(String, u32, usize)> = shared
