@@ -217,7 +217,13 @@ async fn handshake(
         role: Role::Client,
         name,
         credentials: Bytes::new(),
-        features: features::LEAVING | if cfg.sequenced { features::SEQ } else { 0 },
+        // A move is offered only with numbered deliveries: they are what
+        // tells the two connections' copies of a message apart.
+        features: if cfg.sequenced {
+            features::SEQ | features::LEAVING
+        } else {
+            0
+        },
         max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
