@@ -843,7 +843,8 @@ async fn a_new_connection_starts_new_baselines() {
 async fn seq_is_asked_for_unless_disabled() {
     let mock = Mock::start(Behaviour::default()).await;
     let client = connect(&mock).await;
-    let asked = |f: &Frame| matches!(f, Frame::Hello(h) if h.features == features::SEQ);
+    let asked =
+        |f: &Frame| matches!(f, Frame::Hello(h) if h.features == features::SEQ | features::LEAVING);
     mock.expect("HELLO asking for SEQ", asked).await;
     // Our own publishes come back numbered: no gap among them.
     let events = client.events();

@@ -222,7 +222,7 @@ fn every_option_set_explicitly() {
              max_backlog_bytes = 65536; stuck_timeout = 0.05; handshake_timeout = 3
              peer_max_backlog = 7000; peer_max_backlog_bytes = "1048576"
              peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
-             monitor = "127.0.0.1:8249"
+             monitor = "127.0.0.1:8249"; lame_duck_duration = 4
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -260,6 +260,7 @@ fn every_option_set_explicitly() {
     );
     assert_eq!(s.shard_inbox_bytes, 131072);
     assert_eq!(s.monitor, "127.0.0.1:8249".parse().ok());
+    assert_eq!(s.lame_duck_duration, secs(4));
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());

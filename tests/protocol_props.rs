@@ -124,6 +124,7 @@ fn reason() -> impl Strategy<Value = Reason> {
         Just(Reason::Leave),
         Just(Reason::Disconnect),
         Just(Reason::NodeDown),
+        Just(Reason::NodeLeft),
     ]
 }
 
@@ -279,6 +280,8 @@ fn server_frame() -> impl Strategy<Value = Frame> {
             sender,
             payload
         }),
+        any::<u32>().prop_map(|deadline_ms| Frame::Move { deadline_ms }),
+        Just(Frame::NodeLeaving),
     ]
 }
 
@@ -288,7 +291,7 @@ fn frame() -> impl Strategy<Value = Frame> {
 }
 
 /// Every frame type this version knows.
-const KNOWN_TYPES: [FrameType; 25] = [
+const KNOWN_TYPES: [FrameType; 27] = [
     FrameType::HELLO,
     FrameType::WELCOME,
     FrameType::NOOP,
@@ -314,6 +317,8 @@ const KNOWN_TYPES: [FrameType; 25] = [
     FrameType::FORWARD,
     FrameType::FORWARD_DIRECT,
     FrameType::FORWARD_SEQ,
+    FrameType::MOVE,
+    FrameType::NODE_LEAVING,
 ];
 
 fn known_codes() -> BTreeSet<u8> {
@@ -778,6 +783,17 @@ fn examples() -> Vec<(&'static str, Frame)> {
                 size: 1,
             },
         ),
+        (
+            "membership-node-left",
+            Frame::Membership {
+                group: g("orders"),
+                subject: text("node2"),
+                reason: Reason::NodeLeft,
+                size: 1,
+            },
+        ),
+        ("move", Frame::Move { deadline_ms: 9500 }),
+        ("node-leaving", Frame::NodeLeaving),
         (
             "membership-batch",
             Frame::MembershipBatch {

@@ -264,13 +264,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let json = args.log_format == "json";
     banner(&server, &config, notes, &args, json);
-    wait_for_signals(signals, &server, &args, &log)?;
+    let signals = wait_for_signals(signals, &server, &args, &log)?;
+    let bound = config.server.lame_duck_duration;
+    let leaving = format!("msgc-server: leaving the cluster (clients get at most {bound:?} to move; a second signal stops at once)");
     if json {
-        tracing::info!(target: msgc::logging::OPS, "msgc-server: shutting down");
+        tracing::info!(target: msgc::logging::OPS, "{leaving}");
     } else {
-        eprintln!("msgc-server: shutting down");
+        eprintln!("{leaving}");
     }
-    server.shutdown();
+    let again = signals.watch();
+    let report = server.leave(|| again.load(std::sync::atomic::Ordering::Relaxed));
+    let done = format!(
+        "msgc-server: left the cluster: {} clients told to move, {} closed, {} peer links told; stopped",
+        report.told, report.closed, report.links
+    );
+    if json {
+        tracing::info!(target: msgc::logging::OPS, "{done}");
+    } else {
+        eprintln!("{done}");
+    }
     drop(monitor);
     Ok(())
 }
@@ -328,6 +340,7 @@ struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -340,33 +353,74 @@ impl Signals {
         let int = signal(SignalKind::interrupt())?;
         let term = signal(SignalKind::terminate())?;
         let hup = signal(SignalKind::hangup())?;
+        let usr2 = signal(SignalKind::user_defined2())?;
         drop(_in_rt);
-        Ok(Self { rt, int, term, hup })
+        Ok(Self {
+            rt,
+            int,
+            term,
+            hup,
+            usr2,
+        })
+    }
+
+    /// Watches for one more SIGINT, SIGTERM or SIGUSR2 on a thread of its
+    /// own: the flag is set when it comes (stop at once).
+    fn watch(self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let set = flag.clone();
+        let Self {
+            rt,
+            mut int,
+            mut term,
+            mut usr2,
+            ..
+        } = self;
+        let spawned = std::thread::Builder::new()
+            .name("msgc-signals".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                        _ = usr2.recv() => {}
+                    }
+                });
+                set.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot watch for a second signal: {e}");
+        }
+        flag
     }
 }
 
-/// Blocks until SIGINT or SIGTERM; SIGHUP re-reads the configuration.
+/// Blocks until SIGINT, SIGTERM or SIGUSR2 (each: leave the cluster,
+/// then stop); SIGHUP re-reads the configuration. Gives the signals back.
 fn wait_for_signals(
-    signals: Signals,
+    mut signals: Signals,
     server: &Server,
     args: &Args,
     log: &FilterHandle,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Signals> {
     let Signals {
         rt,
-        mut int,
-        mut term,
-        mut hup,
-    } = signals;
+        int,
+        term,
+        hup,
+        usr2,
+    } = &mut signals;
     rt.block_on(async {
         loop {
             tokio::select! {
-                _ = int.recv() => return Ok(()),
-                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return,
+                _ = term.recv() => return,
+                _ = usr2.recv() => return,
                 _ = hup.recv() => reload_config(server, args, log),
             }
         }
-    })
+    });
+    Ok(signals)
 }
 
 fn reload_config(server: &Server, args: &Args, log: &FilterHandle) {

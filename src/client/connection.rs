@@ -8,8 +8,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -55,6 +57,12 @@ pub(crate) enum End {
         /// confirmed by the server.
         flushed: bool,
     },
+    /// A move handed the connection over to the next one (its groups
+    /// left, the socket shut down).
+    Handover {
+        /// Whether everything written before was confirmed.
+        flushed: bool,
+    },
     /// Every handle of the client was dropped.
     ClientGone,
     /// A task panicked or was cancelled.
@@ -77,6 +85,7 @@ impl End {
             }
             End::Unexpected(t) => format!("unexpected frame type 0x{:02x} from the server", t.0),
             End::Closing { .. } => "closed by the client".into(),
+            End::Handover { .. } => "moved to another server".into(),
             End::ClientGone => "client dropped".into(),
             End::TaskFailed(e) => format!("connection task failed: {e}"),
             End::Rejoin(e) => e.clone(),
@@ -131,7 +140,7 @@ pub(crate) async fn connect_any(cfg: &ClientConfig) -> Result<Conn, ClientError>
 
 /// Dials one configured server (every address it resolves to, in order),
 /// then greets it. The error is a short reason for [`ClientError::Connect`].
-async fn connect_one(cfg: &ClientConfig, server: &str) -> Result<Conn, String> {
+pub(crate) async fn connect_one(cfg: &ClientConfig, server: &str) -> Result<Conn, String> {
     let addrs = match timeout(cfg.connect_timeout, tokio::net::lookup_host(server)).await {
         Ok(Ok(addrs)) => addrs.collect::<Vec<_>>(),
         Ok(Err(e)) => return Err(format!("cannot resolve address: {}", describe_io(&e))),
@@ -212,7 +221,13 @@ async fn handshake(
         role: Role::Client,
         name,
         credentials: Bytes::new(),
-        features: if cfg.sequenced { features::SEQ } else { 0 },
+        // A move is offered only with numbered deliveries: they are what
+        // tells the two connections' copies of a message apart.
+        features: if cfg.sequenced {
+            features::SEQ | features::LEAVING
+        } else {
+            0
+        },
         max_message_size: 0,
     });
     stream.write_all(&hello.to_bytes()).await?;
@@ -261,13 +276,36 @@ pub(crate) struct ReadCtx {
     pub per_iter: usize,
     /// Our member id on this connection (to tell our own leave).
     pub member: MemberId,
-    /// Last sequence numbers seen on this connection.
-    pub gaps: Gaps,
+    /// Last sequence numbers seen on this connection (and, after a move,
+    /// on the one it replaced).
+    pub gaps: Arc<Mutex<Gaps>>,
+    /// Set on a move's new connection until the old one is done: its
+    /// deliveries wait here (see [`Hold`]).
+    pub hold: Option<Hold>,
+    /// After a move, until then: a delivery numbered at or below the last
+    /// one seen from its sender in its group is the old connection's
+    /// message again, and dropped.
+    pub dedup_until: Option<Instant>,
+    /// How long the de-duplication lasts after a hold is released.
+    pub dedup_for: Duration,
+}
+
+/// Most deliveries a move's new connection holds before it stops reading
+/// until the old connection is done.
+pub(crate) const HOLD_MAX: usize = 65_536;
+
+/// A move's new connection, while the old one still delivers: its
+/// deliveries are held, in order, until `release` fires (the old
+/// connection is done, and its last numbers are in the shared table).
+pub(crate) struct Hold {
+    pub release: oneshot::Receiver<()>,
+    pub held: Vec<Frame>,
 }
 
 /// Reads, decodes and dispatches until the connection ends.
 pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx: ReadCtx) -> End {
     let mut since_yield = 0usize;
+    let idle = ctx.idle;
     loop {
         loop {
             let frame = match decode(&mut buf, ctx.max_frame) {
@@ -275,6 +313,17 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx:
                 Ok(None) => break,
                 Err(e) => return End::Protocol(e),
             };
+            if let (Some(h), Frame::Deliver { .. }) = (&mut ctx.hold, &frame) {
+                if h.held.len() < HOLD_MAX {
+                    h.held.push(frame);
+                    continue;
+                }
+                // Full: nothing more is read until the old connection is done.
+                let _ = (&mut h.release).await;
+                if let Err(end) = release(&mut ctx).await {
+                    return end;
+                }
+            }
             if let Err(end) = dispatch(&mut ctx, frame).await {
                 return end;
             }
@@ -291,13 +340,57 @@ pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx:
         if buf.capacity() - buf.len() < READ_BUF {
             buf.reserve(READ_BUF);
         }
-        match timeout(ctx.idle, rd.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return End::Eof,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return End::Io(e),
-            Err(_) => return End::Idle(ctx.idle),
+        let read = match ctx.hold.as_mut() {
+            Some(h) => tokio::select! {
+                r = timeout(idle, rd.read_buf(&mut buf)) => Some(r),
+                _ = &mut h.release => None,
+            },
+            None => Some(timeout(idle, rd.read_buf(&mut buf)).await),
+        };
+        match read {
+            None => {
+                if let Err(end) = release(&mut ctx).await {
+                    return end;
+                }
+            }
+            Some(Ok(Ok(0))) => return End::Eof,
+            Some(Ok(Ok(_))) => {}
+            Some(Ok(Err(e))) => return End::Io(e),
+            Some(Err(_)) => return End::Idle(idle),
         }
     }
+}
+
+/// The old connection of a move is done: the held deliveries go out, each
+/// checked against what it delivered.
+async fn release(ctx: &mut ReadCtx) -> Result<(), End> {
+    let Some(hold) = ctx.hold.take() else {
+        return Ok(());
+    };
+    ctx.dedup_until = Some(Instant::now() + ctx.dedup_for);
+    for frame in hold.held {
+        dispatch(ctx, frame).await?;
+    }
+    Ok(())
+}
+
+/// True when a delivery numbered `seq` was delivered already by the
+/// connection a move replaced.
+fn duplicate(
+    ctx: &mut ReadCtx,
+    gaps: &Gaps,
+    group: &GroupName,
+    sender: &MemberId,
+    seq: u64,
+) -> bool {
+    let Some(until) = ctx.dedup_until else {
+        return false;
+    };
+    if Instant::now() >= until {
+        ctx.dedup_until = None;
+        return false;
+    }
+    gaps.last(group, sender).is_some_and(|last| seq <= last)
 }
 
 async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
@@ -308,7 +401,18 @@ async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
             seq,
             payload,
         } => {
-            if let Some(missing) = seq.and_then(|seq| ctx.gaps.observe(&group, &sender, seq)) {
+            let missing = match seq {
+                Some(seq) => {
+                    let gaps = ctx.gaps.clone();
+                    let mut gaps = gaps.lock().unwrap_or_else(|p| p.into_inner());
+                    if duplicate(ctx, &gaps, &group, &sender, seq) {
+                        return Ok(());
+                    }
+                    gaps.observe(&group, &sender, seq)
+                }
+                None => None,
+            };
+            if let Some(missing) = missing {
                 ctx.shared.add_gaps(missing);
                 let gap = Event::Gap {
                     group: group.clone(),
@@ -336,6 +440,10 @@ async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
                 };
                 dispatch_one(ctx, one).await?;
             }
+            Ok(())
+        }
+        Frame::Move { deadline_ms } => {
+            ctx.shared.ask_move(deadline_ms);
             Ok(())
         }
         frame => dispatch_one(ctx, frame).await,
@@ -366,13 +474,25 @@ async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
 /// that was cut and re-formed goes on numbering, and what was lost in
 /// between shows as a gap; the senders of a node that restarted have new
 /// ids.
+///
+/// During a move nothing is forgotten, on either connection: the table is
+/// what tells the new connection's copies of the old one's deliveries
+/// (among them those of a member whose leave came meanwhile). A stale
+/// entry costs its room only: ids are never reused.
 fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
+    let moving = ctx.hold.is_some()
+        || ctx.dedup_until.is_some()
+        || ctx.shared.lock().previous.as_ref() == Some(&ctx.member);
+    if moving {
+        return;
+    }
+    let mut gaps = ctx.gaps.lock().unwrap_or_else(|p| p.into_inner());
     match reason {
         Reason::Leave | Reason::Disconnect if subject == ctx.member.as_bytes() => {
-            ctx.gaps.forget_group(group);
+            gaps.forget_group(group);
         }
-        Reason::Leave | Reason::Disconnect => ctx.gaps.forget_member(group, subject),
-        Reason::NodeDown | Reason::Join => {}
+        Reason::Leave | Reason::Disconnect => gaps.forget_member(group, subject),
+        Reason::NodeDown | Reason::NodeLeft | Reason::Join => {}
     }
 }
 

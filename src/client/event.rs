@@ -88,6 +88,20 @@ pub enum Event {
         /// unconfirmed then.
         queued: u64,
     },
+    /// The server said it is leaving (`MOVE`): the client connected to
+    /// its next configured server, re-joined every group there (the joins
+    /// acknowledged), then left them on the old connection and closed it.
+    /// Nothing was lost in between unless an [`Event::Gap`] says so: the
+    /// old connection delivered everything published before the new joins
+    /// held, the new one what came after, each message once.
+    Moved {
+        /// The server (as configured) the client left.
+        from: String,
+        /// The server (as configured) now connected.
+        server: String,
+        /// The new member id the server assigned.
+        member: MemberId,
+    },
     /// A new connection is up and every group the client had joined has
     /// been re-joined (acknowledged by the server).
     Reconnected {

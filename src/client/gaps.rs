@@ -10,8 +10,10 @@
 //! - A number `n` above `last + 1` means `n - last - 1` messages are
 //!   missing.
 //!
-//! One table per connection (its reader owns it: no lock), so a new
-//! connection starts from new baselines. Entries are forgotten when this
+//! One table per connection (behind a lock its reader alone takes, but
+//! for a move), so a new connection starts from new baselines; a move to
+//! another server (`MOVE`) hands the table on, so that the new
+//! connection's copies of what the old one delivered are recognised. Entries are forgotten when this
 //! client leaves a group (all of the group's) and when a membership event
 //! says a member left or disconnected (that member's in that group; ids are
 //! never reused). A node-down forgets nothing: a sender behind a link that
@@ -134,6 +136,12 @@ impl Gaps {
         }
         self.insert(group, sender, seq);
         None
+    }
+
+    /// The last number seen from `sender` in `group`, if any.
+    pub(crate) fn last(&self, group: &GroupName, sender: &MemberId) -> Option<u64> {
+        let pair = (sender.as_bytes(), group.as_bytes());
+        self.last.get(&pair as &dyn Pair).copied()
     }
 
     fn insert(&mut self, group: &GroupName, sender: &MemberId, seq: u64) {

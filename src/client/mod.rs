@@ -150,6 +150,7 @@ impl Client {
         let links = Links {
             shared: shared.clone(),
             queue: queue_rx,
+            queue_tx: queue_tx.downgrade(),
             events: events_tx,
         };
         tokio::spawn(supervise(links, conn));

@@ -25,6 +25,9 @@ use super::ledger::{Ledger, CONFIRM};
 /// Completes a join or leave (or a `close`).
 pub(crate) type Ack = oneshot::Sender<Result<(), ClientError>>;
 
+/// A join's acknowledgement, awaited.
+pub(crate) type JoinAck = oneshot::Receiver<Result<(), ClientError>>;
+
 /// Facts about the server the client is connected to (or was, last).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInfo {
@@ -84,6 +87,9 @@ pub(crate) struct State {
     pub connected: bool,
     /// Our member id on the current (or last) connection.
     pub member: MemberId,
+    /// Our member id on the connection a move left (its leave events are
+    /// the move's own business, not the application's).
+    pub previous: Option<MemberId>,
     /// The current (or last) server.
     pub server: ServerInfo,
     /// Groups the server has acknowledged us in; re-joined on reconnect.
@@ -117,6 +123,10 @@ pub(crate) struct Shared {
     pub ledger: Ledger,
     /// Messages reported missing by [`Event::Gap`], all connections.
     gaps: AtomicU64,
+    /// The server asked us to move (`MOVE`).
+    pub move_asked: Notify,
+    /// The `MOVE`'s deadline, in ms from when it came.
+    move_deadline_ms: AtomicU64,
 }
 
 impl Shared {
@@ -127,6 +137,7 @@ impl Shared {
             state: Mutex::new(State {
                 connected: true,
                 member,
+                previous: None,
                 server,
                 joined: HashSet::new(),
                 joins: HashMap::new(),
@@ -140,7 +151,54 @@ impl Shared {
             finished: watch::Sender::new(false),
             ledger: Ledger::default(),
             gaps: AtomicU64::new(0),
+            move_asked: Notify::new(),
+            move_deadline_ms: AtomicU64::new(0),
         }
+    }
+
+    /// The server said `MOVE`: it closes the connection within `deadline_ms`.
+    pub(crate) fn ask_move(&self, deadline_ms: u32) {
+        self.move_deadline_ms
+            .store(u64::from(deadline_ms), Ordering::Relaxed);
+        self.move_asked.notify_one();
+    }
+
+    /// How long the last `MOVE` gave us.
+    pub(crate) fn move_deadline(&self) -> Duration {
+        Duration::from_millis(self.move_deadline_ms.load(Ordering::Relaxed))
+    }
+
+    /// A move's new connection is up (not yet joined): from now on
+    /// `member` is ours and the old one's events are not the
+    /// application's. Registers a join waiter for every group to re-join
+    /// there; returns them, with what to restore if the move fails.
+    pub(crate) fn on_moving(
+        &self,
+        server: ServerInfo,
+        member: MemberId,
+    ) -> (Vec<(GroupName, JoinAck)>, (ServerInfo, MemberId)) {
+        let before = {
+            let mut st = self.lock();
+            let old = std::mem::replace(&mut st.member, member.clone());
+            st.previous = Some(old.clone());
+            (st.server.clone(), old)
+        };
+        let acks = self.on_connected(server, member);
+        (acks, before)
+    }
+
+    /// A move failed before the handover: the old connection is ours again.
+    pub(crate) fn move_failed(&self, (server, member): (ServerInfo, MemberId)) {
+        let limit = self
+            .cfg
+            .max_message_size
+            .min(server.max_message_size as usize);
+        self.send_limit.store(limit, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.member = member;
+        st.server = server;
+        st.previous = None;
+        st.joins.clear();
     }
 
     /// Locks the state. A panic while it was held cannot leave it
@@ -256,7 +314,7 @@ impl Shared {
                 subject,
                 reason,
                 size,
-            } => Some(self.on_membership(group, subject, reason, size)),
+            } => self.on_membership(group, subject, reason, size),
             Frame::MembersReply {
                 req, last, members, ..
             } => {
@@ -284,8 +342,22 @@ impl Shared {
         })
     }
 
-    fn on_membership(&self, group: GroupName, subject: Bytes, reason: Reason, size: u32) -> Event {
+    fn on_membership(
+        &self,
+        group: GroupName,
+        subject: Bytes,
+        reason: Reason,
+        size: u32,
+    ) -> Option<Event> {
         let mut st = self.lock();
+        if st
+            .previous
+            .as_ref()
+            .is_some_and(|p| p.as_bytes() == subject.as_ref())
+        {
+            // The old connection's own events during a move.
+            return None;
+        }
         if subject.as_ref() == st.member.as_bytes() {
             let acks = match reason {
                 Reason::Join => {
@@ -296,7 +368,7 @@ impl Shared {
                     st.joined.remove(&group);
                     st.leaves.remove(&group)
                 }
-                Reason::NodeDown => None,
+                Reason::NodeDown | Reason::NodeLeft => None,
             };
             for tx in acks.into_iter().flatten() {
                 let _ = tx.send(Ok(()));
@@ -304,12 +376,12 @@ impl Shared {
         }
         drop(st);
         let subject = String::from_utf8_lossy(&subject).into_owned();
-        Event::Membership {
+        Some(Event::Membership {
             group,
             subject,
             reason,
             size,
-        }
+        })
     }
 
     fn on_members(&self, req: u32, last: bool, members: Vec<MemberId>) {

@@ -19,7 +19,7 @@ use tokio::time::timeout;
 
 use crate::protocol::{max_frame_for, Events, Frame, GroupName, MemberId};
 
-use super::connection::{connect_any, read_loop, Conn, End, ReadCtx};
+use super::connection::{connect_any, connect_one, read_loop, Conn, End, Hold, ReadCtx};
 use super::error::ClientError;
 use super::event::Event;
 use super::gaps::Gaps;
@@ -31,6 +31,9 @@ use super::writer::{write_loop, Out, Writer};
 pub(crate) struct Links {
     pub shared: Arc<Shared>,
     pub queue: flume::Receiver<Out>,
+    /// The queue's producing end, for a move's handover (weak: the
+    /// client's handles alone keep the queue open).
+    pub queue_tx: flume::WeakSender<Out>,
     pub events: flume::Sender<Event>,
 }
 
@@ -92,7 +95,7 @@ async fn run_all(links: &Links, first: Conn) {
 fn drain(queue: &flume::Receiver<Out>) {
     let (mut frames, mut messages) = (0usize, 0u64);
     for item in queue.drain().map(Out::taken) {
-        if !matches!(item, Out::Close) {
+        if !matches!(item, Out::Close | Out::Handover { .. }) {
             frames += 1;
             messages += item.messages();
         }
@@ -139,40 +142,161 @@ async fn run(links: &Links, mut conn: Conn, rejoin: Option<Rejoin>) -> End {
             return end;
         }
     }
-    let mut tasks = Tasks::spawn(links, conn);
+    let mut tasks = Tasks::spawn(links, conn, None, None);
     let end = drive(links, &mut tasks, rejoin).await;
     // The writer must have stopped before its counts are settled.
     tasks.stop().await;
     end
 }
 
-/// Runs the tasks of a connection to their end; see [`run`].
+/// Runs the tasks of a connection to their end; see [`run`]. A `MOVE`
+/// from the server moves the client to its next server meanwhile
+/// ([`move_on`]); the tasks are then the new connection's.
 async fn drive(links: &Links, tasks: &mut Tasks, rejoin: Option<Rejoin>) -> End {
     let cfg = &links.shared.cfg;
-    let Some(acks) = rejoin else {
-        return tasks.finished().await;
-    };
-    // `Reconnected` promises that every group is joined again: a re-join
-    // that fails or is not acknowledged drops this connection and redials.
-    tokio::select! {
-        end = tasks.finished() => return end,
-        res = await_rejoin(acks, cfg.request_timeout) => {
-            if let Err(end) = res {
-                return end;
+    if let Some(acks) = rejoin {
+        // `Reconnected` promises that every group is joined again: a
+        // re-join that fails or is not acknowledged drops this connection
+        // and redials.
+        tokio::select! {
+            end = tasks.finished() => return end,
+            res = await_rejoin(acks, cfg.request_timeout) => {
+                if let Err(end) = res {
+                    return end;
+                }
+            }
+        }
+        let (server, member) = (tasks.server.clone(), tasks.member.clone());
+        tracing::info!(%server, %member, "msgc client: reconnected");
+        if links
+            .events
+            .send_async(Event::Reconnected { server, member })
+            .await
+            .is_err()
+        {
+            return End::ClientGone;
+        }
+    }
+    loop {
+        tokio::select! {
+            end = tasks.finished() => return end,
+            _ = links.shared.move_asked.notified() => {
+                if let Some(end) = move_on(links, tasks).await {
+                    return end;
+                }
             }
         }
     }
-    let (server, member) = (tasks.server.clone(), tasks.member.clone());
-    tracing::info!(%server, %member, "msgc client: reconnected");
-    if links
-        .events
-        .send_async(Event::Reconnected { server, member })
-        .await
-        .is_err()
+}
+
+/// The server is leaving (`MOVE`): connects to the next configured server
+/// (after this one, in order), re-joins every group there, and hands over:
+/// the old connection leaves its groups behind everything queued before
+/// (confirmed), and its reader delivers up to its last frame while the new
+/// one holds its deliveries; then the new one delivers what the old did
+/// not (see [`Hold`]). With no other server answering, the client stays
+/// until the server closes the connection (then reconnects as usual).
+/// `Some(end)` when the client is gone meanwhile.
+async fn move_on(links: &Links, tasks: &mut Tasks) -> Option<End> {
+    let shared = &links.shared;
+    let cfg = &shared.cfg;
+    let deadline = tokio::time::Instant::now() + shared.move_deadline();
+    let from = tasks.server.clone();
+    let Some(conn) = next_server(cfg, &from, deadline).await else {
+        tracing::warn!(server = %from, "msgc client: the server is leaving and no other server answers; staying until it closes");
+        return None;
+    };
+    let server = conn.server.clone();
+    let info = ServerInfo::new(&conn.server, &conn.welcome);
+    let (acks, before) = shared.on_moving(info, conn.member.clone());
+    let groups: Vec<GroupName> = acks.iter().map(|(g, _)| g.clone()).collect();
+    let mut conn = conn;
+    if send_joins(
+        &mut conn,
+        groups.iter(),
+        cfg.membership_events,
+        cfg.idle_timeout,
+    )
+    .await
+    .is_err()
     {
-        return End::ClientGone;
+        shared.move_failed(before);
+        return None;
     }
-    tasks.finished().await
+    let (release, hold) = oneshot::channel();
+    let (start, gate) = oneshot::channel();
+    let mut next = Tasks::spawn(links, conn, Some((hold, gate)), Some(tasks.gaps.clone()));
+    let joined = tokio::select! {
+        end = next.finished() => Err(end.reason()),
+        res = await_rejoin(acks, cfg.request_timeout) => res.map_err(|end| end.reason()),
+    };
+    if let Err(why) = joined {
+        tracing::warn!(%server, %why, "msgc client: move failed; staying until the server closes");
+        shared.move_failed(before);
+        return None;
+    }
+    // Everything queued before this goes on the old connection, which
+    // then leaves the groups (confirmed) and shuts its side down.
+    let item = Out::Handover {
+        conn: tasks.id,
+        groups,
+    };
+    if links.queue.is_disconnected() || shared_queue_send(links, item).await.is_err() {
+        return Some(End::ClientGone);
+    }
+    let bound = cfg.request_timeout + cfg.idle_timeout;
+    let flushed = match timeout(bound, &mut tasks.writer).await {
+        Ok(Ok(End::Handover { flushed })) => flushed,
+        _ => false,
+    };
+    tasks.writer.abort();
+    let _ = start.send(());
+    // The old reader runs to the end of its stream (the server closes
+    // once it has read ours), delivering what was on its way.
+    let _ = timeout(bound, &mut tasks.reader).await;
+    tasks.reader.abort();
+    let _ = release.send(());
+    let member = next.member.clone();
+    *tasks = next;
+    tracing::info!(%from, %server, %member, flushed, "msgc client: moved (the server is leaving)");
+    let event = Event::Moved {
+        from,
+        server,
+        member,
+    };
+    if links.events.send_async(event).await.is_err() {
+        return Some(End::ClientGone);
+    }
+    None
+}
+
+/// Queues `item` behind what the application queued.
+async fn shared_queue_send(links: &Links, item: Out) -> Result<(), ()> {
+    let tx = links.queue_tx.upgrade().ok_or(())?;
+    tx.send_async(item).await.map_err(|_| ())
+}
+
+/// The first server after `current` in the configured order (wrapping
+/// round, `current` itself excluded) to complete a handshake by `deadline`.
+async fn next_server(
+    cfg: &super::config::ClientConfig,
+    current: &str,
+    deadline: tokio::time::Instant,
+) -> Option<Conn> {
+    let n = cfg.servers.len();
+    let at = cfg.servers.iter().position(|s| s == current).unwrap_or(n);
+    for k in 1..=n {
+        let server = &cfg.servers[(at + k) % n];
+        if server == current {
+            continue;
+        }
+        match tokio::time::timeout_at(deadline, connect_one(cfg, server)).await {
+            Ok(Ok(conn)) => return Some(conn),
+            Ok(Err(reason)) => tracing::info!(%server, %reason, "msgc client: cannot move there"),
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Writes a JOIN per group, in one write, before the writer task starts, so
@@ -222,22 +346,50 @@ async fn await_rejoin(acks: Rejoin, bound: Duration) -> Result<(), End> {
 
 /// The reader and writer tasks of one connection.
 struct Tasks {
+    /// This connection among the client's (for [`Out::Handover`]).
+    id: u64,
     /// The server as configured.
     server: String,
     /// Our member id on this connection.
     member: MemberId,
     reader: JoinHandle<End>,
     writer: JoinHandle<End>,
+    /// The reader's sequence numbers (handed on by a move).
+    gaps: Arc<std::sync::Mutex<Gaps>>,
     /// How long `close` waits for the server to close its side.
     linger: Duration,
     /// Tells whether a `close` is in progress.
     shared: Arc<Shared>,
 }
 
+/// Source of [`Tasks::id`].
+static NEXT_CONN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A move's new connection: its reader holds deliveries until the first
+/// fires, its writer starts when the second does.
+type Held = (oneshot::Receiver<()>, oneshot::Receiver<()>);
+
 impl Tasks {
-    fn spawn(links: &Links, conn: Conn) -> Tasks {
+    fn spawn(
+        links: &Links,
+        conn: Conn,
+        held: Option<Held>,
+        gaps: Option<Arc<std::sync::Mutex<Gaps>>>,
+    ) -> Tasks {
         let cfg = &links.shared.cfg;
         let server_max = conn.welcome.max_message_size as usize;
+        let id = NEXT_CONN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let gaps = gaps.unwrap_or_default();
+        let (hold, gate) = match held {
+            Some((release, gate)) => (
+                Some(Hold {
+                    release,
+                    held: Vec::new(),
+                }),
+                Some(gate),
+            ),
+            None => (None, None),
+        };
         let ctx = ReadCtx {
             shared: links.shared.clone(),
             events: links.events.clone(),
@@ -245,7 +397,10 @@ impl Tasks {
             idle: cfg.idle_timeout,
             per_iter: cfg.messages_per_iter.max(1),
             member: conn.member.clone(),
-            gaps: Gaps::default(),
+            gaps: gaps.clone(),
+            hold,
+            dedup_until: None,
+            dedup_for: cfg.request_timeout,
         };
         let writer = Writer {
             wr: conn.wr,
@@ -254,15 +409,26 @@ impl Tasks {
             keepalive: cfg.effective_keepalive(conn.welcome.idle_timeout_ms),
             stall: cfg.idle_timeout,
             close_wait: cfg.request_timeout,
+            conn: id,
         };
         let reader = tokio::spawn(read_loop(conn.rd, conn.leftover, ctx));
-        let writer = tokio::spawn(write_loop(writer));
+        let writer = tokio::spawn(async move {
+            if let Some(gate) = gate {
+                // A failed move drops the sender: then this never runs.
+                if gate.await.is_err() {
+                    return End::ClientGone;
+                }
+            }
+            write_loop(writer).await
+        });
         let linger = (cfg.request_timeout / 2).min(MAX_LINGER);
         Tasks {
+            id,
             server: conn.server,
             member: conn.member,
             reader,
             writer,
+            gaps,
             linger,
             shared: links.shared.clone(),
         }

@@ -39,6 +39,10 @@ pub(crate) enum Out {
     /// `close`: flush everything before this, have it confirmed, then shut
     /// the socket down.
     Close,
+    /// A move: connection `conn` leaves `groups` after everything before
+    /// this, has it confirmed, and shuts its socket down; what follows
+    /// goes on the next connection. Another connection's writer skips it.
+    Handover { conn: u64, groups: Vec<GroupName> },
 }
 
 impl Out {
@@ -48,7 +52,7 @@ impl Out {
             Out::Publish { .. } | Out::Frame(Frame::Send { .. }) => 1,
             Out::Encoded { count, .. } => *count,
             Out::Waited(w) => w.item.as_ref().map_or(0, |item| item.messages()),
-            Out::Frame(_) | Out::Close => 0,
+            Out::Frame(_) | Out::Close | Out::Handover { .. } => 0,
         }
     }
 
@@ -102,6 +106,16 @@ pub(crate) struct Writer {
     pub stall: Duration,
     /// How long `close` waits for its PONG.
     pub close_wait: Duration,
+    /// This connection, for [`Out::Handover`].
+    pub conn: u64,
+}
+
+/// Why a batch ends the writer.
+enum Stop {
+    /// `close`.
+    Close,
+    /// A move's handover: leave these groups first.
+    Handover(Vec<GroupName>),
 }
 
 /// The writer's running state: the batch and the counts behind it.
@@ -136,24 +150,34 @@ pub(crate) async fn write_loop(mut w: Writer) -> End {
         pinged: taken,
     };
     loop {
-        let mut close = match w.next(&b).await {
-            Wake::Item(item) => b.push(item),
+        let mut stop = match w.next(&b).await {
+            Wake::Item(item) => b.push(item, w.conn),
             Wake::Gone => return w.finish(&b.buf, End::ClientGone).await,
             Wake::Idle => {
                 Frame::Noop.encode(&mut b.buf);
-                false
+                None
             }
-            Wake::Confirmed => false,
+            Wake::Confirmed => None,
         };
-        while !close && b.buf.len() < WRITE_BATCH {
+        while stop.is_none() && b.buf.len() < WRITE_BATCH {
             match w.queue.try_recv() {
-                Ok(item) => close = b.push(item),
+                Ok(item) => stop = b.push(item, w.conn),
                 Err(_) => break,
             }
         }
         w.shared.ledger.set_taken(b.taken);
-        if close {
-            return w.close(b).await;
+        match stop {
+            Some(Stop::Close) => return w.close(b).await,
+            Some(Stop::Handover(groups)) => {
+                for group in groups {
+                    Frame::Leave { group }.encode(&mut b.buf);
+                }
+                return match w.close(b).await {
+                    End::Closing { flushed } => End::Handover { flushed },
+                    other => other,
+                };
+            }
+            None => {}
         }
         let confirmed = w.shared.ledger.confirmed();
         if confirmed >= b.pinged && b.taken > confirmed {
@@ -167,8 +191,8 @@ pub(crate) async fn write_loop(mut w: Writer) -> End {
 }
 
 impl Batch {
-    /// Appends one queue item; returns whether it was `Close`.
-    fn push(&mut self, item: Out) -> bool {
+    /// Appends one queue item; returns whether it ends the writer.
+    fn push(&mut self, item: Out, conn: u64) -> Option<Stop> {
         let item = item.taken();
         self.taken += item.messages();
         match item {
@@ -182,9 +206,11 @@ impl Batch {
             Out::Frame(frame) => frame.encode(&mut self.buf),
             Out::Encoded { bytes, .. } => self.buf.extend_from_slice(&bytes),
             Out::Waited(_) => {} // unwrapped above
-            Out::Close => return true,
+            Out::Close => return Some(Stop::Close),
+            Out::Handover { conn: c, groups } if c == conn => return Some(Stop::Handover(groups)),
+            Out::Handover { .. } => {}
         }
-        false
+        None
     }
 
     /// Appends a confirmation PING for everything taken so far, unless one
@@ -303,12 +329,15 @@ mod tests {
             taken: 0,
             pinged: 0,
         };
-        b.push(publish());
-        b.push(Out::Encoded {
-            bytes: Bytes::new(),
-            count: 3,
-        });
-        b.push(Out::Frame(Frame::Noop));
+        b.push(publish(), 1);
+        b.push(
+            Out::Encoded {
+                bytes: Bytes::new(),
+                count: 3,
+            },
+            1,
+        );
+        b.push(Out::Frame(Frame::Noop), 1);
         assert_eq!(b.taken, 4);
         b.ping();
         b.ping();
@@ -325,6 +354,16 @@ mod tests {
             })
             .collect();
         assert_eq!(pings, [CONFIRM | 4], "one confirmation for all four");
-        assert!(b.push(Out::Close));
+        assert!(matches!(b.push(Out::Close, 1), Some(Stop::Close)));
+        let other = Out::Handover {
+            conn: 2,
+            groups: Vec::new(),
+        };
+        assert!(b.push(other, 1).is_none(), "another connection's handover");
+        let mine = Out::Handover {
+            conn: 1,
+            groups: Vec::new(),
+        };
+        assert!(matches!(b.push(mine, 1), Some(Stop::Handover(_))));
     }
 }

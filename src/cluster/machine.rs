@@ -36,6 +36,10 @@ pub enum ViewAction {
     /// The peer's snapshot is whole: its view is complete again (what it
     /// lost while down is no longer counted against it).
     ViewComplete,
+    /// The peer leaves the cluster (`NODE_LEAVING`): everything it sent
+    /// came before; close the link, and its members leave with reason
+    /// node-left (see [`super::leave::link_end`]). Accepted in any phase.
+    Leaving,
 }
 
 /// Where a link's membership stream stands.
@@ -74,7 +78,8 @@ impl LinkView {
     }
 
     /// Decides on a membership frame (`SNAPSHOT`, `PEER_JOIN`,
-    /// `PEER_LEAVE`) from the peer; other frames give no action.
+    /// `PEER_LEAVE`, `NODE_LEAVING`) from the peer; other frames give no
+    /// action.
     ///
     /// # Errors
     /// A frame out of order (a snapshot chunk that does not continue the
@@ -132,6 +137,7 @@ impl LinkView {
                     reason: *reason,
                 }])
             }
+            Frame::NodeLeaving => Ok(vec![ViewAction::Leaving]),
             _ => Ok(Vec::new()),
         }
     }
@@ -339,6 +345,16 @@ mod tests {
                 ok(&[]),
             ),
             (
+                "goodbye after the snapshot",
+                vec![snap(FIRST | LAST, &[("a", "n2/0.1")]), Frame::NodeLeaving],
+                ok(&["leaving"]),
+            ),
+            (
+                "goodbye before any snapshot",
+                vec![Frame::NodeLeaving],
+                ok(&["leaving"]),
+            ),
+            (
                 "join before the snapshot",
                 vec![join("a", "n2/1.4")],
                 Err(ErrorCode::UNEXPECTED),
@@ -395,6 +411,7 @@ mod tests {
                                 reason,
                             } => format!("leave {group} {member} {}", reason.name()),
                             ViewAction::ViewComplete => "complete".into(),
+                            ViewAction::Leaving => "leaving".into(),
                         })
                         .collect()
                 });

@@ -187,6 +187,8 @@ pub struct Mesh {
     generations: AtomicU64,
     /// Address to dial from when `bind_address` is unset.
     own_ip: Mutex<Option<IpAddr>>,
+    /// This node's departure ([`crate::cluster::leave::Phase`]): only rises.
+    departure: std::sync::atomic::AtomicU8,
 }
 
 impl Mesh {
@@ -203,6 +205,7 @@ impl Mesh {
             high_water: AtomicUsize::new(0),
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
+            departure: std::sync::atomic::AtomicU8::new(0),
         };
         mesh.apply_peers(s, own_ip);
         mesh
@@ -276,6 +279,17 @@ impl Mesh {
         self.high_water.store(slots.len(), Release);
         *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = own_ip;
         (added, removed, moved)
+    }
+
+    /// Where this node stands in its departure (`Serving` unless leaving).
+    #[inline]
+    pub fn departure(&self) -> crate::cluster::leave::Phase {
+        crate::cluster::leave::Phase::from_u8(self.departure.load(Acquire))
+    }
+
+    /// Moves this node's departure on to `phase` (never back).
+    pub fn set_departure(&self, phase: crate::cluster::leave::Phase) {
+        self.departure.fetch_max(phase as u8, AcqRel);
     }
 
     /// The address outbound links are dialled from when `bind_address` is unset.

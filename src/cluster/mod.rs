@@ -8,7 +8,10 @@
 //! - [`machine`]: per-link membership bookkeeping: the snapshot's phases,
 //!   join barriers waiting for `PONG`s, ghosts and heard groups of lost
 //!   nodes.
+//! - [`leave`]: a node's clean leave: the leaving node's steps, and what
+//!   a link's end means (node left or node down).
 
+pub mod leave;
 pub mod machine;
 pub mod mesh;
 

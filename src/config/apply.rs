@@ -90,6 +90,9 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("keepalive_interval", |s, v| {
         set_secs(&mut s.keepalive_interval, v)
     }),
+    opt("lame_duck_duration", |s, v| {
+        set_secs(&mut s.lame_duck_duration, v)
+    }),
     opt("max_backlog", |s, v| {
         set_size(&mut s.max_backlog, v, MAX_BACKLOG)
     }),

@@ -80,6 +80,7 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
         ("idle_timeout", secs(s.idle_timeout)),
         ("io_backend", s.io_backend.to_string()),
         ("keepalive_interval", secs(s.keepalive_interval)),
+        ("lame_duck_duration", secs(s.lame_duck_duration)),
         ("max_backlog", s.max_backlog.to_string()),
         ("max_backlog_bytes", s.max_backlog_bytes.to_string()),
         ("max_message_size", s.max_message_size.to_string()),

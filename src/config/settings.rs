@@ -67,6 +67,10 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// Silence after which a no-op frame is sent. Default 5 s; > 0.
     pub keepalive_interval: Duration,
+    /// Longest a leaving node (SIGTERM, SIGINT, SIGUSR2) waits for its
+    /// clients to move to other servers before it closes the rest, says
+    /// goodbye to its peers and exits. Default 10 s; > 0.
+    pub lame_duck_duration: Duration,
     /// Frames a client's queue may hold: past it, a reader that is still
     /// accepting data slows its publishers, one that is not is stuck and
     /// closed. Default 5000; 1..=[`MAX_BACKLOG`].
@@ -130,6 +134,7 @@ impl Default for ServerSettings {
             idle_timeout: Duration::from_secs(30),
             io_backend: IoBackend::Auto,
             keepalive_interval: Duration::from_secs(5),
+            lame_duck_duration: Duration::from_secs(10),
             max_backlog: 5000,
             max_backlog_bytes: 16 * 1024 * 1024,
             max_message_size: 1024 * 1024,

@@ -108,6 +108,8 @@ pub async fn healthz(shared: &Shared, q: &Query) -> Reply {
     let mut problems = Vec::new();
     if shared.stopping() {
         problems.push("shutting down".to_owned());
+    } else if shared.cluster.departure() != crate::cluster::leave::Phase::Serving {
+        problems.push("leaving the cluster (lame duck)".to_owned());
     }
     let answers = gather::ask(shared, |_: &Rc<Shard>| ()).await;
     for (i, a) in answers.iter().enumerate() {

@@ -217,6 +217,10 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
             sender: member(&mut b)?,
             payload: rest(&mut b),
         },
+        FrameType::MOVE => Frame::Move {
+            deadline_ms: u32_(&mut b)?,
+        },
+        FrameType::NODE_LEAVING => Frame::NodeLeaving,
         FrameType(other) => return Err(DecodeError::UnknownType(other)),
     };
     if b.has_remaining() {
@@ -689,6 +693,8 @@ impl Frame {
                 put_str16(b, utf8_prefix(message, u16::MAX as usize).as_bytes());
             }
             Frame::Ping { token } | Frame::Pong { token } => b.put_u64(*token),
+            Frame::Move { deadline_ms } => b.put_u32(*deadline_ms),
+            Frame::NodeLeaving => {}
             Frame::Join { group, events } => {
                 put_str8(b, group.as_bytes());
                 if *events != Events::Each {

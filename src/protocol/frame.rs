@@ -59,6 +59,9 @@ impl FrameType {
     /// Server delivers a group message with its per-(sender, group)
     /// sequence number (to clients that asked with [`features::SEQ`]).
     pub const DELIVER_SEQ: Self = Self(0x26);
+    /// Server tells a client it is leaving: move to another server (to
+    /// clients that asked with [`features::LEAVING`]).
+    pub const MOVE: Self = Self(0x27);
     /// Peer: one chunk of a membership snapshot.
     pub const SNAPSHOT: Self = Self(0x30);
     /// Peer: a member joined a group on the sending node.
@@ -72,6 +75,10 @@ impl FrameType {
     /// Peer: a `FORWARD` with the publish's per-(sender, group) sequence
     /// number (to peers that announced [`features::SEQ`]).
     pub const FORWARD_SEQ: Self = Self(0x35);
+    /// Peer: the sending node is leaving the cluster; everything it sent
+    /// is before this frame, its members leave now (to peers that
+    /// announced [`features::LEAVING`]).
+    pub const NODE_LEAVING: Self = Self(0x36);
 }
 
 /// Feature bits of `HELLO` and `WELCOME` (section 6 of PROTOCOL.md).
@@ -79,8 +86,11 @@ pub mod features {
     /// Sequenced deliveries: a client gets `DELIVER_SEQ` instead of
     /// `DELIVER`; a peer understands `FORWARD_SEQ`.
     pub const SEQ: u32 = 1;
+    /// A node's clean leave: a client may get `MOVE` and membership
+    /// reason node-left; a peer understands `NODE_LEAVING`.
+    pub const LEAVING: u32 = 2;
     /// Every feature bit this implementation knows.
-    pub const ALL: u32 = SEQ;
+    pub const ALL: u32 = SEQ | LEAVING;
 }
 
 /// Which side of the bus a connection is.
@@ -157,6 +167,10 @@ pub enum Reason {
     Disconnect = 3,
     /// The node the members lived on is unreachable; `subject` is the node.
     NodeDown = 4,
+    /// The node the members lived on left the cluster cleanly (it said
+    /// so); `subject` is the node. Only to clients granted
+    /// [`features::LEAVING`].
+    NodeLeft = 5,
 }
 
 impl Reason {
@@ -167,6 +181,7 @@ impl Reason {
             2 => Self::Leave,
             3 => Self::Disconnect,
             4 => Self::NodeDown,
+            5 => Self::NodeLeft,
             _ => return None,
         })
     }
@@ -178,6 +193,7 @@ impl Reason {
             Self::Leave => "leave",
             Self::Disconnect => "disconnect",
             Self::NodeDown => "node-down",
+            Self::NodeLeft => "node-left",
         }
     }
 }
@@ -426,6 +442,14 @@ pub enum Frame {
         /// The message.
         payload: Bytes,
     },
+    /// The server is leaving: connect to another server, re-join, and
+    /// close this connection; the server closes it within `deadline_ms`.
+    Move {
+        /// Milliseconds until the server closes the connection at the latest.
+        deadline_ms: u32,
+    },
+    /// Peer: the sending node leaves the cluster; nothing follows.
+    NodeLeaving,
     /// Peer: a message for one member on the receiving node.
     ForwardDirect {
         /// The recipient.
@@ -466,6 +490,8 @@ impl Frame {
             Self::Forward { seq: None, .. } => FrameType::FORWARD,
             Self::Forward { seq: Some(_), .. } => FrameType::FORWARD_SEQ,
             Self::ForwardDirect { .. } => FrameType::FORWARD_DIRECT,
+            Self::Move { .. } => FrameType::MOVE,
+            Self::NodeLeaving => FrameType::NODE_LEAVING,
         }
     }
 }

@@ -576,6 +576,13 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Rej
         );
         return Err((ErrorCode::UNSUPPORTED_VERSION, msg));
     }
+    if shard.shared.cluster.departure() != crate::cluster::leave::Phase::Serving {
+        // Leaving: a client should go elsewhere, a peer's link would go
+        // at once. Not bad input.
+        let msg = "this node is leaving the cluster";
+        shard.close_with_error(conn, ErrorCode::SHUTTING_DOWN, msg);
+        return Ok(());
+    }
     match hello.role {
         Role::Client => welcome_client(shard, conn, &hello),
         Role::Peer => crate::server::peers::accept_peer(shard, conn, &hello),

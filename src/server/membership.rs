@@ -358,6 +358,7 @@ impl Shard {
     }
 
     fn push_event(&self, conn: &Conn, frame: Bytes) {
+        let frame = for_client(conn, frame);
         if self.push(conn, frame) {
             ShardStats::add(&self.stats().membership_frames, 1);
         }
@@ -455,6 +456,7 @@ impl Shard {
 
     fn push_batch(&self, conn: &Conn, frame: Bytes) {
         let _nobody = self.producing(None);
+        let frame = for_client(conn, frame);
         if self.push(conn, frame) {
             ShardStats::add(&self.stats().membership_batches, 1);
         }
@@ -578,5 +580,113 @@ mod tests {
             (Reason::Disconnect, 9, &b"n/1.2"[..])
         );
         assert!(parse_change(&Bytes::from_static(b"\0\0\0\x01\x03")).is_none());
+    }
+}
+
+/// `frame` (a `MEMBERSHIP` or `MEMBERSHIP_BATCH` this server built) as
+/// `conn` can read it: a client not granted `LEAVING` knows no reason
+/// node-left, and gets node-down instead (what it got before there was a
+/// clean leave). Any other frame, or a client that knows, gets it as is.
+fn for_client(conn: &Conn, frame: Bytes) -> Bytes {
+    if conn.features.get() & crate::protocol::features::LEAVING != 0 {
+        return frame;
+    }
+    match without_node_left(&frame) {
+        Some(f) => f,
+        None => frame,
+    }
+}
+
+/// `frame` with every reason node-left made node-down, or `None` when it
+/// has none (or is not a membership frame).
+fn without_node_left(frame: &[u8]) -> Option<Bytes> {
+    use crate::protocol::LEN_PREFIX;
+    let ty = FrameType(*frame.get(LEN_PREFIX)?);
+    let glen = usize::from(*frame.get(LEN_PREFIX + 1)?);
+    let after_group = LEN_PREFIX + 2 + glen;
+    // Offsets of the reason bytes.
+    let mut at = Vec::new();
+    if ty == FrameType::MEMBERSHIP {
+        at.push(after_group);
+    } else if ty == FrameType::MEMBERSHIP_BATCH {
+        let count = u32::from_be_bytes(frame.get(after_group..after_group + 4)?.try_into().ok()?);
+        let mut pos = after_group + 4;
+        for _ in 0..count {
+            at.push(pos);
+            let slen = usize::from(*frame.get(pos + 5)?);
+            pos += 6 + slen;
+        }
+    } else {
+        return None;
+    }
+    let node_left = Reason::NodeLeft as u8;
+    if !at.iter().any(|&p| frame.get(p) == Some(&node_left)) {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    for p in at {
+        if out.get(p) == Some(&node_left) {
+            out[p] = Reason::NodeDown as u8;
+        }
+    }
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod node_left_tests {
+    use super::*;
+    use crate::protocol::{decode, encode_membership, Frame, MembershipChange};
+
+    fn reasons(b: &Bytes) -> Vec<Reason> {
+        let mut buf = bytes::BytesMut::from(&b[..]);
+        match decode(&mut buf, 1 << 20) {
+            Ok(Some(Frame::Membership { reason, .. })) => vec![reason],
+            Ok(Some(Frame::MembershipBatch { changes, .. })) => {
+                changes.iter().map(|c| c.reason).collect()
+            }
+            other => panic!("not a membership frame: {other:?}"),
+        }
+    }
+
+    /// Old clients get node-down wherever new ones get node-left; nothing
+    /// else changes.
+    #[test]
+    fn node_left_becomes_node_down_for_old_clients() {
+        let one = encode_membership(b"orders", Reason::NodeLeft, 3, b"node2");
+        let down = without_node_left(&one).expect("rewritten");
+        assert_eq!(reasons(&down), [Reason::NodeDown]);
+        assert_eq!(down.len(), one.len());
+        let join = encode_membership(b"orders", Reason::Join, 3, b"node2/0.1");
+        assert!(without_node_left(&join).is_none());
+        let change = |reason, subject: &'static [u8]| MembershipChange {
+            reason,
+            size: 1,
+            subject: Bytes::from_static(subject),
+        };
+        let batch = Frame::MembershipBatch {
+            group: crate::protocol::GroupName::from_str_checked("g").expect("name"),
+            changes: vec![
+                change(Reason::Join, b"n1/0.1"),
+                change(Reason::NodeLeft, b"n2"),
+                change(Reason::Leave, b"n1/0.1"),
+                change(Reason::NodeLeft, b"n3"),
+            ],
+        }
+        .to_bytes();
+        let fixed = without_node_left(&batch).expect("rewritten");
+        assert_eq!(
+            reasons(&fixed),
+            [
+                Reason::Join,
+                Reason::NodeDown,
+                Reason::Leave,
+                Reason::NodeDown
+            ]
+        );
+        assert!(without_node_left(&Frame::Noop.to_bytes()).is_none());
+        assert!(
+            without_node_left(&fixed).is_none(),
+            "nothing left to change"
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod flow;
 pub mod inbox;
 pub mod io;
+pub mod leave;
 pub mod membership;
 pub mod memory;
 pub mod outbound;
@@ -66,6 +67,8 @@ pub struct Live {
     pub reconnect_interval: Duration,
     /// Local address for outbound peer links.
     pub bind_address: Option<IpAddr>,
+    /// Longest wait for clients to move when the node leaves.
+    pub lame_duck_duration: Duration,
 }
 
 impl Live {
@@ -92,6 +95,7 @@ impl Live {
             connect_timeout: s.connect_timeout,
             reconnect_interval: s.reconnect_interval,
             bind_address: s.bind_address,
+            lame_duck_duration: s.lame_duck_duration,
         }
     }
 }
@@ -289,6 +293,17 @@ impl Server {
     #[doc(hidden)]
     pub fn stall_shard(&self, i: usize, d: Duration) {
         self.shared.send(i, ShardMsg::Stall(d));
+    }
+
+    /// Leaves the cluster cleanly, then shuts down (see [`leave`]): clients
+    /// are told to move and given at most `lame_duck_duration`, the rest
+    /// are closed, peers are told goodbye after everything this node's
+    /// clients published, and peers announce its members as node-left.
+    /// `interrupt` cuts the wait for clients short when it returns true.
+    pub fn leave(self, interrupt: impl FnMut() -> bool) -> leave::Report {
+        let report = leave::run(&self.shared, interrupt);
+        self.shutdown();
+        report
     }
 
     /// Stops accepting, flushes what is queued (bounded by

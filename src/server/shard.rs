@@ -41,6 +41,9 @@ pub enum Kill {
     Protocol,
     /// It closed, or the server is shutting down.
     Closed,
+    /// A peer link whose node left the cluster (said `NODE_LEAVING`): what
+    /// was queued to it was for members it no longer has.
+    Left,
 }
 
 /// A shard's state. Lives in an `Rc` on its own thread.
@@ -270,9 +273,10 @@ impl Shard {
             Kill::Idle => &st.dropped_idle,
             Kill::Protocol => &st.dropped_protocol,
             Kill::Closed => &st.dropped_closed,
+            Kill::Left => &st.dropped_left,
         };
         ShardStats::add(counter, n);
-        if let super::conn::ConnRole::Peer(i) = conn.role.get() {
+        if let (super::conn::ConnRole::Peer(i), false) = (conn.role.get(), why == Kill::Left) {
             let peer = &self.shared.cluster.counters[i];
             // Counted once in the totals (under `why`); the peer's own
             // counter shows which link lost them.

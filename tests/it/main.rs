@@ -10,5 +10,6 @@ mod loadgen;
 mod memory;
 mod monitor;
 mod ops;
+mod roll;
 mod server;
 mod util;

@@ -19,7 +19,9 @@ pub fn spawn(shard: &Rc<Shard>, i: usize) {
 
 async fn dial_loop(shard: Rc<Shard>, i: usize, generation: u64) {
     loop {
-        if shard.stopping.get() {
+        if shard.stopping.get()
+            || shard.shared.cluster.departure() >= crate::cluster::leave::Phase::Final
+        {
             return;
         }
         let Some(slot) = shard.shared.cluster.slot(i) else {

@@ -2,6 +2,7 @@
 //! frames, and link-down (members behind it leave every view).
 
 use super::{route_to_peer, ClusterMsg};
+use crate::cluster::leave::{link_end, LinkEnd};
 use crate::cluster::machine::ViewAction;
 use crate::cluster::mesh::LinkParams;
 use crate::protocol::{
@@ -47,7 +48,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         features: u64::from(features),
     };
     match mesh.admit(i, shard.index, conn.seq, params, || {
-        node_down(shard, i, &name, false)
+        node_down(shard, i, &name, link_end(false, false))
     }) {
         crate::cluster::mesh::Admit::Duplicate => {
             // Part of normal mesh formation (both nodes dialled at once),
@@ -200,12 +201,19 @@ pub fn peer_frame(
         // decision is applied with the link state locked, so a replacement
         // of this link cannot come in between: what it drops stays
         // dropped, and its node-down events follow ours.
-        frame @ (Frame::PeerJoin { .. } | Frame::PeerLeave { .. } | Frame::Snapshot { .. }) => {
+        frame @ (Frame::PeerJoin { .. }
+        | Frame::PeerLeave { .. }
+        | Frame::Snapshot { .. }
+        | Frame::NodeLeaving) => {
             let actions = shard
                 .links
                 .with_view(i, conn.seq, |v| v.on_frame(&frame))
                 .unwrap_or_else(|| Ok(Vec::new()))?;
+            let leaving = actions.contains(&ViewAction::Leaving);
             mesh.while_link(i, shard.index, conn.seq, || apply_view(shard, i, actions));
+            if leaving {
+                said_goodbye(shard, conn, i);
+            }
         }
         Frame::Noop => {}
         Frame::Ping { token } => {
@@ -333,6 +341,8 @@ fn apply_view(shard: &Shard, i: usize, actions: Vec<ViewAction>) {
                 member,
                 reason,
             } => remote_leave(shard, i, &group, &member, reason),
+            // Acted on by the caller, outside the lock.
+            ViewAction::Leaving => {}
             ViewAction::ViewComplete => {
                 // The node's view is whole again: what it lost while down
                 // is no longer counted against it.
@@ -373,16 +383,30 @@ fn remote_leave(shard: &Shard, i: usize, group: &GroupName, member: &MemberId, r
     }
 }
 
+/// Peer `i`'s link `conn` said `NODE_LEAVING`: everything the node sent
+/// came before it (delivered by now), and it has no members left but the
+/// ones that leave with it. The link closes at once; what was still queued
+/// to it is counted `left`, and its members leave as it closes
+/// ([`link_closed`]) with reason node-left.
+fn said_goodbye(shard: &Shard, conn: &Conn, i: usize) {
+    shard.links.goodbye(i, conn.seq);
+    let name = shard.shared.cluster.slot(i).map(|p| p.name);
+    tracing::info!(target: crate::logging::OPS, peer = ?name, "peer leaving the cluster: closing its link");
+    shard.kill(conn, Kill::Left);
+}
+
 /// Every member of peer `i` (node `name`) leaves every view; local members
-/// of those groups, and of every group the node published to over the
-/// link, get one node-down event per group. Unless the peer was removed
-/// from `peers` (`removed`), the groups where it had members remember it
-/// (ghosts): publishes to them count as lost for it until its next view.
+/// of those groups get one event per group with `end.reason` (node-down,
+/// or node-left when the node said goodbye), and when `end` says so, so
+/// do the members of every group the node published to over the link.
+/// Groups where it had members remember it when `end.remember` (ghosts:
+/// publishes to them count as lost for it until its next view). See
+/// [`crate::cluster::leave::link_end`].
 /// Runs with the link state locked (by [`Mesh::down`](super::Mesh::down)
 /// or [`Mesh::admit`](super::Mesh::admit)): it must not call into the
 /// mesh's link state (its ghost and heard lists have their own locks).
 #[allow(clippy::mutable_key_type)] // a Group hashes by its name, which never changes
-fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
+fn node_down(shard: &Shard, i: usize, name: &str, end: LinkEnd) {
     let subject = name.as_bytes();
     let valid = crate::protocol::validate_name(subject).is_ok();
     let table = &shard.shared.table;
@@ -391,17 +415,20 @@ fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
     let mut lost = Vec::with_capacity(groups.len());
     let mut changes = Vec::with_capacity(groups.len());
     for group in &groups {
-        let (ch, gone) = table.drop_remote(group, i, !removed);
+        let (ch, gone) = table.drop_remote(group, i, end.remember);
         lost.push((group.clone(), gone));
         changes.push(ch);
     }
-    let heard = mesh.take_heard(i);
+    let mut heard = mesh.take_heard(i);
+    if !end.tell_publishers {
+        heard.clear();
+    }
     let heard_count = heard.len();
     let plan = crate::cluster::machine::node_down(
         &lost,
         heard,
         |g: &crate::router::Group| g.shard_mask() != 0,
-        removed,
+        !end.remember,
     );
     mesh.add_ghosts(i, plan.ghosts);
     if valid {
@@ -422,18 +449,29 @@ fn node_down(shard: &Shard, i: usize, name: &str, removed: bool) {
                 (table.next_change(), st.size(), group.shard_mask())
             });
             let g = group.name();
-            let frame = encode_membership(g, Reason::NodeDown, size, subject);
+            let frame = encode_membership(g, end.reason, size, subject);
             shard.membership_event(g, &frame, seq, shards);
         }
     }
     shard.links.forget_heard(i);
-    tracing::warn!(
-        target: crate::logging::OPS,
-        peer = name,
-        groups = groups.len(),
-        published_to = heard_count,
-        "peer link down: its members left every group"
-    );
+    if end.reason == Reason::NodeLeft {
+        tracing::info!(
+            target: crate::logging::OPS,
+            peer = name,
+            groups = groups.len(),
+            "peer left the cluster: its members left every group"
+        );
+    } else if mesh.departure() != crate::cluster::leave::Phase::Serving {
+        tracing::info!(target: crate::logging::OPS, peer = name, "leaving the cluster: link closed");
+    } else {
+        tracing::warn!(
+            target: crate::logging::OPS,
+            peer = name,
+            groups = groups.len(),
+            published_to = heard_count,
+            "peer link down: its members left every group"
+        );
+    }
 }
 
 /// `conn`, a link (or dial) of peer `i`, closed.
@@ -452,8 +490,9 @@ pub fn link_closed(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize) {
     let mesh = &shard.shared.cluster;
     let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
     // Whether a reload removed the peer is read under the mesh's lock.
+    let goodbye = shard.links.take_goodbye(i, conn.seq);
     mesh.down(i, shard.index, conn.seq, |removed| {
-        node_down(shard, i, &name, removed)
+        node_down(shard, i, &name, link_end(goodbye, removed))
     });
 }
 
@@ -473,5 +512,25 @@ pub fn broadcast(shard: &Shard, frame: &Bytes) {
         if mesh.link_shard(i).is_some() {
             route_to_peer(shard, i, frame.clone());
         }
+    }
+}
+
+/// This node is leaving: says goodbye on every link here (`NODE_LEAVING`,
+/// then close once flushed, where the peer speaks it; a plain close where
+/// it does not). Everything queued on a link before goes out first.
+pub fn say_goodbye(shard: &Shard) {
+    let links: Vec<(usize, Rc<Conn>)> = shard
+        .links
+        .links
+        .borrow()
+        .iter()
+        .map(|(i, c)| (*i, c.clone()))
+        .collect();
+    let grace = crate::server::SHUTDOWN_GRACE;
+    for (i, conn) in links {
+        let features = shard.shared.cluster.counters[i].features.load(Relaxed);
+        let speaks = features & u64::from(crate::protocol::features::LEAVING) != 0;
+        let last = speaks.then(|| Frame::NodeLeaving.to_bytes());
+        conn.close_gracefully(last, grace);
     }
 }

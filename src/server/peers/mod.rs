@@ -15,7 +15,7 @@
 pub mod dial;
 pub mod link;
 
-pub use link::{accept_peer, link_closed, peer_frame};
+pub use link::{accept_peer, link_closed, peer_frame, say_goodbye};
 
 use crate::cluster::machine::{Barriers, LinkView};
 use crate::cluster::mesh;
@@ -87,7 +87,10 @@ pub enum ClusterMsg {
 /// The peer links living on one shard, by peer index.
 #[derive(Default)]
 pub struct ShardLinks {
-    links: RefCell<HashMap<usize, Rc<Conn>>>,
+    pub(crate) links: RefCell<HashMap<usize, Rc<Conn>>>,
+    /// Links here whose peer said goodbye (`NODE_LEAVING`): (peer, link
+    /// sequence number), until the link has closed.
+    goodbyes: RefCell<HashSet<(usize, u64)>>,
     /// (peer, group entry address) of the groups a link here forwarded
     /// publishes for: a cheap check before the mesh's own list (which
     /// holds the groups, so no address is reused while it is here).
@@ -155,6 +158,21 @@ impl ShardLinks {
             .get_mut(&i)
             .filter(|(s, _)| *s == seq)
             .map(|(_, v)| f(v))
+    }
+
+    /// Peer `i` said goodbye on its link `seq`.
+    pub fn goodbye(&self, i: usize, seq: u64) {
+        self.goodbyes.borrow_mut().insert((i, seq));
+    }
+
+    /// Whether peer `i` said goodbye on its link `seq` (forgotten now).
+    pub fn take_goodbye(&self, i: usize, seq: u64) -> bool {
+        self.goodbyes.borrow_mut().remove(&(i, seq))
+    }
+
+    /// Peer links living on this shard now.
+    pub fn count(&self) -> usize {
+        self.links.borrow().len()
     }
 
     /// Forgets what peer `i`'s links forwarded (its link went or came).
@@ -358,9 +376,13 @@ pub(crate) fn link_gone(shard: &Shard, i: usize, seq: u64) {
     }
 }
 
-/// A local member left: tell every peer.
+/// A local member left: tell every peer (unless this node is in the last
+/// phase of leaving: its goodbye tells them all members left).
 pub fn local_leave(shard: &Shard, group: &Group, member: &MemberId, reason: Reason) {
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    if shard.shared.cluster.departure() >= crate::cluster::leave::Phase::Final {
+        return;
+    }
     if shard.shared.cluster.high_water() > 0 {
         let frame = Frame::PeerLeave {
             group: group.group_name(),
