@@ -439,7 +439,12 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
     loop {
-        let decoded = decode_some(shard, conn, buf, &live, max_frame);
+        let decoded = shard.deferring_wakes(|| decode_some(shard, conn, buf, &live, max_frame));
+        if !matches!(decoded, Decoded::Yield) {
+            // The read is routed (or must wait for a queue to drain): the
+            // writers it filled write all of it now.
+            shard.wake_owed();
+        }
         if !matches!(decoded, Decoded::Done) {
             // What this turn queued is written while others have theirs.
             super::io::submit_pending(shard.uring);

@@ -111,11 +111,36 @@ impl Outbound {
         self.budget.set(budget);
     }
 
-    /// Offers `frame`, made by `producer`, at time `now` (see [`Push`]).
+    /// Offers `frame`, made by `producer`, at time `now` (see [`Push`]),
+    /// and wakes the writer if the queue was empty.
     #[inline]
     pub fn push(&self, frame: Bytes, now: Instant, producer: Option<&Arc<Gate>>) -> Push {
+        let (verdict, wake) = self.push_quiet(frame, now, producer);
+        if wake {
+            self.wake();
+        }
+        verdict
+    }
+
+    /// Wakes the writer (see [`Outbound::push_quiet`]).
+    pub fn wake(&self) {
+        self.notify.notify_one();
+    }
+
+    /// As [`Outbound::push`], but leaves waking the writer to the caller:
+    /// true when the queue was empty (the writer may be asleep). A
+    /// producer that routes a whole read's worth of messages wakes the
+    /// writers it filled once, at its end, so each writes all of it at
+    /// once rather than a few frames per turn.
+    #[inline]
+    pub fn push_quiet(
+        &self,
+        frame: Bytes,
+        now: Instant,
+        producer: Option<&Arc<Gate>>,
+    ) -> (Push, bool) {
         if self.phase.get() != Phase::Open {
-            return Push::Closed;
+            return (Push::Closed, false);
         }
         let verdict = self.backlog.borrow_mut().admit(
             frame.len() + SLOT_BYTES,
@@ -124,19 +149,17 @@ impl Outbound {
             producer,
         );
         if verdict == Admit::Stuck {
-            return Push::Stuck;
+            return (Push::Stuck, false);
         }
         let mut q = self.queue.borrow_mut();
         let was_empty = q.is_empty();
         q.push_back(frame);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        match verdict {
+        let verdict = match verdict {
             Admit::Slow => Push::Slow,
             Admit::Suspect => Push::Suspect,
             _ => Push::Queued,
-        }
+        };
+        (verdict, was_empty)
     }
 
     /// Queues `last` (an error or last words, whatever the budget), then

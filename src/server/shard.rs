@@ -80,6 +80,11 @@ pub struct Shard {
     clock: Cell<Instant>,
     /// The producer of whatever is queued now (see [`Shard::producing`]).
     producer: RefCell<Option<Arc<Gate>>>,
+    /// Set while a connection's input is being routed: the writers it
+    /// fills are woken at the end of its read (see [`Shard::wake_owed`]).
+    deferring: Cell<bool>,
+    /// Connections (by sequence number) whose writers are owed a wake.
+    owed: RefCell<Vec<u64>>,
     /// Connections whose queues have producers waiting (the stuck watch's).
     congested: RefCell<Vec<Rc<Conn>>>,
     /// Wakes the stuck watch.
@@ -114,6 +119,8 @@ impl Shard {
             batches: Batches::default(),
             outgoing: RefCell::new(Vec::new()),
             outgoing_any: Cell::new(false),
+            deferring: Cell::new(false),
+            owed: RefCell::new(Vec::new()),
             acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
@@ -232,7 +239,16 @@ impl Shard {
         now: Instant,
         producer: Option<&Arc<Gate>>,
     ) -> bool {
-        match conn.out.push(frame, now, producer) {
+        let verdict = if self.deferring.get() {
+            let (verdict, wake) = conn.out.push_quiet(frame, now, producer);
+            if wake {
+                self.owed.borrow_mut().push(conn.seq);
+            }
+            verdict
+        } else {
+            conn.out.push(frame, now, producer)
+        };
+        match verdict {
             Push::Queued => true,
             Push::Slow | Push::Suspect => {
                 self.mark_congested(conn);
@@ -247,6 +263,41 @@ impl Shard {
                 self.kill(conn, Kill::Stuck);
                 false
             }
+        }
+    }
+
+    /// Routes what `f` queues with the writers' wakes held back until
+    /// [`Shard::wake_owed`]: a reader routes a whole read this way (in
+    /// turns of `messages_per_iter` frames, yielding between them to the
+    /// shard's other readers), and each writer it filled then writes
+    /// everything at once instead of a few frames per turn.
+    pub fn deferring_wakes<T>(&self, f: impl FnOnce() -> T) -> T {
+        let was = self.deferring.replace(true);
+        let r = f();
+        self.deferring.set(was);
+        r
+    }
+
+    /// Wakes every writer owed a wake (see [`Shard::deferring_wakes`]):
+    /// when a reader has routed its read, before it waits for a full
+    /// queue, at every inbox turn and sweep (so none waits longer).
+    pub fn wake_owed(&self) {
+        let owed = std::mem::take(&mut *self.owed.borrow_mut());
+        if owed.is_empty() {
+            return;
+        }
+        let conns = self.conns.borrow();
+        for seq in &owed {
+            if let Some(c) = conns.get(seq) {
+                c.out.wake();
+            }
+        }
+        drop(conns);
+        let mut o = self.owed.borrow_mut();
+        if o.is_empty() && o.capacity() < 4096 {
+            // Keep the room for the next read.
+            *o = owed;
+            o.clear();
         }
     }
 
@@ -586,6 +637,7 @@ impl Shard {
             // The writes this batch woke go to the kernel now, not when
             // the shard next has nothing to do.
             self.flush_outgoing();
+            self.wake_owed();
             super::io::submit_pending(self.uring);
             tokio::task::yield_now().await;
         }
@@ -647,6 +699,9 @@ impl Shard {
             let now = self.tick();
             let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
             let (mut frames, mut bytes, mut max_bytes) = (0, 0, 0);
+            // A backstop: a reader's task ended before it woke what it
+            // filled.
+            self.wake_owed();
             for c in conns {
                 c.sweep(&self, now, &live);
                 c.out.trim_idle();
