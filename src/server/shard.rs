@@ -80,6 +80,9 @@ pub struct Shard {
     clock: Cell<Instant>,
     /// The producer of whatever is queued now (see [`Shard::producing`]).
     producer: RefCell<Option<Arc<Gate>>>,
+    /// Producer turns open (see [`Shard::producing`]): while one is,
+    /// frames for other shards wait in `outgoing` for its end.
+    turns: Cell<u32>,
     /// Set while a connection's input is being routed: the writers it
     /// fills are woken at the end of its read (see [`Shard::wake_owed`]).
     deferring: Cell<bool>,
@@ -101,6 +104,7 @@ impl Drop for Producing<'_> {
     fn drop(&mut self) {
         // What this producer routed to other shards goes now, charged to it.
         self.shard.flush_outgoing();
+        self.shard.turns.set(self.shard.turns.get() - 1);
         *self.shard.producer.borrow_mut() = self.prev.take();
     }
 }
@@ -119,6 +123,7 @@ impl Shard {
             batches: Batches::default(),
             outgoing: RefCell::new(Vec::new()),
             outgoing_any: Cell::new(false),
+            turns: Cell::new(0),
             deferring: Cell::new(false),
             owed: RefCell::new(Vec::new()),
             acks: Default::default(),
@@ -157,6 +162,7 @@ impl Shard {
     /// `.await`: other tasks of the shard queue for their own producers.
     pub fn producing(&self, producer: Option<Arc<Gate>>) -> Producing<'_> {
         self.flush_outgoing();
+        self.turns.set(self.turns.get() + 1);
         let prev = self.producer.replace(producer);
         Producing { shard: self, prev }
     }
@@ -187,6 +193,31 @@ impl Shard {
         if full {
             self.flush_outgoing();
         }
+    }
+
+    /// Queues `frame` for peer `peer`'s link `seq`, which lives on shard
+    /// `s`: it leaves with this producer's other frames for `s` at the end
+    /// of its turn, in one inbox message. Outside a producer's turn it
+    /// leaves at once. Returns false when it was not queued (the caller
+    /// sends it alone).
+    pub fn queue_peer(&self, s: usize, peer: usize, seq: u64, frame: Bytes) -> Result<(), Bytes> {
+        if self.turns.get() == 0 {
+            return Err(frame);
+        }
+        let full = {
+            let mut out = self.outgoing.borrow_mut();
+            if out.len() <= s {
+                out.resize_with(self.shared.shards(), FrameBatch::default);
+            }
+            let batch = &mut out[s];
+            batch.push_peer(peer, seq, frame);
+            batch.full()
+        };
+        self.outgoing_any.set(true);
+        if full {
+            self.flush_outgoing();
+        }
+        Ok(())
     }
 
     /// Sends what this shard routed to other shards since the last flush:
@@ -559,8 +590,14 @@ impl Shard {
     pub fn handle_msg(self: &Rc<Self>, msg: ShardMsg) -> bool {
         let cost = msg.cost();
         match msg {
-            ShardMsg::DeliverBatch { frames, producer } => {
+            ShardMsg::DeliverBatch {
+                mut frames,
+                producer,
+            } => {
                 let _p = self.producing(producer);
+                for (peer, seq, frame) in frames.take_peers() {
+                    crate::server::peers::to_link(self, peer, seq, frame);
+                }
                 let delivered: u64 = frames
                     .into_frames()
                     .map(|(f, s)| self.deliver_here(f, s))

@@ -35,6 +35,11 @@ pub struct FrameBatch {
     packed: Vec<u8>,
     /// Each frame, and its publish number.
     frames: Vec<(Entry, Option<u64>)>,
+    /// Frames for peer links that live on the receiving shard: (peer,
+    /// link's connection sequence number, frame), in order.
+    to_peers: Vec<(usize, u64, Bytes)>,
+    /// How many of `to_peers` are messages (not membership news).
+    peer_messages: usize,
     /// Bytes of every frame, packed or shared.
     bytes: usize,
 }
@@ -90,6 +95,20 @@ impl FrameBatch {
         n
     }
 
+    /// Appends `frame` for peer `peer`'s link `seq` on the receiving shard
+    /// (see `ClusterMsg::ToPeer`).
+    pub fn push_peer(&mut self, peer: usize, seq: u64, frame: Bytes) {
+        self.bytes += frame.len();
+        self.peer_messages += usize::from(crate::protocol::is_message_frame(&frame));
+        self.to_peers.push((peer, seq, frame));
+    }
+
+    /// How many messages for members or peers it carries (what is counted
+    /// as dropped if it is never handled).
+    pub fn messages(&self) -> usize {
+        self.frames.len() + self.peer_messages
+    }
+
     /// True when it should be sent now.
     pub fn full(&self) -> bool {
         self.len() >= Self::FRAMES || self.bytes >= Self::BYTES
@@ -97,12 +116,12 @@ impl FrameBatch {
 
     /// How many frames it holds.
     pub fn len(&self) -> usize {
-        self.frames.len()
+        self.frames.len() + self.to_peers.len()
     }
 
     /// True when it holds no frame.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.frames.is_empty() && self.to_peers.is_empty()
     }
 
     /// The bytes of its frames.
@@ -110,8 +129,14 @@ impl FrameBatch {
         self.bytes
     }
 
-    /// Its frames (packed ones copied out) and their publish numbers,
-    /// oldest first.
+    /// Its frames for peer links, oldest first; the rest stays.
+    pub fn take_peers(&mut self) -> Vec<(usize, u64, Bytes)> {
+        self.peer_messages = 0;
+        std::mem::take(&mut self.to_peers)
+    }
+
+    /// Its frames for members (packed ones copied out) and their publish
+    /// numbers, oldest first.
     pub fn into_frames(self) -> impl Iterator<Item = (Bytes, Option<u64>)> {
         let mut start = 0;
         let packed = self.packed;
@@ -133,8 +158,9 @@ impl FrameBatch {
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Group messages (DELIVER or DELIVER_SEQ frames, with their publish
-    /// numbers) for the local members of their groups: what one producer's
-    /// turn routed to the receiving shard, in order, in one message.
+    /// numbers) for the local members of their groups, and frames for the
+    /// peer links the receiving shard holds: what one producer's turn
+    /// routed to the receiving shard, in order, in one message.
     DeliverBatch {
         /// The frames and their publish numbers, oldest first.
         frames: FrameBatch,
@@ -193,7 +219,7 @@ impl ShardMsg {
     /// counted as dropped if it is never handled).
     pub fn messages(&self) -> u64 {
         match self {
-            ShardMsg::DeliverBatch { frames, .. } => frames.len() as u64,
+            ShardMsg::DeliverBatch { frames, .. } => frames.messages() as u64,
             ShardMsg::Direct { .. } => 1,
             ShardMsg::Cluster(crate::server::peers::ClusterMsg::ToPeer { frame, .. }) => {
                 u64::from(crate::protocol::is_message_frame(frame))
@@ -388,6 +414,29 @@ mod tests {
         assert_eq!(out[0].0, msg(b"one").encode(), "byte for byte the frame");
         let seqs: Vec<_> = out.iter().map(|(_, s)| *s).collect();
         assert_eq!(seqs, [Some(1), Some(2), None]);
+    }
+
+    #[test]
+    fn frames_for_peer_links_are_counted_and_kept_apart() {
+        let mut batch = FrameBatch::default();
+        batch.push_packed(&msg(b"member"), Some(1));
+        let forward = GroupMessage {
+            ty: FrameType::FORWARD,
+            seq: None,
+            ..msg(b"peer")
+        }
+        .encode();
+        batch.push_peer(2, 9, forward.clone());
+        batch.push_peer(2, 9, Bytes::from_static(b"\0\0\0\x01\x31")); // not a message
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.messages(), 2, "a delivery and a forward");
+        assert_eq!(batch.bytes(), msg(b"member").len() + forward.len() + 5);
+        let peers = batch.take_peers();
+        assert_eq!(peers.len(), 2);
+        assert_eq!((peers[0].0, peers[0].1), (2, 9));
+        assert_eq!(peers[0].2, forward);
+        assert_eq!(batch.messages(), 1);
+        assert_eq!(batch.into_frames().count(), 1);
     }
 
     #[test]

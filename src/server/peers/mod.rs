@@ -192,16 +192,31 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
             Some(conn) => link::push_link(shard, &conn, i, frame),
             None => lost_for_peer(shard, i, &frame),
         },
-        Some((s, seq)) => shard.send_to(
-            s,
-            ShardMsg::Cluster(ClusterMsg::ToPeer {
-                peer: i,
-                seq,
-                frame,
-                producer: shard.producer(),
-            }),
-        ),
+        Some((s, seq)) => {
+            // In a producer's turn, with its other frames for shard `s`.
+            if let Err(frame) = shard.queue_peer(s, i, seq, frame) {
+                shard.send_to(
+                    s,
+                    ShardMsg::Cluster(ClusterMsg::ToPeer {
+                        peer: i,
+                        seq,
+                        frame,
+                        producer: shard.producer(),
+                    }),
+                );
+            }
+        }
         None => lost_for_peer(shard, i, &frame),
+    }
+}
+
+/// Queues `frame` on peer `peer`'s link `seq` of this shard, routed here
+/// by another shard; dropped (and counted if a message) when that link is
+/// gone (see [`ClusterMsg::ToPeer`]).
+pub fn to_link(shard: &Shard, peer: usize, seq: u64, frame: Bytes) {
+    match shard.links.get_if(peer, seq) {
+        Some(conn) => link::push_link(shard, &conn, peer, frame),
+        None => lost_for_peer(shard, peer, &frame),
     }
 }
 
@@ -403,10 +418,7 @@ pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
             producer,
         } => {
             let _p = shard.producing(producer);
-            match shard.links.get_if(peer, seq) {
-                Some(conn) => link::push_link(shard, &conn, peer, frame),
-                None => lost_for_peer(shard, peer, &frame),
-            }
+            to_link(shard, peer, seq, frame);
         }
         ClusterMsg::Barrier {
             peer,
