@@ -178,6 +178,7 @@ pub fn peer_frame(
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
+            check_sender(shard, conn, i, &sender)?;
             deliver_forward(shard, i, &group, &sender, seq, &payload);
         }
         Frame::ForwardDirect {
@@ -186,6 +187,7 @@ pub fn peer_frame(
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
+            check_sender(shard, conn, i, &sender)?;
             match to.parts() {
                 Some((node, _, _, _)) if node == shard.shared.node.as_str() => {
                     shard.send_direct(&sender, &to, &payload);
@@ -229,6 +231,15 @@ pub fn peer_frame(
         }
     }
     Ok(())
+}
+
+/// A message's sender must be a member of peer `i`'s own node (its link's
+/// view knows the name): a node cannot speak for another's members.
+fn check_sender(shard: &Shard, conn: &Conn, i: usize, sender: &MemberId) -> Result<(), Reject> {
+    shard
+        .links
+        .with_view(i, conn.seq, |v| v.check_sender(sender))
+        .unwrap_or(Ok(()))
 }
 
 /// Frames on our dialled connection before it is the link: WELCOME or ERROR.
