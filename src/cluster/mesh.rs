@@ -14,6 +14,7 @@
 //! and frames still buffered on a replaced link can never re-add members
 //! after the replacement dropped them.
 
+use super::addrs::PeerAddrs;
 use crate::config::ServerSettings;
 use crate::protocol::NodeName;
 use crate::router::mask::MAX_PEERS;
@@ -187,6 +188,8 @@ pub struct Mesh {
     generations: AtomicU64,
     /// Address to dial from when `bind_address` is unset.
     own_ip: Mutex<Option<IpAddr>>,
+    /// What each peer's `host:port` resolves to (looked up off the shards).
+    pub addrs: PeerAddrs,
 }
 
 impl Mesh {
@@ -203,6 +206,7 @@ impl Mesh {
             high_water: AtomicUsize::new(0),
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
+            addrs: PeerAddrs::default(),
         };
         mesh.apply_peers(s, own_ip);
         mesh
@@ -233,6 +237,7 @@ impl Mesh {
                 }
                 Some(cfg) if cfg.addr_string(s.port) != p.addr => {
                     p.addr = cfg.addr_string(s.port);
+                    self.addrs.set(i, &p.addr);
                     moved.push(i);
                 }
                 Some(_) => {}
@@ -271,11 +276,33 @@ impl Mesh {
                 slots[idx] = Some(slot);
             }
             self.counters[idx].reset();
+            self.addrs.set(idx, &cfg.addr_string(s.port));
             added.push(idx);
         }
         self.high_water.store(slots.len(), Release);
         *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = own_ip;
         (added, removed, moved)
+    }
+
+    /// The host names to look up now, as (peer index, name, `host:port`):
+    /// those of current peers whose link is not up (see
+    /// [`PeerAddrs::due`]).
+    pub fn address_lookups(&self) -> Vec<(usize, String, String)> {
+        let slots = self.lock();
+        let want = |i: usize| {
+            slots
+                .get(i)
+                .and_then(Option::as_ref)
+                .is_some_and(|p| !p.removed && !matches!(p.state, LinkState::Up { .. }))
+        };
+        self.addrs
+            .due(want)
+            .into_iter()
+            .filter_map(|(i, spec)| {
+                let name = slots.get(i)?.as_ref()?.name.clone();
+                Some((i, name, spec))
+            })
+            .collect()
     }
 
     /// The address outbound links are dialled from when `bind_address` is unset.
@@ -555,6 +582,7 @@ impl Mesh {
         let c = &self.counters[i];
         serde_json::json!({
             "name": p.name, "address": p.addr, "state": state, "direction": direction,
+            "address_error": self.addrs.error(i),
             "since_unix": since,
             "since_secs": p.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),

@@ -5,10 +5,13 @@
 //! The server's `peers` module drives it over real links.
 //!
 //! - [`mesh`]: the peer list, link states, admission, per-peer counters.
+//! - [`addrs`]: what the peers' addresses resolve to (looked up off the
+//!   shards; reading it never looks anything up).
 //! - [`machine`]: per-link membership bookkeeping: the snapshot's phases,
 //!   join barriers waiting for `PONG`s, ghosts and heard groups of lost
 //!   nodes.
 
+pub mod addrs;
 pub mod machine;
 pub mod mesh;
 

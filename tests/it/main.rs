@@ -10,5 +10,6 @@ mod loadgen;
 mod memory;
 mod monitor;
 mod ops;
+mod peer_names;
 mod server;
 mod util;

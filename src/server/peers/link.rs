@@ -32,14 +32,24 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             format!("node {name:?} is not in this node's peers"),
         ));
     };
-    if !address_matches(mesh.slot(i).map(|p| p.addr).as_deref(), conn.addr.ip()) {
+    // The addresses were looked up off the shards (`resolve`): a HELLO
+    // never waits for DNS.
+    if !mesh.addrs.admits(i, conn.addr.ip()) {
+        let unknown = mesh.addrs.addrs(i).is_empty();
         if crate::logging::PEER_REFUSED.allow() {
-            tracing::warn!(peer = %conn.addr, name, "refused a peer link: address does not match peers");
+            let why = if unknown {
+                "its address in peers does not resolve (yet)"
+            } else {
+                "address does not match peers"
+            };
+            tracing::warn!(peer = %conn.addr, name, "refused a peer link: {why}");
         }
-        return Err((
-            ErrorCode::NOT_ALLOWED,
-            format!("{} is not the address of node {name:?}", conn.addr.ip()),
-        ));
+        let msg = if unknown {
+            format!("the address of node {name:?} in peers does not resolve (yet)")
+        } else {
+            format!("{} is not the address of node {name:?}", conn.addr.ip())
+        };
+        return Err((ErrorCode::NOT_ALLOWED, msg));
     }
     let features = hello.features & crate::protocol::features::ALL;
     let params = LinkParams {
@@ -81,14 +91,6 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             Ok(())
         }
     }
-}
-
-/// True when `ip` is among the addresses `spec` (host:port) resolves to.
-fn address_matches(spec: Option<&str>, ip: std::net::IpAddr) -> bool {
-    use std::net::ToSocketAddrs;
-    let Some(spec) = spec else { return false };
-    spec.to_socket_addrs()
-        .is_ok_and(|mut addrs| addrs.any(|a| a.ip() == ip))
 }
 
 /// The link to peer `i` is up on `conn`: register it and send our snapshot.
