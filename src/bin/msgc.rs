@@ -4,6 +4,7 @@
 //! `msgc stats [--full|--json]`, `msgc cluster`, `msgc ping`. Output meant for pipes goes to
 //! stdout (payloads, member ids, stats); everything else to stderr. Errors
 //! are one line, `msgc: …`, with exit status 1; usage errors exit 2.
+//! Payloads reach a terminal escaped (`escape`), a pipe as they are.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -17,6 +18,8 @@ use msgc::protocol::GroupName;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+#[path = "msgc/escape.rs"]
+mod escape;
 #[path = "msgc/summary.rs"]
 mod summary;
 
@@ -49,6 +52,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join GROUPs and print each message's payload on its own line
+    /// (control characters escaped when stdout is a terminal)
     Sub {
         /// Groups to join
         #[arg(required = true, value_name = "GROUP")]
@@ -60,6 +64,14 @@ enum Command {
         /// than N messages arrived
         #[arg(long, short = 't', value_name = "SECS", value_parser = parse_secs)]
         timeout: Option<Duration>,
+        /// Write payloads as they are, even to a terminal (the default
+        /// when stdout is a pipe or a file)
+        #[arg(long, conflicts_with = "escape")]
+        raw: bool,
+        /// Show control characters and bytes that are not UTF-8 as escapes
+        /// (`\x1b`, `\n`), even into a pipe (the default on a terminal)
+        #[arg(long)]
+        escape: bool,
     },
     /// Publish MESSAGE to GROUP, or each line of standard input as one message
     Pub {
@@ -127,7 +139,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             groups,
             count,
             timeout,
-        } => sub(cfg, &groups, count, timeout, cli.verbose > 0).await,
+            raw,
+            escape,
+        } => {
+            let out = Output {
+                escape: !raw && (escape || std::io::stdout().is_terminal()),
+                verbose: cli.verbose > 0,
+            };
+            sub(cfg, &groups, count, timeout, out).await
+        }
         Command::Pub { group, message } => publish(cfg, &group, message).await,
         Command::Members { group } => members(cfg, &group).await,
         Command::Stats { full, json } => stats(cfg, full, json).await,
@@ -177,12 +197,21 @@ fn group_name(text: &str) -> Result<GroupName> {
     GroupName::from_str_checked(text).map_err(|e| anyhow!("invalid group name `{text}`: {e}"))
 }
 
+/// How `msgc sub` writes what it receives.
+#[derive(Clone, Copy)]
+struct Output {
+    /// Payloads escaped for a terminal (see `escape`), else raw.
+    escape: bool,
+    /// Membership events and direct messages on stderr.
+    verbose: bool,
+}
+
 async fn sub(
     cfg: ClientConfig,
     groups: &[String],
     count: Option<u64>,
     limit: Option<Duration>,
-    verbose: bool,
+    how: Output,
 ) -> Result<ExitCode> {
     let groups = groups
         .iter()
@@ -205,7 +234,7 @@ async fn sub(
             .map_err(|_| anyhow!("timed out before joining every group"))??,
         None => setup.await?,
     };
-    let got = receive(&client, count, deadline, verbose).await;
+    let got = receive(&client, count, deadline, how).await;
     let _ = client.close().await;
     let got = got?;
     match count {
@@ -226,7 +255,7 @@ async fn receive(
     client: &Client,
     count: Option<u64>,
     deadline: Option<Instant>,
-    verbose: bool,
+    how: Output,
 ) -> Result<u64> {
     let events = client.events();
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
@@ -241,12 +270,12 @@ async fn receive(
         };
         let event = next.map_err(|_| anyhow!("the client stopped"))?;
         let Event::Message { payload, .. } = event else {
-            report(event, verbose);
+            report(event, how.verbose);
             continue;
         };
         got += 1;
         let last = events.is_empty() || count == Some(got);
-        match write_line(&mut out, &payload, last) {
+        match write_line(&mut out, &payload, how.escape, last) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
             Err(e) => return Err(e).context("cannot write to stdout"),
@@ -255,9 +284,19 @@ async fn receive(
     Ok(got)
 }
 
-/// Writes `payload` and a newline; flushes when `flush`.
-fn write_line(out: &mut impl Write, payload: &[u8], flush: bool) -> std::io::Result<()> {
-    out.write_all(payload)?;
+/// Writes `payload` (escaped for a terminal when `escape`) and a newline;
+/// flushes when `flush`.
+fn write_line(
+    out: &mut impl Write,
+    payload: &[u8],
+    escape: bool,
+    flush: bool,
+) -> std::io::Result<()> {
+    if escape {
+        escape::write_escaped(out, payload)?;
+    } else {
+        out.write_all(payload)?;
+    }
     out.write_all(b"\n")?;
     if flush {
         out.flush()?;
@@ -296,10 +335,10 @@ fn report(event: Event, verbose: bool) {
             eprintln!("{group}: {subject} {} (size {size})", reason.name());
         }
         Event::Direct { sender, payload } if verbose => {
-            eprintln!(
-                "direct from {sender}: {}",
-                String::from_utf8_lossy(&payload)
-            );
+            // Logged for a person: always escaped.
+            let mut text = Vec::with_capacity(payload.len());
+            let _ = escape::write_escaped(&mut text, &payload);
+            eprintln!("direct from {sender}: {}", String::from_utf8_lossy(&text));
         }
         _ => {}
     }

@@ -6,7 +6,8 @@
 //! - [`LinkView`]: one link's membership stream. The peer's snapshot
 //!   comes first (chunks `FIRST` … `LAST`), then its joins and leaves.
 //!   Anything out of that order, or a member id that does not carry the
-//!   peer's node name, is a protocol error on the link.
+//!   peer's node name (a member's, or a message sender's), is a protocol
+//!   error on the link.
 //! - [`Barriers`]: `PING`s queued behind news on a link, each holding
 //!   waiters until its `PONG` (the peer has applied everything before it)
 //!   or until the link goes.
@@ -79,12 +80,13 @@ impl LinkView {
 
     /// Decides on a membership frame (`SNAPSHOT`, `PEER_JOIN`,
     /// `PEER_LEAVE`, `NODE_LEAVING`) from the peer; other frames give no
-    /// action.
+    /// action (the sender of a `FORWARD` or `FORWARD_DIRECT` is checked,
+    /// see [`LinkView::check_sender`]).
     ///
     /// # Errors
     /// A frame out of order (a snapshot chunk that does not continue the
     /// snapshot, a second snapshot, a join or leave before the snapshot is
-    /// whole) is `UNEXPECTED`; a member id of another node is
+    /// whole) is `UNEXPECTED`; a member or sender id of another node is
     /// `NOT_ALLOWED`. Either closes the link.
     pub fn on_frame(&mut self, frame: &Frame) -> Result<Vec<ViewAction>, LinkError> {
         match frame {
@@ -138,8 +140,24 @@ impl LinkView {
                 }])
             }
             Frame::NodeLeaving => Ok(vec![ViewAction::Leaving]),
+            Frame::Forward { sender, .. } | Frame::ForwardDirect { sender, .. } => {
+                self.check_sender(sender)?;
+                Ok(Vec::new())
+            }
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// Checks the sender of a message from the peer (`FORWARD`,
+    /// `FORWARD_SEQ`, `FORWARD_DIRECT`): a member id its node assigned,
+    /// like every id a peer sends (a node cannot speak for another's
+    /// members).
+    ///
+    /// # Errors
+    /// `NOT_ALLOWED` for an id of another node (or none), which closes
+    /// the link.
+    pub fn check_sender(&self, sender: &MemberId) -> Result<(), LinkError> {
+        self.check_member(sender)
     }
 
     fn live(&self, what: &str) -> Result<(), LinkError> {
@@ -302,6 +320,22 @@ mod tests {
         }
     }
 
+    fn forward(sender: &str, seq: Option<u64>) -> Frame {
+        Frame::Forward {
+            group: g("a"),
+            sender: m(sender),
+            seq,
+            payload: bytes::Bytes::from_static(b"hi"),
+        }
+    }
+    fn direct(sender: &str) -> Frame {
+        Frame::ForwardDirect {
+            to: m("n1/0.1"),
+            sender: m(sender),
+            payload: bytes::Bytes::from_static(b"hi"),
+        }
+    }
+
     /// Each row: frames fed in order to a fresh link from node `n2`, and
     /// what the last one gives (actions as short strings, or the error
     /// code).
@@ -392,6 +426,46 @@ mod tests {
             (
                 "leave of an id no node assigned",
                 vec![snap(FIRST | LAST, &[]), leave("a", "stranger")],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "a forward from the peer's own member",
+                vec![snap(FIRST | LAST, &[]), forward("n2/0.1.x", Some(1))],
+                ok(&[]),
+            ),
+            (
+                "a forward before the snapshot (messages are not ordered by it)",
+                vec![forward("n2/1.4", None)],
+                ok(&[]),
+            ),
+            (
+                "a forward direct from the peer's own member",
+                vec![direct("n2/0.1")],
+                ok(&[]),
+            ),
+            (
+                "a forward with another node's sender",
+                vec![snap(FIRST | LAST, &[]), forward("n3/0.1.x", None)],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "a numbered forward with another node's sender",
+                vec![forward("n1/0.1", Some(7))],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "a forward with a sender no node assigned",
+                vec![forward("n2", None)],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "a forward with a sender of a node whose name extends the peer's",
+                vec![forward("n2/x/0.1", None)],
+                Err(ErrorCode::NOT_ALLOWED),
+            ),
+            (
+                "a forward direct from another node's member",
+                vec![direct("n3/0.1")],
                 Err(ErrorCode::NOT_ALLOWED),
             ),
         ];

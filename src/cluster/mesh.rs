@@ -14,6 +14,7 @@
 //! and frames still buffered on a replaced link can never re-add members
 //! after the replacement dropped them.
 
+use super::addrs::PeerAddrs;
 use crate::config::ServerSettings;
 use crate::protocol::NodeName;
 use crate::router::mask::MAX_PEERS;
@@ -189,6 +190,8 @@ pub struct Mesh {
     own_ip: Mutex<Option<IpAddr>>,
     /// This node's departure ([`crate::cluster::leave::Phase`]): only rises.
     departure: std::sync::atomic::AtomicU8,
+    /// What each peer's `host:port` resolves to (looked up off the shards).
+    pub addrs: PeerAddrs,
 }
 
 impl Mesh {
@@ -206,6 +209,7 @@ impl Mesh {
             generations: AtomicU64::new(1),
             own_ip: Mutex::new(None),
             departure: std::sync::atomic::AtomicU8::new(0),
+            addrs: PeerAddrs::default(),
         };
         mesh.apply_peers(s, own_ip);
         mesh
@@ -236,6 +240,7 @@ impl Mesh {
                 }
                 Some(cfg) if cfg.addr_string(s.port) != p.addr => {
                     p.addr = cfg.addr_string(s.port);
+                    self.addrs.set(i, &p.addr);
                     moved.push(i);
                 }
                 Some(_) => {}
@@ -274,6 +279,7 @@ impl Mesh {
                 slots[idx] = Some(slot);
             }
             self.counters[idx].reset();
+            self.addrs.set(idx, &cfg.addr_string(s.port));
             added.push(idx);
         }
         self.high_water.store(slots.len(), Release);
@@ -290,6 +296,27 @@ impl Mesh {
     /// Moves this node's departure on to `phase` (never back).
     pub fn set_departure(&self, phase: crate::cluster::leave::Phase) {
         self.departure.fetch_max(phase as u8, AcqRel);
+    }
+
+    /// The host names to look up now, as (peer index, name, `host:port`):
+    /// those of current peers whose link is not up (see
+    /// [`PeerAddrs::due`]).
+    pub fn address_lookups(&self) -> Vec<(usize, String, String)> {
+        let slots = self.lock();
+        let want = |i: usize| {
+            slots
+                .get(i)
+                .and_then(Option::as_ref)
+                .is_some_and(|p| !p.removed && !matches!(p.state, LinkState::Up { .. }))
+        };
+        self.addrs
+            .due(want)
+            .into_iter()
+            .filter_map(|(i, spec)| {
+                let name = slots.get(i)?.as_ref()?.name.clone();
+                Some((i, name, spec))
+            })
+            .collect()
     }
 
     /// The address outbound links are dialled from when `bind_address` is unset.
@@ -569,6 +596,7 @@ impl Mesh {
         let c = &self.counters[i];
         serde_json::json!({
             "name": p.name, "address": p.addr, "state": state, "direction": direction,
+            "address_error": self.addrs.error(i),
             "since_unix": since,
             "since_secs": p.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),

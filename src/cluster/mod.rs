@@ -5,12 +5,15 @@
 //! The server's `peers` module drives it over real links.
 //!
 //! - [`mesh`]: the peer list, link states, admission, per-peer counters.
+//! - [`addrs`]: what the peers' addresses resolve to (looked up off the
+//!   shards; reading it never looks anything up).
 //! - [`machine`]: per-link membership bookkeeping: the snapshot's phases,
 //!   join barriers waiting for `PONG`s, ghosts and heard groups of lost
 //!   nodes.
 //! - [`leave`]: a node's clean leave: the leaving node's steps, and what
 //!   a link's end means (node left or node down).
 
+pub mod addrs;
 pub mod leave;
 pub mod machine;
 pub mod mesh;

@@ -122,6 +122,9 @@ pub enum Error {
     /// A shard thread could not be started.
     #[error("cannot start shard thread: {0}")]
     Thread(std::io::Error),
+    /// The thread that looks up the peers' host names could not be started.
+    #[error("cannot start the resolver thread: {0}")]
+    Resolver(std::io::Error),
     /// A shard's runtime or listener could not be set up.
     #[error("shard {shard} did not start: {reason}")]
     Shard {
@@ -141,6 +144,8 @@ pub struct Server {
     threads: Vec<ShardThread>,
     /// Gives freed memory back to the kernel; stops when the server drops.
     _housekeeper: Option<memory::Housekeeper>,
+    /// Looks up the peers' host names (off the shards); stops on drop.
+    resolver: peers::resolve::Resolver,
     addrs: Vec<SocketAddr>,
     restart_only: RestartOnly,
 }
@@ -207,6 +212,7 @@ impl Server {
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
         });
+        let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
         let threads = wait_started(&shared, threads)?;
         let housekeeper = memory::Housekeeper::start()
@@ -224,6 +230,7 @@ impl Server {
             shared,
             threads,
             _housekeeper: housekeeper,
+            resolver,
             addrs,
             restart_only,
         })
@@ -285,6 +292,7 @@ impl Server {
             self.shared.send(i, ShardMsg::Reload(live));
         }
         crate::server::peers::reconfigure(&self.shared, s);
+        self.resolver.wake();
         Ok(())
     }
 
@@ -422,7 +430,9 @@ pub fn plan(config: &Config, node: Option<&str>) -> Result<(NodeName, Vec<Socket
     Ok((node, listen))
 }
 
-/// Resolves `host:port` to its first address.
+/// Resolves `host:port` to its first address. Blocks on DNS: used at
+/// start-up and reload only (the node's own entry, the listen address),
+/// never on a shard (the peers' names: `peers::resolve`).
 pub fn resolve(spec: &str) -> Option<SocketAddr> {
     spec.to_socket_addrs().ok()?.next()
 }

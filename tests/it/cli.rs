@@ -202,3 +202,68 @@ async fn stats_summary_and_cluster_view() {
         "{table}"
     );
 }
+
+/// `msgc sub` into a pipe writes payloads as they are (scripts get the
+/// bytes published); with `--escape` (what a terminal gets by default)
+/// an escape sequence comes out as text, never as the control bytes a
+/// terminal would act on (issue 11, item 5).
+#[test]
+fn sub_escapes_control_characters_on_request_and_not_into_a_pipe() {
+    let dir = TempDir::new("cli-esc");
+    let node = start_server(&dir);
+    let spawn_sub = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_msgc"))
+            .args(["--server", &node.addr.to_string(), "sub", "tty"])
+            .args(["--count", "2", "--timeout", "30"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn msgc sub")
+    };
+    let piped = spawn_sub(&[]);
+    let forced_raw = spawn_sub(&["--raw"]);
+    let escaped = spawn_sub(&["--escape"]);
+    wait_for("the three subscribers to join", WAIT, || {
+        let out = msgc(node.addr, &["members", "tty"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() == 3
+    });
+    let mut publisher = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &node.addr.to_string(), "pub", "tty"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc pub");
+    let published: &[u8] = b"\x1b[2J\x1b]0;owned\x07red\x1b[0m\nplain \xff\\ text\n";
+    publisher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(published)
+        .expect("write stdin");
+    assert!(publisher.wait().expect("pub exits").success());
+    for (sub, want) in [
+        (piped, published.to_vec()),
+        (forced_raw, published.to_vec()),
+        (
+            escaped,
+            b"\\x1b[2J\\x1b]0;owned\\x07red\\x1b[0m\nplain \\xff\\\\ text\n".to_vec(),
+        ),
+    ] {
+        let out = sub.wait_with_output().expect("sub exits");
+        assert!(
+            out.status.success(),
+            "sub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&want)
+        );
+        assert_eq!(out.stdout, want);
+    }
+    let both = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["sub", "tty", "--raw", "--escape"])
+        .output()
+        .expect("run msgc");
+    assert_eq!(both.status.code(), Some(2), "--raw and --escape conflict");
+}

@@ -1484,6 +1484,110 @@ async fn a_peer_membership_stream_out_of_order_or_with_foreign_ids_is_refused() 
     assert_eq!(stats(node1)["groups"], 0, "{}", stats(node1));
 }
 
+/// Every id a peer sends carries its node name (PROTOCOL.md section 13),
+/// message senders included: a `FORWARD`, `FORWARD_SEQ` or
+/// `FORWARD_DIRECT` from node2's link in the name of node3's member is a
+/// protocol error that closes that link alone, counted, and nothing of it
+/// is delivered; the same frames with node2's own senders are delivered,
+/// and the local client never notices (issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_for_another_nodes_member_loses_its_link() {
+    use msgc::protocol::snapshot_flags::{FIRST, LAST};
+    let mut c = Cluster::new("honest-sender");
+    // The test's raw member and fake peer send nothing for a while.
+    let conf = c.conf("cluster.conf", 3, SLOW_IDLE);
+    c.spawn(0, conf);
+    c.ready();
+    let node1 = c.addr(0);
+    let errors = || num(&stats(node1)["totals"]["protocol_errors"]);
+    let before = errors();
+    let fw = group("fw");
+    // The member joins before any link is up (no barrier to answer).
+    let (mut r, me) = plain(node1);
+    raw_join(&mut r, &fw, &me);
+    let id = |s: &str| MemberId::from_str_checked(s).expect("member id");
+    let forward = |sender: &str, seq: Option<u64>, text: &'static str| Frame::Forward {
+        group: fw.clone(),
+        sender: id(sender),
+        seq,
+        payload: Bytes::from_static(text.as_bytes()),
+    };
+    let direct = |sender: &str, text: &'static str| Frame::ForwardDirect {
+        to: id(&me),
+        sender: id(sender),
+        payload: Bytes::from_static(text.as_bytes()),
+    };
+    let linked = || async {
+        let mut fake = fake_node2(&c).await;
+        fake.send(&Frame::Snapshot {
+            flags: FIRST | LAST,
+            entries: Vec::new(),
+        });
+        fake
+    };
+    // The member's next message (group message or direct): (sender, payload).
+    let next_message = |r: &mut Raw| loop {
+        match r.recv() {
+            Some(Frame::Deliver {
+                sender, payload, ..
+            })
+            | Some(Frame::Direct { sender, payload }) => {
+                break (
+                    sender.to_string(),
+                    String::from_utf8_lossy(&payload).into_owned(),
+                )
+            }
+            Some(Frame::Noop | Frame::Membership { .. }) => {}
+            other => panic!("{me}: expected a message, got {other:?}"),
+        }
+    };
+
+    let bad: [(Frame, &str); 3] = [
+        (forward("node3/0.1.x", None, "spoofed"), "FORWARD"),
+        (forward("node3/1.2", Some(1), "spoofed"), "FORWARD_SEQ"),
+        (direct("node1/0.9", "spoofed"), "FORWARD_DIRECT"),
+    ];
+    for (k, (frame, what)) in bad.into_iter().enumerate() {
+        let mut fake = linked().await;
+        // node2's own members' messages go through…
+        let good = [
+            forward("node2/0.1.x", None, "plain"),
+            forward("node2/1.1", Some(1), "numbered"),
+            direct("node2/0.3", "direct"),
+        ];
+        for (f, text) in good.iter().zip(["plain", "numbered", "direct"]) {
+            fake.send(f);
+            assert_eq!(next_message(&mut r).1, text, "{what}: {f:?}");
+        }
+        // …one in another node's name ends the link.
+        fake.send(&frame);
+        expect_error(
+            &mut fake,
+            ErrorCode::NOT_ALLOWED,
+            &format!("a {what} with another node's sender"),
+        );
+        until("the refusal to be counted", || errors() > before + k as u64).await;
+        until("node1 to see the fake node2 down", || {
+            peer_state(node1, "node2") != "up"
+        })
+        .await;
+    }
+    assert_eq!(errors(), before + 3);
+    // Nothing spoofed reached the member; it is still served.
+    let after = raw_fence(&mut r, 7);
+    assert!(
+        after
+            .iter()
+            .all(|f| !matches!(f, Frame::Deliver { .. } | Frame::Direct { .. })),
+        "{after:?}"
+    );
+    r.send(&Frame::Publish {
+        group: fw.clone(),
+        payload: Bytes::from_static(b"mine"),
+    });
+    assert_eq!(next_message(&mut r), (me.clone(), "mine".to_string()));
+}
+
 /// A join's barrier waits on the link that was up when it was sent: when
 /// that link is replaced by a new one on the same shard, the old link's
 /// barriers pass (the new link starts with a snapshot that holds the join)

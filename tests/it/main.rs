@@ -10,6 +10,7 @@ mod loadgen;
 mod memory;
 mod monitor;
 mod ops;
+mod peer_names;
 mod roll;
 mod server;
 mod util;

@@ -1,6 +1,7 @@
 //! The dialler: one task per peer, on the shard the peer is assigned to,
 //! that dials while the link is down, every reconnect_interval, from
-//! bind_address (or this node's own peer address), within connect_timeout.
+//! bind_address (or this node's own peer address), within connect_timeout,
+//! to the addresses the resolver found (it never looks anything up).
 
 use crate::protocol::{Frame, Hello, Role, PROTOCOL_VERSION};
 use crate::server::conn::spawn_with;
@@ -39,26 +40,44 @@ async fn dial_loop(shard: Rc<Shard>, i: usize, generation: u64) {
 
 async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
     let mesh = &shard.shared.cluster;
+    // Looked up by the resolver thread, never here: a shard does not wait
+    // for DNS. A name that does not resolve is not dialled (the resolver
+    // logs it).
+    let addrs = mesh.addrs.addrs(i);
+    if addrs.is_empty() {
+        tracing::debug!(
+            peer = name,
+            addr = spec,
+            "peer address not resolved: not dialled"
+        );
+        return;
+    }
     if !mesh.begin_dial(i, shard.index, 0) {
         return;
     }
-    let Some(addr) = crate::server::resolve(spec) else {
-        tracing::warn!(peer = name, addr = spec, "cannot resolve peer address");
-        mesh.dial_failed(i, shard.index);
-        return;
-    };
     let live = shard.live.get();
-    let from = live.bind_address.or_else(|| mesh.own_ip());
     let opts = SocketOpts {
         tcpbuf_size: live.tcpbuf_size,
     };
-    let std = match dial(addr, from, opts, live.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::debug!(peer = name, %addr, error = %e, "dial failed; retrying after reconnect_interval");
-            mesh.dial_failed(i, shard.index);
-            return;
+    // Every address the name has, in order, until one answers.
+    let mut connected = None;
+    for addr in addrs {
+        // This node's own peer address is the source only for its family.
+        let own = mesh.own_ip().filter(|ip| ip.is_ipv4() == addr.is_ipv4());
+        let from = live.bind_address.or(own);
+        match dial(addr, from, opts, live.connect_timeout).await {
+            Ok(s) => {
+                connected = Some((s, addr));
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(peer = name, %addr, error = %e, "dial failed; retrying after reconnect_interval");
+            }
         }
+    }
+    let Some((std, addr)) = connected else {
+        mesh.dial_failed(i, shard.index);
+        return;
     };
     let stream = match AnyStream::from_std(std, shard.uring) {
         Ok(s) => s,

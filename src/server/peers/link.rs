@@ -33,14 +33,24 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             format!("node {name:?} is not in this node's peers"),
         ));
     };
-    if !address_matches(mesh.slot(i).map(|p| p.addr).as_deref(), conn.addr.ip()) {
+    // The addresses were looked up off the shards (`resolve`): a HELLO
+    // never waits for DNS.
+    if !mesh.addrs.admits(i, conn.addr.ip()) {
+        let unknown = mesh.addrs.addrs(i).is_empty();
         if crate::logging::PEER_REFUSED.allow() {
-            tracing::warn!(peer = %conn.addr, name, "refused a peer link: address does not match peers");
+            let why = if unknown {
+                "its address in peers does not resolve (yet)"
+            } else {
+                "address does not match peers"
+            };
+            tracing::warn!(peer = %conn.addr, name, "refused a peer link: {why}");
         }
-        return Err((
-            ErrorCode::NOT_ALLOWED,
-            format!("{} is not the address of node {name:?}", conn.addr.ip()),
-        ));
+        let msg = if unknown {
+            format!("the address of node {name:?} in peers does not resolve (yet)")
+        } else {
+            format!("{} is not the address of node {name:?}", conn.addr.ip())
+        };
+        return Err((ErrorCode::NOT_ALLOWED, msg));
     }
     let features = hello.features & crate::protocol::features::ALL;
     let params = LinkParams {
@@ -82,14 +92,6 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             Ok(())
         }
     }
-}
-
-/// True when `ip` is among the addresses `spec` (host:port) resolves to.
-fn address_matches(spec: Option<&str>, ip: std::net::IpAddr) -> bool {
-    use std::net::ToSocketAddrs;
-    let Some(spec) = spec else { return false };
-    spec.to_socket_addrs()
-        .is_ok_and(|mut addrs| addrs.any(|a| a.ip() == ip))
 }
 
 /// The link to peer `i` is up on `conn`: register it and send our snapshot.
@@ -179,6 +181,7 @@ pub fn peer_frame(
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
+            check_sender(shard, conn, i, &sender)?;
             deliver_forward(shard, i, &group, &sender, seq, &payload);
         }
         Frame::ForwardDirect {
@@ -187,6 +190,7 @@ pub fn peer_frame(
             payload,
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
+            check_sender(shard, conn, i, &sender)?;
             match to.parts() {
                 Some((node, _, _, _)) if node == shard.shared.node.as_str() => {
                     shard.send_direct(&sender, &to, &payload);
@@ -237,6 +241,15 @@ pub fn peer_frame(
         }
     }
     Ok(())
+}
+
+/// A message's sender must be a member of peer `i`'s own node (its link's
+/// view knows the name): a node cannot speak for another's members.
+fn check_sender(shard: &Shard, conn: &Conn, i: usize, sender: &MemberId) -> Result<(), Reject> {
+    shard
+        .links
+        .with_view(i, conn.seq, |v| v.check_sender(sender))
+        .unwrap_or(Ok(()))
 }
 
 /// Frames on our dialled connection before it is the link: WELCOME or ERROR.

@@ -7,6 +7,8 @@
 //! - `link`: a link on its shard: snapshot on link-up, peer frames,
 //!   node-down on link loss.
 //! - `dial`: the per-peer dialler, re-dialling every reconnect_interval.
+//! - `resolve`: the thread that looks up peers given by host name (no
+//!   shard ever does: a `HELLO` or a dial reads what it found).
 //!
 //! A publish goes to this node's members and once to each node with
 //! members (encoded once for all of them); the receiving node delivers
@@ -14,6 +16,7 @@
 
 pub mod dial;
 pub mod link;
+pub mod resolve;
 
 pub use link::{accept_peer, link_closed, peer_frame, say_goodbye};
 
