@@ -109,6 +109,17 @@ impl ShardStats {
         c.fetch_add(n, Relaxed);
     }
 
+    /// Adds `n` to a counter that only the owning shard's thread writes:
+    /// a plain load and store, no locked instruction (readers on other
+    /// threads see each value whole, a moment late at most). For the
+    /// counters every message touches (publishes, deliveries, messages and
+    /// bytes in and out); three locked adds per publish were a third of
+    /// the routing's own time in a 1→1 profile (tuning.md).
+    #[inline]
+    pub fn bump(c: &AtomicU64, n: u64) {
+        c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
     /// Subtracts `n` from a gauge.
     #[inline]
     pub fn sub(c: &AtomicU64, n: u64) {

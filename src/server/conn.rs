@@ -352,8 +352,8 @@ async fn serve<S: Stream>(
 async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
     let st = shard.stats();
     let unsent = write_loop(&conn.out, &*stream, |w: Written| {
-        ShardStats::add(&st.msgs_out, w.frames);
-        ShardStats::add(&st.bytes_out, w.bytes);
+        ShardStats::bump(&st.msgs_out, w.frames);
+        ShardStats::bump(&st.bytes_out, w.bytes);
         conn.bytes_out.set(conn.bytes_out.get() + w.bytes);
     })
     .await;
@@ -375,7 +375,7 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
         };
         let buf = rb.done(b, n, spare);
         conn.last_rx.set(shard.tick());
-        ShardStats::add(&shard.stats().bytes_in, n as u64);
+        ShardStats::bump(&shard.stats().bytes_in, n as u64);
         conn.bytes_in.set(conn.bytes_in.get() + n as u64);
         if conn.out.phase() != Phase::Open {
             // Closing: input is no longer acted on; read on until the end.
@@ -499,13 +499,13 @@ fn decode_some(
         // the buffer: no frame value, no reference counts. Anything else,
         // or anything wrong with it, takes the general path below.
         if let Some(len) = publish_in_place(shard, conn, buf, max_frame, live.max_message_size) {
-            ShardStats::add(&shard.stats().msgs_in, 1);
+            ShardStats::bump(&shard.stats().msgs_in, 1);
             buf.advance(len);
             continue;
         }
         match decode(buf, max_frame) {
             Ok(Some(frame)) => {
-                ShardStats::add(&shard.stats().msgs_in, 1);
+                ShardStats::bump(&shard.stats().msgs_in, 1);
                 if let Err((code, msg)) = dispatch(shard, conn, frame) {
                     protocol_error(shard, conn, code, &msg);
                     buf.clear();

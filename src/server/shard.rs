@@ -506,7 +506,7 @@ impl Shard {
     /// reference among the members there), once per peer.
     pub fn publish(&self, conn: &Conn, group: &[u8], payload: &[u8]) {
         let st = self.stats();
-        ShardStats::add(&st.publishes, 1);
+        ShardStats::bump(&st.publishes, 1);
         let route = self.shared.table.with_group(group, |e| {
             let e = e?;
             let seq = conn.pub_seqs.next(e, || Some(e.clone()));
@@ -531,7 +531,7 @@ impl Shard {
                 payload,
             };
             let n = self.to_shards(&msg, shards, Some(seq));
-            ShardStats::add(&st.deliveries, n);
+            ShardStats::bump(&st.deliveries, n);
         }
         if remote {
             crate::server::peers::forward(self, &conn.id, group, seq, payload);
@@ -602,7 +602,7 @@ impl Shard {
                     .into_frames()
                     .map(|(f, s)| self.deliver_here(f, s))
                     .sum();
-                ShardStats::add(&self.stats().deliveries, delivered);
+                ShardStats::bump(&self.stats().deliveries, delivered);
             }
             ShardMsg::Event {
                 frame,

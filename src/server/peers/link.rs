@@ -330,7 +330,7 @@ fn deliver_forward(
         payload,
     };
     let n = shard.to_shards(&msg, mask, seq);
-    ShardStats::add(&shard.stats().deliveries, n);
+    ShardStats::bump(&shard.stats().deliveries, n);
 }
 
 /// Applies what peer `i`'s link view decided. Runs with the link state
