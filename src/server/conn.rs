@@ -488,6 +488,8 @@ fn decode_some(
     max_frame: usize,
 ) -> Decoded {
     let _producing = shard.producing(Some(conn.gate.clone()));
+    // One pin of the group table for the whole turn (see `hold`).
+    let _table = shard.shared.table.hold();
     for _ in 0..live.messages_per_iter {
         if conn.out.phase() != Phase::Open {
             return Decoded::Done;
