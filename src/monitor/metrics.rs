@@ -211,6 +211,13 @@ fn shard_counts(f: &mut Families, i: usize, c: &Counts) {
         "MEMBERSHIP_BATCH frames queued.",
         c.membership_batches,
     );
+    per(
+        f,
+        "peer_auth_failures",
+        None,
+        "Peer handshakes refused because the peer did not prove the cluster key.",
+        c.peer_auth_failures,
+    );
     let closed = "Connections the server closed, by reason.";
     for (reason, v) in [
         ("stuck", c.stuck_kills),
