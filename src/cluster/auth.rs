@@ -287,6 +287,13 @@ mod tests {
     const ND: Block = [0x11; AUTH_LEN];
     const NS: Block = [0x22; AUTH_LEN];
 
+    /// (dialler's key, acceptor's key, outcome).
+    type Row<'a> = (
+        Option<&'a ClusterKey>,
+        Option<&'a ClusterKey>,
+        Result<(), AuthError>,
+    );
+
     /// A whole handshake between a dialler holding `kd` and an acceptor
     /// holding `ka`: where it stops.
     fn run(kd: Option<&ClusterKey>, ka: Option<&ClusterKey>) -> Result<(), AuthError> {
@@ -311,11 +318,7 @@ mod tests {
         let a = key("0123456789abcdef-a");
         let b = key("0123456789abcdef-b");
         // (dialler's key, acceptor's key, outcome)
-        let rows: [(
-            Option<&ClusterKey>,
-            Option<&ClusterKey>,
-            Result<(), AuthError>,
-        ); 5] = [
+        let rows: [Row; 5] = [
             (None, None, Ok(())),
             (Some(&a), Some(&a), Ok(())),
             (Some(&a), Some(&b), Err(AuthError::BadProof)),

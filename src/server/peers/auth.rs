@@ -129,6 +129,14 @@ pub fn on_proof(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
     else {
         return Err((ErrorCode::HANDSHAKE_REQUIRED, "expected PROOF".into()));
     };
+    if let Frame::Error { code, message } = &frame {
+        // The dialler refused our proof (another key, or none there).
+        if crate::logging::PEER_REFUSED.allow() {
+            tracing::warn!(peer = %conn.addr, name, code = code.name(), "peer refused our challenge: {message}");
+        }
+        conn.close_gracefully(None, shard.live.get().idle_timeout);
+        return Ok(());
+    }
     let Frame::Proof { mac } = frame else {
         let msg = "expected PROOF after CHALLENGE".to_string();
         return Err((ErrorCode::HANDSHAKE_REQUIRED, msg));

@@ -102,7 +102,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
             version: PROTOCOL_VERSION,
             role: Role::Peer,
             name: Some(shard.shared.node.clone()),
-            credentials: super::auth::dial_credentials(&shard, conn, &peer),
+            credentials: super::auth::dial_credentials(shard, conn, &peer),
             features: crate::protocol::features::ALL,
             max_message_size: u32::try_from(shard.live.get().max_message_size).unwrap_or(u32::MAX),
         };

@@ -298,7 +298,8 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
             let level_debug = code == ErrorCode::DUPLICATE_LINK;
             if level_debug {
                 tracing::debug!(peer = i, "dial refused: {message}");
-            } else {
+            } else if crate::logging::PEER_REFUSED.allow() {
+                // Re-dialled every reconnect_interval: rate-limited.
                 tracing::warn!(peer = i, code = code.name(), "dial refused: {message}");
             }
             conn.close_gracefully(None, shard.live.get().idle_timeout);
