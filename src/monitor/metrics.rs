@@ -596,6 +596,7 @@ mod tests {
             "msgc_deliveries_total{shard=\"0\"} ",
             "msgc_dropped_messages_total{shard=\"0\",reason=\"left\"} ",
             "msgc_received_bytes_total{shard=\"0\"} ",
+            "msgc_peer_auth_failures_total{shard=\"0\"} ",
             "msgc_outbound_queue_max_frames{shard=\"0\"} 3\n",
             "msgc_memberships{shard=\"0\"} 4\n",
             "msgc_shard_up{shard=\"0\"} 1\n",
