@@ -296,3 +296,64 @@ async fn a_key_file_works_and_a_missing_one_is_a_config_error() {
         "{err}"
     );
 }
+
+/// Starts `msgc-server --config CONF --node node1` and returns its
+/// standard error up to the banner's `msgc_client {` line (bounded), then
+/// stops it.
+fn start_up_log(conf: &std::path::Path) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(conf)
+        .args(["--node", "node1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc-server");
+    let err = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = flume::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let end = std::time::Instant::now() + crate::util::WAIT;
+    let mut seen = Vec::new();
+    while let Ok(line) = rx.recv_timeout(end.saturating_duration_since(std::time::Instant::now())) {
+        let last = line.trim() == "msgc_client {";
+        seen.push(line);
+        if last {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.trim() == "msgc_client {"),
+        "no banner:\n{}",
+        seen.join("\n")
+    );
+    seen
+}
+
+#[test]
+fn start_up_warns_without_a_key_and_never_prints_one() {
+    let c = Cluster::new("auth-banner");
+    let without = c.conf("none.conf", 2, QUICK);
+    let log = start_up_log(&without);
+    assert!(
+        log.iter().any(|l| l.contains("NO CLUSTER KEY")),
+        "{}",
+        log.join("\n")
+    );
+    let with = c.conf("key.conf", 2, &with_key(KEY));
+    let log = start_up_log(&with).join("\n");
+    assert!(!log.contains("NO CLUSTER KEY"), "{log}");
+    assert!(!log.contains(KEY), "{log}");
+    assert!(log.contains("cluster_key = \"<secret>\""), "{log}");
+}
