@@ -357,3 +357,45 @@ fn start_up_warns_without_a_key_and_never_prints_one() {
     assert!(!log.contains(KEY), "{log}");
     assert!(log.contains("cluster_key = \"<secret>\""), "{log}");
 }
+
+/// Dials `to` as node2 from 127.0.0.2 holding `key`: true when welcomed,
+/// false when the acceptor's proof does not match `key` or it refuses.
+fn dial_as_node2(to: SocketAddr, key: &ClusterKey) -> bool {
+    let nonce_d = [0x3c; AUTH_LEN];
+    let mut r = Raw::connect_from(to, ip(1));
+    r.send(&peer_hello("node2", auth::credentials(&nonce_d)));
+    let Some(Frame::Challenge { nonce, mac }) = r.recv() else {
+        return false;
+    };
+    let t = |side| auth::transcript(side, 1, b"node2", b"node1", &nonce_d, &nonce);
+    if !auth::verify(key, &t(Side::Acceptor), &mac) {
+        return false;
+    }
+    r.send(&Frame::Proof {
+        mac: auth::mac(key, &t(Side::Dialler)),
+    });
+    matches!(r.recv(), Some(Frame::Welcome(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_key_for_the_next_handshakes() {
+    let mut c = Cluster::new("auth-reload");
+    let conf = c.conf("cluster.conf", 2, &with_key(KEY));
+    c.spawn(0, conf);
+    c.ready();
+    let node1 = c.addr(0);
+    let (old, new) = (
+        ClusterKey::new(KEY.as_bytes()).expect("key"),
+        ClusterKey::new(b"the-next-cluster-key-0123456789").expect("key"),
+    );
+    assert!(!dial_as_node2(node1, &new), "the new key before the reload");
+    c.conf(
+        "cluster.conf",
+        2,
+        &with_key("the-next-cluster-key-0123456789"),
+    );
+    c.nodes[0].signal(libc::SIGHUP);
+    // Each try is a new connection; the first ones may precede the reload.
+    until("the new key to be in force", || dial_as_node2(node1, &new)).await;
+    assert!(!dial_as_node2(node1, &old), "the old key no longer works");
+}
