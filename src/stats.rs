@@ -99,6 +99,10 @@ counters!(
         /// Messages still on their way between shards when the server
         /// shut down.
         dropped_shutdown,
+        /// Peer handshakes refused for the cluster key: a peer that did not
+        /// prove it (no key, another key, a replay), or that we dialled and
+        /// that did not.
+        peer_auth_failures,
     }
 );
 

@@ -223,6 +223,7 @@ fn every_option_set_explicitly() {
              peer_max_backlog = 7000; peer_max_backlog_bytes = "1048576"
              peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
              monitor = "127.0.0.1:8249"; lame_duck_duration = 4
+             cluster_key = "0123456789abcdef-key"
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -261,6 +262,9 @@ fn every_option_set_explicitly() {
     assert_eq!(s.shard_inbox_bytes, 131072);
     assert_eq!(s.monitor, "127.0.0.1:8249".parse().ok());
     assert_eq!(s.lame_duck_duration, secs(4));
+    let key = s.cluster_key.as_ref().map(|k| k.expose());
+    assert_eq!(key, Some(&b"0123456789abcdef-key"[..]));
+    assert!(!format!("{s:?}").contains("0123456789abcdef-key"));
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());
@@ -277,6 +281,11 @@ fn every_option_set_explicitly() {
         (Duration::from_millis(1500), 4096)
     );
     let rendered = cfg.render_effective();
+    assert!(
+        rendered.contains("  cluster_key = \"<secret>\"\n"),
+        "{rendered}"
+    );
+    assert!(!rendered.contains("0123456789abcdef-key"), "{rendered}");
     let defaults: Vec<&str> = rendered
         .lines()
         .filter(|l| l.ends_with("# default"))
@@ -284,6 +293,7 @@ fn every_option_set_explicitly() {
     assert_eq!(
         defaults,
         [
+            "  cluster_key_file = \"\"  # default",
             "  node = \"\"  # default",
             "  peers = [ ]  # default",
             "  listen \"127.0.0.1:4900\" { }  # default"
@@ -490,7 +500,7 @@ fn errors_are_collected_and_printed_one_per_line() {
     let printed = err.to_string();
     let lines: Vec<&str> = printed.lines().collect();
     assert_eq!(lines.len(), 3, "{printed}");
-    assert!(lines[0].starts_with("multi.conf:2:3: unknown option `prot` in msgc_server; valid options: bind_address, connect_timeout, debug_level, handshake_timeout, idle_timeout, io_backend,"), "{printed}");
+    assert!(lines[0].starts_with("multi.conf:2:3: unknown option `prot` in msgc_server; valid options: bind_address, cluster_key, cluster_key_file, connect_timeout, debug_level, handshake_timeout, idle_timeout, io_backend,"), "{printed}");
     assert_eq!(
         lines[1],
         "multi.conf:3:10: port: expected an integer, found `x`"

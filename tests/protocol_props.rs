@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use msgc::protocol::{
     decode, features, max_frame_for, snapshot_flags, DecodeError, ErrorCode, Events, Frame,
     FrameType, GroupName, Hello, MemberId, MembershipChange, NodeName, Reason, Role, Welcome,
-    PROTOCOL_VERSION,
+    AUTH_LEN, PROTOCOL_VERSION,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -282,6 +282,9 @@ fn server_frame() -> impl Strategy<Value = Frame> {
         }),
         any::<u32>().prop_map(|deadline_ms| Frame::Move { deadline_ms }),
         Just(Frame::NodeLeaving),
+        (any::<[u8; AUTH_LEN]>(), any::<[u8; AUTH_LEN]>())
+            .prop_map(|(nonce, mac)| Frame::Challenge { nonce, mac }),
+        any::<[u8; AUTH_LEN]>().prop_map(|mac| Frame::Proof { mac }),
     ]
 }
 
@@ -291,7 +294,7 @@ fn frame() -> impl Strategy<Value = Frame> {
 }
 
 /// Every frame type this version knows.
-const KNOWN_TYPES: [FrameType; 27] = [
+const KNOWN_TYPES: [FrameType; 29] = [
     FrameType::HELLO,
     FrameType::WELCOME,
     FrameType::NOOP,
@@ -319,6 +322,8 @@ const KNOWN_TYPES: [FrameType; 27] = [
     FrameType::FORWARD_SEQ,
     FrameType::MOVE,
     FrameType::NODE_LEAVING,
+    FrameType::CHALLENGE,
+    FrameType::PROOF,
 ];
 
 fn known_codes() -> BTreeSet<u8> {
@@ -638,6 +643,76 @@ fn text(s: &'static str) -> Bytes {
 }
 
 /// The frame behind every `<!-- example: NAME -->` block of PROTOCOL.md.
+/// The peer authentication's worked example (PROTOCOL.md section 13.1):
+/// node2 dials node1, both holding [`AUTH_KEY`].
+const AUTH_KEY: &str = "an example cluster key, 32 bytes";
+const AUTH_NONCE_D: [u8; AUTH_LEN] = {
+    let mut n = [0; AUTH_LEN];
+    let mut i = 0;
+    while i < AUTH_LEN {
+        n[i] = i as u8;
+        i += 1;
+    }
+    n
+};
+const AUTH_NONCE_S: [u8; AUTH_LEN] = {
+    let mut n = [0; AUTH_LEN];
+    let mut i = 0;
+    while i < AUTH_LEN {
+        n[i] = 0x80 + i as u8;
+        i += 1;
+    }
+    n
+};
+
+/// The documented transcript of `side` (1 acceptor, 2 dialler), built
+/// here byte by byte from PROTOCOL.md's table, not by the library.
+fn auth_transcript(side: u8) -> Vec<u8> {
+    let mut t = b"msgc-peer-auth".to_vec();
+    t.push(side);
+    t.extend_from_slice(&[0, 1]);
+    for name in ["node2", "node1"] {
+        t.push(name.len() as u8);
+        t.extend_from_slice(name.as_bytes());
+    }
+    t.extend_from_slice(&AUTH_NONCE_D);
+    t.extend_from_slice(&AUTH_NONCE_S);
+    t
+}
+
+/// HMAC-SHA256 of [`auth_transcript`] under [`AUTH_KEY`] (the `hmac`
+/// crate directly).
+fn auth_mac(side: u8) -> [u8; AUTH_LEN] {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(AUTH_KEY.as_bytes()).expect("key");
+    m.update(&auth_transcript(side));
+    m.finalize().into_bytes().into()
+}
+
+/// The library computes the documented transcripts and MACs.
+#[test]
+fn documented_auth_transcripts_match_the_library() {
+    use msgc::cluster::auth::{mac, transcript, Side};
+    let key = msgc::config::ClusterKey::new(AUTH_KEY.as_bytes()).expect("key");
+    assert_eq!(AUTH_KEY.len(), 32);
+    for (side, byte) in [(Side::Acceptor, 1), (Side::Dialler, 2)] {
+        let t = transcript(side, 1, b"node2", b"node1", &AUTH_NONCE_D, &AUTH_NONCE_S);
+        assert_eq!(hex(&t), hex(&auth_transcript(byte)), "{side:?}");
+        assert_eq!(mac(&key, &t), auth_mac(byte), "{side:?}");
+    }
+    let doc = protocol_md();
+    let blocks = marked_blocks(&doc, "auth-transcript");
+    assert_eq!(
+        blocks.len(),
+        1,
+        "PROTOCOL.md shows the acceptor's transcript"
+    );
+    for (name, block) in blocks {
+        assert_eq!(name, "acceptor");
+        assert_eq!(hex(&parse_hex(name, block)), hex(&auth_transcript(1)));
+    }
+}
+
 fn examples() -> Vec<(&'static str, Frame)> {
     let (a, b) = (|| m("node1/0.1"), || m("node2/1.7"));
     let welcome = |member| Welcome {
@@ -794,6 +869,23 @@ fn examples() -> Vec<(&'static str, Frame)> {
         ),
         ("move", Frame::Move { deadline_ms: 9500 }),
         ("node-leaving", Frame::NodeLeaving),
+        (
+            "hello-peer-auth",
+            Frame::Hello(Hello {
+                features: features::SEQ,
+                max_message_size: 1 << 20,
+                credentials: Bytes::from(msgc::cluster::auth::credentials(&AUTH_NONCE_D)),
+                ..hello(Role::Peer, Some(n("node2")))
+            }),
+        ),
+        (
+            "challenge",
+            Frame::Challenge {
+                nonce: AUTH_NONCE_S,
+                mac: auth_mac(1),
+            },
+        ),
+        ("proof", Frame::Proof { mac: auth_mac(2) }),
         (
             "membership-batch",
             Frame::MembershipBatch {

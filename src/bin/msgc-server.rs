@@ -243,6 +243,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    if config.server.peers.len() > 1 && config.server.cluster_key.is_none() {
+        tracing::warn!(
+            target: msgc::logging::OPS,
+            "NO CLUSTER KEY: peers are set but neither cluster_key nor cluster_key_file is: \
+             any process that can connect from a peer's address can join the cluster as \
+             that peer (set the same cluster_key on every node; README: Securing a cluster)"
+        );
+    }
     anyhow::ensure!(
         args.listen_wait.is_finite() && (0.0..=3600.0).contains(&args.listen_wait),
         "--listen-wait {}: expected 0 to 3600 seconds",

@@ -170,6 +170,8 @@ pub fn admission(state: LinkState, lower: bool) -> Admit {
 pub struct Mesh {
     /// This node's name.
     pub me: NodeName,
+    /// The cluster key in force (`cluster_key`; changed by reload).
+    key: Mutex<Option<crate::config::ClusterKey>>,
     inner: Mutex<Vec<Option<PeerSlot>>>,
     /// Per peer index: its up link (shard and connection, see
     /// [`link_word`]), or [`NO_LINK`]. Written under `inner`'s lock.
@@ -200,6 +202,7 @@ impl Mesh {
     pub fn new(me: &NodeName, s: &ServerSettings, own_ip: Option<IpAddr>) -> Self {
         let mesh = Self {
             me: me.clone(),
+            key: Mutex::new(None),
             inner: Mutex::new(Vec::new()),
             link: (0..MAX_PEERS).map(|_| AtomicU64::new(NO_LINK)).collect(),
             counters: (0..MAX_PEERS).map(|_| PeerCounters::default()).collect(),
@@ -283,8 +286,14 @@ impl Mesh {
             added.push(idx);
         }
         self.high_water.store(slots.len(), Release);
+        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = s.cluster_key.clone();
         *self.own_ip.lock().unwrap_or_else(|p| p.into_inner()) = own_ip;
         (added, removed, moved)
+    }
+
+    /// The cluster key in force, if one is set (peer handshakes read it).
+    pub fn key(&self) -> Option<crate::config::ClusterKey> {
+        self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Where this node stands in its departure (`Serving` unless leaving).

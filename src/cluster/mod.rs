@@ -4,6 +4,8 @@
 //! Events in, decisions and actions out: no sockets, no clocks, no shards.
 //! The server's `peers` module drives it over real links.
 //!
+//! - [`auth`]: peer authentication, the challenge–response over the
+//!   cluster key.
 //! - [`mesh`]: the peer list, link states, admission, per-peer counters.
 //! - [`addrs`]: what the peers' addresses resolve to (looked up off the
 //!   shards; reading it never looks anything up).
@@ -14,6 +16,7 @@
 //!   a link's end means (node left or node down).
 
 pub mod addrs;
+pub mod auth;
 pub mod leave;
 pub mod machine;
 pub mod mesh;

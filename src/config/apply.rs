@@ -18,7 +18,7 @@ use super::settings::{
 };
 use super::source::{Problem, Span};
 use super::syntax::{Item, Scope, Spanned, Value};
-use super::types::{split_host_port, ListenAddr, Peer};
+use super::types::{split_host_port, ClusterKey, ListenAddr, Peer};
 use super::values::{
     duration, integer, optional_ip, optional_socket_addr, parsed, scalar, size, string_list,
 };
@@ -74,6 +74,8 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("bind_address", |s, v| {
         set(&mut s.bind_address, optional_ip(v))
     }),
+    opt("cluster_key", set_cluster_key),
+    opt("cluster_key_file", set_cluster_key_file),
     opt("connect_timeout", |s, v| {
         set_secs(&mut s.connect_timeout, v)
     }),
@@ -172,6 +174,42 @@ fn tcpbuf(v: &Spanned<Value>) -> Result<usize, Problem> {
         return Err((v.span, msg));
     }
     Ok(n)
+}
+
+const BOTH_KEYS: &str = "cluster_key and cluster_key_file are both set; give one";
+
+fn set_cluster_key(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {
+    let text = scalar(v, "a string")?;
+    if s.cluster_key_file.is_some() {
+        if text.is_empty() {
+            return Ok(()); // the rendered form of a key read from a file
+        }
+        return Err((v.span, BOTH_KEYS.to_string()).into());
+    }
+    s.cluster_key = if text.is_empty() {
+        None
+    } else {
+        Some(ClusterKey::new(text.as_bytes()).map_err(|m| (v.span, m))?)
+    };
+    Ok(())
+}
+
+/// Reads the key file now (a missing or unreadable file is an error of
+/// this line). A relative path is read from the working directory.
+fn set_cluster_key_file(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {
+    let path = scalar(v, "a file name")?;
+    if path.is_empty() {
+        s.cluster_key_file = None;
+        return Ok(());
+    }
+    if s.cluster_key.is_some() && s.cluster_key_file.is_none() {
+        return Err((v.span, BOTH_KEYS.to_string()).into());
+    }
+    let bytes = std::fs::read(path).map_err(|e| (v.span, format!("cannot read {path:?}: {e}")))?;
+    let key = ClusterKey::new(&bytes).map_err(|m| (v.span, format!("{path:?}: {m}")))?;
+    s.cluster_key = Some(key);
+    s.cluster_key_file = Some(path.to_string());
+    Ok(())
 }
 
 fn set_port(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {

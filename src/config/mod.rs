@@ -66,7 +66,10 @@ pub use settings::{
     DEFAULT_PORT, MAX_BACKLOG, MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE, MAX_QUEUE_BYTES,
     MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
-pub use types::{join_host_port, split_host_port, DebugLevel, IoBackend, ListenAddr, Peer};
+pub use types::{
+    join_host_port, split_host_port, ClusterKey, DebugLevel, IoBackend, ListenAddr, Peer,
+    MIN_CLUSTER_KEY,
+};
 
 use source::{FsLoader, Loader, NoIncludes, Problem, Sources};
 use syntax::{parse_document, Document};
@@ -153,7 +156,7 @@ impl Config {
 
     /// Every option of every stanza, one per line, in Momentum syntax;
     /// values not set in the files end in `# default`. Parses back to the
-    /// same settings.
+    /// same settings, except an inline `cluster_key`, shown as `"<secret>"`.
     pub fn render_effective(&self) -> String {
         render::render(self, &Notes::new())
     }

@@ -74,6 +74,16 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
             "bind_address",
             opt_quote(s.bind_address.map(|ip| ip.to_string())),
         ),
+        (
+            "cluster_key",
+            // Never the key itself; a key read from a file shows as unset
+            // here (its file is the next line).
+            quote(match (&s.cluster_key, &s.cluster_key_file) {
+                (Some(_), None) => "<secret>",
+                _ => "",
+            }),
+        ),
+        ("cluster_key_file", opt_quote(s.cluster_key_file.clone())),
         ("connect_timeout", secs(s.connect_timeout)),
         ("debug_level", s.debug_level.to_string()),
         ("handshake_timeout", secs(s.handshake_timeout)),

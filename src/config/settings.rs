@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::types::{DebugLevel, IoBackend, ListenAddr, Peer};
+use super::types::{ClusterKey, DebugLevel, IoBackend, ListenAddr, Peer};
 
 /// The seed's port for msgc traffic (`msgc_server.port`, `listen ":4809"`).
 pub const DEFAULT_PORT: u16 = 4809;
@@ -54,6 +54,13 @@ pub struct ServerSettings {
     /// Local IP for outbound peer connections. Default: none (the kernel
     /// chooses). Written `""` for "not set".
     pub bind_address: Option<IpAddr>,
+    /// The cluster secret peers prove they hold in the handshake
+    /// (`cluster_key`, or read from `cluster_key_file`). Default: none
+    /// (peers are admitted by name and address only). Written `""` for
+    /// "not set".
+    pub cluster_key: Option<ClusterKey>,
+    /// The file `cluster_key` was read from, if it was. Default: none.
+    pub cluster_key_file: Option<String>,
     /// Longest wait for an outbound `connect`. Default 60 s; > 0.
     pub connect_timeout: Duration,
     /// Log verbosity of this module. Default `ERROR`.
@@ -128,6 +135,8 @@ impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
             bind_address: None,
+            cluster_key: None,
+            cluster_key_file: None,
             connect_timeout: Duration::from_secs(60),
             debug_level: DebugLevel::Error,
             handshake_timeout: Duration::from_secs(5),

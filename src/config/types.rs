@@ -9,6 +9,52 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
+/// Shortest cluster key accepted, in bytes.
+pub const MIN_CLUSTER_KEY: usize = 16;
+
+/// The cluster secret (`cluster_key`, or the contents of
+/// `cluster_key_file` without trailing white space): the HMAC key peers
+/// prove they hold (`crate::cluster::auth`). Never printed: `Debug` shows
+/// `<secret>`, and the rendered configuration `"<secret>"`.
+///
+/// Invariant: at least [`MIN_CLUSTER_KEY`] bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey(std::sync::Arc<[u8]>);
+
+impl ClusterKey {
+    /// A key of `bytes` (trailing ASCII white space removed: a key file
+    /// ends in a newline).
+    ///
+    /// # Errors
+    /// A message when fewer than [`MIN_CLUSTER_KEY`] bytes remain.
+    pub fn new(bytes: &[u8]) -> Result<Self, String> {
+        let end = bytes
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |i| i + 1);
+        let key = &bytes[..end];
+        if key.len() < MIN_CLUSTER_KEY {
+            return Err(format!(
+                "a cluster key needs at least {MIN_CLUSTER_KEY} bytes, found {} \
+                 (make one with `openssl rand -hex 32`)",
+                key.len()
+            ));
+        }
+        Ok(Self(key.into()))
+    }
+
+    /// The key's bytes (for the MAC; never print them).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKey(<secret>)")
+    }
+}
+
 /// One cluster node from `msgc_server { peers = [ NAME = "HOST[:PORT]" ] }`.
 ///
 /// Invariants: `name` and `host` are non-empty; `host` is an IP address or a

@@ -211,6 +211,13 @@ fn shard_counts(f: &mut Families, i: usize, c: &Counts) {
         "MEMBERSHIP_BATCH frames queued.",
         c.membership_batches,
     );
+    per(
+        f,
+        "peer_auth_failures",
+        None,
+        "Peer handshakes refused because the peer did not prove the cluster key.",
+        c.peer_auth_failures,
+    );
     let closed = "Connections the server closed, by reason.";
     for (reason, v) in [
         ("stuck", c.stuck_kills),
@@ -589,6 +596,7 @@ mod tests {
             "msgc_deliveries_total{shard=\"0\"} ",
             "msgc_dropped_messages_total{shard=\"0\",reason=\"left\"} ",
             "msgc_received_bytes_total{shard=\"0\"} ",
+            "msgc_peer_auth_failures_total{shard=\"0\"} ",
             "msgc_outbound_queue_max_frames{shard=\"0\"} 3\n",
             "msgc_memberships{shard=\"0\"} 4\n",
             "msgc_shard_up{shard=\"0\"} 1\n",

@@ -9,7 +9,7 @@
 
 use super::frame::{
     snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason, Role,
-    Welcome, MAGIC,
+    Welcome, AUTH_LEN, MAGIC,
 };
 use super::names::{GroupName, MemberId, NameError, NodeName};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -136,6 +136,13 @@ pub fn decode_body(ty: FrameType, mut b: Bytes) -> Result<Frame, DecodeError> {
         FrameType::HELLO => Frame::Hello(decode_hello(&mut b)?),
         FrameType::WELCOME => Frame::Welcome(decode_welcome(&mut b)?),
         FrameType::NOOP => Frame::Noop,
+        FrameType::CHALLENGE => Frame::Challenge {
+            nonce: fixed(&mut b)?,
+            mac: fixed(&mut b)?,
+        },
+        FrameType::PROOF => Frame::Proof {
+            mac: fixed(&mut b)?,
+        },
         FrameType::ERROR => decode_error(&mut b)?,
         FrameType::PING => Frame::Ping {
             token: u64_(&mut b)?,
@@ -417,6 +424,18 @@ fn take(b: &mut Bytes, len: usize) -> Result<Bytes, DecodeError> {
     Ok(b.split_to(len))
 }
 
+/// A fixed-size field of the peer authentication.
+fn fixed(b: &mut Bytes) -> Result<[u8; AUTH_LEN], DecodeError> {
+    let mut out = [0; AUTH_LEN];
+    if b.remaining() < AUTH_LEN {
+        return Err(DecodeError::Malformed(
+            "field runs past the end of the frame",
+        ));
+    }
+    b.copy_to_slice(&mut out);
+    Ok(out)
+}
+
 fn str8(b: &mut Bytes) -> Result<Bytes, DecodeError> {
     let len = u8_(b)? as usize;
     take(b, len)
@@ -688,6 +707,11 @@ impl Frame {
             Frame::Hello(h) => encode_hello(b, h),
             Frame::Welcome(w) => encode_welcome(b, w),
             Frame::Noop => {}
+            Frame::Challenge { nonce, mac } => {
+                b.put_slice(nonce);
+                b.put_slice(mac);
+            }
+            Frame::Proof { mac } => b.put_slice(mac),
             Frame::Error { code, message } => {
                 b.put_u16(code.0);
                 put_str16(b, utf8_prefix(message, u16::MAX as usize).as_bytes());

@@ -10,6 +10,10 @@ use bytes::Bytes;
 /// Protocol version spoken by this implementation.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// Bytes of a nonce and of a MAC in the peer authentication (`CHALLENGE`,
+/// `PROOF`, a peer `HELLO`'s credentials).
+pub const AUTH_LEN: usize = 32;
+
 /// The four bytes that open every `HELLO` body.
 pub const MAGIC: &[u8; 4] = b"MSGC";
 
@@ -31,6 +35,11 @@ impl FrameType {
     pub const PING: Self = Self(0x05);
     /// Answer to `PING`.
     pub const PONG: Self = Self(0x06);
+    /// Peer handshake, accepting side: its nonce and its proof of the
+    /// cluster key (answers a `HELLO` that asked for authentication).
+    pub const CHALLENGE: Self = Self(0x07);
+    /// Peer handshake, dialling side: its proof of the cluster key.
+    pub const PROOF: Self = Self(0x08);
     /// Client joins a group.
     pub const JOIN: Self = Self(0x10);
     /// Client leaves a group.
@@ -295,6 +304,19 @@ pub enum Frame {
     Welcome(Welcome),
     /// Keepalive.
     Noop,
+    /// The accepting node's half of the peer authentication
+    /// (`crate::cluster::auth`).
+    Challenge {
+        /// Its random nonce.
+        nonce: [u8; AUTH_LEN],
+        /// HMAC-SHA256 proving it holds the cluster key.
+        mac: [u8; AUTH_LEN],
+    },
+    /// The dialling node's half of the peer authentication.
+    Proof {
+        /// HMAC-SHA256 proving it holds the cluster key.
+        mac: [u8; AUTH_LEN],
+    },
     /// An error; the connection closes after it.
     Error {
         /// What went wrong.
@@ -468,6 +490,8 @@ impl Frame {
             Self::Hello(_) => FrameType::HELLO,
             Self::Welcome(_) => FrameType::WELCOME,
             Self::Noop => FrameType::NOOP,
+            Self::Challenge { .. } => FrameType::CHALLENGE,
+            Self::Proof { .. } => FrameType::PROOF,
             Self::Error { .. } => FrameType::ERROR,
             Self::Ping { .. } => FrameType::PING,
             Self::Pong { .. } => FrameType::PONG,

@@ -15,7 +15,7 @@ pub use codec::{
 };
 pub use frame::{
     features, snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason,
-    Role, SnapshotEntry, Welcome, MAGIC, PROTOCOL_VERSION,
+    Role, SnapshotEntry, Welcome, AUTH_LEN, MAGIC, PROTOCOL_VERSION,
 };
 pub use names::{validate_name, GroupName, MemberId, NameError, NodeName, MAX_NAME_LEN};
 

@@ -82,6 +82,8 @@ pub struct Conn {
     pub pending_acks: RefCell<HashMap<Group, u64>>,
     /// This client's publish sequence numbers, per group.
     pub pub_seqs: super::seqs::PubSeqs,
+    /// A peer handshake under way (cluster key): see `peers::auth`.
+    pub peer_auth: RefCell<Option<crate::server::peers::auth::PeerAuth>>,
     /// When the connection opened (for the handshake deadline).
     opened: Instant,
     /// Bytes read from the socket (for the monitoring endpoint; a plain
@@ -129,6 +131,7 @@ impl Conn {
             features: Cell::new(0),
             peer_max: Cell::new(0),
             pub_seqs: Default::default(),
+            peer_auth: RefCell::new(None),
             pending_acks: Default::default(),
             opened: now,
             bytes_in: Cell::new(0),
@@ -570,6 +573,9 @@ fn dispatch(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reje
 }
 
 fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
+    if crate::server::peers::auth::awaits_proof(conn) {
+        return crate::server::peers::auth::on_proof(shard, conn, frame);
+    }
     let Frame::Hello(hello) = frame else {
         return Err((
             ErrorCode::HANDSHAKE_REQUIRED,

@@ -87,6 +87,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
             return;
         }
     };
+    let peer = name.to_owned();
     spawn_with(shard.clone(), stream, addr, move |shard, conn| {
         conn.become_peer(i, &shard.live.get());
         if !shard
@@ -101,7 +102,7 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
             version: PROTOCOL_VERSION,
             role: Role::Peer,
             name: Some(shard.shared.node.clone()),
-            credentials: bytes::Bytes::new(),
+            credentials: super::auth::dial_credentials(shard, conn, &peer),
             features: crate::protocol::features::ALL,
             max_message_size: u32::try_from(shard.live.get().max_message_size).unwrap_or(u32::MAX),
         };

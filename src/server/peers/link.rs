@@ -52,13 +52,30 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         };
         return Err((ErrorCode::NOT_ALLOWED, msg));
     }
+    // With a cluster key, admission waits for the peer's PROOF.
+    if super::auth::on_hello(shard, conn, i, &name, hello)? {
+        return Ok(());
+    }
+    admit(shard, conn, i, &name, hello)
+}
+
+/// Admits peer `i` (`name`), whose `HELLO` (and `PROOF`, with a cluster
+/// key) passed, on `conn`: it may replace the peer's existing link.
+pub(super) fn admit(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    i: usize,
+    name: &str,
+    hello: &Hello,
+) -> Result<(), Reject> {
+    let mesh = &shard.shared.cluster;
     let features = hello.features & crate::protocol::features::ALL;
     let params = LinkParams {
         max_message_size: u64::from(hello.max_message_size),
         features: u64::from(features),
     };
     match mesh.admit(i, shard.index, conn.seq, params, || {
-        node_down(shard, i, &name, link_end(false, false))
+        node_down(shard, i, name, link_end(false, false))
     }) {
         crate::cluster::mesh::Admit::Duplicate => {
             // Part of normal mesh formation (both nodes dialled at once),
@@ -88,7 +105,7 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
             };
             conn.peer_max.set(hello.max_message_size as usize);
             shard.push(conn, Frame::Welcome(welcome).to_bytes());
-            link_up(shard, conn, i, &name);
+            link_up(shard, conn, i, name);
             Ok(())
         }
     }
@@ -262,6 +279,7 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
                 let msg = format!("dialled node {name:?} but {:?} answered", w.node.as_str());
                 return Err((ErrorCode::NOT_ALLOWED, msg));
             }
+            super::auth::on_welcome(shard, conn, &name)?;
             let features = w.features & crate::protocol::features::ALL;
             conn.peer_max.set(w.max_message_size as usize);
             let params = LinkParams {
@@ -280,11 +298,16 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
             let level_debug = code == ErrorCode::DUPLICATE_LINK;
             if level_debug {
                 tracing::debug!(peer = i, "dial refused: {message}");
-            } else {
+            } else if crate::logging::PEER_REFUSED.allow() {
+                // Re-dialled every reconnect_interval: rate-limited.
                 tracing::warn!(peer = i, code = code.name(), "dial refused: {message}");
             }
             conn.close_gracefully(None, shard.live.get().idle_timeout);
             Ok(())
+        }
+        Frame::Challenge { nonce, mac } => {
+            let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
+            super::auth::on_challenge(shard, conn, &name, &nonce, &mac)
         }
         Frame::Noop => Ok(()),
         _ => Err((ErrorCode::HANDSHAKE_REQUIRED, "expected WELCOME".into())),

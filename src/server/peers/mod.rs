@@ -6,6 +6,7 @@
 //!
 //! - `link`: a link on its shard: snapshot on link-up, peer frames,
 //!   node-down on link loss.
+//! - `auth`: the cluster key's challenge–response in the handshake.
 //! - `dial`: the per-peer dialler, re-dialling every reconnect_interval.
 //! - `resolve`: the thread that looks up peers given by host name (no
 //!   shard ever does: a `HELLO` or a dial reads what it found).
@@ -14,6 +15,7 @@
 //! members (encoded once for all of them); the receiving node delivers
 //! locally and never forwards again, so the full mesh has no loops.
 
+pub mod auth;
 pub mod dial;
 pub mod link;
 pub mod resolve;
