@@ -84,6 +84,13 @@ pub struct ClientConfig {
     ///
     /// [`Event::Gap`]: super::Event::Gap
     pub sequenced: bool,
+    /// User name sent in HELLO's credentials, for a server with `users`
+    /// configured. Default: none (no credentials; a server without users
+    /// ignores them anyway).
+    pub user: Option<String>,
+    /// The user's password (1..=1024 bytes; required with `user`).
+    /// Default: none.
+    pub password: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -120,6 +127,8 @@ impl ClientConfig {
             request_timeout: s.connect_timeout,
             membership_events: Events::Batched,
             sequenced: true,
+            user: None,
+            password: None,
         }
     }
 
@@ -157,6 +166,15 @@ impl ClientConfig {
         ];
         if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return bad(&format!("{name} must be greater than zero"));
+        }
+        if let Some(user) = &self.user {
+            let creds = crate::protocol::Credentials {
+                user: user.clone(),
+                password: self.password.clone().unwrap_or_default().into_bytes(),
+            };
+            creds
+                .encode()
+                .map_err(|e| ClientError::InvalidConfig(format!("user `{user}`: {e}")))?;
         }
         if let Some(name) = &self.name {
             crate::protocol::validate_name(name.as_bytes())

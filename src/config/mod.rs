@@ -51,6 +51,7 @@ mod settings;
 mod source;
 mod syntax;
 mod types;
+mod users;
 mod values;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +68,7 @@ pub use settings::{
     MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
 pub use types::{join_host_port, split_host_port, DebugLevel, IoBackend, ListenAddr, Peer};
+pub use users::{Patterns, Permissions, User, MAX_PATTERNS};
 
 use source::{FsLoader, Loader, NoIncludes, Problem, Sources};
 use syntax::{parse_document, Document};

@@ -6,6 +6,7 @@
 //! epoll backend) pinned to a core where possible, and returns a handle
 //! that reloads settings and shuts the server down.
 
+pub mod auth;
 pub mod conn;
 pub mod flow;
 pub mod inbox;
@@ -206,6 +207,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
+            auth: auth::Auth::new(&s.users),
         });
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
         let threads = wait_started(&shared, threads)?;
@@ -251,7 +253,7 @@ impl Server {
 
     /// Applies a re-read configuration without a restart: timeouts,
     /// keepalive, backlog, messages_per_iter, buffer size for new sockets,
-    /// max_message_size and peers. `debug_level` is the binary's to apply.
+    /// max_message_size, peers and users (for logins from now on). `debug_level` is the binary's to apply.
     ///
     /// # Errors
     /// [`Error::NeedsRestart`] when node, shards, io_backend, the listen
@@ -285,6 +287,7 @@ impl Server {
             self.shared.send(i, ShardMsg::Reload(live));
         }
         crate::server::peers::reconfigure(&self.shared, s);
+        self.shared.auth.set_users(&s.users);
         Ok(())
     }
 
