@@ -170,7 +170,10 @@ fn logins_without_valid_credentials_are_refused_counted_and_limited() {
         good.ping().await.expect("served");
         let _ = good.close().await;
         let bad = Client::connect(client_config(addr, "orders", "nope")).await;
-        let err = bad.err().expect("a wrong password fails").to_string();
+        let Err(err) = bad else {
+            panic!("a wrong password must fail")
+        };
+        let err = err.to_string();
         assert!(err.contains("auth_failed"), "{err}");
     });
     assert_eq!(totals(mon, "auth_failures"), 5);
