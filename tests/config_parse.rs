@@ -223,6 +223,7 @@ fn every_option_set_explicitly() {
              peer_max_backlog = 7000; peer_max_backlog_bytes = "1048576"
              peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
              monitor = "127.0.0.1:8249"; lame_duck_duration = 4
+             users = [ u = [ password = "$argon2id$v=19$m=64,t=1,p=1$G1vvEDzHRqtM9z1KVFKNSA$iW7w0V0rRLqMeu3KRxCvSCRnfscNv6kRjkmSorig0XM" join = "a.*" ] ]
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -261,6 +262,8 @@ fn every_option_set_explicitly() {
     assert_eq!(s.shard_inbox_bytes, 131072);
     assert_eq!(s.monitor, "127.0.0.1:8249".parse().ok());
     assert_eq!(s.lame_duck_duration, secs(4));
+    assert_eq!(s.users.len(), 1);
+    assert!(s.users[0].permissions.join.matches(b"a.b"));
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());
