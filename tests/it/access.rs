@@ -393,3 +393,56 @@ fn users_apply_to_new_logins_on_reload_and_none_means_as_before() {
     with.send(&Frame::StatsRequest { req: 3 });
     assert!(matches!(next(&mut with), Some(Frame::StatsReply { .. })));
 }
+
+#[test]
+fn the_cli_hashes_a_password_and_logs_in_with_it() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut hasher = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["hash-password", "--memory-kib", "64", "--passes", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run msgc hash-password");
+    hasher
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"cli-pw\n")
+        .expect("write the password");
+    let out = hasher.wait_with_output().expect("msgc hash-password ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hash = String::from_utf8(out.stdout).expect("UTF-8");
+    let hash = hash.trim();
+    assert!(hash.starts_with("$argon2id$v=19$m=64,t=1,p=1$"), "{hash}");
+
+    let dir = TempDir::new("auth-cli");
+    let users = format!("users = [ cli = [ password = \"{hash}\" stats = true ] ]");
+    let (node, _mon) = server(&dir, "127.0.0.66", &users);
+    let msgc = |user: Option<&str>, password: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_msgc"));
+        cmd.args(["--server", &node.addr.to_string()])
+            .env_remove("MSGC_USER")
+            .env("MSGC_PASSWORD", password);
+        if let Some(user) = user {
+            cmd.args(["--user", user]);
+        }
+        cmd.arg("stats").output().expect("run msgc stats")
+    };
+    let ok = msgc(Some("cli"), "cli-pw");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let wrong = msgc(Some("cli"), "nope");
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("auth_failed"));
+    let none = msgc(None, "");
+    assert!(!none.status.success());
+}
