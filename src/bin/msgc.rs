@@ -379,6 +379,21 @@ async fn publish(cfg: ClientConfig, group: &str, message: Option<String>) -> Res
             report.unsent
         );
     }
+    // A refusal comes before the confirmation of what follows it.
+    let denied: Vec<String> = client
+        .events()
+        .try_iter()
+        .filter_map(|e| match e {
+            Event::Denied { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = denied.first() {
+        bail!(
+            "permission denied: {first} ({} messages refused)",
+            denied.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

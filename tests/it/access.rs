@@ -445,4 +445,13 @@ fn the_cli_hashes_a_password_and_logs_in_with_it() {
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("auth_failed"));
     let none = msgc(None, "");
     assert!(!none.status.success());
+    let publish = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &node.addr.to_string(), "--user", "cli"])
+        .args(["pub", "billing", "no"])
+        .env("MSGC_PASSWORD", "cli-pw")
+        .output()
+        .expect("run msgc pub");
+    assert!(!publish.status.success(), "a refused publish fails");
+    let err = String::from_utf8_lossy(&publish.stderr);
+    assert!(err.contains("permission denied: PUBLISH billing"), "{err}");
 }
