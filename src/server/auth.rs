@@ -16,6 +16,7 @@ use crate::config::{Permissions, User};
 use crate::protocol::Credentials;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -59,6 +60,8 @@ struct Table {
 pub struct Auth {
     /// `None` when no users are configured (everyone is served).
     table: Mutex<Option<Arc<Table>>>,
+    /// `table` is `Some`: read without the lock on every HELLO.
+    enabled: AtomicBool,
     limiter: Mutex<Limiter>,
     pool: OnceLock<flume::Sender<Job>>,
 }
@@ -81,6 +84,8 @@ struct Job {
 
 /// How a login began.
 pub enum Login {
+    /// No users are configured (a reload removed them): serve the client.
+    Open,
     /// Refused at once: why, and whether it was the limiter's doing.
     Refused {
         /// For the `ERROR` message and the log.
@@ -102,6 +107,7 @@ impl Auth {
     pub fn new(users: &[User]) -> Auth {
         Auth {
             table: Mutex::new(table(users)),
+            enabled: AtomicBool::new(!users.is_empty()),
             limiter: Mutex::new(Limiter::default()),
             pool: OnceLock::new(),
         }
@@ -110,25 +116,25 @@ impl Auth {
     /// Replaces the users (a reload): logins from now on use them;
     /// connections already logged in keep their grant.
     pub fn set_users(&self, users: &[User]) {
-        *self.table.lock().unwrap_or_else(|p| p.into_inner()) = table(users);
+        let mut slot = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = table(users);
+        self.enabled.store(slot.is_some(), Ordering::Release);
     }
 
     /// True when users are configured (clients must log in).
     pub fn enabled(&self) -> bool {
-        self.table
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.enabled.load(Ordering::Acquire)
     }
 
-    /// Starts a login from `ip` with a `HELLO`'s credentials field.
+    /// Starts a login from `ip` with a `HELLO`'s credentials field
+    /// ([`Login::Open`] when no users are configured).
     pub fn begin(&self, ip: IpAddr, credentials: &[u8], now: Instant) -> Login {
         let refused = |why: String| Login::Refused {
             why,
             rate_limited: false,
         };
         let Some(table) = self.table.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
-            return refused("no users are configured".into());
+            return Login::Open;
         };
         if !self.limiter().allowed(ip, now) {
             return Login::Refused {

@@ -633,6 +633,7 @@ fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Rejec
         .auth
         .begin(conn.addr.ip(), &hello.credentials, Instant::now())
     {
+        Login::Open => send_welcome(shard, conn, features),
         Login::Refused { why, rate_limited } => refuse_login(shard, conn, &why, rate_limited),
         Login::Pending { answer, grant } => {
             *conn.login.borrow_mut() = Some(PendingLogin {
