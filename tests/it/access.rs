@@ -455,3 +455,23 @@ fn the_cli_hashes_a_password_and_logs_in_with_it() {
     let err = String::from_utf8_lossy(&publish.stderr);
     assert!(err.contains("permission denied: PUBLISH billing"), "{err}");
 }
+
+#[test]
+fn logins_and_denials_work_on_the_epoll_backend_too() {
+    let dir = TempDir::new("auth-epoll");
+    let extra = format!("io_backend = epoll\n  {}", users());
+    let (node, mon) = server(&dir, "127.0.0.67", &extra);
+    refused(node.addr, creds("orders", "wrong"), "wrong password");
+    let mut o = raw_login(node.addr, "orders", "orders-pw");
+    o.send(&Frame::Publish {
+        group: crate::util::group("billing"),
+        payload: Bytes::from_static(b"no"),
+    });
+    expect_error(&mut o, ErrorCode::PERMISSION_DENIED, "PUBLISH billing");
+    o.send(&Frame::Ping { token: 9 });
+    assert!(matches!(next(&mut o), Some(Frame::Pong { token: 9 })));
+    let stats = http_get(mon, "/stats").expect("GET /stats").json();
+    assert_eq!(stats["io_backend"], "epoll");
+    assert_eq!(stats["totals"]["auth_failures"], 1);
+    assert_eq!(stats["totals"]["permission_denials"], 1);
+}
