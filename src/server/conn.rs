@@ -5,7 +5,7 @@
 //! Timeouts and kills close the socket with `shutdown`, which ends both.
 //! Peer links share this machinery; their frames go to `cluster`.
 
-use super::auth::{Grant, Login};
+use super::auth::Grant;
 use super::flow::{Budget, Gate};
 use super::io::{AnyStream, Stream};
 use super::outbound::{write_loop, Outbound, Phase, Written};
@@ -13,7 +13,7 @@ use super::shard::{Kill, Shard};
 use super::Live;
 use crate::protocol::{
     decode, list_budget, max_frame_for, peek_publish, split_by_size, ErrorCode, Frame, GroupName,
-    Hello, MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
+    MemberId, Reason, Role, PROTOCOL_VERSION,
 };
 use crate::router::Group;
 use crate::stats::ShardStats;
@@ -88,7 +88,7 @@ pub struct Conn {
     pub grant: OnceCell<Arc<Grant>>,
     /// A login whose password is being checked (see `auth`); the reader
     /// handles nothing more until it is answered.
-    login: RefCell<Option<PendingLogin>>,
+    pub(super) login: RefCell<Option<super::login::PendingLogin>>,
     /// When the connection opened (for the handshake deadline).
     opened: Instant,
     /// Bytes read from the socket (for the monitoring endpoint; a plain
@@ -151,6 +151,11 @@ impl Conn {
             closing: tokio::sync::Notify::new(),
             shutdown,
         }
+    }
+
+    /// Returns once the connection starts closing (wakes one waiter).
+    pub(super) async fn closing(&self) {
+        self.closing.notified().await;
     }
 
     /// When the connection opened.
@@ -461,7 +466,7 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
         match decoded {
             Decoded::Done => return,
             Decoded::Yield => tokio::task::yield_now().await,
-            Decoded::Login => finish_login(shard, conn).await,
+            Decoded::Login => super::login::finish_login(shard, conn).await,
             Decoded::Wait => {
                 ShardStats::add(&shard.stats().producer_waits, 1);
                 conn.held_input.set(!buf.is_empty());
@@ -609,106 +614,9 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Rej
         return Ok(());
     }
     match hello.role {
-        Role::Client => welcome_client(shard, conn, &hello),
+        Role::Client => super::login::welcome_client(shard, conn, &hello),
         Role::Peer => crate::server::peers::accept_peer(shard, conn, &hello),
     }
-}
-
-/// A login waiting for its password check.
-struct PendingLogin {
-    answer: tokio::sync::oneshot::Receiver<bool>,
-    grant: Arc<Grant>,
-    /// The features the `HELLO` asked for.
-    features: u32,
-}
-
-fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Reject> {
-    let features = hello.features & crate::protocol::features::ALL;
-    if !shard.shared.auth.enabled() {
-        send_welcome(shard, conn, features);
-        return Ok(());
-    }
-    match shard
-        .shared
-        .auth
-        .begin(conn.addr.ip(), &hello.credentials, Instant::now())
-    {
-        Login::Open => send_welcome(shard, conn, features),
-        Login::Refused { why, rate_limited } => refuse_login(shard, conn, &why, rate_limited),
-        Login::Pending { answer, grant } => {
-            *conn.login.borrow_mut() = Some(PendingLogin {
-                answer,
-                grant,
-                features,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Makes `conn` a client and sends its `WELCOME`.
-fn send_welcome(shard: &Shard, conn: &Conn, features: u32) {
-    conn.role.set(ConnRole::Client);
-    let live = shard.live.get();
-    let welcome = Welcome {
-        version: PROTOCOL_VERSION,
-        node: shard.shared.node.clone(),
-        member: Some(conn.id.clone()),
-        max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
-        idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
-        features,
-    };
-    conn.features.set(features);
-    tracing::debug!(conn = %conn.id, peer = %conn.addr, "client joined the bus");
-    shard.push(conn, Frame::Welcome(welcome).to_bytes());
-}
-
-/// Refuses a login: counted, logged (rate-limited), `ERROR AUTH_FAILED`
-/// and closed. A refusal by the limiter itself does not count against
-/// the address again.
-fn refuse_login(shard: &Shard, conn: &Conn, why: &str, rate_limited: bool) {
-    let st = shard.stats();
-    ShardStats::add(&st.auth_failures, 1);
-    if rate_limited {
-        ShardStats::add(&st.auth_rate_limited, 1);
-    } else {
-        shard.shared.auth.failed(conn.addr.ip(), Instant::now());
-    }
-    if crate::logging::AUTH_FAILED.allow() {
-        tracing::warn!(peer = %conn.addr, "client login refused: {why}");
-    }
-    shard.close_with_error(
-        conn,
-        ErrorCode::AUTH_FAILED,
-        &format!("login refused: {why}"),
-    );
-}
-
-/// Waits for the pending login's password check, then welcomes or
-/// refuses the client. The reader handles nothing else meanwhile.
-async fn finish_login(shard: &Rc<Shard>, conn: &Rc<Conn>) {
-    let Some(pending) = conn.login.borrow_mut().take() else {
-        return;
-    };
-    let ok = tokio::select! {
-        r = pending.answer => r.unwrap_or(false),
-        () = conn.closing.notified() => return,
-    };
-    shard.tick();
-    if conn.out.phase() != Phase::Open {
-        return;
-    }
-    let _producing = shard.producing(Some(conn.gate.clone()));
-    if ok {
-        let user = pending.grant.user.clone();
-        let _ = conn.grant.set(pending.grant);
-        tracing::debug!(conn = %conn.id, user, "client logged in");
-        send_welcome(shard, conn, pending.features);
-    } else {
-        refuse_login(shard, conn, "unknown user or wrong password", false);
-    }
-    shard.wake_owed();
-    super::io::submit_pending(shard.uring);
 }
 
 fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
@@ -723,11 +631,8 @@ fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
 }
 
 fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
-    if let Some(grant) = conn.grant.get() {
-        if let Some(why) = denied(grant, &frame) {
-            deny(shard, conn, grant, &why);
-            return Ok(());
-        }
+    if !super::login::permitted(shard, conn, &frame) {
+        return Ok(());
     }
     match frame {
         Frame::Publish { group, payload } => {
@@ -772,43 +677,6 @@ fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), 
         }
     }
     Ok(())
-}
-
-/// What of `frame` the grant does not allow, as the start of the
-/// `PERMISSION_DENIED` message (PROTOCOL.md section 9); `None` when it is
-/// allowed (or not a request the permissions cover). Sizes are checked
-/// after: a denied frame is not looked at further.
-fn denied(grant: &Grant, frame: &Frame) -> Option<String> {
-    let p = &grant.perms;
-    match frame {
-        Frame::Publish { group, .. } if !p.publish.matches(group.as_bytes()) => {
-            Some(format!("PUBLISH {group}"))
-        }
-        Frame::Join { group, .. } if !p.join.matches(group.as_bytes()) => {
-            Some(format!("JOIN {group}"))
-        }
-        Frame::Send { to, .. } if !p.send => Some(format!("SEND {to}")),
-        Frame::MembersRequest { req, group } if !p.members => {
-            Some(format!("MEMBERS_REQUEST {req} {group}"))
-        }
-        Frame::StatsRequest { req } if !p.stats => Some(format!("STATS_REQUEST {req}")),
-        _ => None,
-    }
-}
-
-/// Answers a request the user may not make: `ERROR PERMISSION_DENIED`,
-/// counted; the connection stays open.
-fn deny(shard: &Shard, conn: &Conn, grant: &Grant, what: &str) {
-    ShardStats::add(&shard.stats().permission_denials, 1);
-    if crate::logging::PERMISSION_DENIED.allow() {
-        tracing::info!(conn = %conn.id, user = grant.user, "not permitted: {what}");
-    }
-    let message = format!("{what}: not permitted for user {}", grant.user);
-    let frame = Frame::Error {
-        code: ErrorCode::PERMISSION_DENIED,
-        message,
-    };
-    shard.push(conn, frame.to_bytes());
 }
 
 fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {

@@ -12,6 +12,7 @@ pub mod flow;
 pub mod inbox;
 pub mod io;
 pub mod leave;
+mod login;
 pub mod membership;
 pub mod memory;
 pub mod outbound;
