@@ -42,6 +42,9 @@ pub(super) struct PendingLogin {
     features: u32,
 }
 
+/// A client's `HELLO`: welcomed at once without users; otherwise refused
+/// at once, or its password check started (the reader then waits in
+/// [`finish_login`]).
 pub(super) fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Reject> {
     let features = hello.features & crate::protocol::features::ALL;
     if !shard.shared.auth.enabled() {
