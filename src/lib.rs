@@ -17,7 +17,7 @@
 //! | [`config`] | Momentum syntax: lexer, parser with spans and includes, typed settings |
 //! | [`router`] | the shared group table: lock-free reads, per-group locking for changes |
 //! | [`cluster`] | the mesh's rules, sans-IO: admission, link states, the order of a link's membership stream, join barriers, what a lost node leaves behind |
-//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding |
+//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding; `server::auth`: client logins (checked off the shards) and permissions |
 //! | [`monitor`] | the HTTP monitoring endpoint: Prometheus metrics, health, JSON views |
 //! | [`client`] | the async client library |
 //! | [`stats`] | per-shard counters and drops by reason |

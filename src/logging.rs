@@ -28,7 +28,7 @@ pub const BURST: u64 = 10;
 pub const WINDOW: Duration = Duration::from_secs(10);
 
 /// Every limiter, so that [`flush_suppressed`] can report them all.
-static ALL: [&RateLimit; 8] = [
+static ALL: [&RateLimit; 10] = [
     &IDLE_CLOSE,
     &HANDSHAKE_TIMEOUT,
     &BAD_INPUT,
@@ -37,6 +37,8 @@ static ALL: [&RateLimit; 8] = [
     &SOCKET_OPTIONS,
     &ACCEPT_FAILED,
     &PEER_REFUSED,
+    &AUTH_FAILED,
+    &PERMISSION_DENIED,
 ];
 
 /// A client closed for sending nothing within `idle_timeout`.
@@ -58,6 +60,12 @@ pub static SOCKET_OPTIONS: RateLimit =
 pub static ACCEPT_FAILED: RateLimit = RateLimit::new("accept failed", tracing::Level::WARN);
 /// A peer link refused (not in peers, or from the wrong address).
 pub static PEER_REFUSED: RateLimit = RateLimit::new("refused a peer link", tracing::Level::WARN);
+
+/// A client login refused (users configured).
+pub static AUTH_FAILED: RateLimit = RateLimit::new("client login refused", tracing::Level::WARN);
+/// A client request refused by its user's permissions.
+pub static PERMISSION_DENIED: RateLimit =
+    RateLimit::new("request not permitted", tracing::Level::INFO);
 
 /// Lets [`BURST`] messages of one kind through per [`WINDOW`] and counts
 /// the others; the count is logged (at the kind's level) when the next

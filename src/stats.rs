@@ -76,6 +76,16 @@ counters!(
         idle_kills,
         /// Connections closed for bad input.
         protocol_errors,
+        /// Client logins refused (users configured): no, malformed or
+        /// unknown credentials, a wrong password, or rate-limited.
+        auth_failures,
+        /// Of `auth_failures`, those refused without checking the password:
+        /// too many recent failures from the address, or too many logins
+        /// waiting for a check.
+        auth_rate_limited,
+        /// Requests refused by a user's permissions (PERMISSION_DENIED;
+        /// the connection stays open).
+        permission_denials,
         /// Messages dropped: queued to a connection killed as stuck.
         dropped_stuck,
         /// Messages dropped: queued to a connection closed as idle.

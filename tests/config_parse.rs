@@ -224,6 +224,7 @@ fn every_option_set_explicitly() {
              peer_stuck_timeout = 1.5; shard_inbox_bytes = 131072
              monitor = "127.0.0.1:8249"; lame_duck_duration = 4
              cluster_key = "0123456789abcdef-key"
+             users = [ u = [ password = "$argon2id$v=19$m=64,t=1,p=1$G1vvEDzHRqtM9z1KVFKNSA$iW7w0V0rRLqMeu3KRxCvSCRnfscNv6kRjkmSorig0XM" join = "a.*" ] ]
            }
            msgc_client {
              server = "h:1"; bind_address = "::1"; connect_timeout = 3; debug_level = Debug
@@ -265,6 +266,8 @@ fn every_option_set_explicitly() {
     let key = s.cluster_key.as_ref().map(|k| k.expose());
     assert_eq!(key, Some(&b"0123456789abcdef-key"[..]));
     assert!(!format!("{s:?}").contains("0123456789abcdef-key"));
+    assert_eq!(s.users.len(), 1);
+    assert!(s.users[0].permissions.join.matches(b"a.b"));
     let c = &cfg.client;
     assert_eq!(c.server, vec!["h:1".to_string()]);
     assert_eq!(c.bind_address, "::1".parse().ok());

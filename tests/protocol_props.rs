@@ -737,6 +737,18 @@ fn examples() -> Vec<(&'static str, Frame)> {
             Frame::Hello(hello(Role::Client, Some(n("app-7")))),
         ),
         (
+            "hello-client-auth",
+            Frame::Hello(Hello {
+                credentials: msgc::protocol::Credentials {
+                    user: "alice".into(),
+                    password: b"s3cret".to_vec(),
+                }
+                .encode()
+                .expect("valid credentials"),
+                ..hello(Role::Client, Some(n("app-7")))
+            }),
+        ),
+        (
             "hello-client-seq",
             Frame::Hello(Hello {
                 features: features::SEQ,

@@ -45,6 +45,14 @@ struct Cli {
     /// -vv: also info logs; -vvv: debug logs
     #[arg(short, long, action = ArgAction::Count, global = true)]
     verbose: u8,
+    /// User to log in as, for a server with `users` configured
+    /// [env: MSGC_USER]
+    #[arg(long, short = 'u', value_name = "NAME", global = true)]
+    user: Option<String>,
+    /// The user's password; prefer the MSGC_PASSWORD environment variable
+    /// (a command line is visible to other local users) [env: MSGC_PASSWORD]
+    #[arg(long, value_name = "PASSWORD", global = true)]
+    password: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,6 +109,16 @@ enum Command {
     Cluster,
     /// Check that the server answers and print the round-trip time
     Ping,
+    /// Read a password (the first line of standard input) and print its
+    /// argon2id hash, for a user's `password` in msgc_server's `users`
+    HashPassword {
+        /// Argon2 memory cost in KiB [default: 19456]
+        #[arg(long, value_name = "KIB")]
+        memory_kib: Option<u32>,
+        /// Argon2 passes [default: 2]
+        #[arg(long, value_name = "N")]
+        passes: Option<u32>,
+    },
 }
 
 fn parse_secs(text: &str) -> Result<Duration, String> {
@@ -132,6 +150,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::HashPassword { memory_kib, passes } = cli.command {
+        return hash_password(memory_kib, passes);
+    }
     let cfg = client_config(&cli)?;
     init_logging(&cfg, cli.verbose);
     match cli.command {
@@ -153,7 +174,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Stats { full, json } => stats(cfg, full, json).await,
         Command::Cluster => cluster(cfg).await,
         Command::Ping => ping(cfg).await,
+        Command::HashPassword { .. } => unreachable!("handled above"),
     }
+}
+
+/// `msgc hash-password`: the first line of standard input (without its
+/// line end), hashed with argon2id and a random salt, on stdout.
+fn hash_password(memory_kib: Option<u32>, passes: Option<u32>) -> Result<ExitCode> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("msgc: type the password and press Enter (it is echoed)");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password from standard input")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    let mut cost = msgc::server::auth::Cost::default();
+    cost.memory_kib = memory_kib.unwrap_or(cost.memory_kib);
+    cost.passes = passes.unwrap_or(cost.passes);
+    let hash =
+        msgc::server::auth::hash_password(password.as_bytes(), cost).map_err(|e| anyhow!(e))?;
+    println!("{hash}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The config file's `msgc_client` stanza (or the defaults), with
@@ -173,6 +221,16 @@ fn client_config(cli: &Cli) -> Result<ClientConfig> {
         cfg.servers = servers;
     }
     cfg.name = Some("msgc-cli".to_string());
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    cfg.user = cli.user.clone().or_else(|| env("MSGC_USER")).or(cfg.user);
+    cfg.password = cli
+        .password
+        .clone()
+        .or_else(|| env("MSGC_PASSWORD"))
+        .or(cfg.password);
+    if cfg.user.is_some() && cfg.password.is_none() {
+        bail!("--user needs a password: set MSGC_PASSWORD (or --password)");
+    }
     Ok(cfg)
 }
 
@@ -326,6 +384,7 @@ fn report(event: Event, verbose: bool) {
         Event::Reconnected { server, member } => {
             eprintln!("msgc: reconnected to {server} as {member}")
         }
+        Event::Denied { message } => eprintln!("msgc: permission denied: {message}"),
         Event::Membership {
             group,
             subject,
@@ -357,6 +416,21 @@ async fn publish(cfg: ClientConfig, group: &str, message: Option<String>) -> Res
             "not every message was sent: {} not confirmed by the server ({} never written)",
             report.unconfirmed,
             report.unsent
+        );
+    }
+    // A refusal comes before the confirmation of what follows it.
+    let denied: Vec<String> = client
+        .events()
+        .try_iter()
+        .filter_map(|e| match e {
+            Event::Denied { message } => Some(message),
+            _ => None,
+        })
+        .collect();
+    if let Some(first) = denied.first() {
+        bail!(
+            "permission denied: {first} ({} messages refused)",
+            denied.len()
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -23,7 +23,7 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
 /// `Default` is the seed's `msgc_client` defaults. Every duration must be
 /// non-zero, `servers` non-empty and `max_backlog` at least 1
 /// ([`Client::connect`](super::Client::connect) checks).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// Servers as `host:port` (or `[v6]:port`), tried in order on every
     /// (re)connection; the first that completes the handshake wins.
@@ -84,6 +84,38 @@ pub struct ClientConfig {
     ///
     /// [`Event::Gap`]: super::Event::Gap
     pub sequenced: bool,
+    /// User name sent in HELLO's credentials, for a server with `users`
+    /// configured. Default: none (no credentials; a server without users
+    /// ignores them anyway).
+    pub user: Option<String>,
+    /// The user's password (1..=1024 bytes; required with `user`).
+    /// Default: none.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    /// Every field, the password shown only as set or not.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("servers", &self.servers)
+            .field("bind_address", &self.bind_address)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("debug_level", &self.debug_level)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("max_backlog", &self.max_backlog)
+            .field("messages_per_iter", &self.messages_per_iter)
+            .field("reconnect_interval", &self.reconnect_interval)
+            .field("tcpbuf_size", &self.tcpbuf_size)
+            .field("name", &self.name)
+            .field("max_message_size", &self.max_message_size)
+            .field("request_timeout", &self.request_timeout)
+            .field("membership_events", &self.membership_events)
+            .field("sequenced", &self.sequenced)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 impl Default for ClientConfig {
@@ -120,6 +152,8 @@ impl ClientConfig {
             request_timeout: s.connect_timeout,
             membership_events: Events::Batched,
             sequenced: true,
+            user: None,
+            password: None,
         }
     }
 
@@ -158,6 +192,15 @@ impl ClientConfig {
         if let Some((name, _)) = durations.iter().find(|(_, d)| d.is_zero()) {
             return bad(&format!("{name} must be greater than zero"));
         }
+        if let Some(user) = &self.user {
+            let creds = crate::protocol::Credentials {
+                user: user.clone(),
+                password: self.password.clone().unwrap_or_default().into_bytes(),
+            };
+            creds
+                .encode()
+                .map_err(|e| ClientError::InvalidConfig(format!("user `{user}`: {e}")))?;
+        }
         if let Some(name) = &self.name {
             crate::protocol::validate_name(name.as_bytes())
                 .map_err(|e| ClientError::InvalidConfig(format!("name `{name}`: {e}")))?;
@@ -195,6 +238,27 @@ mod tests {
         assert_eq!(c.bind_address, None);
         assert!(c.sequenced);
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn credentials_are_checked_and_the_password_not_printed() {
+        let c = ClientConfig {
+            user: Some("alice".into()),
+            password: Some("s3cret".into()),
+            ..ClientConfig::default()
+        };
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let no_password = ClientConfig {
+            password: None,
+            ..c.clone()
+        };
+        assert!(no_password.validate().is_err());
+        let bad_user = ClientConfig {
+            user: Some("a b".into()),
+            ..c
+        };
+        assert!(bad_user.validate().is_err());
     }
 
     #[test]

@@ -199,6 +199,20 @@ async fn dial(cfg: &ClientConfig, addr: SocketAddr) -> io::Result<TcpStream> {
     TcpSocket::from_std_stream(sock.into()).connect(addr).await
 }
 
+/// The HELLO credentials of `cfg`: empty without a user.
+fn credentials(cfg: &ClientConfig) -> Result<Bytes, ClientError> {
+    let Some(user) = &cfg.user else {
+        return Ok(Bytes::new());
+    };
+    let creds = crate::protocol::Credentials {
+        user: user.clone(),
+        password: cfg.password.clone().unwrap_or_default().into_bytes(),
+    };
+    creds
+        .encode()
+        .map_err(|e| ClientError::InvalidConfig(format!("user `{user}`: {e}")))
+}
+
 /// Sends HELLO and waits for WELCOME.
 async fn handshake(
     cfg: &ClientConfig,
@@ -220,7 +234,7 @@ async fn handshake(
         version: PROTOCOL_VERSION,
         role: Role::Client,
         name,
-        credentials: Bytes::new(),
+        credentials: credentials(cfg)?,
         // A move is offered only with numbered deliveries: they are what
         // tells the two connections' copies of a message apart.
         features: if cfg.sequenced {
@@ -459,6 +473,13 @@ async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
     } = &frame
     {
         forget(ctx, group, subject, *reason);
+    }
+    if let Frame::Error { code, message } = frame {
+        if code == ErrorCode::PERMISSION_DENIED {
+            let event = ctx.shared.on_denied(message);
+            return emit(ctx, event).await;
+        }
+        return Err(End::Server { code, message });
     }
     match ctx.shared.on_frame(frame) {
         Ok(Some(event)) => emit(ctx, event).await,

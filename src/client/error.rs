@@ -62,6 +62,13 @@ pub enum ClientError {
         /// The smaller of the client's and the server's `max_message_size`.
         max: usize,
     },
+    /// The server refused a request by the user's permissions
+    /// (`ERROR PERMISSION_DENIED`); the connection stays up.
+    #[error("permission denied: {message}")]
+    PermissionDenied {
+        /// The server's message: the request, then why.
+        message: String,
+    },
     /// `try_publish` found the outbound queue full.
     #[error("outbound queue is full ({0} frames)")]
     QueueFull(usize),

@@ -110,4 +110,14 @@ pub enum Event {
         /// The new member id the server assigned.
         member: MemberId,
     },
+    /// The server refused a request by the user's permissions (`ERROR
+    /// PERMISSION_DENIED`): a publish or send is dropped, a join, members
+    /// or stats request fails with [`ClientError::PermissionDenied`]
+    /// besides. The connection stays up.
+    ///
+    /// [`ClientError::PermissionDenied`]: super::ClientError::PermissionDenied
+    Denied {
+        /// The server's message: the request (`PUBLISH billing`), then why.
+        message: String,
+    },
 }

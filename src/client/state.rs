@@ -398,6 +398,43 @@ impl Shared {
     }
 
     /// Removes and returns the waiter of request `id`.
+    /// A `PERMISSION_DENIED` from the server: fails the join, members or
+    /// stats request it names (its message starts with the request,
+    /// PROTOCOL.md section 9) and returns the event for the application.
+    pub(crate) fn on_denied(&self, message: String) -> Event {
+        let err = || ClientError::PermissionDenied {
+            message: message.clone(),
+        };
+        let head = message.split(':').next().unwrap_or("");
+        let mut words = head.split(' ');
+        match (words.next(), words.next()) {
+            (Some("JOIN"), Some(group)) => {
+                let acks = GroupName::from_str_checked(group)
+                    .ok()
+                    .and_then(|g| self.lock().joins.remove(&g));
+                for tx in acks.into_iter().flatten() {
+                    let _ = tx.send(Err(err()));
+                }
+            }
+            (Some("MEMBERS_REQUEST" | "STATS_REQUEST"), Some(req)) => {
+                match req.parse::<u64>().ok().and_then(|r| self.take_waiter(r)) {
+                    Some(Waiter::Members { tx, .. }) => {
+                        let _ = tx.send(Err(err()));
+                    }
+                    Some(Waiter::Stats(tx)) => {
+                        let _ = tx.send(Err(err()));
+                    }
+                    Some(Waiter::Pong(tx)) => {
+                        let _ = tx.send(Err(err()));
+                    }
+                    None => {}
+                }
+            }
+            _ => {}
+        }
+        Event::Denied { message }
+    }
+
     pub(crate) fn take_waiter(&self, id: u64) -> Option<Waiter> {
         self.lock().requests.remove(&id)
     }

@@ -131,6 +131,10 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("shards", set_shards),
     opt("stuck_timeout", |s, v| set_secs(&mut s.stuck_timeout, v)),
     opt("tcpbuf_size", |s, v| set(&mut s.tcpbuf_size, tcpbuf(v))),
+    opt("users", |s, v| {
+        s.users = super::users::parse_users(v).map_err(Problems)?;
+        Ok(())
+    }),
 ];
 
 /// `msgc_client` options, sorted.

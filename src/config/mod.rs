@@ -51,6 +51,7 @@ mod settings;
 mod source;
 mod syntax;
 mod types;
+mod users;
 mod values;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,6 +71,7 @@ pub use types::{
     join_host_port, split_host_port, ClusterKey, DebugLevel, IoBackend, ListenAddr, Peer,
     MIN_CLUSTER_KEY,
 };
+pub use users::{Patterns, Permissions, User, MAX_PATTERNS};
 
 use source::{FsLoader, Loader, NoIncludes, Problem, Sources};
 use syntax::{parse_document, Document};

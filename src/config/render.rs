@@ -114,7 +114,36 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
         ),
         ("stuck_timeout", secs(s.stuck_timeout)),
         ("tcpbuf_size", s.tcpbuf_size.to_string()),
+        ("users", users(&s.users)),
     ]
+}
+
+/// `users = [ … ]`, each user's fields on the same line.
+fn users(users: &[super::User]) -> String {
+    if users.is_empty() {
+        return "[ ]".to_string();
+    }
+    let list = |p: &super::Patterns| {
+        let q: Vec<String> = p.written().iter().map(|s| quote(s)).collect();
+        format!("( {} )", q.join(" "))
+    };
+    let entries: Vec<String> = users
+        .iter()
+        .map(|u| {
+            let p = &u.permissions;
+            format!(
+                "{} = [ password = {} join = {} publish = {} members = {} send = {} stats = {} ]",
+                key(&u.name),
+                quote(&u.password),
+                list(&p.join),
+                list(&p.publish),
+                p.members,
+                p.send,
+                p.stats
+            )
+        })
+        .collect();
+    format!("[ {} ]", entries.join(" "))
 }
 
 /// `msgc_client` options in table order (sorted).

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use super::types::{ClusterKey, DebugLevel, IoBackend, ListenAddr, Peer};
+use super::users::User;
 
 /// The seed's port for msgc traffic (`msgc_server.port`, `listen ":4809"`).
 pub const DEFAULT_PORT: u16 = 4809;
@@ -129,6 +130,10 @@ pub struct ServerSettings {
     /// (our extension); otherwise
     /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
     pub tcpbuf_size: usize,
+    /// Client users (`users = [ name = [ password = "…" … ] ]`). Default:
+    /// none, and then every client is served without credentials, as
+    /// before. Names are unique. With users, a client must log in.
+    pub users: Vec<User>,
 }
 
 impl Default for ServerSettings {
@@ -160,6 +165,7 @@ impl Default for ServerSettings {
             shards: None,
             stuck_timeout: Duration::from_millis(200),
             tcpbuf_size: 131_072,
+            users: Vec::new(),
         }
     }
 }

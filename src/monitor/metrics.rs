@@ -218,6 +218,27 @@ fn shard_counts(f: &mut Families, i: usize, c: &Counts) {
         "Peer handshakes refused because the peer did not prove the cluster key.",
         c.peer_auth_failures,
     );
+    per(
+        f,
+        "auth_failures",
+        None,
+        "Client logins refused (no, malformed or unknown credentials, a wrong password, or rate-limited).",
+        c.auth_failures,
+    );
+    per(
+        f,
+        "auth_rate_limited",
+        None,
+        "Client logins refused without checking the password (too many failures from the address, or too many waiting).",
+        c.auth_rate_limited,
+    );
+    per(
+        f,
+        "permission_denials",
+        None,
+        "Requests refused by the user's permissions (the connection stays open).",
+        c.permission_denials,
+    );
     let closed = "Connections the server closed, by reason.";
     for (reason, v) in [
         ("stuck", c.stuck_kills),

@@ -143,6 +143,13 @@ impl ErrorCode {
     pub const UNEXPECTED: Self = Self(12);
     /// A payload larger than `max_message_size`.
     pub const MESSAGE_TOO_LARGE: Self = Self(13);
+    /// A request the client's user may not make (join, publish, send,
+    /// members, stats). A policy answer: the connection stays open.
+    pub const PERMISSION_DENIED: Self = Self(14);
+    /// Users are configured and the `HELLO` carried no valid credentials
+    /// (missing, malformed, unknown user, wrong password, or too many
+    /// failures from the client's address).
+    pub const AUTH_FAILED: Self = Self(15);
 
     /// A short lower-case name for logs and counters.
     pub fn name(self) -> &'static str {
@@ -160,6 +167,8 @@ impl ErrorCode {
             11 => "duplicate_link",
             12 => "unexpected",
             13 => "message_too_large",
+            14 => "permission_denied",
+            15 => "auth_failed",
             _ => "unknown",
         }
     }
@@ -256,7 +265,9 @@ pub struct Hello {
     pub role: Role,
     /// Peer: its node name (required). Client: a name for logs (may be absent).
     pub name: Option<NodeName>,
-    /// Opaque credentials, empty when none; reserved for authentication.
+    /// Credentials, empty when none: a client's user and password
+    /// ([`Credentials`](super::Credentials)), checked when the server has
+    /// users.
     pub credentials: Bytes,
     /// Optional tail: the [`features`] the sender asks for or speaks (0
     /// when the tail is absent).

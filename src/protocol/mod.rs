@@ -5,6 +5,7 @@
 //! PROTOCOL.md at the repository root is the byte-exact specification.
 
 pub mod codec;
+pub mod credentials;
 pub mod frame;
 pub mod names;
 
@@ -13,6 +14,7 @@ pub use codec::{
     encode_membership_batch, encode_publish, group_message_parts, group_of, is_message_frame,
     peek_len, peek_publish, DecodeError, GroupMessage, FRAME_OVERHEAD, LEN_PREFIX,
 };
+pub use credentials::{Credentials, CredentialsError};
 pub use frame::{
     features, snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason,
     Role, SnapshotEntry, Welcome, AUTH_LEN, MAGIC, PROTOCOL_VERSION,

@@ -5,6 +5,7 @@
 //! Timeouts and kills close the socket with `shutdown`, which ends both.
 //! Peer links share this machinery; their frames go to `cluster`.
 
+use super::auth::Grant;
 use super::flow::{Budget, Gate};
 use super::io::{AnyStream, Stream};
 use super::outbound::{write_loop, Outbound, Phase, Written};
@@ -12,12 +13,12 @@ use super::shard::{Kill, Shard};
 use super::Live;
 use crate::protocol::{
     decode, list_budget, max_frame_for, peek_publish, split_by_size, ErrorCode, Frame, GroupName,
-    Hello, MemberId, Reason, Role, Welcome, PROTOCOL_VERSION,
+    MemberId, Reason, Role, PROTOCOL_VERSION,
 };
 use crate::router::Group;
 use crate::stats::ShardStats;
 use bytes::{Buf, BytesMut};
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -84,6 +85,12 @@ pub struct Conn {
     pub pub_seqs: super::seqs::PubSeqs,
     /// A peer handshake under way (cluster key): see `peers::auth`.
     pub peer_auth: RefCell<Option<crate::server::peers::auth::PeerAuth>>,
+    /// What the client's user may do: set at login when users are
+    /// configured, never otherwise (then everything is allowed).
+    pub grant: OnceCell<Arc<Grant>>,
+    /// A login whose password is being checked (see `auth`); the reader
+    /// handles nothing more until it is answered.
+    pub(super) login: RefCell<Option<super::login::PendingLogin>>,
     /// When the connection opened (for the handshake deadline).
     opened: Instant,
     /// Bytes read from the socket (for the monitoring endpoint; a plain
@@ -132,6 +139,8 @@ impl Conn {
             peer_max: Cell::new(0),
             pub_seqs: Default::default(),
             peer_auth: RefCell::new(None),
+            grant: OnceCell::new(),
+            login: RefCell::new(None),
             pending_acks: Default::default(),
             opened: now,
             bytes_in: Cell::new(0),
@@ -145,6 +154,11 @@ impl Conn {
             closing: tokio::sync::Notify::new(),
             shutdown,
         }
+    }
+
+    /// Returns once the connection starts closing (wakes one waiter).
+    pub(super) async fn closing(&self) {
+        self.closing.notified().await;
     }
 
     /// When the connection opened.
@@ -455,6 +469,7 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
         match decoded {
             Decoded::Done => return,
             Decoded::Yield => tokio::task::yield_now().await,
+            Decoded::Login => super::login::finish_login(shard, conn).await,
             Decoded::Wait => {
                 ShardStats::add(&shard.stats().producer_waits, 1);
                 conn.held_input.set(!buf.is_empty());
@@ -479,6 +494,8 @@ enum Decoded {
     Yield,
     /// The connection's gate closed: wait before handling more.
     Wait,
+    /// A login is being checked: wait for its answer.
+    Login,
 }
 
 /// Handles frames from `buf` until one of [`Decoded`] happens; all that
@@ -516,6 +533,9 @@ fn decode_some(
                     buf.clear();
                     return Decoded::Done;
                 }
+                if conn.login.borrow().is_some() {
+                    return Decoded::Login;
+                }
             }
             Ok(None) => return Decoded::Done,
             Err(e) => {
@@ -550,6 +570,11 @@ fn publish_in_place(
     let (len, group, payload) = peek_publish(buf, max_frame)?;
     if payload.len() > max_payload {
         return None;
+    }
+    if let Some(g) = conn.grant.get() {
+        if !g.perms.publish.matches(group) {
+            return None; // the general path answers PERMISSION_DENIED
+        }
     }
     shard.publish(conn, group, payload);
     Some(len)
@@ -597,28 +622,9 @@ fn handshake(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Rej
         return Ok(());
     }
     match hello.role {
-        Role::Client => welcome_client(shard, conn, &hello),
+        Role::Client => super::login::welcome_client(shard, conn, &hello),
         Role::Peer => crate::server::peers::accept_peer(shard, conn, &hello),
     }
-}
-
-fn welcome_client(shard: &Shard, conn: &Conn, hello: &Hello) -> Result<(), Reject> {
-    conn.role.set(ConnRole::Client);
-    let live = shard.live.get();
-    let welcome = Welcome {
-        version: PROTOCOL_VERSION,
-        node: shard.shared.node.clone(),
-        member: Some(conn.id.clone()),
-        max_message_size: u32::try_from(live.max_message_size).unwrap_or(u32::MAX),
-        idle_timeout_ms: u32::try_from(live.idle_timeout.as_millis()).unwrap_or(u32::MAX),
-        features: hello.features & crate::protocol::features::ALL,
-    };
-    conn.features
-        .set(hello.features & crate::protocol::features::ALL);
-    let name = hello.name.as_ref().map_or("-", |n| n.as_str());
-    tracing::debug!(conn = %conn.id, peer = %conn.addr, name, "client joined the bus");
-    shard.push(conn, Frame::Welcome(welcome).to_bytes());
-    Ok(())
 }
 
 fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
@@ -633,6 +639,9 @@ fn check_size(shard: &Shard, len: usize) -> Result<(), Reject> {
 }
 
 fn client_frame(shard: &Rc<Shard>, conn: &Rc<Conn>, frame: Frame) -> Result<(), Reject> {
+    if !super::login::permitted(shard, conn, &frame) {
+        return Ok(());
+    }
     match frame {
         Frame::Publish { group, payload } => {
             check_size(shard, payload.len())?;

@@ -6,11 +6,13 @@
 //! epoll backend) pinned to a core where possible, and returns a handle
 //! that reloads settings and shuts the server down.
 
+pub mod auth;
 pub mod conn;
 pub mod flow;
 pub mod inbox;
 pub mod io;
 pub mod leave;
+mod login;
 pub mod membership;
 pub mod memory;
 pub mod outbound;
@@ -211,6 +213,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
+            auth: auth::Auth::new(&s.users),
         });
         let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
@@ -258,7 +261,7 @@ impl Server {
 
     /// Applies a re-read configuration without a restart: timeouts,
     /// keepalive, backlog, messages_per_iter, buffer size for new sockets,
-    /// max_message_size and peers. `debug_level` is the binary's to apply.
+    /// max_message_size, peers and users (for logins from now on). `debug_level` is the binary's to apply.
     ///
     /// # Errors
     /// [`Error::NeedsRestart`] when node, shards, io_backend, the listen
@@ -293,6 +296,7 @@ impl Server {
         }
         crate::server::peers::reconfigure(&self.shared, s);
         self.resolver.wake();
+        self.shared.auth.set_users(&s.users);
         Ok(())
     }
 

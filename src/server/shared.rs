@@ -280,6 +280,8 @@ pub struct Shared {
     pub live: Mutex<Live>,
     /// The cluster's shared state.
     pub cluster: crate::cluster::Mesh,
+    /// Client users and logins (`users`; off when none are configured).
+    pub auth: super::auth::Auth,
 }
 
 impl Shared {

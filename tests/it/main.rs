@@ -1,5 +1,6 @@
 //! The integration suite: real servers on loopback, real clients.
 
+mod access;
 mod auth;
 mod cli;
 mod client;

@@ -729,14 +729,14 @@ async fn idle_timeout_and_keepalive_epoll() {
 
 /// One kind of bad input: what is sent (after a handshake or not) and the
 /// error code it must get.
-struct Case {
-    what: &'static str,
-    handshake: bool,
-    bytes: Vec<u8>,
-    code: ErrorCode,
+pub(crate) struct Case {
+    pub(crate) what: &'static str,
+    pub(crate) handshake: bool,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) code: ErrorCode,
 }
 
-fn bad_inputs(max_message_size: usize) -> Vec<Case> {
+pub(crate) fn bad_inputs(max_message_size: usize) -> Vec<Case> {
     let max_frame = max_message_size + FRAME_OVERHEAD;
     let case = |what, handshake, bytes, code| Case {
         what,

@@ -449,6 +449,13 @@ impl NodeProc {
         Self::start(config, "solo", addr)
     }
 
+    /// [`NodeProc::solo`] on a port the caller chose.
+    pub fn solo_on(dir: &TempDir, ip: &str, port: u16, extra: &str) -> Self {
+        let addr: SocketAddr = format!("{ip}:{port}").parse().expect("address");
+        let config = dir.write("solo.conf", &solo_text(addr, extra));
+        Self::start(config, "solo", addr)
+    }
+
     /// Rewrites a [`NodeProc::solo`] node's config with `extra` and tells
     /// it to re-read it (SIGHUP).
     pub fn reconfigure_solo(&self, extra: &str) {

@@ -1,0 +1,401 @@
+//! Client logins when `users` is configured: the user table, the password
+//! check off the shards, and the per-address limit on failed logins.
+//!
+//! A client's `HELLO` credentials are read on its shard; the argon2 check
+//! (tens of milliseconds by design) runs on a small pool of helper threads
+//! and its answer comes back through a oneshot channel that the
+//! connection's reader awaits, so a shard never hashes. What a logged-in
+//! user may do is its [`Grant`], held by its connection and matched on the
+//! shard without hashing or allocating. Without users none of this runs:
+//! no threads are started and connections carry no grant.
+//!
+//! Does not own the connection's handshake (that is `conn`) or the config
+//! syntax (`config::users`).
+
+use crate::config::{Permissions, User};
+use crate::protocol::Credentials;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// Failed logins an address may make in a burst before it is refused
+/// without a check.
+pub const FAILURE_BURST: f64 = 5.0;
+/// Failed logins an address regains per second.
+pub const FAILURE_REFILL_PER_SEC: f64 = 0.5;
+/// Addresses the limiter remembers at most.
+pub const LIMITER_ADDRS: usize = 10_000;
+/// Password checks waiting for a helper thread at most; past it, logins
+/// are refused at once (counted as rate-limited).
+pub const VERIFY_QUEUE: usize = 64;
+/// Helper threads checking passwords.
+pub const VERIFY_THREADS: usize = 2;
+
+/// What a logged-in client may do, and as whom.
+#[derive(Debug)]
+pub struct Grant {
+    /// The user name.
+    pub user: String,
+    /// Its permissions, as configured when it logged in.
+    pub perms: Permissions,
+}
+
+/// One configured user: its hash and what a login grants.
+struct Entry {
+    hash: String,
+    grant: Arc<Grant>,
+}
+
+/// The users of one configuration.
+struct Table {
+    users: HashMap<String, Entry>,
+    /// A hash checked for unknown users, so that an unknown name costs
+    /// what a wrong password does (the result is ignored).
+    decoy: String,
+}
+
+/// The server's login state, shared by every shard.
+pub struct Auth {
+    /// `None` when no users are configured (everyone is served).
+    table: Mutex<Option<Arc<Table>>>,
+    /// `table` is `Some`: read without the lock on every HELLO.
+    enabled: AtomicBool,
+    limiter: Mutex<Limiter>,
+    pool: OnceLock<flume::Sender<Job>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth")
+            .field("enabled", &self.enabled())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A password check for a helper thread.
+struct Job {
+    hash: String,
+    password: Vec<u8>,
+    known: bool,
+    reply: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// How a login began.
+pub enum Login {
+    /// No users are configured (a reload removed them): serve the client.
+    Open,
+    /// Refused at once: why, and whether it was the limiter's doing.
+    Refused {
+        /// For the `ERROR` message and the log.
+        why: String,
+        /// Refused without checking the password.
+        rate_limited: bool,
+    },
+    /// The password is being checked: `true` comes back when it matches.
+    Pending {
+        /// The helper thread's answer.
+        answer: tokio::sync::oneshot::Receiver<bool>,
+        /// Granted when the answer is `true`.
+        grant: Arc<Grant>,
+    },
+}
+
+impl Auth {
+    /// The login state for `users` (none: no authentication).
+    pub fn new(users: &[User]) -> Auth {
+        Auth {
+            table: Mutex::new(table(users)),
+            enabled: AtomicBool::new(!users.is_empty()),
+            limiter: Mutex::new(Limiter::default()),
+            pool: OnceLock::new(),
+        }
+    }
+
+    /// Replaces the users (a reload): logins from now on use them;
+    /// connections already logged in keep their grant.
+    pub fn set_users(&self, users: &[User]) {
+        let mut slot = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = table(users);
+        self.enabled.store(slot.is_some(), Ordering::Release);
+    }
+
+    /// True when users are configured (clients must log in).
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Starts a login from `ip` with a `HELLO`'s credentials field
+    /// ([`Login::Open`] when no users are configured).
+    pub fn begin(&self, ip: IpAddr, credentials: &[u8], now: Instant) -> Login {
+        let refused = |why: String| Login::Refused {
+            why,
+            rate_limited: false,
+        };
+        let Some(table) = self.table.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Login::Open;
+        };
+        if !self.limiter().allowed(ip, now) {
+            return Login::Refused {
+                why: "too many failed logins from this address; try again later".into(),
+                rate_limited: true,
+            };
+        }
+        let creds = match Credentials::decode(credentials) {
+            Ok(Some(c)) => c,
+            Ok(None) => return refused("this server requires a user and password".into()),
+            Err(e) => return refused(format!("bad credentials: {e}")),
+        };
+        let (hash, known, grant) = match table.users.get(&creds.user) {
+            Some(e) => (e.hash.clone(), true, e.grant.clone()),
+            None => {
+                let nobody = Arc::new(Grant {
+                    user: creds.user.clone(),
+                    perms: Permissions::default(),
+                });
+                (table.decoy.clone(), false, nobody)
+            }
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            hash,
+            password: creds.password,
+            known,
+            reply,
+        };
+        if self.pool().try_send(job).is_err() {
+            return Login::Refused {
+                why: "too many logins waiting; try again later".into(),
+                rate_limited: true,
+            };
+        }
+        Login::Pending { answer, grant }
+    }
+
+    /// Records a failed login from `ip` (a wrong password, an unknown user,
+    /// bad or missing credentials).
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        self.limiter().failed(ip, now);
+    }
+
+    fn limiter(&self) -> std::sync::MutexGuard<'_, Limiter> {
+        self.limiter.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The helper threads' queue, started at the first login.
+    fn pool(&self) -> &flume::Sender<Job> {
+        self.pool.get_or_init(|| {
+            let (tx, rx) = flume::bounded::<Job>(VERIFY_QUEUE);
+            for i in 0..VERIFY_THREADS {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("msgc-auth-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            let ok = verify(&job.hash, &job.password) && job.known;
+                            let _ = job.reply.send(ok);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start a password-checking thread");
+                }
+            }
+            tx
+        })
+    }
+}
+
+fn table(users: &[User]) -> Option<Arc<Table>> {
+    let first = users.first()?;
+    let users = users
+        .iter()
+        .map(|u| {
+            let grant = Arc::new(Grant {
+                user: u.name.clone(),
+                perms: u.permissions.clone(),
+            });
+            let entry = Entry {
+                hash: u.password.clone(),
+                grant,
+            };
+            (u.name.clone(), entry)
+        })
+        .collect();
+    Some(Arc::new(Table {
+        users,
+        decoy: first.password.clone(),
+    }))
+}
+
+/// Whether `password` matches the argon2 PHC string `hash` (false for a
+/// hash that does not parse).
+pub fn verify(hash: &str, password: &[u8]) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    match PasswordHash::new(hash) {
+        Ok(parsed) => argon2::Argon2::default()
+            .verify_password(password, &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Argon2id cost: memory in KiB, passes, lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    /// Memory, KiB.
+    pub memory_kib: u32,
+    /// Passes over the memory.
+    pub passes: u32,
+    /// Lanes.
+    pub lanes: u32,
+}
+
+impl Default for Cost {
+    /// The argon2 crate's defaults (OWASP's minimum: 19 MiB, 2 passes, 1
+    /// lane).
+    fn default() -> Self {
+        let p = argon2::Params::default();
+        Cost {
+            memory_kib: p.m_cost(),
+            passes: p.t_cost(),
+            lanes: p.p_cost(),
+        }
+    }
+}
+
+/// An argon2id PHC string for `password`, with a random salt.
+///
+/// # Errors
+/// The cost is out of argon2's ranges, or no randomness could be read.
+pub fn hash_password(password: &[u8], cost: Cost) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(cost.memory_kib, cost.passes, cost.lanes, None)
+        .map_err(|e| format!("bad argon2 cost: {e}"))?;
+    let mut salt = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?,
+        &mut salt,
+    )
+    .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    argon
+        .hash_password(password, &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Failed logins per source address: a token bucket each, bounded in
+/// addresses. Sans-IO: the caller passes the time.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn refilled(self, now: Instant) -> Bucket {
+        let secs = now.saturating_duration_since(self.at).as_secs_f64();
+        Bucket {
+            tokens: (self.tokens + secs * FAILURE_REFILL_PER_SEC).min(FAILURE_BURST),
+            at: now,
+        }
+    }
+}
+
+impl Limiter {
+    /// Whether `ip` may try a login now (it has failures left).
+    pub fn allowed(&mut self, ip: IpAddr, now: Instant) -> bool {
+        match self.buckets.get_mut(&ip) {
+            None => true,
+            Some(b) => {
+                *b = b.refilled(now);
+                b.tokens >= 1.0
+            }
+        }
+    }
+
+    /// Records a failure from `ip`.
+    pub fn failed(&mut self, ip: IpAddr, now: Instant) {
+        let full = Bucket {
+            tokens: FAILURE_BURST,
+            at: now,
+        };
+        let b = self.buckets.entry(ip).or_insert(full);
+        *b = b.refilled(now);
+        b.tokens = (b.tokens - 1.0).max(0.0);
+        if self.buckets.len() > LIMITER_ADDRS {
+            // Forget the addresses that have all their failures back, then,
+            // if that is not enough, everyone: the bound wins.
+            self.buckets
+                .retain(|_, b| b.refilled(now).tokens < FAILURE_BURST);
+            if self.buckets.len() > LIMITER_ADDRS {
+                self.buckets.clear();
+            }
+        }
+    }
+
+    /// Addresses remembered.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// True when no address is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    #[test]
+    fn limiter_allows_a_burst_then_refills() {
+        let mut l = Limiter::default();
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            assert!(l.allowed(ip, t0));
+            l.failed(ip, t0);
+        }
+        assert!(!l.allowed(ip, t0));
+        assert!(l.allowed(other, t0));
+        assert!(!l.allowed(ip, t0 + Duration::from_secs(1)));
+        assert!(l.allowed(ip, t0 + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn limiter_stays_bounded() {
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        for i in 0..(LIMITER_ADDRS as u32 + 10) {
+            l.failed(IpAddr::V4(Ipv4Addr::from(i)), t0);
+            assert!(l.len() <= LIMITER_ADDRS);
+        }
+    }
+
+    #[test]
+    fn hash_and_verify() {
+        let cheap = Cost {
+            memory_kib: 64,
+            passes: 1,
+            lanes: 1,
+        };
+        let h = hash_password(b"s3cret", cheap).expect("hash");
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify(&h, b"s3cret"));
+        assert!(!verify(&h, b"wrong"));
+        assert!(!verify("not a hash", b"s3cret"));
+        assert_ne!(h, hash_password(b"s3cret", cheap).expect("hash"), "salted");
+    }
+}
