@@ -189,6 +189,14 @@ impl Shared {
 
     /// A move failed before the handover: the old connection is ours again.
     pub(crate) fn move_failed(&self, (server, member): (ServerInfo, MemberId)) {
+        let mut st = self.adopt(server, member);
+        st.previous = None;
+        st.joins.clear();
+    }
+
+    /// Makes `server` (as member `member`) the connection in use: its
+    /// payload limit applies from now on. Returns the locked state.
+    fn adopt(&self, server: ServerInfo, member: MemberId) -> MutexGuard<'_, State> {
         let limit = self
             .cfg
             .max_message_size
@@ -197,8 +205,7 @@ impl Shared {
         let mut st = self.lock();
         st.member = member;
         st.server = server;
-        st.previous = None;
-        st.joins.clear();
+        st
     }
 
     /// Locks the state. A panic while it was held cannot leave it
@@ -257,15 +264,8 @@ impl Shared {
         server: ServerInfo,
         member: MemberId,
     ) -> Vec<(GroupName, oneshot::Receiver<Result<(), ClientError>>)> {
-        let limit = self
-            .cfg
-            .max_message_size
-            .min(server.max_message_size as usize);
-        self.send_limit.store(limit, Ordering::Relaxed);
-        let mut st = self.lock();
+        let mut st = self.adopt(server, member);
         st.connected = true;
-        st.member = member;
-        st.server = server;
         let groups: Vec<GroupName> = st.joined.iter().cloned().collect();
         groups
             .into_iter()
