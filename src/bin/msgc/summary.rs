@@ -39,6 +39,9 @@ pub fn node(stats: &Value) -> String {
         num(&t["deliveries"])
     );
     let _ = writeln!(out, "drops        {}", drops(stats));
+    if let Some(line) = refused(t) {
+        let _ = writeln!(out, "refused      {line}");
+    }
     out.push_str("(`msgc stats --full` for every counter, `--json` for the document)\n");
     out
 }
@@ -104,9 +107,13 @@ impl Links {
             .iter()
             .filter(|p| p["state"].as_str() != Some("up"))
             .map(|p| {
+                let mut state = text(&p["state"]);
+                if let Some(e) = p["address_error"].as_str() {
+                    let _ = write!(state, " (address: {e})");
+                }
                 (
                     text(&p["name"]),
-                    text(&p["state"]),
+                    state,
                     p["since_secs"].as_f64(),
                     num(&p["reconnects"]),
                 )
@@ -162,6 +169,34 @@ impl Links {
             let _ = write!(out, " and {} more", self.not_up.len() - MAX_LISTED);
         }
     }
+}
+
+/// What the server refused, when it refused anything: client logins (some
+/// without a password check: rate-limited), requests a user may not make,
+/// peers that did not prove the cluster key.
+fn refused(t: &Value) -> Option<String> {
+    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+    let mut parts = Vec::new();
+    if n("auth_failures") > 0 {
+        let mut s = format!("{} logins", n("auth_failures"));
+        if n("auth_rate_limited") > 0 {
+            let _ = write!(s, " ({} rate-limited)", n("auth_rate_limited"));
+        }
+        parts.push(s);
+    }
+    if n("permission_denials") > 0 {
+        parts.push(format!(
+            "{} requests denied by permissions",
+            n("permission_denials")
+        ));
+    }
+    if n("peer_auth_failures") > 0 {
+        parts.push(format!(
+            "{} peer handshakes without the cluster key",
+            n("peer_auth_failures")
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// `N` or `N: reason n, reason m` for the reasons that are not zero.
@@ -277,6 +312,26 @@ mod tests {
         assert!(out.lines().count() <= 8, "{out}");
         // Nothing the document lacks makes it fail.
         assert!(node(&serde_json::json!({})).contains("links        none (no peers)"));
+    }
+
+    #[test]
+    fn refusals_and_unresolved_addresses_are_shown_when_there_are_any() {
+        let mut d = doc("n", &["up", "down"]);
+        assert!(!node(&d).contains("refused"), "nothing refused: no line");
+        d["totals"]["auth_failures"] = 7.into();
+        d["totals"]["auth_rate_limited"] = 2.into();
+        d["totals"]["permission_denials"] = 3.into();
+        d["totals"]["peer_auth_failures"] = 1.into();
+        d["peers"][1]["address_error"] = "no such host".into();
+        let out = node(&d);
+        assert!(
+            out.contains(
+                "refused      7 logins (2 rate-limited), 3 requests denied by permissions, \
+                 1 peer handshakes without the cluster key\n"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("down (address: no such host)"), "{out}");
     }
 
     #[test]
