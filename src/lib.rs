@@ -63,3 +63,4 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod stats;
+pub mod tls;

@@ -301,7 +301,38 @@ pub fn spawn(shard: Rc<Shard>, stream: AnyStream, addr: SocketAddr) {
             tracing::warn!(error = %e, peer = %addr, "could not set socket options");
         }
     }
-    spawn_with(shard, stream, addr, |_, _| {});
+    match shard.shared.tls.clone() {
+        Some(config) => spawn_tls(shard, stream, addr, config),
+        None => spawn_with(shard, stream, addr, |_, _| {}),
+    }
+}
+
+/// Serves an accepted connection through TLS (the handshake happens on its
+/// first reads, under the usual handshake timeout).
+fn spawn_tls(
+    shard: Rc<Shard>,
+    stream: AnyStream,
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ServerConfig>,
+) {
+    let tls = match rustls::ServerConnection::new(config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!(error = %e, peer = %addr, "cannot start a TLS session; closing");
+            return;
+        }
+    };
+    let setup = |_: &Rc<Shard>, _: &Rc<Conn>| {};
+    match stream {
+        AnyStream::Uring(s) => {
+            let s = super::tls::TlsStream::new(s, tls);
+            tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
+        }
+        AnyStream::Epoll(s) => {
+            let s = super::tls::TlsStream::new(s, tls);
+            tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
+        }
+    }
 }
 
 /// Starts serving `stream`; `setup` runs once the connection is registered

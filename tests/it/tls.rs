@@ -1,0 +1,305 @@
+//! TLS (issue 11, item 3): clients over TLS on both backends, refusals
+//! (a client trusting another CA, client certificates when
+//! `tls_client_auth` is on), a plain client to a TLS listener, and the
+//! config checks. Certificates are made here with rcgen.
+
+use crate::util::{free_port, next_event, uring_here, NodeProc, Raw, TempDir, WAIT};
+use msgc::client::{Client, ClientConfig, Event};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A certificate authority that signs leaf certificates into a directory.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The CA certificate's PEM file.
+    pem: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &TempDir, name: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let pem = dir.write(&format!("{name}.pem"), &cert.pem());
+        Ca { cert, key, pem }
+    }
+
+    /// A leaf certificate for `names` (IP addresses or DNS names), usable
+    /// by servers and clients: (certificate file, key file).
+    fn leaf(&self, dir: &TempDir, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signed leaf");
+        (
+            dir.write(&format!("{file}.crt"), &cert.pem()),
+            dir.write(&format!("{file}.key"), &key.serialize_pem()),
+        )
+    }
+}
+
+/// `msgc_server` lines for TLS with these files.
+fn tls_lines(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls_certificate = \"{}\"\n  tls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// A one-node TLS server on `ip` with its CA; `extra` inside `msgc_server`.
+fn tls_server(dir: &TempDir, ip: &str, extra: &str) -> (NodeProc, Ca) {
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.leaf(dir, "server", &[ip]);
+    let port = free_port(&[ip]);
+    let extra = format!("{}\n  {extra}", tls_lines(&cert, &key));
+    (NodeProc::solo_on(dir, ip, port, &extra), ca)
+}
+
+fn tls_client_config(addr: SocketAddr, ca: &Ca) -> ClientConfig {
+    ClientConfig {
+        tls_ca: Some(ca.pem.display().to_string()),
+        ..ClientConfig::with_servers([addr.to_string()])
+    }
+}
+
+/// The error of a connection attempt that must fail.
+async fn refused(cfg: ClientConfig) -> String {
+    match Client::connect(cfg).await {
+        Ok(_) => panic!("a client that should be refused got in"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The next message's payload (membership events skipped).
+async fn next_message(events: &flume::Receiver<Event>) -> Vec<u8> {
+    next_event(events, WAIT, |e| match e {
+        Event::Message { payload, .. } => Some(payload.to_vec()),
+        Event::Disconnected { .. } => panic!("the TLS connection was dropped"),
+        _ => None,
+    })
+    .await
+}
+
+/// Publishes `n` messages of varied sizes (some larger than a TLS record)
+/// from one TLS client to another and checks they arrive whole, in order.
+async fn publishes_and_receives_in_order(ip: &str, backend: &str) {
+    let dir = TempDir::new("tls-order");
+    let extra = format!("io_backend = {backend}");
+    let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, ip, &extra));
+    let sub = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("subscriber connects over TLS");
+    sub.join("tls.order").await.expect("join");
+    let events = sub.events();
+    let publisher = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("publisher connects over TLS");
+    let payload = |i: usize| {
+        let len = if i % 50 == 0 { 40_000 } else { 10 + i % 300 };
+        let mut p = format!("{i}:").into_bytes();
+        p.resize(len, b'a' + (i % 26) as u8);
+        p
+    };
+    const N: usize = 2_000;
+    for i in 0..N {
+        publisher
+            .publish("tls.order", payload(i))
+            .await
+            .expect("publish");
+    }
+    for i in 0..N {
+        assert_eq!(next_message(&events).await, payload(i), "message {i}");
+    }
+    let report = publisher.close().await;
+    assert!(report.flushed, "{report:?}");
+    let _ = sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_tls_publishes_and_receives_in_order_on_epoll() {
+    publishes_and_receives_in_order("127.0.0.81", "epoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_tls_publishes_and_receives_in_order_on_io_uring() {
+    if !uring_here() {
+        return;
+    }
+    publishes_and_receives_in_order("127.0.0.82", "uring").await;
+}
+
+/// A plain client gets a clear error; a raw plain HELLO is closed; a TLS
+/// subscriber already there keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_to_a_tls_listener_fails_clearly_and_nothing_else_is_affected() {
+    let dir = TempDir::new("tls-plain");
+    let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.83", ""));
+    let sub = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("TLS subscriber");
+    sub.join("tls.plain").await.expect("join");
+    let events = sub.events();
+
+    let err = refused(ClientConfig::with_servers([node.addr.to_string()])).await;
+    assert!(err.contains("speaks TLS"), "{err}");
+    tokio::task::block_in_place(|| {
+        let mut raw = Raw::connect(node.addr);
+        raw.send_bytes(&[0, 0, 0, 1, 3]); // a plain NOOP frame
+        assert!(raw.closed(), "plain frames to a TLS listener are closed");
+    });
+
+    let publisher = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("TLS publisher");
+    publisher
+        .publish("tls.plain", "still here")
+        .await
+        .expect("publish");
+    assert_eq!(next_message(&events).await, b"still here");
+    let _ = publisher.close().await;
+    let _ = sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trusting_another_ca_is_refused() {
+    let dir = TempDir::new("tls-other-ca");
+    let (node, _ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.84", ""));
+    let other = Ca::new(&dir, "other-ca");
+    let err = refused(tls_client_config(node.addr, &other)).await;
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+/// With `tls_client_auth = true`: no certificate, or one from another CA,
+/// is refused; one from `tls_ca` gets in and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_auth_only_certificates_from_the_ca_get_in() {
+    let dir = TempDir::new("tls-mutual");
+    let ip = "127.0.0.85";
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &[ip]);
+    let extra = format!(
+        "{}\n  tls_ca = \"{}\"\n  tls_client_auth = true",
+        tls_lines(&cert, &key),
+        ca.pem.display()
+    );
+    let node =
+        tokio::task::block_in_place(|| NodeProc::solo_on(&dir, ip, free_port(&[ip]), &extra));
+    let with_cert = |files: (PathBuf, PathBuf)| ClientConfig {
+        tls_certificate: Some(files.0.display().to_string()),
+        tls_key: Some(files.1.display().to_string()),
+        ..tls_client_config(node.addr, &ca)
+    };
+
+    let err = refused(tls_client_config(node.addr, &ca)).await;
+    assert!(err.contains("CertificateRequired"), "{err}");
+    let other = Ca::new(&dir, "other-ca");
+    let untrusted = with_cert(other.leaf(&dir, "mallory", &["mallory"]));
+    let refused = Client::connect(untrusted).await;
+    assert!(
+        refused.is_err(),
+        "a client certificate from another CA got in"
+    );
+
+    let trusted = with_cert(ca.leaf(&dir, "alice", &["alice"]));
+    let alice = Client::connect(trusted).await.expect("alice gets in");
+    alice.join("tls.mutual").await.expect("join");
+    let events = alice.events();
+    alice.publish("tls.mutual", "hi").await.expect("publish");
+    assert_eq!(next_message(&events).await, b"hi");
+    let _ = alice.close().await;
+}
+
+/// Bad TLS settings are errors at the line that names them.
+#[test]
+fn tls_options_are_checked_at_load_with_their_line() {
+    let dir = TempDir::new("tls-config");
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &["127.0.0.1"]);
+    let (_, other_key) = ca.leaf(&dir, "other", &["127.0.0.1"]);
+    let not_pem = dir.write("not.pem", "hello\n");
+    let missing = dir.0.join("missing.pem");
+    let parse = |lines: &str| {
+        let text = format!("msgc_server {{\n{lines}\n}}\n");
+        msgc::config::Config::parse_str("tls.conf", &text)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let line = |opt: &str, p: &PathBuf| format!("  {opt} = \"{}\"", p.display());
+
+    let ok = format!(
+        "{}\n{}",
+        line("tls_certificate", &cert),
+        line("tls_key", &key)
+    );
+    assert_eq!(parse(&ok), Ok(()));
+    let cases = [
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &missing),
+                line("tls_key", &key)
+            ),
+            "tls.conf:2:",
+            "cannot read",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &not_pem),
+                line("tls_key", &key)
+            ),
+            "tls.conf:2:",
+            "no CERTIFICATE",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &cert),
+                line("tls_key", &not_pem)
+            ),
+            "tls.conf:3:",
+            "PRIVATE KEY",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &cert),
+                line("tls_key", &other_key)
+            ),
+            "tls.conf:3:",
+            "does not go with",
+        ),
+        (
+            line("tls_certificate", &cert),
+            "tls.conf:2:",
+            "without tls_key",
+        ),
+        (
+            format!("{ok}\n  tls_client_auth = true"),
+            "tls.conf:4:",
+            "needs tls_ca",
+        ),
+        (
+            format!("{ok}\n  tls_client_auth = maybe"),
+            "tls.conf:4:",
+            "true or false",
+        ),
+    ];
+    for (lines, at, what) in cases {
+        let err = parse(&lines).expect_err(&lines);
+        assert!(err.contains(at) && err.contains(what), "{lines}\n=> {err}");
+    }
+}
