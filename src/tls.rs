@@ -31,6 +31,16 @@ pub enum Error {
     Config(String),
 }
 
+/// A node's TLS: how it accepts connections and how it dials peers.
+#[derive(Debug, Clone)]
+pub struct Configs {
+    /// For accepted connections (clients and peers).
+    pub accept: Arc<rustls::ServerConfig>,
+    /// For dialled peer links: trusts `tls_ca`, presents this node's
+    /// certificate. `None` without `tls_ca` (then no peer links over TLS).
+    pub dial: Option<Arc<rustls::ClientConfig>>,
+}
+
 fn file_error(path: &str, msg: impl std::fmt::Display) -> Error {
     Error::File {
         path: path.to_string(),
@@ -81,30 +91,45 @@ pub fn load_roots(path: &str) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
-/// The server's side: its certificate and key, and when `client_ca` is
-/// given, clients must present a certificate signed by that CA.
+/// Whether the accepting side asks the other for a certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCerts<'a> {
+    /// Not asked for.
+    None,
+    /// Asked for and checked against this CA file when presented, but not
+    /// required (peers present one, plain clients need not).
+    Optional(&'a str),
+    /// Required, signed by this CA file.
+    Required(&'a str),
+}
+
+/// The server's side: its certificate and key, and what it asks of the
+/// other side's certificate.
 ///
 /// # Errors
 /// A file problem, or a key that does not match the certificate.
 pub fn server_config(
     cert: &str,
     key: &str,
-    client_ca: Option<&str>,
+    client_certs: ClientCerts<'_>,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     let certs = load_certs(cert)?;
     let key_der = load_key(key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Config(e.to_string()))?;
-    let builder = match client_ca {
-        Some(ca) => {
+    let builder = match client_certs {
+        ClientCerts::None => builder.with_no_client_auth(),
+        ClientCerts::Optional(ca) | ClientCerts::Required(ca) => {
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| file_error(ca, e))?;
+                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider());
+            let verifier = match client_certs {
+                ClientCerts::Optional(_) => verifier.allow_unauthenticated(),
+                _ => verifier,
+            };
+            let verifier = verifier.build().map_err(|e| file_error(ca, e))?;
             builder.with_client_cert_verifier(verifier)
         }
-        None => builder.with_no_client_auth(),
     };
     let config = builder.with_single_cert(certs, key_der).map_err(|e| {
         Error::Config(format!(

@@ -215,6 +215,13 @@ fn pem_file(
     Ok(Some(path.to_string()))
 }
 
+const TLS_NO_KEY: &str = "tls_certificate is set without tls_key";
+const TLS_NO_CERT: &str = "tls_key is set without tls_certificate";
+const TLS_AUTH_NO_CA: &str =
+    "tls_client_auth = true needs tls_ca (the CA client certificates are checked against)";
+const TLS_PEERS_NO_CA: &str =
+    "with peers, TLS needs tls_ca: peer links check each other's certificate against it";
+
 const BOTH_KEYS: &str = "cluster_key and cluster_key_file are both set; give one";
 
 fn set_cluster_key(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {
@@ -487,9 +494,9 @@ impl Built {
     }
 
     /// The `tls_*` options together: certificate and key come as a pair
-    /// and go together, client auth needs a CA, and (for now) TLS is for
-    /// client connections only. Runs only when every `tls_*` line read
-    /// well, so one bad file earns one error.
+    /// and go together, client auth needs a CA, and so do peers (their
+    /// links check each other's certificates against it). Runs only when
+    /// every `tls_*` line read well, so one bad file earns one error.
     fn validate_tls(&mut self) {
         let span = |b: &Self, o: &str| b.report.last.get(&format!("{SERVER}.{o}")).copied();
         let (cert, key) = (span(self, "tls_certificate"), span(self, "tls_key"));
@@ -501,26 +508,25 @@ impl Built {
         {
             return; // already reported at its line
         }
-        let mut problems = Vec::new();
+        let mut problems: Vec<(Span, &str)> = Vec::new();
         match (&t.certificate, &t.key, cert, key) {
-            (Some(_), None, Some(at), _) => {
-                problems.push((at, "tls_certificate is set without tls_key".to_string()))
-            }
-            (None, Some(_), _, Some(at)) => {
-                problems.push((at, "tls_key is set without tls_certificate".to_string()))
-            }
+            (Some(_), None, Some(at), _) => problems.push((at, TLS_NO_KEY)),
+            (None, Some(_), _, Some(at)) => problems.push((at, TLS_NO_CERT)),
             _ => {}
         }
         if let (true, None, Some(at)) = (t.client_auth, &t.ca, auth) {
-            problems.push((at, "tls_client_auth = true needs tls_ca (the CA client certificates are checked against)".to_string()));
+            problems.push((at, TLS_AUTH_NO_CA));
         }
-        if let (true, Some(at)) = (t.enabled(), cert) {
-            if self.server.peers.len() > 1 {
-                problems.push((at, "TLS on peer links is not implemented yet: tls_certificate cannot be used with peers".to_string()));
-            }
+        let peers = self.server.peers.len() > 1;
+        if let (true, true, None, Some(at)) = (t.enabled(), peers, &t.ca, cert) {
+            problems.push((at, TLS_PEERS_NO_CA));
         }
+        let mut problems: Vec<Problem> = problems
+            .into_iter()
+            .map(|(at, m)| (at, m.to_string()))
+            .collect();
         if problems.is_empty() {
-            if let (Err(e), Some(at)) = (t.server_config(), key) {
+            if let (Err(e), Some(at)) = (t.configs(), key) {
                 problems.push((at, e.to_string()));
             }
         }

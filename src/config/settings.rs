@@ -164,20 +164,28 @@ impl TlsSettings {
         self.certificate.is_some() && self.key.is_some()
     }
 
-    /// The rustls server configuration these files make; `None` when TLS
-    /// is off.
+    /// The rustls configurations these files make; `None` when TLS is
+    /// off.
     ///
     /// # Errors
     /// A file cannot be read or parsed, or the key does not go with the
     /// certificate.
-    pub fn server_config(
-        &self,
-    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, crate::tls::Error> {
+    pub fn configs(&self) -> Result<Option<crate::tls::Configs>, crate::tls::Error> {
+        use crate::tls::ClientCerts;
         let (Some(cert), Some(key)) = (&self.certificate, &self.key) else {
             return Ok(None);
         };
-        let ca = self.client_auth.then_some(self.ca.as_deref()).flatten();
-        crate::tls::server_config(cert, key, ca).map(Some)
+        let certs = match (&self.ca, self.client_auth) {
+            (Some(ca), true) => ClientCerts::Required(ca),
+            (Some(ca), false) => ClientCerts::Optional(ca),
+            (None, _) => ClientCerts::None,
+        };
+        let accept = crate::tls::server_config(cert, key, certs)?;
+        let dial = match &self.ca {
+            Some(ca) => Some(crate::tls::client_config(ca, Some((cert, key)))?),
+            None => None,
+        };
+        Ok(Some(crate::tls::Configs { accept, dial }))
     }
 }
 

@@ -32,6 +32,12 @@ pub trait Stream: 'static {
     async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>);
     /// The socket's descriptor (for socket options and shutdown).
     fn raw_fd(&self) -> RawFd;
+    /// True when the other side presented a certificate that verified
+    /// (TLS with a CA; never on a plain stream). Known once the handshake
+    /// is done, which is before the first frame is read.
+    fn peer_certified(&self) -> bool {
+        false
+    }
     /// Shuts both directions down: a pending read completes with 0, a
     /// pending write fails. Safe to call more than once.
     fn shutdown(&self) {

@@ -220,7 +220,7 @@ impl Server {
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
             auth: auth::Auth::new(&s.users),
-            tls: s.tls.server_config().map_err(Error::Tls)?,
+            tls: s.tls.configs().map_err(Error::Tls)?,
         });
         let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;

@@ -283,7 +283,7 @@ pub struct Shared {
     /// Client users and logins (`users`; off when none are configured).
     pub auth: super::auth::Auth,
     /// TLS for accepted connections (`tls_certificate`…); `None`: plain.
-    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    pub tls: Option<crate::tls::Configs>,
 }
 
 impl Shared {

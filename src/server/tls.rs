@@ -193,4 +193,9 @@ impl<S: Stream> Stream for TlsStream<S> {
     fn raw_fd(&self) -> RawFd {
         self.io.raw_fd()
     }
+
+    fn peer_certified(&self) -> bool {
+        // rustls keeps the chain only once its verifier accepted it.
+        self.tls.borrow().peer_certificates().is_some()
+    }
 }

@@ -3,6 +3,7 @@
 //! `tls_client_auth` is on), a plain client to a TLS listener, and the
 //! config checks. Certificates are made here with rcgen.
 
+use crate::cluster::{ip, name, Cluster, QUICK};
 use crate::util::{free_port, next_event, uring_here, NodeProc, Raw, TempDir, WAIT};
 use msgc::client::{Client, ClientConfig, Event};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
@@ -220,6 +221,98 @@ async fn with_client_auth_only_certificates_from_the_ca_get_in() {
     alice.publish("tls.mutual", "hi").await.expect("publish");
     assert_eq!(next_message(&events).await, b"hi");
     let _ = alice.close().await;
+}
+
+/// True when the node `c` is connected to lists `others` as peers, all up
+/// (its stats, asked over TLS).
+async fn mesh_up(c: &Client, others: &[String]) -> bool {
+    let Ok(st) = c.stats().await else {
+        return false;
+    };
+    let Some(peers) = st["peers"].as_array() else {
+        return false;
+    };
+    peers.len() == others.len()
+        && others.iter().all(|n| {
+            peers
+                .iter()
+                .any(|p| p["name"] == n.as_str() && p["state"] == "up")
+        })
+}
+
+/// Three nodes whose links and clients are all TLS (each node with its own
+/// certificate, one CA): the mesh comes up, and messages from node1 reach
+/// members on node2 and node3 whole and in order.
+async fn a_cluster_over_tls_delivers_in_order(tag: &str, backend: &str) {
+    let mut c = Cluster::new(tag);
+    let ca = Ca::new(&c.dir, "ca");
+    for i in 0..3 {
+        let (cert, key) = ca.leaf(&c.dir, &name(i), &[&ip(i).to_string()]);
+        let extra = format!(
+            "{QUICK}\n io_backend = {backend}\n {}\n tls_ca = \"{}\"",
+            tls_lines(&cert, &key),
+            ca.pem.display()
+        );
+        let conf = c.conf(&format!("{}.conf", name(i)), 3, &extra);
+        c.spawn(i, conf);
+    }
+    tokio::task::block_in_place(|| c.ready());
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let client = Client::connect(tls_client_config(c.addr(i), &ca))
+            .await
+            .expect("TLS client connects");
+        clients.push(client);
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let others: Vec<String> = (0..3).filter(|&j| j != i).map(name).collect();
+        let end = tokio::time::Instant::now() + WAIT;
+        while !mesh_up(client, &others).await {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{}: TLS links not up",
+                name(i)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let streams: Vec<_> = clients.iter().map(Client::events).collect();
+    for client in &clients[1..] {
+        client.join("tls.mesh").await.expect("join");
+    }
+    const N: usize = 1_000;
+    let payload = |i: usize| {
+        let mut p = format!("{i}:").into_bytes();
+        p.resize(if i % 100 == 0 { 30_000 } else { 20 + i % 200 }, b'x');
+        p
+    };
+    for i in 0..N {
+        clients[0]
+            .publish("tls.mesh", payload(i))
+            .await
+            .expect("publish");
+    }
+    for events in &streams[1..] {
+        for i in 0..N {
+            assert_eq!(next_message(events).await, payload(i), "message {i}");
+        }
+    }
+    for client in &clients {
+        let _ = client.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_over_tls_delivers_in_order_on_epoll() {
+    a_cluster_over_tls_delivers_in_order("tls-mesh-epoll", "epoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_over_tls_delivers_in_order_on_io_uring() {
+    if !uring_here() {
+        return;
+    }
+    a_cluster_over_tls_delivers_in_order("tls-mesh-uring", "uring").await;
 }
 
 /// Bad TLS settings are errors at the line that names them.
