@@ -315,6 +315,85 @@ async fn a_three_node_cluster_over_tls_delivers_in_order_on_io_uring() {
     a_cluster_over_tls_delivers_in_order("tls-mesh-uring", "uring").await;
 }
 
+/// A peer HELLO over TLS from a connection that presented no certificate
+/// is refused with NOT_ALLOWED, even from a peer's own address; the real
+/// links stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_tls_without_a_certificate_is_refused() {
+    use msgc::protocol::{decode, ErrorCode, Frame, Hello, NodeName, Role, PROTOCOL_VERSION};
+    use std::io::{Read, Write};
+    let mut c = Cluster::new("tls-peer-nocert");
+    let ca = Ca::new(&c.dir, "ca");
+    for i in 0..2 {
+        let (cert, key) = ca.leaf(&c.dir, &name(i), &[&ip(i).to_string()]);
+        let extra = format!(
+            "{QUICK}\n {}\n tls_ca = \"{}\"",
+            tls_lines(&cert, &key),
+            ca.pem.display()
+        );
+        let conf = c.conf(&format!("{}.conf", name(i)), 2, &extra);
+        c.spawn(i, conf);
+    }
+    tokio::task::block_in_place(|| c.ready());
+    let node1 = Client::connect(tls_client_config(c.addr(0), &ca))
+        .await
+        .expect("client");
+    let others = [name(1)];
+    let end = tokio::time::Instant::now() + WAIT;
+    while !mesh_up(&node1, &others).await {
+        assert!(tokio::time::Instant::now() < end, "TLS link not up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let addr = c.addr(0);
+    let config = msgc::tls::client_config(&ca.pem.display().to_string(), None).expect("config");
+    let answer = tokio::task::block_in_place(|| {
+        let server = rustls::pki_types::ServerName::try_from(ip(0).to_string()).expect("name");
+        let tls = rustls::ClientConnection::new(config, server).expect("session");
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(ip(1), 0).into())
+            .expect("bind node2's address");
+        sock.connect_timeout(&addr.into(), WAIT).expect("connect");
+        let tcp: std::net::TcpStream = sock.into();
+        tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut s = rustls::StreamOwned::new(tls, tcp);
+        let hello = Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            name: Some(NodeName::from_str_checked(&name(1)).expect("name")),
+            credentials: Default::default(),
+            features: 0,
+            max_message_size: 0,
+        });
+        s.write_all(&hello.to_bytes()).expect("HELLO over TLS");
+        let mut buf = bytes::BytesMut::new();
+        for _ in 0..100 {
+            if let Ok(Some(frame)) = decode(&mut buf, 1 << 20) {
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        None
+    });
+    match answer {
+        Some(Frame::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::NOT_ALLOWED, "{message}");
+            assert!(message.contains("certificate"), "{message}");
+        }
+        other => panic!("expected ERROR NOT_ALLOWED, got {other:?}"),
+    }
+    assert!(
+        mesh_up(&node1, &others).await,
+        "the real link was disturbed"
+    );
+    let _ = node1.close().await;
+}
+
 /// Bad TLS settings are errors at the line that names them.
 #[test]
 fn tls_options_are_checked_at_load_with_their_line() {
@@ -389,6 +468,11 @@ fn tls_options_are_checked_at_load_with_their_line() {
             format!("{ok}\n  tls_client_auth = maybe"),
             "tls.conf:4:",
             "true or false",
+        ),
+        (
+            format!("{ok}\n  peers = [ a = \"127.0.0.1\" b = \"127.0.0.2\" ]"),
+            "tls.conf:2:",
+            "needs tls_ca",
         ),
     ];
     for (lines, at, what) in cases {
