@@ -4,7 +4,7 @@
 //! config checks. Certificates are made here with rcgen.
 
 use crate::cluster::{ip, name, Cluster, QUICK};
-use crate::util::{free_port, next_event, uring_here, NodeProc, Raw, TempDir, WAIT};
+use crate::util::{free_port, next_event, uring_here, wait_for, NodeProc, Raw, TempDir, WAIT};
 use msgc::client::{Client, ClientConfig, Event};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::net::SocketAddr;
@@ -392,6 +392,91 @@ async fn a_peer_over_tls_without_a_certificate_is_refused() {
         "the real link was disturbed"
     );
     let _ = node1.close().await;
+}
+
+/// A child process killed on drop (a failing test leaves none behind).
+struct Killed(Option<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `msgc --tls-ca --tls-cert --tls-key` subscribes and publishes through a
+/// server with client auth; without the flags it fails in one clear line.
+#[test]
+fn the_cli_speaks_tls_with_a_client_certificate() {
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("tls-cli");
+    let ip = "127.0.0.86";
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &[ip]);
+    let extra = format!(
+        "{}\n  tls_ca = \"{}\"\n  tls_client_auth = true",
+        tls_lines(&cert, &key),
+        ca.pem.display()
+    );
+    let node = NodeProc::solo_on(&dir, ip, free_port(&[ip]), &extra);
+    let (ccert, ckey) = ca.leaf(&dir, "cli", &["cli"]);
+    let server = node.addr.to_string();
+    let tls_args: Vec<String> = vec![
+        "--server".into(),
+        server.clone(),
+        "--tls-ca".into(),
+        ca.pem.display().to_string(),
+        "--tls-cert".into(),
+        ccert.display().to_string(),
+        "--tls-key".into(),
+        ckey.display().to_string(),
+    ];
+    let msgc = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_msgc"))
+            .args(&tls_args)
+            .args(args)
+            .output()
+            .expect("run msgc")
+    };
+    let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(&tls_args)
+        .args(["sub", "news", "--count", "2", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc sub");
+    let mut sub = Killed(Some(sub));
+    wait_for("msgc sub to join over TLS", WAIT, || {
+        let out = msgc(&["members", "news"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() == 1
+    });
+    for m in ["one", "two"] {
+        let out = msgc(&["pub", "news", m]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = sub
+        .0
+        .take()
+        .expect("sub")
+        .wait_with_output()
+        .expect("sub exits");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+
+    let plain = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &server, "ping"])
+        .output()
+        .expect("run msgc");
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success(), "a plain ping succeeded");
+    assert!(
+        err.contains("speaks TLS") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }
 
 /// Bad TLS settings are errors at the line that names them.
