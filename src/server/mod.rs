@@ -228,7 +228,8 @@ impl Server {
         let housekeeper = memory::Housekeeper::start()
             .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
             .ok();
-        tracing::info!(node = %node, shards, backend = shared.backend, listen = ?addrs, "msgc-server running");
+        let tls = shared.tls.is_some();
+        tracing::info!(node = %node, shards, backend = shared.backend, tls, listen = ?addrs, "msgc-server running");
         let restart_only = RestartOnly {
             node: node.to_string(),
             shards,

@@ -17,7 +17,7 @@
 //! written with one `writev`: coalesced writes stay coalesced.
 
 use std::cell::RefCell;
-use std::io::{self, BufRead, IoSlice, Write};
+use std::io::{self, BufRead, Write};
 use std::os::fd::RawFd;
 
 use bytes::{Bytes, BytesMut};
@@ -170,11 +170,14 @@ impl<S: Stream> Stream for TlsStream<S> {
 
     async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
         let _held = self.wlock.lock().await;
-        let mut out = Vec::new();
+        // Room for the whole batch as records (≤ 16 KiB of plaintext each,
+        // plus header and tag), so the buffer is allocated once.
+        let plain: usize = bufs.iter().map(Bytes::len).sum();
+        let mut out = Vec::with_capacity(plain + (plain / 16_384 + 1) * 64);
         let res = {
             let mut tls = self.tls.borrow_mut();
-            let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-            let res = tls.writer().write_vectored(&slices);
+            let slices = super::io::smallvec_slices::Slices::new(&bufs);
+            let res = tls.writer().write_vectored(slices.as_slice());
             while tls.wants_write() && res.is_ok() {
                 if let Err(e) = tls.write_tls(&mut out) {
                     return (Err(e), bufs);
