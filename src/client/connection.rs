@@ -599,3 +599,25 @@ async fn emit(ctx: &ReadCtx, event: Event) -> Result<(), End> {
         Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_server_name_is_the_host_of_the_address() {
+        assert_eq!(host_of("127.0.0.1:4809"), "127.0.0.1");
+        assert_eq!(host_of("msgc.example:4809"), "msgc.example");
+        assert_eq!(host_of("[::1]:4809"), "::1");
+        assert_eq!(host_of("msgc.example"), "msgc.example");
+        assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[test]
+    fn a_tls_answer_is_told_from_a_frame() {
+        assert!(tls_record_start(&[0x15, 0x03, 0x03, 0x00, 0x02]));
+        assert!(tls_record_start(&[0x16, 0x03, 0x01]));
+        assert!(!tls_record_start(&[0x15]));
+        assert!(!tls_record_start(&[0x00, 0x00, 0x00, 0x01, 0x03]));
+    }
+}
