@@ -10,6 +10,8 @@
 //! drive the cluster's rules) → [`monitor`] (the HTTP endpoint, reading
 //! the server's state from a thread of its own) → the binaries. No module
 //! imports one to its right. The [`client`] uses only [`protocol`] and [`config`].
+//! [`tls`] (PEM files → rustls configurations) names no other module; the
+//! config checks its files with it, the server and the client use it.
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -17,10 +19,11 @@
 //! | [`config`] | Momentum syntax: lexer, parser with spans and includes, typed settings |
 //! | [`router`] | the shared group table: lock-free reads, per-group locking for changes |
 //! | [`cluster`] | the mesh's rules, sans-IO: admission, link states, the order of a link's membership stream, join barriers, what a lost node leaves behind |
-//! | [`server`] | shards, sockets, I/O backends, connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding; `server::auth`: client logins (checked off the shards) and permissions |
+//! | [`server`] | shards, sockets, I/O backends (and TLS over either: `server::tls`), connections, outbound queues; `server::peers`: links, dialling, snapshots, forwarding; `server::auth`: client logins (checked off the shards) and permissions |
 //! | [`monitor`] | the HTTP monitoring endpoint: Prometheus metrics, health, JSON views |
 //! | [`client`] | the async client library |
 //! | [`stats`] | per-shard counters and drops by reason |
+//! | [`tls`] | PEM files → rustls configurations (`server::tls` runs rustls over either I/O backend) |
 //!
 //! # Data flow of a publish
 //!
@@ -63,3 +66,4 @@ pub mod protocol;
 pub mod router;
 pub mod server;
 pub mod stats;
+pub mod tls;

@@ -299,6 +299,11 @@ fn every_option_set_explicitly() {
             "  cluster_key_file = \"\"  # default",
             "  node = \"\"  # default",
             "  peers = [ ]  # default",
+            // The tls_* options name files: tests/it/tls.rs sets them.
+            "  tls_ca = \"\"  # default",
+            "  tls_certificate = \"\"  # default",
+            "  tls_client_auth = false  # default",
+            "  tls_key = \"\"  # default",
             "  listen \"127.0.0.1:4900\" { }  # default"
         ],
         "{rendered}"

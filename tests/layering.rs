@@ -24,6 +24,12 @@ const RULES: &[(&str, &[&str])] = &[
     ("cluster", &["server", "monitor", "client", "stats"]),
     ("server", &["monitor"]),
     (
+        "tls",
+        &[
+            "protocol", "config", "router", "cluster", "server", "monitor", "client", "stats",
+        ],
+    ),
+    (
         "client",
         &["router", "cluster", "server", "monitor", "stats"],
     ),

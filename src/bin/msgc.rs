@@ -53,6 +53,21 @@ struct Cli {
     /// (a command line is visible to other local users) [env: MSGC_PASSWORD]
     #[arg(long, value_name = "PASSWORD", global = true)]
     password: Option<String>,
+    /// Connect over TLS, trusting servers whose certificate this CA (PEM
+    /// file) signed
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_ca: Option<String>,
+    /// Client certificate (PEM) to present over TLS, for a server with
+    /// tls_client_auth = true; needs --tls-key and --tls-ca
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_cert: Option<String>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", global = true)]
+    tls_key: Option<String>,
+    /// Name the server's certificate must carry [default: the host of
+    /// --server]
+    #[arg(long, value_name = "NAME", global = true)]
+    tls_server_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -231,6 +246,10 @@ fn client_config(cli: &Cli) -> Result<ClientConfig> {
     if cfg.user.is_some() && cfg.password.is_none() {
         bail!("--user needs a password: set MSGC_PASSWORD (or --password)");
     }
+    cfg.tls_ca = cli.tls_ca.clone().or(cfg.tls_ca);
+    cfg.tls_certificate = cli.tls_cert.clone().or(cfg.tls_certificate);
+    cfg.tls_key = cli.tls_key.clone().or(cfg.tls_key);
+    cfg.tls_server_name = cli.tls_server_name.clone().or(cfg.tls_server_name);
     Ok(cfg)
 }
 

@@ -91,6 +91,17 @@ pub struct ClientConfig {
     /// The user's password (1..=1024 bytes; required with `user`).
     /// Default: none.
     pub password: Option<String>,
+    /// TLS: a PEM file of the CA the server's certificate must be signed
+    /// by. Setting it turns TLS on. Default: none (plain TCP).
+    pub tls_ca: Option<String>,
+    /// TLS: a PEM certificate chain to present (for a server with
+    /// `tls_client_auth = true`); needs `tls_key` and `tls_ca`. Default: none.
+    pub tls_certificate: Option<String>,
+    /// TLS: the PEM private key of `tls_certificate`. Default: none.
+    pub tls_key: Option<String>,
+    /// TLS: the name the server's certificate must carry. Default: none
+    /// (the host part of the server address: a DNS name or an IP address).
+    pub tls_server_name: Option<String>,
 }
 
 impl std::fmt::Debug for ClientConfig {
@@ -114,6 +125,10 @@ impl std::fmt::Debug for ClientConfig {
             .field("sequenced", &self.sequenced)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_certificate", &self.tls_certificate)
+            .field("tls_key", &self.tls_key)
+            .field("tls_server_name", &self.tls_server_name)
             .finish()
     }
 }
@@ -154,6 +169,36 @@ impl ClientConfig {
             sequenced: true,
             user: None,
             password: None,
+            tls_ca: None,
+            tls_certificate: None,
+            tls_key: None,
+            tls_server_name: None,
+        }
+    }
+
+    /// The rustls configuration of `tls_*`, read from the files now;
+    /// `None` when TLS is off.
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidConfig`]: a certificate without its key (or
+    /// the other way round), either without `tls_ca`, or a file that
+    /// cannot be read or used.
+    pub fn tls_config(&self) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, ClientError> {
+        let bad = |what: String| Err(ClientError::InvalidConfig(what));
+        let pair = match (&self.tls_certificate, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.as_str(), k.as_str())),
+            (None, None) => None,
+            _ => return bad("tls_certificate and tls_key go together".into()),
+        };
+        let Some(ca) = &self.tls_ca else {
+            if pair.is_some() || self.tls_server_name.is_some() {
+                return bad("tls_certificate, tls_key and tls_server_name need tls_ca".into());
+            }
+            return Ok(None);
+        };
+        match crate::tls::client_config(ca, pair) {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => bad(format!("TLS: {e}")),
         }
     }
 
@@ -201,6 +246,7 @@ impl ClientConfig {
                 .encode()
                 .map_err(|e| ClientError::InvalidConfig(format!("user `{user}`: {e}")))?;
         }
+        self.tls_config()?;
         if let Some(name) = &self.name {
             crate::protocol::validate_name(name.as_bytes())
                 .map_err(|e| ClientError::InvalidConfig(format!("name `{name}`: {e}")))?;

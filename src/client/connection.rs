@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 
 use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
@@ -106,6 +106,12 @@ impl End {
     }
 }
 
+/// The receiving half of a connection, plain or TLS.
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Sync + Unpin>;
+/// The sending half of a connection, plain or TLS. A write is complete
+/// only after `flush` (TLS may hold a record until then).
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Sync + Unpin>;
+
 /// A connection that has completed the handshake.
 pub(crate) struct Conn {
     /// The server as configured.
@@ -114,8 +120,8 @@ pub(crate) struct Conn {
     pub welcome: Welcome,
     /// Our member id (checked present in WELCOME).
     pub member: MemberId,
-    pub rd: OwnedReadHalf,
-    pub wr: OwnedWriteHalf,
+    pub rd: ReadHalf,
+    pub wr: WriteHalf,
     /// Bytes read after WELCOME, not yet decoded.
     pub leftover: BytesMut,
 }
@@ -151,6 +157,7 @@ pub(crate) async fn connect_one(cfg: &ClientConfig, server: &str) -> Result<Conn
             ))
         }
     };
+    let tls = cfg.tls_config().map_err(|e| e.to_string())?;
     let mut last = String::from("address resolved to nothing");
     for addr in addrs {
         let stream = match timeout(cfg.connect_timeout, dial(cfg, addr)).await {
@@ -167,7 +174,20 @@ pub(crate) async fn connect_one(cfg: &ClientConfig, server: &str) -> Result<Conn
                 continue;
             }
         };
-        return match timeout(cfg.connect_timeout, handshake(cfg, server, stream)).await {
+        let greet = async {
+            match &tls {
+                None => {
+                    let (rd, wr) = stream.into_split();
+                    handshake(cfg, server, Box::new(rd), Box::new(wr)).await
+                }
+                Some(tls) => {
+                    let stream = tls_connect(cfg, server, tls.clone(), stream).await?;
+                    let (rd, wr) = tokio::io::split(stream);
+                    handshake(cfg, server, Box::new(rd), Box::new(wr)).await
+                }
+            }
+        };
+        return match timeout(cfg.connect_timeout, greet).await {
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err(format!(
                 "no WELCOME within {}",
@@ -199,6 +219,49 @@ async fn dial(cfg: &ClientConfig, addr: SocketAddr) -> io::Result<TcpStream> {
     TcpSocket::from_std_stream(sock.into()).connect(addr).await
 }
 
+/// The TLS handshake, checking the server's certificate against
+/// `tls_ca` and `tls_server_name` (or the host part of `server`).
+async fn tls_connect(
+    cfg: &ClientConfig,
+    server: &str,
+    tls: Arc<rustls::ClientConfig>,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    let host = match &cfg.tls_server_name {
+        Some(name) => name.clone(),
+        None => host_of(server).to_string(),
+    };
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+        ClientError::InvalidConfig(format!("TLS: {host:?} is not a server name: {e}"))
+    })?;
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    connector.connect(name, stream).await.map_err(|e| {
+        let what = match e.get_ref() {
+            Some(inner) => inner.to_string(),
+            None => e.to_string(),
+        };
+        io::Error::new(e.kind(), format!("the TLS handshake failed: {what}")).into()
+    })
+}
+
+/// The host part of `host:port` or `[v6]:port` (the whole string when it
+/// has no port).
+fn host_of(server: &str) -> &str {
+    if let Some(rest) = server.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match server.rsplit_once(':') {
+        Some((host, _)) if !host.contains(':') => host,
+        _ => server,
+    }
+}
+
+/// True when `buf` starts like a TLS record (an alert or a handshake):
+/// what a TLS server answers a plain HELLO with.
+fn tls_record_start(buf: &[u8]) -> bool {
+    matches!(buf, [0x15 | 0x16, 0x03, ..])
+}
+
 /// The HELLO credentials of `cfg`: empty without a user.
 fn credentials(cfg: &ClientConfig) -> Result<Bytes, ClientError> {
     let Some(user) = &cfg.user else {
@@ -217,7 +280,8 @@ fn credentials(cfg: &ClientConfig) -> Result<Bytes, ClientError> {
 async fn handshake(
     cfg: &ClientConfig,
     server: &str,
-    mut stream: TcpStream,
+    mut rd: ReadHalf,
+    mut wr: WriteHalf,
 ) -> Result<Conn, ClientError> {
     let name = match &cfg.name {
         Some(n) => {
@@ -244,10 +308,16 @@ async fn handshake(
         },
         max_message_size: 0,
     });
-    stream.write_all(&hello.to_bytes()).await?;
+    wr.write_all(&hello.to_bytes()).await?;
+    wr.flush().await?;
     let max_frame = max_frame_for(cfg.max_message_size);
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let welcome = loop {
+        if tls_record_start(&buf) {
+            // No msgc frame is that long (0x15/0x16 03 …: over 350 MB).
+            let msg = "the server speaks TLS: connect with TLS (tls_ca, --tls-ca)";
+            return Err(io::Error::new(io::ErrorKind::InvalidData, msg).into());
+        }
         match decode(&mut buf, max_frame)? {
             Some(Frame::Welcome(w)) => break w,
             Some(Frame::Error { code, message }) => {
@@ -256,7 +326,7 @@ async fn handshake(
             Some(_) => return Err(DecodeError::Malformed("expected WELCOME").into()),
             None => {}
         }
-        if stream.read_buf(&mut buf).await? == 0 {
+        if rd.read_buf(&mut buf).await? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "connection closed during the handshake",
@@ -270,7 +340,6 @@ async fn handshake(
     let Some(member) = welcome.member.clone() else {
         return Err(DecodeError::Malformed("WELCOME without a member id").into());
     };
-    let (rd, wr) = stream.into_split();
     Ok(Conn {
         server: server.to_string(),
         welcome,
@@ -317,7 +386,7 @@ pub(crate) struct Hold {
 }
 
 /// Reads, decodes and dispatches until the connection ends.
-pub(crate) async fn read_loop(mut rd: OwnedReadHalf, mut buf: BytesMut, mut ctx: ReadCtx) -> End {
+pub(crate) async fn read_loop(mut rd: ReadHalf, mut buf: BytesMut, mut ctx: ReadCtx) -> End {
     let mut since_yield = 0usize;
     let idle = ctx.idle;
     loop {
@@ -528,5 +597,27 @@ async fn emit(ctx: &ReadCtx, event: Event) -> Result<(), End> {
             .await
             .map_err(|_| End::ClientGone),
         Err(flume::TrySendError::Disconnected(_)) => Err(End::ClientGone),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_server_name_is_the_host_of_the_address() {
+        assert_eq!(host_of("127.0.0.1:4809"), "127.0.0.1");
+        assert_eq!(host_of("msgc.example:4809"), "msgc.example");
+        assert_eq!(host_of("[::1]:4809"), "::1");
+        assert_eq!(host_of("msgc.example"), "msgc.example");
+        assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[test]
+    fn a_tls_answer_is_told_from_a_frame() {
+        assert!(tls_record_start(&[0x15, 0x03, 0x03, 0x00, 0x02]));
+        assert!(tls_record_start(&[0x16, 0x03, 0x01]));
+        assert!(!tls_record_start(&[0x15]));
+        assert!(!tls_record_start(&[0x00, 0x00, 0x00, 0x01, 0x03]));
     }
 }

@@ -318,7 +318,11 @@ async fn send_joins<'a>(
     if buf.is_empty() {
         return Ok(());
     }
-    match timeout(stall, conn.wr.write_all(&buf)).await {
+    let write = async {
+        conn.wr.write_all(&buf).await?;
+        conn.wr.flush().await
+    };
+    match timeout(stall, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(End::Io(e)),
         Err(_) => Err(End::WriteStall(stall)),

@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::connection::WriteHalf;
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::timeout;
 
 use crate::protocol::{encode_publish, Frame, GroupName};
@@ -97,7 +97,7 @@ impl Drop for Waited {
 
 /// One connection's writer.
 pub(crate) struct Writer {
-    pub wr: OwnedWriteHalf,
+    pub wr: WriteHalf,
     pub queue: flume::Receiver<Out>,
     pub shared: Arc<Shared>,
     /// NOOP after this long with nothing to send.
@@ -272,11 +272,15 @@ impl Writer {
     }
 }
 
-async fn write_batch(wr: &mut OwnedWriteHalf, buf: &[u8], stall: Duration) -> Result<(), End> {
+async fn write_batch(wr: &mut WriteHalf, buf: &[u8], stall: Duration) -> Result<(), End> {
     if buf.is_empty() {
         return Ok(());
     }
-    match timeout(stall, wr.write_all(buf)).await {
+    let write = async {
+        wr.write_all(buf).await?;
+        wr.flush().await
+    };
+    match timeout(stall, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(End::Io(e)),
         Err(_) => Err(End::WriteStall(stall)),

@@ -131,6 +131,27 @@ pub(crate) const SERVER_OPTIONS: &[OptionDef<ServerSettings>] = &[
     opt("shards", set_shards),
     opt("stuck_timeout", |s, v| set_secs(&mut s.stuck_timeout, v)),
     opt("tcpbuf_size", |s, v| set(&mut s.tcpbuf_size, tcpbuf(v))),
+    opt("tls_ca", |s, v| {
+        set(
+            &mut s.tls.ca,
+            pem_file(v, |p| crate::tls::load_roots(p).map(drop)),
+        )
+    }),
+    opt("tls_certificate", |s, v| {
+        set(
+            &mut s.tls.certificate,
+            pem_file(v, |p| crate::tls::load_certs(p).map(drop)),
+        )
+    }),
+    opt("tls_client_auth", |s, v| {
+        set(&mut s.tls.client_auth, super::users::boolean(v))
+    }),
+    opt("tls_key", |s, v| {
+        set(
+            &mut s.tls.key,
+            pem_file(v, |p| crate::tls::load_key(p).map(drop)),
+        )
+    }),
     opt("users", |s, v| {
         s.users = super::users::parse_users(v).map_err(Problems)?;
         Ok(())
@@ -179,6 +200,27 @@ fn tcpbuf(v: &Spanned<Value>) -> Result<usize, Problem> {
     }
     Ok(n)
 }
+
+/// A PEM file option: `""` is "not set"; otherwise the file is read and
+/// checked now, so a missing file or bad PEM is an error of this line.
+fn pem_file(
+    v: &Spanned<Value>,
+    check: impl FnOnce(&str) -> Result<(), crate::tls::Error>,
+) -> Result<Option<String>, Problem> {
+    let path = scalar(v, "a file name")?;
+    if path.is_empty() {
+        return Ok(None);
+    }
+    check(path).map_err(|e| (v.span, e.to_string()))?;
+    Ok(Some(path.to_string()))
+}
+
+const TLS_NO_KEY: &str = "tls_certificate is set without tls_key";
+const TLS_NO_CERT: &str = "tls_key is set without tls_certificate";
+const TLS_AUTH_NO_CA: &str =
+    "tls_client_auth = true needs tls_ca (the CA client certificates are checked against)";
+const TLS_PEERS_NO_CA: &str =
+    "with peers, TLS needs tls_ca: peer links check each other's certificate against it";
 
 const BOTH_KEYS: &str = "cluster_key and cluster_key_file are both set; give one";
 
@@ -448,6 +490,49 @@ impl Built {
         self.validate_node();
         self.validate_peer_addresses();
         self.validate_listen_port();
+        self.validate_tls();
+    }
+
+    /// The `tls_*` options together: certificate and key come as a pair
+    /// and go together, client auth needs a CA, and so do peers (their
+    /// links check each other's certificates against it). Runs only when
+    /// every `tls_*` line read well, so one bad file earns one error.
+    fn validate_tls(&mut self) {
+        let span = |b: &Self, o: &str| b.report.last.get(&format!("{SERVER}.{o}")).copied();
+        let (cert, key) = (span(self, "tls_certificate"), span(self, "tls_key"));
+        let (ca, auth) = (span(self, "tls_ca"), span(self, "tls_client_auth"));
+        let t = &self.server.tls;
+        if (cert.is_some() && t.certificate.is_none())
+            || (key.is_some() && t.key.is_none())
+            || (ca.is_some() && t.ca.is_none())
+        {
+            return; // already reported at its line
+        }
+        let mut problems: Vec<(Span, &str)> = Vec::new();
+        match (&t.certificate, &t.key, cert, key) {
+            (Some(_), None, Some(at), _) => problems.push((at, TLS_NO_KEY)),
+            (None, Some(_), _, Some(at)) => problems.push((at, TLS_NO_CERT)),
+            _ => {}
+        }
+        if let (true, None, Some(at)) = (t.client_auth, &t.ca, auth) {
+            problems.push((at, TLS_AUTH_NO_CA));
+        }
+        let peers = self.server.peers.len() > 1;
+        if let (true, true, None, Some(at)) = (t.enabled(), peers, &t.ca, cert) {
+            problems.push((at, TLS_PEERS_NO_CA));
+        }
+        let mut problems: Vec<Problem> = problems
+            .into_iter()
+            .map(|(at, m)| (at, m.to_string()))
+            .collect();
+        if problems.is_empty() {
+            if let (Err(e), Some(at)) = (t.configs(), key) {
+                problems.push((at, e.to_string()));
+            }
+        }
+        for (at, msg) in problems {
+            self.report.error(at, msg);
+        }
     }
 
     fn validate_node(&mut self) {

@@ -64,8 +64,8 @@ pub type Notes = BTreeMap<String, String>;
 pub use error::{Diagnostic, Error};
 pub use settings::{
     autotuned_receive_max, fixed_receive, ClientSettings, ListenerSettings, ServerSettings,
-    DEFAULT_PORT, MAX_BACKLOG, MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE, MAX_QUEUE_BYTES,
-    MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
+    TlsSettings, DEFAULT_PORT, MAX_BACKLOG, MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE,
+    MAX_QUEUE_BYTES, MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
 pub use types::{
     join_host_port, split_host_port, ClusterKey, DebugLevel, IoBackend, ListenAddr, Peer,

@@ -114,6 +114,10 @@ pub(crate) fn server_lines(s: &ServerSettings) -> Vec<(&'static str, String)> {
         ),
         ("stuck_timeout", secs(s.stuck_timeout)),
         ("tcpbuf_size", s.tcpbuf_size.to_string()),
+        ("tls_ca", opt_quote(s.tls.ca.clone())),
+        ("tls_certificate", opt_quote(s.tls.certificate.clone())),
+        ("tls_client_auth", s.tls.client_auth.to_string()),
+        ("tls_key", opt_quote(s.tls.key.clone())),
         ("users", users(&s.users)),
     ]
 }

@@ -130,10 +130,63 @@ pub struct ServerSettings {
     /// (our extension); otherwise
     /// [`MIN_TCPBUF`]..=[`MAX_TCPBUF`].
     pub tcpbuf_size: usize,
+    /// TLS for clients and peer links (`tls_certificate`, `tls_key`,
+    /// `tls_ca`, `tls_client_auth`). Default: off (plain TCP).
+    pub tls: TlsSettings,
     /// Client users (`users = [ name = [ password = "…" … ] ]`). Default:
     /// none, and then every client is served without credentials, as
     /// before. Names are unique. With users, a client must log in.
     pub users: Vec<User>,
+}
+
+/// The `tls_*` options of `msgc_server`: file names, checked at load.
+///
+/// Invariant after a successful load: `certificate` and `key` are both set
+/// or both unset, they go together, `ca` is set when `client_auth` is, and
+/// every file named held usable PEM when it was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain this node presents (`tls_certificate`).
+    /// Default: none (TLS off).
+    pub certificate: Option<String>,
+    /// PEM private key of that certificate (`tls_key`). Default: none.
+    pub key: Option<String>,
+    /// PEM CA certificate(s) that client certificates (`tls_client_auth`)
+    /// are checked against (`tls_ca`). Default: none.
+    pub ca: Option<String>,
+    /// Clients must present a certificate signed by `tls_ca`. Default false.
+    pub client_auth: bool,
+}
+
+impl TlsSettings {
+    /// True when TLS is configured (a certificate and its key).
+    pub fn enabled(&self) -> bool {
+        self.certificate.is_some() && self.key.is_some()
+    }
+
+    /// The rustls configurations these files make; `None` when TLS is
+    /// off.
+    ///
+    /// # Errors
+    /// A file cannot be read or parsed, or the key does not go with the
+    /// certificate.
+    pub fn configs(&self) -> Result<Option<crate::tls::Configs>, crate::tls::Error> {
+        use crate::tls::ClientCerts;
+        let (Some(cert), Some(key)) = (&self.certificate, &self.key) else {
+            return Ok(None);
+        };
+        let certs = match (&self.ca, self.client_auth) {
+            (Some(ca), true) => ClientCerts::Required(ca),
+            (Some(ca), false) => ClientCerts::Optional(ca),
+            (None, _) => ClientCerts::None,
+        };
+        let accept = crate::tls::server_config(cert, key, certs)?;
+        let dial = match &self.ca {
+            Some(ca) => Some(crate::tls::client_config(ca, Some((cert, key)))?),
+            None => None,
+        };
+        Ok(Some(crate::tls::Configs { accept, dial }))
+    }
 }
 
 impl Default for ServerSettings {
@@ -165,6 +218,7 @@ impl Default for ServerSettings {
             shards: None,
             stuck_timeout: Duration::from_millis(200),
             tcpbuf_size: 131_072,
+            tls: TlsSettings::default(),
             users: Vec::new(),
         }
     }

@@ -282,7 +282,7 @@ fn patterns(v: &Spanned<Value>) -> Result<Patterns, Problem> {
     Patterns::new(&names).map_err(|m| (v.span, m))
 }
 
-fn boolean(v: &Spanned<Value>) -> Result<bool, Problem> {
+pub(crate) fn boolean(v: &Spanned<Value>) -> Result<bool, Problem> {
     let text = scalar(v, "true or false")?;
     match text.to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),

@@ -114,6 +114,8 @@ pub struct Conn {
     /// Wakes a reader waiting at its closed gate when the connection closes.
     closing: tokio::sync::Notify,
     shutdown: Box<dyn Fn()>,
+    /// [`Stream::peer_certified`] of the socket.
+    certified: Box<dyn Fn() -> bool>,
 }
 
 impl Conn {
@@ -124,6 +126,7 @@ impl Conn {
         fd: RawFd,
         budget: Budget,
         shutdown: Box<dyn Fn()>,
+        certified: Box<dyn Fn() -> bool>,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -153,12 +156,19 @@ impl Conn {
             fd,
             closing: tokio::sync::Notify::new(),
             shutdown,
+            certified,
         }
     }
 
     /// Returns once the connection starts closing (wakes one waiter).
     pub(super) async fn closing(&self) {
         self.closing.notified().await;
+    }
+
+    /// True when the other side presented a certificate that verified
+    /// against `tls_ca` (TLS only).
+    pub fn peer_certified(&self) -> bool {
+        (self.certified)()
     }
 
     /// When the connection opened.
@@ -301,23 +311,45 @@ pub fn spawn(shard: Rc<Shard>, stream: AnyStream, addr: SocketAddr) {
             tracing::warn!(error = %e, peer = %addr, "could not set socket options");
         }
     }
-    spawn_with(shard, stream, addr, |_, _| {});
+    let tls = match &shard.shared.tls {
+        Some(t) => match rustls::ServerConnection::new(t.accept.clone()) {
+            Ok(c) => Some(c.into()),
+            Err(e) => {
+                tracing::error!(error = %e, peer = %addr, "cannot start a TLS session; closing");
+                return;
+            }
+        },
+        None => None,
+    };
+    spawn_with(shard, stream, addr, tls, |_, _| {});
 }
 
-/// Starts serving `stream`; `setup` runs once the connection is registered
-/// (a dialled peer link sends its HELLO there).
+/// Starts serving `stream`, through TLS when `tls` is given (its handshake
+/// runs on the first reads and writes, under the handshake timeout);
+/// `setup` runs once the connection is registered (a dialled peer link
+/// sends its HELLO there).
 pub fn spawn_with(
     shard: Rc<Shard>,
     stream: AnyStream,
     addr: SocketAddr,
+    tls: Option<rustls::Connection>,
     setup: impl FnOnce(&Rc<Shard>, &Rc<Conn>) + 'static,
 ) {
-    match stream {
-        AnyStream::Uring(s) => {
+    use super::tls::TlsStream;
+    match (stream, tls) {
+        (AnyStream::Uring(s), None) => {
             tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
         }
-        AnyStream::Epoll(s) => {
+        (AnyStream::Uring(s), Some(tls)) => {
+            let s = Rc::new(TlsStream::new(s, tls));
+            tokio::task::spawn_local(serve(shard, s, addr, setup));
+        }
+        (AnyStream::Epoll(s), None) => {
             tokio::task::spawn_local(serve(shard, Rc::new(s), addr, setup));
+        }
+        (AnyStream::Epoll(s), Some(tls)) => {
+            let s = Rc::new(TlsStream::new(s, tls));
+            tokio::task::spawn_local(serve(shard, s, addr, setup));
         }
     }
 }
@@ -335,7 +367,7 @@ async fn serve<S: Stream>(
         shard.index,
         seq,
     );
-    let closer = stream.clone();
+    let (closer, asker) = (stream.clone(), stream.clone());
     let conn = Rc::new(Conn::new(
         seq,
         id,
@@ -343,6 +375,7 @@ async fn serve<S: Stream>(
         stream.raw_fd(),
         shard.live.get().client_budget,
         Box::new(move || closer.shutdown()),
+        Box::new(move || asker.peer_certified()),
     ));
     shard.conns.borrow_mut().insert(seq, conn.clone());
     ShardStats::add(&shard.stats().connections, 1);

@@ -32,6 +32,12 @@ pub trait Stream: 'static {
     async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>);
     /// The socket's descriptor (for socket options and shutdown).
     fn raw_fd(&self) -> RawFd;
+    /// True when the other side presented a certificate that verified
+    /// (TLS with a CA; never on a plain stream). Known once the handshake
+    /// is done, which is before the first frame is read.
+    fn peer_certified(&self) -> bool {
+        false
+    }
     /// Shuts both directions down: a pending read completes with 0, a
     /// pending write fails. Safe to call more than once.
     fn shutdown(&self) {
@@ -148,7 +154,7 @@ impl Stream for EpollStream {
 /// IoSlices for a batch without a heap allocation for batches up to 64
 /// frames (larger batches, up to 1,024 frames, allocate the slice list once
 /// per `writev`).
-mod smallvec_slices {
+pub(super) mod smallvec_slices {
     use super::*;
 
     const INLINE: usize = 64;
@@ -156,13 +162,13 @@ mod smallvec_slices {
     // A short-lived local on the writer's stack, never moved: keeping the
     // inline array unboxed is the point.
     #[allow(clippy::large_enum_variant)]
-    pub(super) enum Slices<'a> {
+    pub(in crate::server) enum Slices<'a> {
         Inline([IoSlice<'a>; INLINE], usize),
         Heap(Vec<IoSlice<'a>>),
     }
 
     impl<'a> Slices<'a> {
-        pub(super) fn new(bufs: &'a [Bytes]) -> Self {
+        pub(in crate::server) fn new(bufs: &'a [Bytes]) -> Self {
             if bufs.len() <= INLINE {
                 let mut arr = [IoSlice::new(&[]); INLINE];
                 for (slot, b) in arr.iter_mut().zip(bufs) {
@@ -174,7 +180,7 @@ mod smallvec_slices {
             }
         }
 
-        pub(super) fn as_slice(&self) -> &[IoSlice<'a>] {
+        pub(in crate::server) fn as_slice(&self) -> &[IoSlice<'a>] {
             match self {
                 Slices::Inline(arr, n) => &arr[..*n],
                 Slices::Heap(v) => v,

@@ -21,6 +21,7 @@ pub mod seqs;
 pub mod shard;
 pub mod shared;
 pub mod sockets;
+pub mod tls;
 
 use crate::config::{Config, IoBackend, ServerSettings};
 use crate::protocol::NodeName;
@@ -135,6 +136,10 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The TLS files could not be loaded (they changed since the config
+    /// was read).
+    #[error("TLS: {0}")]
+    Tls(crate::tls::Error),
     /// A reload asked for a change that needs a restart.
     #[error("{0} cannot change without a restart")]
     NeedsRestart(&'static str),
@@ -160,6 +165,7 @@ struct RestartOnly {
     io_backend: IoBackend,
     listen: Vec<SocketAddr>,
     monitor: Option<SocketAddr>,
+    tls: crate::config::TlsSettings,
 }
 
 impl Server {
@@ -214,6 +220,7 @@ impl Server {
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
             auth: auth::Auth::new(&s.users),
+            tls: s.tls.configs().map_err(Error::Tls)?,
         });
         let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;
@@ -221,13 +228,15 @@ impl Server {
         let housekeeper = memory::Housekeeper::start()
             .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
             .ok();
-        tracing::info!(node = %node, shards, backend = shared.backend, listen = ?addrs, "msgc-server running");
+        let tls = shared.tls.is_some();
+        tracing::info!(node = %node, shards, backend = shared.backend, tls, listen = ?addrs, "msgc-server running");
         let restart_only = RestartOnly {
             node: node.to_string(),
             shards,
             io_backend: s.io_backend,
             listen,
             monitor: s.monitor,
+            tls: s.tls.clone(),
         };
         Ok(Server {
             shared,
@@ -275,6 +284,7 @@ impl Server {
             io_backend: s.io_backend,
             listen: listen_addrs(config, &wanted),
             monitor: s.monitor,
+            tls: s.tls.clone(),
         };
         let old = &self.restart_only;
         for (changed, what) in [
@@ -283,6 +293,7 @@ impl Server {
             (new.io_backend != old.io_backend, "io_backend"),
             (new.listen != old.listen, "the listen address"),
             (new.monitor != old.monitor, "monitor"),
+            (new.tls != old.tls, "TLS (tls_*)"),
         ] {
             if changed {
                 return Err(Error::NeedsRestart(what));

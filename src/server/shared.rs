@@ -282,6 +282,8 @@ pub struct Shared {
     pub cluster: crate::cluster::Mesh,
     /// Client users and logins (`users`; off when none are configured).
     pub auth: super::auth::Auth,
+    /// TLS for accepted connections (`tls_certificate`…); `None`: plain.
+    pub tls: Option<crate::tls::Configs>,
 }
 
 impl Shared {

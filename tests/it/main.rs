@@ -15,4 +15,5 @@ mod ops;
 mod peer_names;
 mod roll;
 mod server;
+mod tls;
 mod util;

@@ -87,8 +87,16 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
             return;
         }
     };
+    let tls = match tls_session(shard, name, spec) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::warn!(peer = name, error = %e, "cannot start a TLS session");
+            mesh.dial_failed(i, shard.index);
+            return;
+        }
+    };
     let peer = name.to_owned();
-    spawn_with(shard.clone(), stream, addr, move |shard, conn| {
+    spawn_with(shard.clone(), stream, addr, tls, move |shard, conn| {
         conn.become_peer(i, &shard.live.get());
         if !shard
             .shared
@@ -108,4 +116,22 @@ async fn dial_once(shard: &Rc<Shard>, i: usize, name: &str, spec: &str) {
         };
         shard.push(conn, Frame::Hello(hello).to_bytes());
     });
+}
+
+/// A TLS session for a link to the peer at `spec` (`host` or `host:port`),
+/// when TLS is on: its certificate must carry that host (a name or an IP
+/// address) and be signed by `tls_ca`.
+fn tls_session(
+    shard: &Shard,
+    name: &str,
+    spec: &str,
+) -> Result<Option<rustls::Connection>, String> {
+    let Some(dial) = shard.shared.tls.as_ref().and_then(|t| t.dial.clone()) else {
+        return Ok(None);
+    };
+    let (host, _) = crate::config::split_host_port(spec)?;
+    let server = rustls::pki_types::ServerName::try_from(host)
+        .map_err(|e| format!("peer {name}: {spec:?} is not a TLS server name: {e}"))?;
+    let session = rustls::ClientConnection::new(dial, server).map_err(|e| e.to_string())?;
+    Ok(Some(session.into()))
 }

@@ -52,6 +52,14 @@ pub fn accept_peer(shard: &Rc<Shard>, conn: &Rc<Conn>, hello: &Hello) -> Result<
         };
         return Err((ErrorCode::NOT_ALLOWED, msg));
     }
+    // Over TLS a peer proves itself with a certificate from tls_ca too.
+    if shard.shared.tls.is_some() && !conn.peer_certified() {
+        if crate::logging::PEER_REFUSED.allow() {
+            tracing::warn!(peer = %conn.addr, name, "refused a peer link: no certificate from tls_ca");
+        }
+        let msg = "a peer link over TLS needs a certificate signed by tls_ca";
+        return Err((ErrorCode::NOT_ALLOWED, msg.into()));
+    }
     // With a cluster key, admission waits for the peer's PROOF.
     if super::auth::on_hello(shard, conn, i, &name, hello)? {
         return Ok(());

@@ -1,0 +1,204 @@
+//! TLS over any [`Stream`]: rustls's buffer-level API (`read_tls`,
+//! `process_new_packets`, `reader`, `writer`, `write_tls`) driven by the
+//! owned-buffer reads and writes of either backend, so io_uring and epoll
+//! carry TLS with the same code.
+//!
+//! What it owns: the rustls connection state of one socket, its ciphertext
+//! read buffer, and the order of ciphertext writes. What it doesn't: the
+//! configurations (crate::tls) and framing (the connection logic above
+//! sees plaintext exactly as from a plain [`Stream`]).
+//!
+//! One reader task and one writer task use a stream at once. rustls is
+//! borrowed only between awaits (a `RefCell`, single-threaded shard).
+//! Ciphertext goes out under an async lock: whoever holds it takes what
+//! rustls has queued, in order, and writes all of it before letting go, so
+//! records from the writer (data) and the reader (handshake, alerts) never
+//! interleave. A batch the writer hands over becomes records in one buffer
+//! written with one `writev`: coalesced writes stay coalesced.
+
+use std::cell::RefCell;
+use std::io::{self, BufRead, Write};
+use std::os::fd::RawFd;
+
+use bytes::{Bytes, BytesMut};
+
+use super::io::Stream;
+
+/// Ciphertext read per call (rustls's own records are at most ~16 KiB).
+const READ_CHUNK: usize = 32 * 1024;
+/// Plaintext copied into a caller's buffer that has no spare room.
+const MIN_READ: usize = 8 * 1024;
+
+/// A TLS session (server or client side) over a [`Stream`].
+pub struct TlsStream<S> {
+    io: S,
+    tls: RefCell<rustls::Connection>,
+    /// Ciphertext read but not yet taken by rustls (kept when rustls's
+    /// plaintext buffer is full). Taken out while a read is in flight.
+    rbuf: RefCell<BytesMut>,
+    /// Held while ciphertext is taken from rustls and written.
+    wlock: tokio::sync::Mutex<()>,
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl<S: Stream> TlsStream<S> {
+    /// Wraps `io`; the handshake runs on the first reads and writes.
+    pub fn new(io: S, tls: impl Into<rustls::Connection>) -> Self {
+        let mut tls = tls.into();
+        // Plaintext a batch hands over is encrypted whole (the writer's
+        // queue is what bounds it), so no write is ever half taken.
+        tls.set_buffer_limit(None);
+        TlsStream {
+            io,
+            tls: RefCell::new(tls),
+            rbuf: RefCell::new(BytesMut::new()),
+            wlock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Writes everything rustls has queued (handshake, records, alerts).
+    async fn flush_tls(&self) -> io::Result<()> {
+        let _held = self.wlock.lock().await;
+        loop {
+            let mut out = Vec::new();
+            {
+                let mut tls = self.tls.borrow_mut();
+                while tls.wants_write() {
+                    tls.write_tls(&mut out)?;
+                }
+            }
+            if out.is_empty() {
+                return Ok(());
+            }
+            self.write_all(Bytes::from(out)).await?;
+        }
+    }
+
+    /// The underlying partial-write loop for one ciphertext buffer.
+    async fn write_all(&self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            let (res, mut bufs) = self.io.writev(vec![data]).await;
+            data = bufs.pop().unwrap_or_default();
+            match res? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => {
+                    let _ = data.split_to(n.min(data.len()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves decrypted bytes into `buf`: `Some(n)` when there were some (or
+    /// `Some(0)` at a clean close), `None` when rustls needs more input.
+    fn take_plaintext(&self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        let mut tls = self.tls.borrow_mut();
+        let mut reader = tls.reader();
+        match reader.fill_buf() {
+            Ok(data) => {
+                let room = (buf.capacity() - buf.len()).max(MIN_READ);
+                let n = data.len().min(room);
+                buf.extend_from_slice(&data[..n]);
+                reader.consume(n);
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands `rbuf`'s ciphertext to rustls and processes it.
+    fn feed(&self, rbuf: &mut BytesMut) -> io::Result<()> {
+        let mut tls = self.tls.borrow_mut();
+        let mut progress = false;
+        while !rbuf.is_empty() {
+            let mut slice: &[u8] = rbuf;
+            match tls.read_tls(&mut slice) {
+                Ok(0) => break,
+                Ok(n) => {
+                    progress = true;
+                    let _ = rbuf.split_to(n);
+                }
+                // rustls's plaintext buffer is full: keep the rest until
+                // the reader has taken some (it is taken first next turn).
+                Err(_) if progress => break,
+                Err(e) => return Err(e),
+            }
+            tls.process_new_packets().map_err(tls_error)?;
+        }
+        tls.process_new_packets().map_err(tls_error)?;
+        Ok(())
+    }
+}
+
+impl<S: Stream> Stream for TlsStream<S> {
+    async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        loop {
+            match self.take_plaintext(&mut buf) {
+                Ok(Some(n)) => return (Ok(n), buf),
+                Ok(None) => {}
+                Err(e) => return (Err(e), buf),
+            }
+            if self.tls.borrow().wants_write() {
+                if let Err(e) = self.flush_tls().await {
+                    return (Err(e), buf);
+                }
+            }
+            let mut rbuf = std::mem::take(&mut *self.rbuf.borrow_mut());
+            if rbuf.is_empty() {
+                rbuf.reserve(READ_CHUNK);
+                let (res, back) = self.io.read(rbuf).await;
+                rbuf = back;
+                match res {
+                    Ok(0) => return (Ok(0), buf), // end of stream
+                    Ok(_) => {}
+                    Err(e) => return (Err(e), buf),
+                }
+            }
+            let fed = self.feed(&mut rbuf);
+            *self.rbuf.borrow_mut() = rbuf;
+            if let Err(e) = fed {
+                // Tell the other side why (an alert), best effort.
+                let _ = self.flush_tls().await;
+                return (Err(e), buf);
+            }
+        }
+    }
+
+    async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+        let _held = self.wlock.lock().await;
+        // Room for the whole batch as records (≤ 16 KiB of plaintext each,
+        // plus header and tag), so the buffer is allocated once.
+        let plain: usize = bufs.iter().map(Bytes::len).sum();
+        let mut out = Vec::with_capacity(plain + (plain / 16_384 + 1) * 64);
+        let res = {
+            let mut tls = self.tls.borrow_mut();
+            let slices = super::io::smallvec_slices::Slices::new(&bufs);
+            let res = tls.writer().write_vectored(slices.as_slice());
+            while tls.wants_write() && res.is_ok() {
+                if let Err(e) = tls.write_tls(&mut out) {
+                    return (Err(e), bufs);
+                }
+            }
+            res
+        };
+        if !out.is_empty() {
+            if let Err(e) = self.write_all(Bytes::from(out)).await {
+                return (Err(e), bufs);
+            }
+        }
+        (res, bufs)
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.io.raw_fd()
+    }
+
+    fn peer_certified(&self) -> bool {
+        // rustls keeps the chain only once its verifier accepted it.
+        self.tls.borrow().peer_certificates().is_some()
+    }
+}

@@ -1,0 +1,567 @@
+//! TLS (issue 11, item 3): clients over TLS on both backends, refusals
+//! (a client trusting another CA, client certificates when
+//! `tls_client_auth` is on), a plain client to a TLS listener, and the
+//! config checks. Certificates are made here with rcgen.
+
+use crate::cluster::{ip, name, Cluster, QUICK};
+use crate::util::{free_port, next_event, uring_here, wait_for, NodeProc, Raw, TempDir, WAIT};
+use msgc::client::{Client, ClientConfig, Event};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A certificate authority that signs leaf certificates into a directory.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    /// The CA certificate's PEM file.
+    pem: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &TempDir, name: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let pem = dir.write(&format!("{name}.pem"), &cert.pem());
+        Ca { cert, key, pem }
+    }
+
+    /// A leaf certificate for `names` (IP addresses or DNS names), usable
+    /// by servers and clients: (certificate file, key file).
+    fn leaf(&self, dir: &TempDir, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("leaf key");
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("leaf params");
+        params.distinguished_name.push(DnType::CommonName, file);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("signed leaf");
+        (
+            dir.write(&format!("{file}.crt"), &cert.pem()),
+            dir.write(&format!("{file}.key"), &key.serialize_pem()),
+        )
+    }
+}
+
+/// `msgc_server` lines for TLS with these files.
+fn tls_lines(cert: &Path, key: &Path) -> String {
+    format!(
+        "tls_certificate = \"{}\"\n  tls_key = \"{}\"",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// A one-node TLS server on `ip` with its CA; `extra` inside `msgc_server`.
+fn tls_server(dir: &TempDir, ip: &str, extra: &str) -> (NodeProc, Ca) {
+    let ca = Ca::new(dir, "ca");
+    let (cert, key) = ca.leaf(dir, "server", &[ip]);
+    let port = free_port(&[ip]);
+    let extra = format!("{}\n  {extra}", tls_lines(&cert, &key));
+    (NodeProc::solo_on(dir, ip, port, &extra), ca)
+}
+
+fn tls_client_config(addr: SocketAddr, ca: &Ca) -> ClientConfig {
+    ClientConfig {
+        tls_ca: Some(ca.pem.display().to_string()),
+        ..ClientConfig::with_servers([addr.to_string()])
+    }
+}
+
+/// The error of a connection attempt that must fail.
+async fn refused(cfg: ClientConfig) -> String {
+    match Client::connect(cfg).await {
+        Ok(_) => panic!("a client that should be refused got in"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// The next message's payload (membership events skipped).
+async fn next_message(events: &flume::Receiver<Event>) -> Vec<u8> {
+    next_event(events, WAIT, |e| match e {
+        Event::Message { payload, .. } => Some(payload.to_vec()),
+        Event::Disconnected { .. } => panic!("the TLS connection was dropped"),
+        _ => None,
+    })
+    .await
+}
+
+/// Publishes `n` messages of varied sizes (some larger than a TLS record)
+/// from one TLS client to another and checks they arrive whole, in order.
+async fn publishes_and_receives_in_order(ip: &str, backend: &str) {
+    let dir = TempDir::new("tls-order");
+    let extra = format!("io_backend = {backend}");
+    let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, ip, &extra));
+    let sub = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("subscriber connects over TLS");
+    sub.join("tls.order").await.expect("join");
+    let events = sub.events();
+    let publisher = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("publisher connects over TLS");
+    let payload = |i: usize| {
+        let len = if i % 50 == 0 { 40_000 } else { 10 + i % 300 };
+        let mut p = format!("{i}:").into_bytes();
+        p.resize(len, b'a' + (i % 26) as u8);
+        p
+    };
+    const N: usize = 2_000;
+    for i in 0..N {
+        publisher
+            .publish("tls.order", payload(i))
+            .await
+            .expect("publish");
+    }
+    for i in 0..N {
+        assert_eq!(next_message(&events).await, payload(i), "message {i}");
+    }
+    let report = publisher.close().await;
+    assert!(report.flushed, "{report:?}");
+    let _ = sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_tls_publishes_and_receives_in_order_on_epoll() {
+    publishes_and_receives_in_order("127.0.0.81", "epoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_tls_publishes_and_receives_in_order_on_io_uring() {
+    if !uring_here() {
+        return;
+    }
+    publishes_and_receives_in_order("127.0.0.82", "uring").await;
+}
+
+/// A plain client gets a clear error; a raw plain HELLO is closed; a TLS
+/// subscriber already there keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_to_a_tls_listener_fails_clearly_and_nothing_else_is_affected() {
+    let dir = TempDir::new("tls-plain");
+    let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.83", ""));
+    let sub = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("TLS subscriber");
+    sub.join("tls.plain").await.expect("join");
+    let events = sub.events();
+
+    let err = refused(ClientConfig::with_servers([node.addr.to_string()])).await;
+    assert!(err.contains("speaks TLS"), "{err}");
+    tokio::task::block_in_place(|| {
+        let mut raw = Raw::connect(node.addr);
+        raw.send_bytes(&[0, 0, 0, 1, 3]); // a plain NOOP frame
+        assert!(raw.closed(), "plain frames to a TLS listener are closed");
+    });
+
+    let publisher = Client::connect(tls_client_config(node.addr, &ca))
+        .await
+        .expect("TLS publisher");
+    publisher
+        .publish("tls.plain", "still here")
+        .await
+        .expect("publish");
+    assert_eq!(next_message(&events).await, b"still here");
+    let _ = publisher.close().await;
+    let _ = sub.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trusting_another_ca_is_refused() {
+    let dir = TempDir::new("tls-other-ca");
+    let (node, _ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.84", ""));
+    let other = Ca::new(&dir, "other-ca");
+    let err = refused(tls_client_config(node.addr, &other)).await;
+    assert!(err.contains("TLS handshake failed"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
+/// With `tls_client_auth = true`: no certificate, or one from another CA,
+/// is refused; one from `tls_ca` gets in and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_client_auth_only_certificates_from_the_ca_get_in() {
+    let dir = TempDir::new("tls-mutual");
+    let ip = "127.0.0.85";
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &[ip]);
+    let extra = format!(
+        "{}\n  tls_ca = \"{}\"\n  tls_client_auth = true",
+        tls_lines(&cert, &key),
+        ca.pem.display()
+    );
+    let node =
+        tokio::task::block_in_place(|| NodeProc::solo_on(&dir, ip, free_port(&[ip]), &extra));
+    let with_cert = |files: (PathBuf, PathBuf)| ClientConfig {
+        tls_certificate: Some(files.0.display().to_string()),
+        tls_key: Some(files.1.display().to_string()),
+        ..tls_client_config(node.addr, &ca)
+    };
+
+    let err = refused(tls_client_config(node.addr, &ca)).await;
+    assert!(err.contains("CertificateRequired"), "{err}");
+    let other = Ca::new(&dir, "other-ca");
+    let untrusted = with_cert(other.leaf(&dir, "mallory", &["mallory"]));
+    let refused = Client::connect(untrusted).await;
+    assert!(
+        refused.is_err(),
+        "a client certificate from another CA got in"
+    );
+
+    let trusted = with_cert(ca.leaf(&dir, "alice", &["alice"]));
+    let alice = Client::connect(trusted).await.expect("alice gets in");
+    alice.join("tls.mutual").await.expect("join");
+    let events = alice.events();
+    alice.publish("tls.mutual", "hi").await.expect("publish");
+    assert_eq!(next_message(&events).await, b"hi");
+    let _ = alice.close().await;
+}
+
+/// True when the node `c` is connected to lists `others` as peers, all up
+/// (its stats, asked over TLS).
+async fn mesh_up(c: &Client, others: &[String]) -> bool {
+    let Ok(st) = c.stats().await else {
+        return false;
+    };
+    let Some(peers) = st["peers"].as_array() else {
+        return false;
+    };
+    peers.len() == others.len()
+        && others.iter().all(|n| {
+            peers
+                .iter()
+                .any(|p| p["name"] == n.as_str() && p["state"] == "up")
+        })
+}
+
+/// Three nodes whose links and clients are all TLS (each node with its own
+/// certificate, one CA): the mesh comes up, and messages from node1 reach
+/// members on node2 and node3 whole and in order.
+async fn a_cluster_over_tls_delivers_in_order(tag: &str, backend: &str) {
+    let mut c = Cluster::new(tag);
+    let ca = Ca::new(&c.dir, "ca");
+    for i in 0..3 {
+        let (cert, key) = ca.leaf(&c.dir, &name(i), &[&ip(i).to_string()]);
+        let extra = format!(
+            "{QUICK}\n io_backend = {backend}\n {}\n tls_ca = \"{}\"",
+            tls_lines(&cert, &key),
+            ca.pem.display()
+        );
+        let conf = c.conf(&format!("{}.conf", name(i)), 3, &extra);
+        c.spawn(i, conf);
+    }
+    tokio::task::block_in_place(|| c.ready());
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let client = Client::connect(tls_client_config(c.addr(i), &ca))
+            .await
+            .expect("TLS client connects");
+        clients.push(client);
+    }
+    for (i, client) in clients.iter().enumerate() {
+        let others: Vec<String> = (0..3).filter(|&j| j != i).map(name).collect();
+        let end = tokio::time::Instant::now() + WAIT;
+        while !mesh_up(client, &others).await {
+            assert!(
+                tokio::time::Instant::now() < end,
+                "{}: TLS links not up",
+                name(i)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let streams: Vec<_> = clients.iter().map(Client::events).collect();
+    for client in &clients[1..] {
+        client.join("tls.mesh").await.expect("join");
+    }
+    const N: usize = 1_000;
+    let payload = |i: usize| {
+        let mut p = format!("{i}:").into_bytes();
+        p.resize(if i % 100 == 0 { 30_000 } else { 20 + i % 200 }, b'x');
+        p
+    };
+    for i in 0..N {
+        clients[0]
+            .publish("tls.mesh", payload(i))
+            .await
+            .expect("publish");
+    }
+    for events in &streams[1..] {
+        for i in 0..N {
+            assert_eq!(next_message(events).await, payload(i), "message {i}");
+        }
+    }
+    for client in &clients {
+        let _ = client.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_over_tls_delivers_in_order_on_epoll() {
+    a_cluster_over_tls_delivers_in_order("tls-mesh-epoll", "epoll").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_over_tls_delivers_in_order_on_io_uring() {
+    if !uring_here() {
+        return;
+    }
+    a_cluster_over_tls_delivers_in_order("tls-mesh-uring", "uring").await;
+}
+
+/// A peer HELLO over TLS from a connection that presented no certificate
+/// is refused with NOT_ALLOWED, even from a peer's own address; the real
+/// links stay up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_tls_without_a_certificate_is_refused() {
+    use msgc::protocol::{decode, ErrorCode, Frame, Hello, NodeName, Role, PROTOCOL_VERSION};
+    use std::io::{Read, Write};
+    let mut c = Cluster::new("tls-peer-nocert");
+    let ca = Ca::new(&c.dir, "ca");
+    for i in 0..2 {
+        let (cert, key) = ca.leaf(&c.dir, &name(i), &[&ip(i).to_string()]);
+        let extra = format!(
+            "{QUICK}\n {}\n tls_ca = \"{}\"",
+            tls_lines(&cert, &key),
+            ca.pem.display()
+        );
+        let conf = c.conf(&format!("{}.conf", name(i)), 2, &extra);
+        c.spawn(i, conf);
+    }
+    tokio::task::block_in_place(|| c.ready());
+    let node1 = Client::connect(tls_client_config(c.addr(0), &ca))
+        .await
+        .expect("client");
+    let others = [name(1)];
+    let end = tokio::time::Instant::now() + WAIT;
+    while !mesh_up(&node1, &others).await {
+        assert!(tokio::time::Instant::now() < end, "TLS link not up");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let addr = c.addr(0);
+    let config = msgc::tls::client_config(&ca.pem.display().to_string(), None).expect("config");
+    let answer = tokio::task::block_in_place(|| {
+        let server = rustls::pki_types::ServerName::try_from(ip(0).to_string()).expect("name");
+        let tls = rustls::ClientConnection::new(config, server).expect("session");
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        sock.bind(&SocketAddr::new(ip(1), 0).into())
+            .expect("bind node2's address");
+        sock.connect_timeout(&addr.into(), WAIT).expect("connect");
+        let tcp: std::net::TcpStream = sock.into();
+        tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+        let mut s = rustls::StreamOwned::new(tls, tcp);
+        let hello = Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role: Role::Peer,
+            name: Some(NodeName::from_str_checked(&name(1)).expect("name")),
+            credentials: Default::default(),
+            features: 0,
+            max_message_size: 0,
+        });
+        s.write_all(&hello.to_bytes()).expect("HELLO over TLS");
+        let mut buf = bytes::BytesMut::new();
+        for _ in 0..100 {
+            if let Ok(Some(frame)) = decode(&mut buf, 1 << 20) {
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        None
+    });
+    match answer {
+        Some(Frame::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::NOT_ALLOWED, "{message}");
+            assert!(message.contains("certificate"), "{message}");
+        }
+        other => panic!("expected ERROR NOT_ALLOWED, got {other:?}"),
+    }
+    assert!(
+        mesh_up(&node1, &others).await,
+        "the real link was disturbed"
+    );
+    let _ = node1.close().await;
+}
+
+/// A child process killed on drop (a failing test leaves none behind).
+struct Killed(Option<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `msgc --tls-ca --tls-cert --tls-key` subscribes and publishes through a
+/// server with client auth; without the flags it fails in one clear line.
+#[test]
+fn the_cli_speaks_tls_with_a_client_certificate() {
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("tls-cli");
+    let ip = "127.0.0.86";
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &[ip]);
+    let extra = format!(
+        "{}\n  tls_ca = \"{}\"\n  tls_client_auth = true",
+        tls_lines(&cert, &key),
+        ca.pem.display()
+    );
+    let node = NodeProc::solo_on(&dir, ip, free_port(&[ip]), &extra);
+    let (ccert, ckey) = ca.leaf(&dir, "cli", &["cli"]);
+    let server = node.addr.to_string();
+    let tls_args: Vec<String> = vec![
+        "--server".into(),
+        server.clone(),
+        "--tls-ca".into(),
+        ca.pem.display().to_string(),
+        "--tls-cert".into(),
+        ccert.display().to_string(),
+        "--tls-key".into(),
+        ckey.display().to_string(),
+    ];
+    let msgc = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_msgc"))
+            .args(&tls_args)
+            .args(args)
+            .output()
+            .expect("run msgc")
+    };
+    let sub = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(&tls_args)
+        .args(["sub", "news", "--count", "2", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn msgc sub");
+    let mut sub = Killed(Some(sub));
+    wait_for("msgc sub to join over TLS", WAIT, || {
+        let out = msgc(&["members", "news"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).lines().count() == 1
+    });
+    for m in ["one", "two"] {
+        let out = msgc(&["pub", "news", m]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = sub
+        .0
+        .take()
+        .expect("sub")
+        .wait_with_output()
+        .expect("sub exits");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+
+    let plain = Command::new(env!("CARGO_BIN_EXE_msgc"))
+        .args(["--server", &server, "ping"])
+        .output()
+        .expect("run msgc");
+    let err = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success(), "a plain ping succeeded");
+    assert!(
+        err.contains("speaks TLS") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}
+
+/// Bad TLS settings are errors at the line that names them.
+#[test]
+fn tls_options_are_checked_at_load_with_their_line() {
+    let dir = TempDir::new("tls-config");
+    let ca = Ca::new(&dir, "ca");
+    let (cert, key) = ca.leaf(&dir, "server", &["127.0.0.1"]);
+    let (_, other_key) = ca.leaf(&dir, "other", &["127.0.0.1"]);
+    let not_pem = dir.write("not.pem", "hello\n");
+    let missing = dir.0.join("missing.pem");
+    let parse = |lines: &str| {
+        let text = format!("msgc_server {{\n{lines}\n}}\n");
+        msgc::config::Config::parse_str("tls.conf", &text)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    let line = |opt: &str, p: &PathBuf| format!("  {opt} = \"{}\"", p.display());
+
+    let ok = format!(
+        "{}\n{}",
+        line("tls_certificate", &cert),
+        line("tls_key", &key)
+    );
+    assert_eq!(parse(&ok), Ok(()));
+    let cases = [
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &missing),
+                line("tls_key", &key)
+            ),
+            "tls.conf:2:",
+            "cannot read",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &not_pem),
+                line("tls_key", &key)
+            ),
+            "tls.conf:2:",
+            "no CERTIFICATE",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &cert),
+                line("tls_key", &not_pem)
+            ),
+            "tls.conf:3:",
+            "PRIVATE KEY",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                line("tls_certificate", &cert),
+                line("tls_key", &other_key)
+            ),
+            "tls.conf:3:",
+            "does not go with",
+        ),
+        (
+            line("tls_certificate", &cert),
+            "tls.conf:2:",
+            "without tls_key",
+        ),
+        (
+            format!("{ok}\n  tls_client_auth = true"),
+            "tls.conf:4:",
+            "needs tls_ca",
+        ),
+        (
+            format!("{ok}\n  tls_client_auth = maybe"),
+            "tls.conf:4:",
+            "true or false",
+        ),
+        (
+            format!("{ok}\n  peers = [ a = \"127.0.0.1\" b = \"127.0.0.2\" ]"),
+            "tls.conf:2:",
+            "needs tls_ca",
+        ),
+    ];
+    for (lines, at, what) in cases {
+        let err = parse(&lines).expect_err(&lines);
+        assert!(err.contains(at) && err.contains(what), "{lines}\n=> {err}");
+    }
+}
