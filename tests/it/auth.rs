@@ -207,6 +207,57 @@ async fn a_replayed_handshake_is_refused() {
     assert!(ponged, "the link answers PING");
 }
 
+/// A peer that proves the key is still only trusted to speak for its own
+/// members: a FORWARD whose sender is another node's member closes its
+/// link as a protocol error, and nothing is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_peer_speaking_for_another_node_loses_its_link() {
+    use msgc::protocol::snapshot_flags::{FIRST, LAST};
+    use msgc::protocol::{GroupName, MemberId};
+    let mut c = Cluster::new("auth-ids");
+    let conf = c.conf("cluster.conf", 3, &with_key(KEY));
+    c.spawn(0, conf);
+    c.ready();
+    let node1 = c.addr(0);
+    let key = ClusterKey::new(KEY.as_bytes()).expect("key");
+    let errors = || num(&stats(node1)["totals"]["protocol_errors"]);
+    let before = errors();
+
+    let (mut fake, answer, _) = fake_dial(node1, ip(1), "node2", "node1", &key);
+    assert!(
+        matches!(answer, Some(Frame::Welcome(_))),
+        "the key is proven: {answer:?}"
+    );
+    fake.send(&Frame::Snapshot {
+        flags: FIRST | LAST,
+        entries: Vec::new(),
+    });
+    until("node1 to see node2 up", || link(node1, "node2").0 == "up").await;
+    fake.send(&Frame::Forward {
+        group: GroupName::from_str_checked("g").expect("group"),
+        sender: MemberId::from_str_checked("node3/0.1.x").expect("member id"),
+        seq: None,
+        payload: Bytes::from_static(b"spoofed"),
+    });
+    loop {
+        match fake.recv() {
+            Some(Frame::Error { code, message }) => {
+                assert_eq!(code, ErrorCode::NOT_ALLOWED, "{message}");
+                break;
+            }
+            // Membership news or pings that were on their way.
+            Some(_) => {}
+            None => panic!("closed without an ERROR"),
+        }
+    }
+    assert!(fake.closed(), "the link is closed");
+    until("node1 to count the protocol error", || {
+        errors() == before + 1
+    })
+    .await;
+    until("node1 to see node2 down", || link(node1, "node2").0 != "up").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_with_different_keys_do_not_link() {
     let mut c = Cluster::new("auth-diff");
