@@ -501,9 +501,10 @@ impl Shard {
             })
     }
 
-    /// Routes a publish by `conn` to `group`: numbered, encoded once for
-    /// this shard and once into each other shard's batch (shared by
-    /// reference among the members there), once per peer.
+    /// Routes a publish by `conn` to `group`: numbered, forwarded once per
+    /// peer (from the one lookup of the group), encoded once for this
+    /// shard and once into each other shard's batch (shared by reference
+    /// among the members there).
     pub fn publish(&self, conn: &Conn, group: &[u8], payload: &[u8]) {
         let st = self.stats();
         ShardStats::bump(&st.publishes, 1);
@@ -511,9 +512,13 @@ impl Shard {
             let e = e?;
             let seq = conn.pub_seqs.next(e, || Some(e.clone()));
             let remote = e.node_mask().any() || e.ghost_mask().any();
+            if remote {
+                // With the entry in hand: no second lookup of the group.
+                crate::server::peers::forward(self, e, &conn.id, group, seq, payload);
+            }
             Some((e.shard_mask(), e.seq_mask(), remote, seq))
         });
-        let Some((shards, seq_shards, remote, seq)) = route.filter(|r| r.0 != 0 || r.2) else {
+        let Some((shards, seq_shards, _, seq)) = route.filter(|r| r.0 != 0 || r.2) else {
             ShardStats::add(&st.unrouted, 1);
             return;
         };
@@ -532,9 +537,6 @@ impl Shard {
             };
             let n = self.to_shards(&msg, shards, Some(seq));
             ShardStats::bump(&st.deliveries, n);
-        }
-        if remote {
-            crate::server::peers::forward(self, &conn.id, group, seq, payload);
         }
     }
 

@@ -27,7 +27,7 @@ use crate::cluster::mesh;
 
 use crate::config::ServerSettings;
 use crate::protocol::{encode_group_message_raw, features, Frame, FrameType, MemberId, Reason};
-use crate::router::Group;
+use crate::router::{Group, GroupEntry};
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
 use crate::server::seqs::AddrHash;
@@ -249,8 +249,16 @@ pub(crate) fn drop_for_peer(shard: &Shard, i: usize) {
 /// link went down while it had members in the group (a ghost) is counted
 /// a drop, or, once its link is back but its new view is not, sent the
 /// message anyway; a message larger than a peer's `max_message_size` is
-/// counted for that peer and not sent.
-pub fn forward(shard: &Shard, sender: &MemberId, group: &[u8], seq: u64, payload: &[u8]) {
+/// counted for that peer and not sent. `entry` is the group's table entry,
+/// which the publish has just looked up.
+pub fn forward(
+    shard: &Shard,
+    entry: &GroupEntry,
+    sender: &MemberId,
+    group: &[u8],
+    seq: u64,
+    payload: &[u8],
+) {
     let mesh = &shard.shared.cluster;
     let (mut plain, mut numbered): (Option<Bytes>, Option<Bytes>) = (None, None);
     let mut send = |j: usize| {
@@ -285,19 +293,17 @@ pub fn forward(shard: &Shard, sender: &MemberId, group: &[u8], seq: u64, payload
         };
         route_to_peer(shard, j, frame.clone());
     };
-    shard.shared.table.with(group, |e| {
-        let Some(e) = e else { return };
-        e.node_mask().for_each(&mut send);
-        e.ghost_mask().for_each(|j| {
-            if e.node_mask().get(j) {
-                return;
-            }
-            if mesh.link_of(j).is_some() {
-                send(j);
-            } else {
-                drop_for_peer(shard, j);
-            }
-        });
+    let e = entry;
+    e.node_mask().for_each(&mut send);
+    e.ghost_mask().for_each(|j| {
+        if e.node_mask().get(j) {
+            return;
+        }
+        if mesh.link_of(j).is_some() {
+            send(j);
+        } else {
+            drop_for_peer(shard, j);
+        }
     });
 }
 
