@@ -7,12 +7,14 @@
 //! - `per_frame`: each frame its own allocation, shared by reference (the
 //!   code before `FrameBatch`): allocated on the producer, freed on the
 //!   consumer.
-//! - `packed`: `FrameBatch` (small frames packed, copied out on arrival;
-//!   larger ones shared).
+//! - `packed`: `FrameBatch` (small frames packed, copied on arrival into
+//!   the writer's open chunk, as `Outbound::push_copy` does; larger ones
+//!   shared).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use msgc::protocol::{FrameType, GroupMessage};
+use msgc::server::shard::Framed;
 use msgc::server::shared::FrameBatch;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -99,7 +101,22 @@ fn handoff(c: &mut Criterion) {
                         }
                         fb.full()
                     },
-                    |fb, queue| queue.extend(fb.into_frames().map(|(f, _)| f)),
+                    |fb, queue| {
+                        let mut open = BytesMut::new();
+                        fb.for_each_frame(|f, _| match f {
+                            Framed::Shared(b) => {
+                                if !open.is_empty() {
+                                    queue.push_back(open.split().freeze());
+                                }
+                                queue.push_back(b);
+                            }
+                            Framed::Slice(s) => open.extend_from_slice(s),
+                            Framed::Message(m) => queue.push_back(m.encode()),
+                        });
+                        if !open.is_empty() {
+                            queue.push_back(open.freeze());
+                        }
+                    },
                 )
             })
         });

@@ -1,7 +1,9 @@
 //! A connection's outbound queue and the writer task that drains it.
 //!
 //! Producers (the fan-out on this shard, messages from other shards) push
-//! refcounted frames; nobody copies a frame per recipient. The queue's
+//! refcounted frames, or copy a small frame into the queue's open chunk
+//! ([`Outbound::push_copy`]): small frames then cost no allocation of
+//! their own and go to the kernel as one buffer, not one iovec each. The queue's
 //! budget and the slow/stuck rule live in [`super::flow`]: a push to a full
 //! queue either makes its producer wait ([`Push::Slow`]) or reports
 //! [`Push::Stuck`], and the caller closes the connection. The writer takes
@@ -14,7 +16,7 @@
 
 use super::flow::{Admit, Backlog, Budget, Gate};
 use super::io::Stream;
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,9 +44,24 @@ const KEEP_CAPACITY: usize = 64;
 /// stream does not free and regrow its queue at every lull).
 const DROP_CAPACITY: usize = 4096;
 
-/// What a queued frame costs besides its bytes (its slot in the queue), so
-/// that a budget in bytes bounds the memory of many small frames too.
-pub const SLOT_BYTES: usize = std::mem::size_of::<Bytes>();
+/// Frames up to this long may be copied into a queue's open chunk
+/// ([`Outbound::push_copy`]) rather than shared: below this a copy costs
+/// less than the frame's own allocation, its refcount and its iovec
+/// (tuning.md, "Small frames copied into the writer's chunk").
+pub const COPY_MAX: usize = 128;
+
+/// The open chunk's first room, and its most: a chunk is closed (queued
+/// for the writer) once it holds this much, and grows by doubling from
+/// the first size while a connection's stream keeps it full, so an idle
+/// member holds little and a busy one allocates once per 64 KiB.
+const CHUNK_MIN: usize = 512;
+const CHUNK_MAX: usize = 64 * 1024;
+
+/// What a queued frame costs besides its bytes (its slot in the queue: 40
+/// bytes, a buffer and its frame count), so that a budget in bytes bounds
+/// the memory of many small frames too. A copied frame is charged the same,
+/// though it shares its chunk's slot.
+pub const SLOT_BYTES: usize = std::mem::size_of::<(Bytes, u32)>();
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +94,15 @@ pub enum Phase {
 /// The queue, its accounting, its wake-up and the facts the sweep needs.
 #[derive(Debug)]
 pub struct Outbound {
-    queue: RefCell<VecDeque<Bytes>>,
+    /// Closed buffers in order, each a frame or a chunk of copied frames,
+    /// with how many frames it holds.
+    queue: RefCell<VecDeque<(Bytes, u32)>>,
+    /// Copied frames not yet queued (they follow everything in `queue`),
+    /// and how many.
+    open: RefCell<BytesMut>,
+    open_frames: Cell<u32>,
+    /// The room the open chunk gets when it needs more.
+    chunk: Cell<usize>,
     /// Frames and bytes pending (queued or being written), the progress
     /// clock and the producers waiting.
     backlog: RefCell<Backlog>,
@@ -93,6 +118,9 @@ impl Outbound {
     pub fn new(now: Instant, budget: Budget) -> Self {
         Self {
             queue: RefCell::new(VecDeque::new()),
+            open: RefCell::new(BytesMut::new()),
+            open_frames: Cell::new(0),
+            chunk: Cell::new(CHUNK_MIN),
             backlog: RefCell::new(Backlog::new(now)),
             budget: Cell::new(budget),
             notify: Notify::new(),
@@ -139,27 +167,81 @@ impl Outbound {
         now: Instant,
         producer: Option<&Arc<Gate>>,
     ) -> (Push, bool) {
-        if self.phase.get() != Phase::Open {
-            return (Push::Closed, false);
-        }
-        let verdict = self.backlog.borrow_mut().admit(
-            frame.len() + SLOT_BYTES,
-            &self.budget.get(),
-            now,
-            producer,
-        );
-        if verdict == Admit::Stuck {
-            return (Push::Stuck, false);
+        let verdict = match self.admit(frame.len(), now, producer) {
+            Ok(v) => v,
+            Err(refused) => return (refused, false),
+        };
+        if self.open_frames.get() > 0 {
+            self.close_chunk();
+            self.queue.borrow_mut().push_back((frame, 1));
+            return (verdict, false);
         }
         let mut q = self.queue.borrow_mut();
         let was_empty = q.is_empty();
-        q.push_back(frame);
-        let verdict = match verdict {
-            Admit::Slow => Push::Slow,
-            Admit::Suspect => Push::Suspect,
-            _ => Push::Queued,
-        };
+        q.push_back((frame, 1));
         (verdict, was_empty)
+    }
+
+    /// As [`Outbound::push_quiet`], but copies `frame` (at most a few
+    /// hundred bytes; see [`COPY_MAX`]) into the open chunk: no
+    /// allocation per frame, and the writer sends the chunk as one buffer.
+    /// Charged to the budget exactly as a shared frame.
+    #[inline]
+    pub fn push_copy(
+        &self,
+        frame: &[u8],
+        now: Instant,
+        producer: Option<&Arc<Gate>>,
+    ) -> (Push, bool) {
+        let verdict = match self.admit(frame.len(), now, producer) {
+            Ok(v) => v,
+            Err(refused) => return (refused, false),
+        };
+        let was_empty = self.is_empty();
+        let mut open = self.open.borrow_mut();
+        if open.len() + frame.len() > CHUNK_MAX && !open.is_empty() {
+            drop(open);
+            self.close_chunk();
+            open = self.open.borrow_mut();
+        }
+        if open.capacity() - open.len() < frame.len() {
+            let room = self.chunk.get();
+            open.reserve(room.max(frame.len()));
+            self.chunk.set((room * 2).min(CHUNK_MAX));
+        }
+        open.extend_from_slice(frame);
+        self.open_frames.set(self.open_frames.get() + 1);
+        (verdict, was_empty)
+    }
+
+    /// The budget's verdict on a frame of `len` bytes (the caller queues
+    /// it on `Ok`).
+    #[inline]
+    fn admit(&self, len: usize, now: Instant, producer: Option<&Arc<Gate>>) -> Result<Push, Push> {
+        if self.phase.get() != Phase::Open {
+            return Err(Push::Closed);
+        }
+        match self
+            .backlog
+            .borrow_mut()
+            .admit(len + SLOT_BYTES, &self.budget.get(), now, producer)
+        {
+            Admit::Stuck => Err(Push::Stuck),
+            Admit::Slow => Ok(Push::Slow),
+            Admit::Suspect => Ok(Push::Suspect),
+            _ => Ok(Push::Queued),
+        }
+    }
+
+    /// Queues the open chunk's frames (they go before anything pushed
+    /// after them). Its spare room stays open: once the writer is done
+    /// with the closed part, the chunk's memory is used again.
+    fn close_chunk(&self) {
+        let frames = self.open_frames.replace(0);
+        if frames > 0 {
+            let bytes = self.open.borrow_mut().split().freeze();
+            self.queue.borrow_mut().push_back((bytes, frames));
+        }
     }
 
     /// Queues `last` (an error or last words, whatever the budget), then
@@ -170,10 +252,11 @@ impl Outbound {
         if self.phase.get() != Phase::Open {
             return false;
         }
+        self.close_chunk();
         let mut backlog = self.backlog.borrow_mut();
         if let Some(f) = last {
             backlog.force(f.len() + SLOT_BYTES);
-            self.queue.borrow_mut().push_back(f);
+            self.queue.borrow_mut().push_back((f, 1));
         }
         backlog.release_all();
         self.phase.set(Phase::Draining);
@@ -188,8 +271,10 @@ impl Outbound {
             0
         } else {
             let mut q = self.queue.borrow_mut();
-            let n = q.len();
+            let n = q.iter().map(|(_, f)| *f as usize).sum::<usize>()
+                + self.open_frames.replace(0) as usize;
             *q = VecDeque::new();
+            *self.open.borrow_mut() = BytesMut::new();
             n
         };
         self.backlog.borrow_mut().clear();
@@ -205,12 +290,17 @@ impl Outbound {
 
     /// Frames waiting to be taken by the writer.
     pub fn len(&self) -> usize {
-        self.queue.borrow().len()
+        self.queue
+            .borrow()
+            .iter()
+            .map(|(_, f)| *f as usize)
+            .sum::<usize>()
+            + self.open_frames.get() as usize
     }
 
     /// True when nothing waits to be taken by the writer.
     pub fn is_empty(&self) -> bool {
-        self.queue.borrow().is_empty()
+        self.open_frames.get() == 0 && self.queue.borrow().is_empty()
     }
 
     /// Frames and bytes pending: queued or being written.
@@ -253,21 +343,28 @@ impl Outbound {
         self.last_tx.get()
     }
 
-    /// Takes what is due, up to [`MAX_IOV`] frames and about
-    /// [`WRITE_BYTES`] (always one frame at least).
-    fn take_batch(&self, batch: &mut Vec<Bytes>) {
+    /// Takes what is due, up to [`MAX_IOV`] buffers and about
+    /// [`WRITE_BYTES`] (always one buffer at least), with each buffer's
+    /// frame count in `frames`.
+    fn take_batch(&self, batch: &mut Vec<Bytes>, frames: &mut Vec<u32>) {
+        self.close_chunk();
         let mut q = self.queue.borrow_mut();
         let mut bytes = 0;
         let n = q
             .iter()
             .take(MAX_IOV)
-            .take_while(|f| {
+            .take_while(|(f, _)| {
                 let first = bytes == 0;
                 bytes += f.len();
                 first || bytes <= WRITE_BYTES
             })
             .count();
-        batch.extend(q.drain(..n));
+        batch.reserve(n);
+        frames.reserve(n);
+        for (b, f) in q.drain(..n) {
+            batch.push(b);
+            frames.push(f);
+        }
         if q.is_empty() && q.capacity() > DROP_CAPACITY {
             // A big burst is over: do not keep its room.
             *q = VecDeque::new();
@@ -280,6 +377,10 @@ impl Outbound {
         let mut q = self.queue.borrow_mut();
         if q.is_empty() && q.capacity() > KEEP_CAPACITY {
             *q = VecDeque::new();
+        }
+        if self.open_frames.get() == 0 {
+            *self.open.borrow_mut() = BytesMut::new();
+            self.chunk.set(CHUNK_MIN);
         }
     }
 
@@ -319,8 +420,9 @@ pub async fn write_loop<S: Stream>(
 ) -> usize {
     let mut dropped = 0;
     let mut batch: Vec<Bytes> = Vec::new();
+    let mut counts: Vec<u32> = Vec::new();
     loop {
-        out.take_batch(&mut batch);
+        out.take_batch(&mut batch, &mut counts);
         if batch.is_empty() {
             match out.phase() {
                 Phase::Open => {
@@ -331,18 +433,19 @@ pub async fn write_loop<S: Stream>(
             }
         }
         if out.phase() == Phase::Closed {
-            dropped = batch.len();
+            dropped = counts.iter().map(|f| *f as usize).sum();
             break;
         }
-        let frames = batch.len() as u64;
-        match write_all(stream, batch, |f, b| out.written(f, b)).await {
+        let frames = counts.iter().map(|f| u64::from(*f)).sum();
+        match write_all(stream, batch, &mut counts, |f, b| out.written(f, b)).await {
             Ok((bytes, mut b)) => {
                 if b.capacity() > KEEP_CAPACITY {
                     b = Vec::new();
+                    counts = Vec::new();
                 }
                 batch = b;
                 on_write(Written { frames, bytes });
-                if !out.queue.borrow().is_empty() {
+                if !out.is_empty() {
                     // One batch per turn: the shard's other writers (and
                     // readers) go before this one's next.
                     tokio::task::yield_now().await;
@@ -361,13 +464,15 @@ pub async fn write_loop<S: Stream>(
     dropped
 }
 
-/// Writes every byte of `bufs`, looping over partial writes, and tells
-/// `progress` after each write how many frames it completed and how many
-/// bytes it took. Returns the byte count and the emptied vector (for
-/// reuse); on a failed write, how many frames did not go out whole.
+/// Writes every byte of `bufs` (buffer `i` holding `frames[i]` frames),
+/// looping over partial writes, and tells `progress` after each write how
+/// many frames it completed and how many bytes it took. Returns the byte
+/// count and the emptied vector (for reuse; `frames` is emptied too); on
+/// a failed write, how many frames did not go out whole.
 async fn write_all<S: Stream>(
     stream: &S,
     mut bufs: Vec<Bytes>,
+    frames: &mut Vec<u32>,
     progress: impl Fn(usize, usize),
 ) -> Result<(u64, Vec<Bytes>), usize> {
     let mut total = 0u64;
@@ -376,21 +481,27 @@ async fn write_all<S: Stream>(
         let n = match res {
             Ok(n) if n > 0 => n,
             // An error, or no progress (WriteZero): the connection is gone.
-            _ => return Err(b.len()),
+            _ => {
+                let unsent = frames.iter().map(|f| *f as usize).sum();
+                frames.clear();
+                return Err(unsent);
+            }
         };
         total += n as u64;
-        let (mut left, mut done) = (n, 0);
-        for buf in b.iter_mut() {
+        let (mut left, mut done, mut done_frames) = (n, 0, 0);
+        for (buf, f) in b.iter_mut().zip(frames.iter()) {
             if left >= buf.len() {
                 left -= buf.len();
                 done += 1;
+                done_frames += *f as usize;
             } else {
                 buf.advance(left);
                 break;
             }
         }
         b.drain(..done);
-        progress(done, n);
+        frames.drain(..done);
+        progress(done_frames, n);
         bufs = b;
     }
     Ok((total, bufs))
@@ -488,12 +599,151 @@ mod tests {
     #[test]
     fn batches_are_bounded_in_bytes() {
         let out = queue(10, 100 * 1024);
-        let mut batch = Vec::new();
-        out.take_batch(&mut batch);
+        let (mut batch, mut counts) = (Vec::new(), Vec::new());
+        out.take_batch(&mut batch, &mut counts);
         assert_eq!(batch.len(), 2, "two 100 KiB frames fit in 256 KiB");
+        assert_eq!(counts, [1, 1]);
         let big = queue(1, 1 << 20);
         batch.clear();
-        big.take_batch(&mut batch);
+        big.take_batch(&mut batch, &mut counts);
         assert_eq!(batch.len(), 1, "a frame larger than the bound goes alone");
+    }
+
+    /// A socket that takes at most `per_write` bytes a call and keeps
+    /// everything written.
+    struct Trickle {
+        per_write: usize,
+        got: RefCell<Vec<u8>>,
+        writes: Cell<usize>,
+        fd: std::os::unix::net::UnixStream,
+    }
+
+    impl Stream for Trickle {
+        async fn read(&self, buf: bytes::BytesMut) -> (io::Result<usize>, bytes::BytesMut) {
+            (Ok(0), buf)
+        }
+        async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+            let mut left = self.per_write;
+            let mut got = self.got.borrow_mut();
+            for b in &bufs {
+                let k = b.len().min(left);
+                got.extend_from_slice(&b[..k]);
+                left -= k;
+            }
+            self.writes.set(self.writes.get() + 1);
+            (Ok(self.per_write - left), bufs)
+        }
+        fn raw_fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+    }
+
+    fn open_queue() -> Outbound {
+        let budget = Budget {
+            frames: usize::MAX,
+            bytes: usize::MAX,
+            stuck_after: Duration::from_secs(1),
+        };
+        Outbound::new(Instant::now(), budget)
+    }
+
+    /// Runs `out`'s writer into a socket taking `per_write` bytes a call
+    /// until the queue is drained; returns (bytes, frames reported, writes).
+    fn drain(out: &Outbound, per_write: usize) -> (Vec<u8>, u64, usize) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (fd, _other) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let sock = Trickle {
+            per_write,
+            got: RefCell::new(Vec::new()),
+            writes: Cell::new(0),
+            fd,
+        };
+        let frames = Cell::new(0u64);
+        out.drain_with(None);
+        let dropped = rt.block_on(write_loop(out, &sock, |w| {
+            frames.set(frames.get() + w.frames)
+        }));
+        assert_eq!(dropped, 0);
+        (sock.got.into_inner(), frames.get(), sock.writes.get())
+    }
+
+    /// Copied and shared frames go out in the order they were pushed,
+    /// whole, however the socket splits the writes; every frame is
+    /// reported written once, and nothing stays pending.
+    #[test]
+    fn copied_and_shared_frames_keep_their_order_through_partial_writes() {
+        for per_write in [1, 7, 100, 1 << 20] {
+            let out = open_queue();
+            let now = Instant::now();
+            let mut want = Vec::new();
+            for i in 0..50u8 {
+                let frame = vec![i; 1 + usize::from(i % 13)];
+                if i % 5 == 0 {
+                    out.push(Bytes::from(frame.clone()), now, None);
+                } else {
+                    out.push_copy(&frame, now, None);
+                }
+                want.extend_from_slice(&frame);
+            }
+            assert_eq!(out.len(), 50);
+            let (got, frames, _) = drain(&out, per_write);
+            assert_eq!(got, want, "{per_write} bytes a write");
+            assert_eq!(frames, 50, "{per_write} bytes a write");
+            assert_eq!(out.pending(), (0, 0), "{per_write} bytes a write");
+        }
+    }
+
+    /// A copied frame is charged to the budget exactly as a shared one.
+    #[test]
+    fn a_copied_frame_costs_the_budget_what_a_shared_one_does() {
+        let (a, b) = (open_queue(), open_queue());
+        let now = Instant::now();
+        for len in [1usize, 16, 100, 128] {
+            a.push_copy(&vec![1; len], now, None);
+            b.push(Bytes::from(vec![1; len]), now, None);
+            assert_eq!(a.pending(), b.pending());
+        }
+    }
+
+    /// Many small frames go out as few large buffers: a chunk is closed at
+    /// its bound, and the writer sends chunks, not one iovec per frame.
+    #[test]
+    fn copied_frames_are_written_in_chunks() {
+        let out = open_queue();
+        let now = Instant::now();
+        let frame = [3u8; 40];
+        let n = 4000; // 160,000 bytes: three chunks
+        for _ in 0..n {
+            out.push_copy(&frame, now, None);
+        }
+        out.close_chunk();
+        let chunks = out.queue.borrow().len();
+        assert!((3..=4).contains(&chunks), "{chunks} chunks");
+        assert!(out.queue.borrow().iter().all(|(b, _)| b.len() <= CHUNK_MAX));
+        let (got, frames, writes) = drain(&out, usize::MAX);
+        assert_eq!((got.len(), frames), (n * 40, n as u64));
+        assert_eq!(writes, 1, "one writev for every chunk");
+    }
+
+    /// Closing drops and counts copied frames too, and an idle queue gives
+    /// its open chunk back.
+    #[test]
+    fn closing_counts_copied_frames_and_idle_queues_give_their_chunk_back() {
+        let out = open_queue();
+        let now = Instant::now();
+        out.push_copy(b"abc", now, None);
+        out.push(Bytes::from_static(b"defg"), now, None);
+        out.push_copy(b"hi", now, None);
+        assert_eq!(out.close_now(), 3);
+        assert_eq!(out.push_copy(b"x", now, None).0, Push::Closed);
+
+        let idle = open_queue();
+        idle.push_copy(b"abc", now, None);
+        let _ = drain(&idle, usize::MAX);
+        assert!(idle.open.borrow().capacity() > 0, "room kept while busy");
+        idle.trim_idle();
+        assert_eq!(idle.open.borrow().capacity(), 0, "given back when idle");
     }
 }

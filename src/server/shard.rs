@@ -13,7 +13,7 @@ use super::conn::Conn;
 use super::flow::Gate;
 use super::io::Listener;
 use super::membership::{Batches, Members};
-use super::outbound::Push;
+use super::outbound::{Push, COPY_MAX};
 use super::shared::{FrameBatch, ShardMsg, Shared};
 use super::Live;
 use crate::protocol::{
@@ -270,15 +270,35 @@ impl Shard {
         now: Instant,
         producer: Option<&Arc<Gate>>,
     ) -> bool {
-        let verdict = if self.deferring.get() {
-            let (verdict, wake) = conn.out.push_quiet(frame, now, producer);
-            if wake {
+        let (verdict, wake) = conn.out.push_quiet(frame, now, producer);
+        self.settle(conn, verdict, wake)
+    }
+
+    /// As [`Shard::push_from`], copying a small `frame` into `conn`'s
+    /// queue (see [`Outbound::push_copy`]).
+    #[inline]
+    fn copy_from(
+        &self,
+        conn: &Conn,
+        frame: &[u8],
+        now: Instant,
+        producer: Option<&Arc<Gate>>,
+    ) -> bool {
+        let (verdict, wake) = conn.out.push_copy(frame, now, producer);
+        self.settle(conn, verdict, wake)
+    }
+
+    /// Wakes `conn`'s writer (now, or when the read is routed) if the push
+    /// found its queue empty, and acts on the push's verdict.
+    #[inline]
+    fn settle(&self, conn: &Conn, verdict: Push, wake: bool) -> bool {
+        if wake {
+            if self.deferring.get() {
                 self.owed.borrow_mut().push(conn.seq);
+            } else {
+                conn.out.wake();
             }
-            verdict
-        } else {
-            conn.out.push(frame, now, producer)
-        };
+        }
         match verdict {
             Push::Queued => true,
             Push::Slow | Push::Suspect => {
@@ -429,45 +449,78 @@ impl Shard {
     /// `left` by the caller; a push that failed was counted by
     /// [`Shard::push`]'s reasons). The other form is built at most once.
     #[inline]
-    pub fn to_local_members(&self, name: &[u8], frame: Bytes, seq: Option<u64>) -> Option<u64> {
+    pub fn to_local_members(
+        &self,
+        name: &[u8],
+        frame: Framed<'_>,
+        seq: Option<u64>,
+    ) -> Option<u64> {
         let list = std::cell::Ref::filter_map(self.members.borrow(), |m| m.get(name)).ok()?;
         Some(self.to_list(&list, frame, seq))
     }
 
     /// Queues `frame` to every member in `list`; returns how many took it.
-    fn to_list(&self, list: &Members, frame: Bytes, seq: Option<u64>) -> u64 {
+    /// A small frame, or one for a single member, is copied into each
+    /// member's queue (no allocation, see [`Outbound::push_copy`]); a
+    /// larger one for many members is shared by reference.
+    fn to_list(&self, list: &Members, frame: Framed<'_>, seq: Option<u64>) -> u64 {
         let now = self.clock.get();
         let producer = self.producer.borrow();
-        let framed_seq = is_seq_frame(&frame);
-        let mut frame = frame;
+        let producer = producer.as_ref();
+        let copy = |len: usize| len <= COPY_MAX || list.len() == 1;
+        let mut stack: [u8; FrameBatch::PACK_MAX];
+        let mut frame = match frame {
+            Framed::Slice(f) if copy(f.len()) => Encoded::Slice(f),
+            Framed::Slice(f) => Encoded::Shared(Bytes::copy_from_slice(f)),
+            Framed::Shared(f) => Encoded::Shared(f),
+            Framed::Message(msg) => {
+                let len = msg.len();
+                if copy(len) && len <= FrameBatch::PACK_MAX {
+                    stack = [0u8; FrameBatch::PACK_MAX];
+                    let mut dst = &mut stack[..];
+                    msg.put(&mut dst);
+                    Encoded::Slice(&stack[..len])
+                } else {
+                    Encoded::Shared(msg.encode())
+                }
+            }
+        };
+        let framed_seq = is_seq_frame(frame.as_ref());
         let mut other: Option<Bytes> = None;
         let mut n = 0;
         let last = list.len().saturating_sub(1);
         for (i, m) in list.iter().enumerate() {
             // A member that asked for numbers gets the plain form only when
             // the message has none (from a peer that numbers nothing).
-            let f = if m.seq == framed_seq || (m.seq && seq.is_none()) {
-                // The last member takes the frame itself: a frame for one
-                // member is never shared (sharing costs an allocation).
-                if i == last {
-                    std::mem::take(&mut frame)
-                } else {
-                    frame.clone()
+            let took = if m.seq == framed_seq || (m.seq && seq.is_none()) {
+                match &mut frame {
+                    Encoded::Slice(f) => self.copy_from(&m.conn, f, now, producer),
+                    // The last member takes the frame itself: a frame for
+                    // one member is never shared (sharing costs an
+                    // allocation).
+                    Encoded::Shared(f) if i == last => {
+                        self.push_from(&m.conn, std::mem::take(f), now, producer)
+                    }
+                    Encoded::Shared(f) => self.push_from(&m.conn, f.clone(), now, producer),
                 }
             } else {
-                other
-                    .get_or_insert_with(|| recode(&frame, seq.filter(|_| m.seq)))
-                    .clone()
+                let f = other.get_or_insert_with(|| recode(frame.as_ref(), seq.filter(|_| m.seq)));
+                self.push_from(&m.conn, f.clone(), now, producer)
             };
-            n += u64::from(self.push_from(&m.conn, f, now, producer.as_ref()));
+            n += u64::from(took);
         }
         n
     }
 
     /// Delivers one group message that another shard or node routed here,
     /// counting it `left` when its group has no member here any more.
-    fn deliver_here(&self, frame: Bytes, seq: Option<u64>) -> u64 {
-        let list = group_of(&frame)
+    fn deliver_here(&self, frame: Framed<'_>, seq: Option<u64>) -> u64 {
+        let group = match &frame {
+            Framed::Slice(f) => group_of(f),
+            Framed::Shared(f) => group_of(f),
+            Framed::Message(m) => Some(m.group),
+        };
+        let list = group
             .and_then(|g| std::cell::Ref::filter_map(self.members.borrow(), |m| m.get(g)).ok());
         let n = list.map(|list| self.to_list(&list, frame, seq));
         if n.is_none() {
@@ -478,21 +531,26 @@ impl Shard {
 
     /// Routes `msg` (a DELIVER or DELIVER_SEQ with publish number `seq`)
     /// to its group's members on every shard in `mask`, encoded once for
-    /// the members here and, when small, straight into each other shard's
-    /// batch (see `FrameBatch`). Returns the local deliveries.
+    /// the members here (on the stack when small: see `to_list`) and, when
+    /// small, straight into each other shard's batch (see `FrameBatch`).
+    /// Returns the local deliveries.
     pub fn to_shards(&self, msg: &GroupMessage<'_>, mask: u64, seq: Option<u64>) -> u64 {
         let here = mask & (1 << self.index) != 0;
         let others = mask & !(1 << self.index);
+        let len = msg.len();
         // Small frames are packed into each other shard's batch; a large
         // one is encoded once and shared (see `FrameBatch`).
-        let shared = (others != 0 && msg.len() > FrameBatch::PACK_MAX).then(|| msg.encode());
+        let shared = (others != 0 && len > FrameBatch::PACK_MAX).then(|| msg.encode());
         for s in bits(others) {
             self.queue_deliver(s, msg, shared.as_ref(), seq);
         }
         if !here {
             return 0;
         }
-        let frame = shared.unwrap_or_else(|| msg.encode());
+        let frame = match shared {
+            Some(f) => Framed::Shared(f),
+            None => Framed::Message(msg),
+        };
         self.to_local_members(msg.group, frame, seq)
             .unwrap_or_else(|| {
                 // Its last member here left since the route was read.
@@ -600,10 +658,8 @@ impl Shard {
                 for (peer, seq, frame) in frames.take_peers() {
                     crate::server::peers::to_link(self, peer, seq, frame);
                 }
-                let delivered: u64 = frames
-                    .into_frames()
-                    .map(|(f, s)| self.deliver_here(f, s))
-                    .sum();
+                let mut delivered = 0;
+                frames.for_each_frame(|f, s| delivered += self.deliver_here(f, s));
                 ShardStats::bump(&self.stats().deliveries, delivered);
             }
             ShardMsg::Event {
@@ -824,7 +880,7 @@ fn is_seq_frame(frame: &[u8]) -> bool {
 /// `frame` (a DELIVER or DELIVER_SEQ built by this server) in the other
 /// form: DELIVER_SEQ with `seq` when set, else DELIVER. One copy of the
 /// payload, made only for a shard whose members asked for both forms.
-fn recode(frame: &Bytes, seq: Option<u64>) -> Bytes {
+fn recode(frame: &[u8], seq: Option<u64>) -> Bytes {
     match group_message_parts(frame) {
         Some((group, sender, _, payload)) => {
             let ty = if seq.is_some() {
@@ -834,6 +890,34 @@ fn recode(frame: &Bytes, seq: Option<u64>) -> Bytes {
             };
             encode_group_message_raw(ty, group, sender, seq, payload)
         }
-        None => frame.clone(),
+        None => Bytes::copy_from_slice(frame),
+    }
+}
+
+/// A group message on its way to local members: built on the stack or in
+/// another shard's batch (copied into each member's queue, or into one
+/// shared buffer when large and for many), or already shared.
+#[derive(Debug)]
+pub enum Framed<'a> {
+    /// Encoded frame bytes owned by someone else.
+    Slice(&'a [u8]),
+    /// A frame shared by reference.
+    Shared(Bytes),
+    /// Not encoded yet: encoded once, on the stack when it is copied.
+    Message(&'a GroupMessage<'a>),
+}
+
+/// A frame ready for members: copied into each one's queue, or shared.
+enum Encoded<'a> {
+    Slice(&'a [u8]),
+    Shared(Bytes),
+}
+
+impl AsRef<[u8]> for Encoded<'_> {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Encoded::Slice(f) => f,
+            Encoded::Shared(f) => f,
+        }
     }
 }

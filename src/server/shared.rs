@@ -5,7 +5,7 @@
 
 use super::flow::Gate;
 use super::inbox::Inbox;
-use super::shard::Shard;
+use super::shard::{Framed, Shard};
 use super::Live;
 use crate::protocol::{GroupMessage, NodeName};
 use crate::router::GroupTable;
@@ -135,20 +135,26 @@ impl FrameBatch {
         std::mem::take(&mut self.to_peers)
     }
 
-    /// Its frames for members (packed ones copied out) and their publish
-    /// numbers, oldest first.
-    pub fn into_frames(self) -> impl Iterator<Item = (Bytes, Option<u64>)> {
+    /// Hands `f` each frame for members, oldest first, with its publish
+    /// number: packed ones by reference (the receiver copies them into its
+    /// members' queues, or into one buffer of its own when large and for
+    /// many), shared ones by value.
+    pub fn for_each_frame(self, mut f: impl FnMut(Framed<'_>, Option<u64>)) {
         let mut start = 0;
         let packed = self.packed;
-        self.frames.into_iter().map(move |(e, seq)| match e {
-            Entry::Packed(end) => {
-                let end = end as usize;
-                let f = Bytes::copy_from_slice(packed.get(start..end).unwrap_or_default());
-                start = end;
-                (f, seq)
+        for (e, seq) in self.frames {
+            match e {
+                Entry::Packed(end) => {
+                    let end = end as usize;
+                    f(
+                        Framed::Slice(packed.get(start..end).unwrap_or_default()),
+                        seq,
+                    );
+                    start = end;
+                }
+                Entry::Shared(b) => f(Framed::Shared(b), seq),
             }
-            Entry::Shared(f) => (f, seq),
-        })
+        }
     }
 }
 
@@ -409,7 +415,12 @@ mod tests {
         assert_eq!(batch.len(), 3);
         let want = msg(b"one").len() + msg(&big).len() + msg(b"three").len();
         assert_eq!(batch.bytes(), want, "every frame's bytes are counted");
-        let out: Vec<_> = batch.into_frames().collect();
+        let mut out: Vec<(Bytes, Option<u64>)> = Vec::new();
+        batch.for_each_frame(|f, s| match f {
+            Framed::Slice(f) => out.push((Bytes::copy_from_slice(f), s)),
+            Framed::Shared(f) => out.push((f, s)),
+            Framed::Message(_) => unreachable!("a batch holds encoded frames"),
+        });
         let payloads: Vec<&[u8]> = out
             .iter()
             .map(|(f, _)| group_message_parts(f).map(|p| p.3).unwrap_or_default())
@@ -440,7 +451,9 @@ mod tests {
         assert_eq!((peers[0].0, peers[0].1), (2, 9));
         assert_eq!(peers[0].2, forward);
         assert_eq!(batch.messages(), 1);
-        assert_eq!(batch.into_frames().count(), 1);
+        let mut n = 0;
+        batch.for_each_frame(|_, _| n += 1);
+        assert_eq!(n, 1);
     }
 
     #[test]
