@@ -217,6 +217,7 @@ impl Server {
             incarnation: shared::incarnation(),
             backend: if uring { "uring" } else { "epoll" },
             stopping: AtomicBool::new(false),
+            placed: Default::default(),
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
             auth: auth::Auth::new(&s.users),

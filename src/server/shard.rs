@@ -684,6 +684,7 @@ impl Shard {
             ShardMsg::Reload(live) => self.reload(live),
             ShardMsg::Stall(d) => std::thread::sleep(d),
             ShardMsg::Inspect(f) => (f.0)(self),
+            ShardMsg::Adopt(stream, addr) => self.adopt(stream, addr),
             ShardMsg::Shutdown => {
                 self.begin_shutdown();
                 return false;
@@ -765,7 +766,7 @@ impl Shard {
                     if self.stopping.get() {
                         break;
                     }
-                    super::conn::spawn(self.clone(), stream, addr);
+                    self.place(stream, addr);
                 }
                 Err(e) if self.stopping.get() => {
                     tracing::debug!(error = %e, "accept ended at shutdown");
@@ -777,6 +778,42 @@ impl Shard {
                         tracing::warn!(error = %e, shard = self.index, "accept failed");
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves an accepted connection here, or hands it to the shard whose
+    /// turn it is (see [`Shared::place`]).
+    fn place(self: &Rc<Self>, stream: super::io::AnyStream, addr: std::net::SocketAddr) {
+        let to = self.shared.place();
+        if to == self.index {
+            return super::conn::spawn(self.clone(), stream, addr);
+        }
+        // The runtime's socket object stays here: the other shard gets
+        // the socket itself, as a second descriptor.
+        // SAFETY: the descriptor is owned by `stream`, alive for this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.raw_fd()) };
+        match fd.try_clone_to_owned() {
+            Ok(fd) => {
+                drop(stream);
+                self.send_to(to, ShardMsg::Adopt(fd.into(), addr));
+            }
+            // Out of descriptors: serve it here rather than lose it.
+            Err(_) => super::conn::spawn(self.clone(), stream, addr),
+        }
+    }
+
+    /// Serves a connection another shard accepted (see [`Shard::place`]).
+    fn adopt(self: &Rc<Self>, stream: std::net::TcpStream, addr: std::net::SocketAddr) {
+        if self.stopping.get() {
+            return;
+        }
+        match super::io::AnyStream::from_std(stream, self.uring) {
+            Ok(s) => super::conn::spawn(self.clone(), s, addr),
+            Err(e) => {
+                if crate::logging::ACCEPT_FAILED.allow() {
+                    tracing::warn!(error = %e, shard = self.index, "cannot serve a handed-over connection");
                 }
             }
         }

@@ -12,7 +12,7 @@ use crate::router::GroupTable;
 use crate::stats::{Counts, ShardStats};
 use bytes::Bytes;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -200,6 +200,9 @@ pub enum ShardMsg {
     /// Run this on the shard's thread (the monitoring endpoint's questions
     /// about what only the shard holds: its connections, its queues).
     Inspect(Inspect),
+    /// A connection another shard accepted, for this one to serve (see
+    /// [`Shared::place`]).
+    Adopt(std::net::TcpStream, std::net::SocketAddr),
     /// Stop: flush and close every connection, then exit.
     Shutdown,
 }
@@ -282,6 +285,9 @@ pub struct Shared {
     pub backend: &'static str,
     /// Set when shutdown has begun.
     pub stopping: AtomicBool,
+    /// Connections accepted so far: the next goes to shard `placed %
+    /// shards` (see [`Shared::place`]).
+    pub placed: AtomicUsize,
     /// The live settings (changed by reload).
     pub live: Mutex<Live>,
     /// The cluster's shared state.
@@ -319,6 +325,15 @@ impl Shared {
                 ShardStats::add(&self.stats[i].dropped_shutdown, carried);
             }
         }
+    }
+
+    /// The shard that serves the next accepted connection: round-robin,
+    /// whichever shard's listener the kernel handed it to, so that
+    /// connections are spread evenly (the kernel's SO_REUSEPORT hash puts
+    /// two connections on one shard half the time, leaving the other
+    /// core idle; tuning.md, `shards`).
+    pub fn place(&self) -> usize {
+        self.placed.fetch_add(1, Ordering::Relaxed) % self.shards().max(1)
     }
 
     /// True once shutdown has begun.

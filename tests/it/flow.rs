@@ -79,6 +79,58 @@ fn closed_loop_publisher_kills_no_healthy_member_epoll() {
     closed_loop_kills_nobody("epoll");
 }
 
+// ------------------------------------------------- connection placement
+
+/// Connections are spread over the shards in turn, whichever shard's
+/// listener the kernel gave each to: ten connections made one after
+/// another alternate between the two shards (the kernel's hash alone
+/// would put them 5/5 one time in four), and each is served where its id
+/// says (it joins, and a message published by another reaches it).
+fn connections_alternate_between_shards(backend: &str) {
+    let Some(srv) = start(backend, "") else {
+        return;
+    };
+    let g = group("placement");
+    let members: Vec<_> = (0..10)
+        .map(|_| {
+            let (mut r, id) = raw_client(srv.addr);
+            join(&mut r, &g);
+            (r, id)
+        })
+        .collect();
+    let shards: Vec<usize> = members.iter().map(|(_, id)| shard_of(id)).collect();
+    let first = shards[0];
+    let want: Vec<usize> = (0..10).map(|i| (first + i) % 2).collect();
+    assert_eq!(shards, want, "shards in the order of connection");
+    let (mut publisher, _) = raw_client(srv.addr);
+    publisher.send(&Frame::Publish {
+        group: g.clone(),
+        payload: Bytes::from_static(b"to every shard"),
+    });
+    for (mut r, id) in members {
+        loop {
+            match r.recv() {
+                Some(Frame::Deliver { payload, .. }) => {
+                    assert_eq!(&payload[..], b"to every shard", "{id}");
+                    break;
+                }
+                Some(Frame::Noop) | Some(Frame::Membership { .. }) => {}
+                other => panic!("{id}: expected the message, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn connections_alternate_between_shards_uring() {
+    connections_alternate_between_shards("uring");
+}
+
+#[test]
+fn connections_alternate_between_shards_epoll() {
+    connections_alternate_between_shards("epoll");
+}
+
 // ------------------------------------------------------- one stuck member
 
 /// One member of ten stops reading: it is killed as stuck and what it held
