@@ -987,6 +987,33 @@ mod tests {
         assert_eq!(group_of(&fast), Some(&b"a"[..]));
     }
 
+    /// `GroupMessage::put` (frames built on the stack and copied) writes
+    /// byte for byte what `encode_group_message_raw` allocates, every type.
+    #[test]
+    fn group_message_put_matches_the_raw_encoding() {
+        let m = MemberId::from_str_checked("n/0.1").unwrap();
+        for (ty, seq) in [
+            (FrameType::DELIVER, None),
+            (FrameType::DELIVER_SEQ, Some(9)),
+            (FrameType::FORWARD, None),
+            (FrameType::FORWARD_SEQ, Some(u64::MAX)),
+        ] {
+            let msg = GroupMessage {
+                ty,
+                group: b"orders",
+                sender: m.as_bytes(),
+                seq,
+                payload: b"payload",
+            };
+            let mut stack = [0u8; 128];
+            let mut dst = &mut stack[..];
+            msg.put(&mut dst);
+            let raw = encode_group_message_raw(ty, b"orders", m.as_bytes(), seq, b"payload");
+            assert_eq!(&stack[..msg.len()], &raw[..], "{ty:?}");
+            assert_eq!(msg.len(), raw.len());
+        }
+    }
+
     #[test]
     fn membership_from_raw_names_matches_generic_encoding() {
         let fast = encode_membership(b"orders", Reason::Leave, 7, b"n/0.1");

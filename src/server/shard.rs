@@ -262,6 +262,14 @@ impl Shard {
         self.push_from(conn, frame, self.clock.get(), producer.as_ref())
     }
 
+    /// As [`Shard::push`], copying a small `frame` into `conn`'s queue
+    /// (see [`Outbound::push_copy`]).
+    #[inline]
+    pub fn push_copy(&self, conn: &Conn, frame: &[u8]) -> bool {
+        let producer = self.producer.borrow();
+        self.copy_from(conn, frame, self.clock.get(), producer.as_ref())
+    }
+
     #[inline]
     fn push_from(
         &self,

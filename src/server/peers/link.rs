@@ -10,6 +10,7 @@ use crate::protocol::{
     GroupMessage, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, Reject};
+use crate::server::outbound::COPY_MAX;
 use crate::server::shard::{Kill, Shard};
 use crate::stats::ShardStats;
 use bytes::Bytes;
@@ -165,6 +166,24 @@ pub fn push_link(shard: &Shard, conn: &Conn, i: usize, frame: Bytes) {
     if shard.push(conn, frame) {
         c.msgs_out.fetch_add(1, Relaxed);
         c.bytes_out.fetch_add(len, Relaxed);
+    } else {
+        c.dropped.fetch_add(1, Relaxed);
+    }
+}
+
+/// As [`push_link`], copying a small `msg` into the link's queue (see
+/// `Outbound::push_copy`).
+pub fn copy_link(shard: &Shard, conn: &Conn, i: usize, msg: &GroupMessage<'_>) {
+    let c = &shard.shared.cluster.counters[i];
+    let mut stack = [0u8; COPY_MAX];
+    let len = msg.len();
+    let Some(mut dst) = stack.get_mut(..len) else {
+        return push_link(shard, conn, i, msg.encode());
+    };
+    msg.put(&mut dst);
+    if shard.push_copy(conn, &stack[..len]) {
+        c.msgs_out.fetch_add(1, Relaxed);
+        c.bytes_out.fetch_add(len as u64, Relaxed);
     } else {
         c.dropped.fetch_add(1, Relaxed);
     }

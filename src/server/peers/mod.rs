@@ -26,10 +26,13 @@ use crate::cluster::machine::{Barriers, LinkView};
 use crate::cluster::mesh;
 
 use crate::config::ServerSettings;
-use crate::protocol::{encode_group_message_raw, features, Frame, FrameType, MemberId, Reason};
+use crate::protocol::{
+    encode_group_message_raw, features, Frame, FrameType, GroupMessage, MemberId, Reason,
+};
 use crate::router::{Group, GroupEntry};
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
+use crate::server::outbound::COPY_MAX;
 use crate::server::seqs::AddrHash;
 use crate::server::shard::Shard;
 use crate::server::shared::{ShardMsg, Shared};
@@ -243,6 +246,10 @@ pub(crate) fn drop_for_peer(shard: &Shard, i: usize) {
     ShardStats::add(&shard.stats().dropped_peer, 1);
 }
 
+/// Payloads up to this long may make a FORWARD small enough to copy (see
+/// `COPY_MAX`): a cheap test before the frame's length is computed.
+const COPY_PAYLOAD: usize = COPY_MAX;
+
 /// Forwards publish number `seq` of `sender` to `group` once to every node
 /// with members in the group: as `FORWARD_SEQ` to peers that speak it,
 /// `FORWARD` to others (each form encoded at most once). A node whose
@@ -270,7 +277,32 @@ pub fn forward(
             ShardStats::add(&shard.stats().dropped_peer_too_large, 1);
             return;
         }
-        let frame = if c.features.load(Relaxed) & u64::from(features::SEQ) != 0 {
+        let numbers = c.features.load(Relaxed) & u64::from(features::SEQ) != 0;
+        if payload.len() <= COPY_PAYLOAD {
+            // A small frame for a link of this shard is built on the stack
+            // and copied into the link's queue: no allocation.
+            if let Some((_, link)) = mesh.link_of(j).filter(|(s, _)| *s == shard.index) {
+                let msg = GroupMessage {
+                    ty: if numbers {
+                        FrameType::FORWARD_SEQ
+                    } else {
+                        FrameType::FORWARD
+                    },
+                    group,
+                    sender: sender.as_bytes(),
+                    seq: numbers.then_some(seq),
+                    payload,
+                };
+                if msg.len() <= COPY_MAX {
+                    match shard.links.get_if(j, link) {
+                        Some(conn) => link::copy_link(shard, &conn, j, &msg),
+                        None => drop_for_peer(shard, j),
+                    }
+                    return;
+                }
+            }
+        }
+        let frame = if numbers {
             numbered.get_or_insert_with(|| {
                 encode_group_message_raw(
                     FrameType::FORWARD_SEQ,
