@@ -414,6 +414,8 @@ async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
 
 async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
     let mut rb = ReadBuf::default();
+    // Bytes read since the writers this connection fills were last woken.
+    let mut held = 0;
     loop {
         let max_frame = max_frame_for(shard.live.get().max_message_size);
         let buf = rb.prepare(max_frame);
@@ -432,9 +434,20 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             buf.clear();
             continue;
         }
-        decode_all(shard, conn, buf).await;
+        // A read that filled its room with more waiting in the socket is
+        // one of a stream: the writers it fills are woken after the next
+        // read (up to HOLD_BYTES), so each writes several reads' worth at
+        // once rather than a few frames each time. Whatever ends the
+        // stream (a short read, nothing waiting, the bound) wakes them.
+        let hold = n >= spare && held + n < HOLD_BYTES && super::sockets::unread_bytes(conn.fd) > 0;
+        held = if hold { held + n } else { 0 };
+        decode_all(shard, conn, buf, hold).await;
     }
 }
+
+/// Most bytes a streaming reader routes before the writers it filled are
+/// woken (see `read_loop`): four full reads.
+const HOLD_BYTES: usize = 4 * READ_BURST;
 
 /// A connection's read buffer: small while the peer says little, a whole
 /// [`READ_BURST`] of spare room while it streams, as large as a frame
@@ -484,13 +497,17 @@ impl ReadBuf {
 /// connections every `messages_per_iter` frames, and waiting — without
 /// reading more — while a queue or inbox this connection's input feeds is
 /// full (its gate is closed): TCP then slows the peer down.
-async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut) {
+///
+/// With `hold`, the writers this read filled are not woken when it is
+/// routed (the caller reads on at once; see `read_loop`).
+async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut, hold: bool) {
     // Settings are read once per read: a reload applies from the next one.
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
     loop {
         let decoded = shard.deferring_wakes(|| decode_some(shard, conn, buf, &live, max_frame));
-        if !matches!(decoded, Decoded::Yield) {
+        let held = matches!(decoded, Decoded::Done) && hold && shard.writes_are_small();
+        if !matches!(decoded, Decoded::Yield) && !held {
             // The read is routed (or must wait for a queue to drain): the
             // writers it filled write all of it now.
             shard.wake_owed();

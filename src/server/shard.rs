@@ -88,6 +88,9 @@ pub struct Shard {
     deferring: Cell<bool>,
     /// Connections (by sequence number) whose writers are owed a wake.
     owed: RefCell<Vec<u64>>,
+    /// Frames queued by reference (one iovec each) since the owed writers
+    /// were last woken (see [`Shard::writes_are_small`]).
+    shared_pushes: Cell<usize>,
     /// Connections whose queues have producers waiting (the stuck watch's).
     congested: RefCell<Vec<Rc<Conn>>>,
     /// Wakes the stuck watch.
@@ -126,6 +129,7 @@ impl Shard {
             turns: Cell::new(0),
             deferring: Cell::new(false),
             owed: RefCell::new(Vec::new()),
+            shared_pushes: Cell::new(0),
             acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
@@ -279,6 +283,7 @@ impl Shard {
         producer: Option<&Arc<Gate>>,
     ) -> bool {
         let (verdict, wake) = conn.out.push_quiet(frame, now, producer);
+        self.shared_pushes.set(self.shared_pushes.get() + 1);
         self.settle(conn, verdict, wake)
     }
 
@@ -341,6 +346,7 @@ impl Shard {
     /// when a reader has routed its read, before it waits for a full
     /// queue, at every inbox turn and sweep (so none waits longer).
     pub fn wake_owed(&self) {
+        self.shared_pushes.set(0);
         let owed = std::mem::take(&mut *self.owed.borrow_mut());
         if owed.is_empty() {
             return;
@@ -358,6 +364,17 @@ impl Shard {
             *o = owed;
             o.clear();
         }
+    }
+
+    /// True when the writers owed a wake would each write few buffers:
+    /// copied chunks, or a few frames each (many connections, a frame or
+    /// two for each). Waking them later, with more, saves system calls;
+    /// writers with many frames by reference each already make a large
+    /// `writev`, and holding them back only adds latency (tuning.md,
+    /// "A streaming reader's writers woken every few reads").
+    pub fn writes_are_small(&self) -> bool {
+        const FEW: usize = 64;
+        self.shared_pushes.get() <= FEW * self.owed.borrow().len().max(1)
     }
 
     /// `conn`'s queue makes producers wait: watch it until it drains.
