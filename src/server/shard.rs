@@ -181,22 +181,10 @@ impl Shard {
         shared: Option<&Bytes>,
         seq: Option<u64>,
     ) {
-        let full = {
-            let mut out = self.outgoing.borrow_mut();
-            if out.len() <= s {
-                out.resize_with(self.shared.shards(), FrameBatch::default);
-            }
-            let batch = &mut out[s];
-            match shared {
-                Some(frame) => batch.push_shared(frame.clone(), seq),
-                None => batch.push_packed(msg, seq),
-            }
-            batch.full()
-        };
-        self.outgoing_any.set(true);
-        if full {
-            self.flush_outgoing();
-        }
+        self.in_batch_for(s, |batch| match shared {
+            Some(frame) => batch.push_shared(frame.clone(), seq),
+            None => batch.push_packed(msg, seq),
+        });
     }
 
     /// Queues `frame` for peer `peer`'s link `seq`, which lives on shard
@@ -208,20 +196,43 @@ impl Shard {
         if self.turns.get() == 0 {
             return Err(frame);
         }
+        self.in_batch_for(s, |batch| batch.push_peer(peer, seq, frame));
+        Ok(())
+    }
+
+    /// As [`Shard::queue_peer`], a small FORWARD encoded straight into the
+    /// batch (see [`FrameBatch::push_peer_packed`]); false outside a
+    /// producer's turn (nothing queued).
+    pub fn queue_peer_packed(
+        &self,
+        s: usize,
+        peer: usize,
+        seq: u64,
+        msg: &GroupMessage<'_>,
+    ) -> bool {
+        if self.turns.get() == 0 {
+            return false;
+        }
+        self.in_batch_for(s, |batch| batch.push_peer_packed(peer, seq, msg));
+        true
+    }
+
+    /// Adds to this turn's batch for shard `s` with `f`; sends the batch
+    /// when full.
+    fn in_batch_for(&self, s: usize, f: impl FnOnce(&mut FrameBatch)) {
         let full = {
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
                 out.resize_with(self.shared.shards(), FrameBatch::default);
             }
             let batch = &mut out[s];
-            batch.push_peer(peer, seq, frame);
+            f(batch);
             batch.full()
         };
         self.outgoing_any.set(true);
         if full {
             self.flush_outgoing();
         }
-        Ok(())
     }
 
     /// Sends what this shard routed to other shards since the last flush:
@@ -680,9 +691,9 @@ impl Shard {
                 producer,
             } => {
                 let _p = self.producing(producer);
-                for (peer, seq, frame) in frames.take_peers() {
-                    crate::server::peers::to_link(self, peer, seq, frame);
-                }
+                frames.for_each_peer_frame(|peer, seq, frame| {
+                    crate::server::peers::to_link(self, peer, seq, frame)
+                });
                 let mut delivered = 0;
                 frames.for_each_frame(|f, s| delivered += self.deliver_here(f, s));
                 ShardStats::bump(&self.stats().deliveries, delivered);

@@ -37,7 +37,7 @@ pub struct FrameBatch {
     frames: Vec<(Entry, Option<u64>)>,
     /// Frames for peer links that live on the receiving shard: (peer,
     /// link's connection sequence number, frame), in order.
-    to_peers: Vec<(usize, u64, Bytes)>,
+    to_peers: Vec<(usize, u64, Entry)>,
     /// How many of `to_peers` are messages (not membership news).
     peer_messages: usize,
     /// Bytes of every frame, packed or shared.
@@ -47,8 +47,8 @@ pub struct FrameBatch {
 /// Where a batch's frame is.
 #[derive(Debug)]
 enum Entry {
-    /// In `packed`, ending here.
-    Packed(u32),
+    /// In `packed`, from here to there.
+    Packed(u32, u32),
     /// Shared with the producer.
     Shared(Bytes),
 }
@@ -71,11 +71,18 @@ impl FrameBatch {
             let n = self.reserve(len);
             self.packed.reserve(n * len);
         }
-        msg.put(&mut self.packed);
+        let entry = self.pack(msg);
+        self.frames.push((entry, seq));
+    }
+
+    /// Encodes `msg` at the end of `packed`.
+    fn pack(&mut self, msg: &GroupMessage<'_>) -> Entry {
         // A batch is sent long before 4 GiB (BYTES).
+        let start = u32::try_from(self.packed.len()).unwrap_or(u32::MAX);
+        msg.put(&mut self.packed);
         let end = u32::try_from(self.packed.len()).unwrap_or(u32::MAX);
-        self.frames.push((Entry::Packed(end), seq));
-        self.bytes += len;
+        self.bytes += msg.len();
+        Entry::Packed(start, end)
     }
 
     /// Appends `frame`, shared.
@@ -100,7 +107,20 @@ impl FrameBatch {
     pub fn push_peer(&mut self, peer: usize, seq: u64, frame: Bytes) {
         self.bytes += frame.len();
         self.peer_messages += usize::from(crate::protocol::is_message_frame(&frame));
-        self.to_peers.push((peer, seq, frame));
+        self.to_peers.push((peer, seq, Entry::Shared(frame)));
+    }
+
+    /// Appends a FORWARD (at most [`Self::PACK_MAX`] long) for peer
+    /// `peer`'s link `seq`, encoded in place: the receiving shard copies it
+    /// into the link's queue.
+    pub fn push_peer_packed(&mut self, peer: usize, seq: u64, msg: &GroupMessage<'_>) {
+        if self.packed.capacity() == 0 {
+            let n = self.reserve(msg.len());
+            self.packed.reserve(n * msg.len());
+        }
+        let entry = self.pack(msg);
+        self.peer_messages += 1;
+        self.to_peers.push((peer, seq, entry));
     }
 
     /// How many messages for members or peers it carries (what is counted
@@ -129,10 +149,20 @@ impl FrameBatch {
         self.bytes
     }
 
-    /// Its frames for peer links, oldest first; the rest stays.
-    pub fn take_peers(&mut self) -> Vec<(usize, u64, Bytes)> {
+    /// Hands `f` each frame for a peer link, oldest first, with the peer
+    /// and the link's sequence number (packed ones by reference); the
+    /// frames for members stay.
+    pub fn for_each_peer_frame(&mut self, mut f: impl FnMut(usize, u64, Framed<'_>)) {
         self.peer_messages = 0;
-        std::mem::take(&mut self.to_peers)
+        for (peer, seq, e) in std::mem::take(&mut self.to_peers) {
+            match e {
+                Entry::Packed(start, end) => {
+                    let bytes = self.packed.get(start as usize..end as usize);
+                    f(peer, seq, Framed::Slice(bytes.unwrap_or_default()));
+                }
+                Entry::Shared(b) => f(peer, seq, Framed::Shared(b)),
+            }
+        }
     }
 
     /// Hands `f` each frame for members, oldest first, with its publish
@@ -140,17 +170,12 @@ impl FrameBatch {
     /// members' queues, or into one buffer of its own when large and for
     /// many), shared ones by value.
     pub fn for_each_frame(self, mut f: impl FnMut(Framed<'_>, Option<u64>)) {
-        let mut start = 0;
         let packed = self.packed;
         for (e, seq) in self.frames {
             match e {
-                Entry::Packed(end) => {
-                    let end = end as usize;
-                    f(
-                        Framed::Slice(packed.get(start..end).unwrap_or_default()),
-                        seq,
-                    );
-                    start = end;
+                Entry::Packed(start, end) => {
+                    let bytes = packed.get(start as usize..end as usize);
+                    f(Framed::Slice(bytes.unwrap_or_default()), seq);
                 }
                 Entry::Shared(b) => f(Framed::Shared(b), seq),
             }
@@ -461,7 +486,11 @@ mod tests {
         assert_eq!(batch.len(), 3);
         assert_eq!(batch.messages(), 2, "a delivery and a forward");
         assert_eq!(batch.bytes(), msg(b"member").len() + forward.len() + 5);
-        let peers = batch.take_peers();
+        let mut peers = Vec::new();
+        batch.for_each_peer_frame(|p, s, f| match f {
+            Framed::Shared(f) => peers.push((p, s, f)),
+            other => panic!("a shared frame comes out shared: {other:?}"),
+        });
         assert_eq!(peers.len(), 2);
         assert_eq!((peers[0].0, peers[0].1), (2, 9));
         assert_eq!(peers[0].2, forward);
@@ -469,6 +498,54 @@ mod tests {
         let mut n = 0;
         batch.for_each_frame(|_, _| n += 1);
         assert_eq!(n, 1);
+    }
+
+    /// FORWARDs packed for peer links, interleaved with packed frames for
+    /// members, come out byte for byte and in order on both sides, and
+    /// count as messages.
+    #[test]
+    fn packed_peer_frames_interleave_with_member_frames() {
+        let fwd = |p: &'static [u8]| GroupMessage {
+            ty: FrameType::FORWARD_SEQ,
+            ..msg(p)
+        };
+        let mut batch = FrameBatch::default();
+        batch.push_packed(&msg(b"m1"), Some(1));
+        batch.push_peer_packed(1, 5, &fwd(b"p1"));
+        batch.push_packed(&msg(b"m2"), Some(2));
+        batch.push_peer(1, 5, fwd(b"p2").encode());
+        batch.push_peer_packed(2, 6, &fwd(b"p3"));
+        assert_eq!(batch.messages(), 5);
+        let want = [&msg(b"m1"), &msg(b"m2")]
+            .map(|m| m.len())
+            .iter()
+            .sum::<usize>()
+            + [fwd(b"p1"), fwd(b"p2"), fwd(b"p3")]
+                .iter()
+                .map(|m| m.len())
+                .sum::<usize>();
+        assert_eq!(batch.bytes(), want);
+        let mut peers = Vec::new();
+        batch.for_each_peer_frame(|p, s, f| match f {
+            Framed::Slice(f) => peers.push((p, s, Bytes::copy_from_slice(f))),
+            Framed::Shared(f) => peers.push((p, s, f)),
+            Framed::Message(_) => unreachable!("a batch holds encoded frames"),
+        });
+        let want = [(1, 5, fwd(b"p1")), (1, 5, fwd(b"p2")), (2, 6, fwd(b"p3"))]
+            .map(|(p, s, m)| (p, s, m.encode()));
+        assert_eq!(peers, want);
+        let mut members = Vec::new();
+        batch.for_each_frame(|f, s| match f {
+            Framed::Slice(f) => members.push((Bytes::copy_from_slice(f), s)),
+            other => panic!("packed frames come out by reference: {other:?}"),
+        });
+        assert_eq!(
+            members,
+            [
+                (msg(b"m1").encode(), Some(1)),
+                (msg(b"m2").encode(), Some(2))
+            ]
+        );
     }
 
     #[test]

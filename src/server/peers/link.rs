@@ -10,7 +10,6 @@ use crate::protocol::{
     GroupMessage, GroupName, Hello, MemberId, Reason, Welcome, PROTOCOL_VERSION,
 };
 use crate::server::conn::{Conn, Reject};
-use crate::server::outbound::COPY_MAX;
 use crate::server::shard::{Kill, Shard};
 use crate::stats::ShardStats;
 use bytes::Bytes;
@@ -171,19 +170,13 @@ pub fn push_link(shard: &Shard, conn: &Conn, i: usize, frame: Bytes) {
     }
 }
 
-/// As [`push_link`], copying a small `msg` into the link's queue (see
-/// `Outbound::push_copy`).
-pub fn copy_link(shard: &Shard, conn: &Conn, i: usize, msg: &GroupMessage<'_>) {
+/// As [`push_link`], copying a small `frame` (at most `COPY_MAX`) into the
+/// link's queue (see `Outbound::push_copy`).
+pub fn copy_link(shard: &Shard, conn: &Conn, i: usize, frame: &[u8]) {
     let c = &shard.shared.cluster.counters[i];
-    let mut stack = [0u8; COPY_MAX];
-    let len = msg.len();
-    let Some(mut dst) = stack.get_mut(..len) else {
-        return push_link(shard, conn, i, msg.encode());
-    };
-    msg.put(&mut dst);
-    if shard.push_copy(conn, &stack[..len]) {
+    if shard.push_copy(conn, frame) {
         c.msgs_out.fetch_add(1, Relaxed);
-        c.bytes_out.fetch_add(len as u64, Relaxed);
+        c.bytes_out.fetch_add(frame.len() as u64, Relaxed);
     } else {
         c.dropped.fetch_add(1, Relaxed);
     }

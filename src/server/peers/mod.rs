@@ -34,8 +34,8 @@ use crate::server::conn::Conn;
 use crate::server::flow::Gate;
 use crate::server::outbound::COPY_MAX;
 use crate::server::seqs::AddrHash;
-use crate::server::shard::Shard;
-use crate::server::shared::{ShardMsg, Shared};
+use crate::server::shard::{Framed, Shard};
+use crate::server::shared::{FrameBatch, ShardMsg, Shared};
 use crate::stats::ShardStats;
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -221,10 +221,19 @@ pub fn route_to_peer(shard: &Shard, i: usize, frame: Bytes) {
 /// Queues `frame` on peer `peer`'s link `seq` of this shard, routed here
 /// by another shard; dropped (and counted if a message) when that link is
 /// gone (see [`ClusterMsg::ToPeer`]).
-pub fn to_link(shard: &Shard, peer: usize, seq: u64, frame: Bytes) {
-    match shard.links.get_if(peer, seq) {
-        Some(conn) => link::push_link(shard, &conn, peer, frame),
-        None => lost_for_peer(shard, peer, &frame),
+pub fn to_link(shard: &Shard, peer: usize, seq: u64, frame: Framed<'_>) {
+    match (shard.links.get_if(peer, seq), frame) {
+        (Some(conn), Framed::Slice(f)) if f.len() <= COPY_MAX => {
+            link::copy_link(shard, &conn, peer, f)
+        }
+        (Some(conn), Framed::Slice(f)) => {
+            link::push_link(shard, &conn, peer, Bytes::copy_from_slice(f))
+        }
+        (Some(conn), Framed::Shared(f)) => link::push_link(shard, &conn, peer, f),
+        (Some(conn), Framed::Message(m)) => link::push_link(shard, &conn, peer, m.encode()),
+        (None, Framed::Slice(f)) => lost_for_peer(shard, peer, f),
+        (None, Framed::Shared(f)) => lost_for_peer(shard, peer, &f),
+        (None, Framed::Message(_)) => drop_for_peer(shard, peer),
     }
 }
 
@@ -280,8 +289,9 @@ pub fn forward(
         let numbers = c.features.load(Relaxed) & u64::from(features::SEQ) != 0;
         if payload.len() <= COPY_PAYLOAD {
             // A small frame for a link of this shard is built on the stack
-            // and copied into the link's queue: no allocation.
-            if let Some((_, link)) = mesh.link_of(j).filter(|(s, _)| *s == shard.index) {
+            // and copied into the link's queue; for a link of another
+            // shard, into this turn's batch for it: no allocation either way.
+            if let Some((s, link)) = mesh.link_of(j) {
                 let msg = GroupMessage {
                     ty: if numbers {
                         FrameType::FORWARD_SEQ
@@ -293,11 +303,23 @@ pub fn forward(
                     seq: numbers.then_some(seq),
                     payload,
                 };
-                if msg.len() <= COPY_MAX {
+                let len = msg.len();
+                if s == shard.index && len <= COPY_MAX {
                     match shard.links.get_if(j, link) {
-                        Some(conn) => link::copy_link(shard, &conn, j, &msg),
+                        Some(conn) => {
+                            let mut stack = [0u8; COPY_MAX];
+                            let mut dst = &mut stack[..];
+                            msg.put(&mut dst);
+                            link::copy_link(shard, &conn, j, &stack[..len]);
+                        }
                         None => drop_for_peer(shard, j),
                     }
+                    return;
+                }
+                if s != shard.index
+                    && len <= FrameBatch::PACK_MAX
+                    && shard.queue_peer_packed(s, j, link, &msg)
+                {
                     return;
                 }
             }
@@ -461,7 +483,7 @@ pub fn handle_shard_msg(shard: &Rc<Shard>, m: ClusterMsg) {
             producer,
         } => {
             let _p = shard.producing(producer);
-            to_link(shard, peer, seq, frame);
+            to_link(shard, peer, seq, Framed::Shared(frame));
         }
         ClusterMsg::Barrier {
             peer,
