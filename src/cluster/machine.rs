@@ -160,6 +160,13 @@ impl LinkView {
         self.check_member(sender)
     }
 
+    /// True when `sender` (a valid name, read where it lies in a frame)
+    /// passes [`LinkView::check_sender`]; the caller takes the general
+    /// path, which says why, when it does not.
+    pub fn sender_ok(&self, sender: &str) -> bool {
+        crate::protocol::member_parts(sender).is_some_and(|(node, ..)| node == self.node)
+    }
+
     fn live(&self, what: &str) -> Result<(), LinkError> {
         if self.phase == Phase::Live {
             Ok(())
@@ -300,6 +307,24 @@ mod tests {
     fn m(s: &str) -> MemberId {
         MemberId::from_str_checked(s).unwrap()
     }
+    /// The in-place check of a FORWARD's sender agrees with the general
+    /// one on every shape of id.
+    #[test]
+    fn sender_ok_agrees_with_check_sender() {
+        let v = LinkView::new("node2");
+        for id in [
+            "node2/0.1.k",
+            "node2/1.7",
+            "node1/0.1.k",
+            "node2",
+            "node2/x.1",
+            "a/node2/0.1",
+            "node2x/0.1",
+        ] {
+            assert_eq!(v.sender_ok(id), v.check_sender(&m(id)).is_ok(), "{id}");
+        }
+    }
+
     fn snap(flags: u8, entries: &[(&str, &str)]) -> Frame {
         Frame::Snapshot {
             flags,

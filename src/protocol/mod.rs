@@ -19,7 +19,9 @@ pub use frame::{
     features, snapshot_flags, ErrorCode, Events, Frame, FrameType, Hello, MembershipChange, Reason,
     Role, SnapshotEntry, Welcome, AUTH_LEN, MAGIC, PROTOCOL_VERSION,
 };
-pub use names::{validate_name, GroupName, MemberId, NameError, NodeName, MAX_NAME_LEN};
+pub use names::{
+    member_parts, validate_name, GroupName, MemberId, NameError, NodeName, MAX_NAME_LEN,
+};
 
 /// The frame limit for a given `max_message_size`.
 pub fn max_frame_for(max_message_size: usize) -> usize {

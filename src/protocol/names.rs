@@ -159,11 +159,17 @@ impl MemberId {
     /// sequence and incarnation (empty for an id without one). Returns
     /// `None` for ids of another shape (which no server assigned).
     pub fn parts(&self) -> Option<(&str, usize, u64, &str)> {
-        let (node, rest) = self.as_str().rsplit_once('/')?;
-        let (shard, rest) = rest.split_once('.')?;
-        let (seq, inc) = rest.split_once('.').unwrap_or((rest, ""));
-        Some((node, shard.parse().ok()?, seq.parse().ok()?, inc))
+        member_parts(self.as_str())
     }
+}
+
+/// [`MemberId::parts`] of an id not wrapped (yet): read where it lies in
+/// a frame.
+pub fn member_parts(id: &str) -> Option<(&str, usize, u64, &str)> {
+    let (node, rest) = id.rsplit_once('/')?;
+    let (shard, rest) = rest.split_once('.')?;
+    let (seq, inc) = rest.split_once('.').unwrap_or((rest, ""));
+    Some((node, shard.parse().ok()?, seq.parse().ok()?, inc))
 }
 
 #[cfg(test)]

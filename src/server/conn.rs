@@ -575,6 +575,16 @@ fn decode_some(
             buf.advance(len);
             continue;
         }
+        // Likewise a peer's FORWARD.
+        if let ConnRole::Peer(i) = conn.role.get() {
+            if let Some(len) =
+                crate::server::peers::link::forward_in_place(shard, conn, i, buf, max_frame)
+            {
+                ShardStats::bump(&shard.stats().msgs_in, 1);
+                buf.advance(len);
+                continue;
+            }
+        }
         match decode(buf, max_frame) {
             Ok(Some(frame)) => {
                 ShardStats::bump(&shard.stats().msgs_in, 1);

@@ -182,6 +182,46 @@ pub fn copy_link(shard: &Shard, conn: &Conn, i: usize, frame: &[u8]) {
     }
 }
 
+/// Handles a FORWARD or FORWARD_SEQ from peer `i` where it lies in `buf`
+/// (no frame value, no reference counts), as [`peer_frame`] would;
+/// returns its length. `None` for anything else, or anything [`peer_frame`]
+/// should judge (a name that breaks the rules, a sender of another node, a
+/// link that is not the peer's current one), which then takes the general
+/// path.
+pub fn forward_in_place(
+    shard: &Shard,
+    conn: &Conn,
+    i: usize,
+    buf: &[u8],
+    max_frame: usize,
+) -> Option<usize> {
+    let ty = FrameType(*buf.get(crate::protocol::LEN_PREFIX)?);
+    if ty != FrameType::FORWARD && ty != FrameType::FORWARD_SEQ {
+        return None;
+    }
+    let len = crate::protocol::peek_len(buf, max_frame).ok()??;
+    let frame = buf.get(..crate::protocol::LEN_PREFIX + len)?;
+    let (group, sender, seq, payload) = crate::protocol::group_message_parts(frame)?;
+    crate::protocol::validate_name(group).ok()?;
+    crate::protocol::validate_name(sender).ok()?;
+    // Valid names are printable ASCII.
+    let sender_str = std::str::from_utf8(sender).ok()?;
+    let mesh = &shard.shared.cluster;
+    if !mesh.is_current(i, shard.index, conn.seq)
+        || !shard
+            .links
+            .with_view(i, conn.seq, |v| v.sender_ok(sender_str))
+            .unwrap_or(true)
+    {
+        return None;
+    }
+    let c = &mesh.counters[i];
+    c.msgs_in.fetch_add(1, Relaxed);
+    c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
+    deliver_forward(shard, i, group, sender, seq, payload);
+    Some(frame.len())
+}
+
 /// Handles a frame from peer `i` on `conn`.
 ///
 /// Only the peer's up link is listened to. Our dial awaiting WELCOME gets
@@ -219,7 +259,7 @@ pub fn peer_frame(
         } => {
             c.bytes_in.fetch_add(payload.len() as u64, Relaxed);
             check_sender(shard, conn, i, &sender)?;
-            deliver_forward(shard, i, &group, &sender, seq, &payload);
+            deliver_forward(shard, i, group.as_bytes(), sender.as_bytes(), seq, &payload);
         }
         Frame::ForwardDirect {
             to,
@@ -343,12 +383,12 @@ fn dialled_reply(shard: &Rc<Shard>, conn: &Rc<Conn>, i: usize, frame: Frame) -> 
 fn deliver_forward(
     shard: &Shard,
     i: usize,
-    group: &GroupName,
-    sender: &MemberId,
+    group: &[u8],
+    sender: &[u8],
     seq: Option<u64>,
     payload: &[u8],
 ) {
-    let (mask, seq_mask) = shard.shared.table.with_group(group.as_bytes(), |e| {
+    let (mask, seq_mask) = shard.shared.table.with_group(group, |e| {
         e.map_or((0, 0), |e| {
             if shard.links.heard_new(i, e) {
                 shard.shared.cluster.heard(i, e);
@@ -367,8 +407,8 @@ fn deliver_forward(
         } else {
             FrameType::DELIVER
         },
-        group: group.as_bytes(),
-        sender: sender.as_bytes(),
+        group,
+        sender,
         seq: numbered,
         payload,
     };
