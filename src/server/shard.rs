@@ -91,6 +91,10 @@ pub struct Shard {
     /// Frames queued by reference (one iovec each) since the owed writers
     /// were last woken (see [`Shard::writes_are_small`]).
     shared_pushes: Cell<usize>,
+    /// Where a small frame for local members is encoded before it is
+    /// copied into their queues (kept: no allocation, no clearing of a
+    /// stack buffer per message).
+    scratch: Cell<Vec<u8>>,
     /// Connections whose queues have producers waiting (the stuck watch's).
     congested: RefCell<Vec<Rc<Conn>>>,
     /// Wakes the stuck watch.
@@ -130,6 +134,7 @@ impl Shard {
             deferring: Cell::new(false),
             owed: RefCell::new(Vec::new()),
             shared_pushes: Cell::new(0),
+            scratch: Cell::new(Vec::with_capacity(FrameBatch::PACK_MAX)),
             acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
@@ -504,7 +509,9 @@ impl Shard {
         let producer = self.producer.borrow();
         let producer = producer.as_ref();
         let copy = |len: usize| len <= COPY_MAX || list.len() == 1;
-        let mut stack: [u8; FrameBatch::PACK_MAX];
+        // Taken only for a message encoded here (a re-entrant call would
+        // find it empty and grow its own).
+        let mut scratch = Vec::new();
         let mut frame = match frame {
             Framed::Slice(f) if copy(f.len()) => Encoded::Slice(f),
             Framed::Slice(f) => Encoded::Shared(Bytes::copy_from_slice(f)),
@@ -512,10 +519,10 @@ impl Shard {
             Framed::Message(msg) => {
                 let len = msg.len();
                 if copy(len) && len <= FrameBatch::PACK_MAX {
-                    stack = [0u8; FrameBatch::PACK_MAX];
-                    let mut dst = &mut stack[..];
-                    msg.put(&mut dst);
-                    Encoded::Slice(&stack[..len])
+                    scratch = self.scratch.take();
+                    scratch.clear();
+                    msg.put(&mut scratch);
+                    Encoded::Slice(&scratch)
                 } else {
                     Encoded::Shared(msg.encode())
                 }
@@ -545,24 +552,41 @@ impl Shard {
             };
             n += u64::from(took);
         }
+        if scratch.capacity() > 0 {
+            self.scratch.set(scratch);
+        }
         n
     }
 
-    /// Delivers one group message that another shard or node routed here,
-    /// counting it `left` when its group has no member here any more.
-    fn deliver_here(&self, frame: Framed<'_>, seq: Option<u64>) -> u64 {
-        let group = match &frame {
-            Framed::Slice(f) => group_of(f),
-            Framed::Shared(f) => group_of(f),
-            Framed::Message(m) => Some(m.group),
-        };
-        let list = group
-            .and_then(|g| std::cell::Ref::filter_map(self.members.borrow(), |m| m.get(g)).ok());
-        let n = list.map(|list| self.to_list(&list, frame, seq));
-        if n.is_none() {
-            ShardStats::add(&self.stats().dropped_left, 1);
-        }
-        n.unwrap_or(0)
+    /// Delivers the group messages of a batch from another shard, looking
+    /// each group up once for a run of messages to it; a message whose
+    /// group has no member here any more (they left while it was on its
+    /// way) is counted `left`.
+    fn deliver_batch(&self, frames: FrameBatch) -> u64 {
+        use std::borrow::Borrow;
+        let members = self.members.borrow();
+        let mut last: Option<(&Group, &Members)> = None;
+        let mut delivered = 0;
+        frames.for_each_frame(|frame, seq| {
+            let group = match &frame {
+                Framed::Slice(f) => group_of(f),
+                Framed::Shared(f) => group_of(f),
+                Framed::Message(m) => Some(m.group),
+            };
+            let list = match (group, last) {
+                (Some(g), Some((k, list))) if <Group as Borrow<[u8]>>::borrow(k) == g => Some(list),
+                (Some(g), _) => {
+                    last = members.get_key_value(g);
+                    last.map(|(_, list)| list)
+                }
+                (None, _) => None,
+            };
+            match list {
+                Some(list) => delivered += self.to_list(list, frame, seq),
+                None => ShardStats::add(&self.stats().dropped_left, 1),
+            }
+        });
+        delivered
     }
 
     /// Routes `msg` (a DELIVER or DELIVER_SEQ with publish number `seq`)
@@ -694,8 +718,7 @@ impl Shard {
                 frames.for_each_peer_frame(|peer, seq, frame| {
                     crate::server::peers::to_link(self, peer, seq, frame)
                 });
-                let mut delivered = 0;
-                frames.for_each_frame(|f, s| delivered += self.deliver_here(f, s));
+                let delivered = self.deliver_batch(frames);
                 ShardStats::bump(&self.stats().deliveries, delivered);
             }
             ShardMsg::Event {
