@@ -434,20 +434,24 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             buf.clear();
             continue;
         }
-        // A read that filled its room with more waiting in the socket is
-        // one of a stream: the writers it fills are woken after the next
-        // read (up to HOLD_BYTES), so each writes several reads' worth at
-        // once rather than a few frames each time. Whatever ends the
-        // stream (a short read, nothing waiting, the bound) wakes them.
-        let hold = n >= spare && held + n < HOLD_BYTES && super::sockets::unread_bytes(conn.fd) > 0;
+        // A read that filled its room with at least another read's worth
+        // waiting in the socket is one of a backlog: the writers it fills
+        // are woken after the next read (up to HOLD_BYTES), so each writes
+        // several reads' worth at once rather than a few frames each time;
+        // what it holds back would wait behind the backlog anyway. Whatever
+        // ends the backlog (a short read, less than a read waiting, the
+        // bound) wakes them: input that merely streams is not held.
+        let hold = n >= spare
+            && held + n < HOLD_BYTES
+            && super::sockets::unread_bytes(conn.fd) >= READ_BURST;
         held = if hold { held + n } else { 0 };
         decode_all(shard, conn, buf, hold).await;
     }
 }
 
 /// Most bytes a streaming reader routes before the writers it filled are
-/// woken (see `read_loop`): four full reads.
-const HOLD_BYTES: usize = 4 * READ_BURST;
+/// woken (see `read_loop`): sixteen full reads.
+const HOLD_BYTES: usize = 16 * READ_BURST;
 
 /// A connection's read buffer: small while the peer says little, a whole
 /// [`READ_BURST`] of spare room while it streams, as large as a frame
