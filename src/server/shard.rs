@@ -387,7 +387,7 @@ impl Shard {
     /// two for each). Waking them later, with more, saves system calls;
     /// writers with many frames by reference each already make a large
     /// `writev`, and holding them back only adds latency (tuning.md,
-    /// "A streaming reader's writers woken every few reads").
+    /// "A reader behind a backlog wakes its writers every few reads").
     pub fn writes_are_small(&self) -> bool {
         const FEW: usize = 64;
         self.shared_pushes.get() <= FEW * self.owed.borrow().len().max(1)
@@ -591,7 +591,7 @@ impl Shard {
 
     /// Routes `msg` (a DELIVER or DELIVER_SEQ with publish number `seq`)
     /// to its group's members on every shard in `mask`, encoded once for
-    /// the members here (on the stack when small: see `to_list`) and, when
+    /// the members here (into a scratch buffer when small: see `to_list`) and, when
     /// small, straight into each other shard's batch (see `FrameBatch`).
     /// Returns the local deliveries.
     pub fn to_shards(&self, msg: &GroupMessage<'_>, mask: u64, seq: Option<u64>) -> u64 {
@@ -990,16 +990,17 @@ fn recode(frame: &[u8], seq: Option<u64>) -> Bytes {
     }
 }
 
-/// A group message on its way to local members: built on the stack or in
-/// another shard's batch (copied into each member's queue, or into one
-/// shared buffer when large and for many), or already shared.
+/// A group message on its way to local members: encoded in another shard's
+/// batch (copied into each member's queue, or into one shared buffer when
+/// large and for many), already shared, or not encoded yet.
 #[derive(Debug)]
 pub enum Framed<'a> {
     /// Encoded frame bytes owned by someone else.
     Slice(&'a [u8]),
     /// A frame shared by reference.
     Shared(Bytes),
-    /// Not encoded yet: encoded once, on the stack when it is copied.
+    /// Not encoded yet: encoded once, into the shard's scratch buffer when
+    /// it is copied.
     Message(&'a GroupMessage<'a>),
 }
 

@@ -26,9 +26,7 @@ use crate::cluster::machine::{Barriers, LinkView};
 use crate::cluster::mesh;
 
 use crate::config::ServerSettings;
-use crate::protocol::{
-    encode_group_message_raw, features, Frame, FrameType, GroupMessage, MemberId, Reason,
-};
+use crate::protocol::{features, Frame, FrameType, GroupMessage, MemberId, Reason};
 use crate::router::{Group, GroupEntry};
 use crate::server::conn::Conn;
 use crate::server::flow::Gate;
@@ -255,10 +253,6 @@ pub(crate) fn drop_for_peer(shard: &Shard, i: usize) {
     ShardStats::add(&shard.stats().dropped_peer, 1);
 }
 
-/// Payloads up to this long may make a FORWARD small enough to copy (see
-/// `COPY_MAX`): a cheap test before the frame's length is computed.
-const COPY_PAYLOAD: usize = COPY_MAX;
-
 /// Forwards publish number `seq` of `sender` to `group` once to every node
 /// with members in the group: as `FORWARD_SEQ` to peers that speak it,
 /// `FORWARD` to others (each form encoded at most once). A node whose
@@ -287,64 +281,46 @@ pub fn forward(
             return;
         }
         let numbers = c.features.load(Relaxed) & u64::from(features::SEQ) != 0;
-        if payload.len() <= COPY_PAYLOAD {
-            // A small frame for a link of this shard is built on the stack
-            // and copied into the link's queue; for a link of another
-            // shard, into this turn's batch for it: no allocation either way.
-            if let Some((s, link)) = mesh.link_of(j) {
-                let msg = GroupMessage {
-                    ty: if numbers {
-                        FrameType::FORWARD_SEQ
-                    } else {
-                        FrameType::FORWARD
-                    },
-                    group,
-                    sender: sender.as_bytes(),
-                    seq: numbers.then_some(seq),
-                    payload,
-                };
-                let len = msg.len();
-                if s == shard.index && len <= COPY_MAX {
-                    match shard.links.get_if(j, link) {
-                        Some(conn) => {
-                            let mut stack = [0u8; COPY_MAX];
-                            let mut dst = &mut stack[..];
-                            msg.put(&mut dst);
-                            link::copy_link(shard, &conn, j, &stack[..len]);
-                        }
-                        None => drop_for_peer(shard, j),
+        let msg = GroupMessage {
+            ty: if numbers {
+                FrameType::FORWARD_SEQ
+            } else {
+                FrameType::FORWARD
+            },
+            group,
+            sender: sender.as_bytes(),
+            seq: numbers.then_some(seq),
+            payload,
+        };
+        // A small frame for a link of this shard is built on the stack and
+        // copied into the link's queue; for a link of another shard, packed
+        // into this turn's batch for it: no allocation either way.
+        let len = msg.len();
+        match mesh.link_of(j) {
+            Some((s, link)) if s == shard.index && len <= COPY_MAX => {
+                match shard.links.get_if(j, link) {
+                    Some(conn) => {
+                        let mut stack = [0u8; COPY_MAX];
+                        let mut dst = &mut stack[..];
+                        msg.put(&mut dst);
+                        link::copy_link(shard, &conn, j, &stack[..len]);
                     }
-                    return;
+                    None => drop_for_peer(shard, j),
                 }
+                return;
+            }
+            Some((s, link))
                 if s != shard.index
                     && len <= FrameBatch::PACK_MAX
-                    && shard.queue_peer_packed(s, j, link, &msg)
-                {
-                    return;
-                }
+                    && shard.queue_peer_packed(s, j, link, &msg) =>
+            {
+                return;
             }
+            _ => {}
         }
-        let frame = if numbers {
-            numbered.get_or_insert_with(|| {
-                encode_group_message_raw(
-                    FrameType::FORWARD_SEQ,
-                    group,
-                    sender.as_bytes(),
-                    Some(seq),
-                    payload,
-                )
-            })
-        } else {
-            plain.get_or_insert_with(|| {
-                encode_group_message_raw(
-                    FrameType::FORWARD,
-                    group,
-                    sender.as_bytes(),
-                    None,
-                    payload,
-                )
-            })
-        };
+        // Otherwise each form is encoded once and shared by the links.
+        let frame = if numbers { &mut numbered } else { &mut plain };
+        let frame = frame.get_or_insert_with(|| msg.encode());
         route_to_peer(shard, j, frame.clone());
     };
     let e = entry;
