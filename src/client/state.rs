@@ -397,7 +397,6 @@ impl Shared {
         }
     }
 
-    /// Removes and returns the waiter of request `id`.
     /// A `PERMISSION_DENIED` from the server: fails the join, members or
     /// stats request it names (its message starts with the request,
     /// PROTOCOL.md section 9) and returns the event for the application.
@@ -435,6 +434,7 @@ impl Shared {
         Event::Denied { message }
     }
 
+    /// Removes and returns the waiter of request `id`.
     pub(crate) fn take_waiter(&self, id: u64) -> Option<Waiter> {
         self.lock().requests.remove(&id)
     }

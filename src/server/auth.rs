@@ -273,11 +273,7 @@ pub fn hash_password(password: &[u8], cost: Cost) -> Result<String, String> {
     let params = argon2::Params::new(cost.memory_kib, cost.passes, cost.lanes, None)
         .map_err(|e| format!("bad argon2 cost: {e}"))?;
     let mut salt = [0u8; 16];
-    std::io::Read::read_exact(
-        &mut std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?,
-        &mut salt,
-    )
-    .map_err(|e| format!("/dev/urandom: {e}"))?;
+    getrandom::getrandom(&mut salt).map_err(|e| format!("no random salt: {e}"))?;
     let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     argon

@@ -51,14 +51,15 @@ pub fn run(shared: &Shared, mut interrupt: impl FnMut() -> bool) -> Report {
     let mut report = Report::default();
     loop {
         let movable = match departure.phase() {
-            Phase::Draining => on_each(shared, movable_clients),
+            // A shard that does not answer may still hold movable clients.
+            Phase::Draining => on_each(shared, ANSWER, movable_clients).at_least_if_late(1),
             _ => 0,
         };
         let elapsed = if interrupt() { bound } else { start.elapsed() };
         match departure.next(elapsed, movable) {
             Step::Move { deadline_ms } => {
                 shared.cluster.set_departure(Phase::Draining);
-                report.told = on_each(shared, move |s| tell_move(s, deadline_ms));
+                report.told = on_each(shared, ANSWER, move |s| tell_move(s, deadline_ms)).sum;
                 tracing::info!(target: crate::logging::OPS, clients = report.told, ?bound,
                     "leaving the cluster: clients told to move");
             }
@@ -66,15 +67,24 @@ pub fn run(shared: &Shared, mut interrupt: impl FnMut() -> bool) -> Report {
             Step::CloseClients => {
                 report.drained_in = start.elapsed();
                 shared.cluster.set_departure(Phase::Final);
-                report.closed = on_each(shared, close_clients);
+                // Every shard must have closed its clients before any
+                // link says goodbye, so that nothing they published can
+                // follow NODE_LEAVING: wait for all (a stuck shard at most
+                // the shutdown grace).
+                let closed = on_each(shared, super::SHUTDOWN_GRACE, close_clients);
+                if !closed.all {
+                    tracing::warn!(target: crate::logging::OPS, "leaving: a shard did not confirm closing its clients within the shutdown grace");
+                }
+                report.closed = closed.sum;
             }
             Step::Goodbye => {
                 shared.cluster.set_departure(Phase::Gone);
-                report.links = on_each(shared, |s| {
+                report.links = on_each(shared, ANSWER, |s| {
                     let n = s.links.count();
                     super::peers::say_goodbye(s);
                     n
-                });
+                })
+                .sum;
                 wait_links_down(shared, super::SHUTDOWN_GRACE);
                 tracing::info!(target: crate::logging::OPS, closed = report.closed, links = report.links,
                     drained_in = ?report.drained_in, "left the cluster");
@@ -84,9 +94,31 @@ pub fn run(shared: &Shared, mut interrupt: impl FnMut() -> bool) -> Report {
     }
 }
 
-/// Runs `f` on every shard (in its inbox's order) and adds up the answers;
-/// a shard that does not answer within [`ANSWER`] counts 0.
-fn on_each(shared: &Shared, f: impl Fn(&Rc<Shard>) -> usize + Send + Clone + 'static) -> usize {
+/// The answers of every shard to one question, added up.
+struct Answers {
+    sum: usize,
+    /// Every shard answered in time.
+    all: bool,
+}
+
+impl Answers {
+    /// The sum, or at least `floor` when a shard did not answer.
+    fn at_least_if_late(&self, floor: usize) -> usize {
+        if self.all {
+            self.sum
+        } else {
+            self.sum.max(floor)
+        }
+    }
+}
+
+/// Runs `f` on every shard (in its inbox's order) and adds up the answers
+/// that come `within` (a late shard adds nothing, and `all` is false).
+fn on_each(
+    shared: &Shared,
+    within: Duration,
+    f: impl Fn(&Rc<Shard>) -> usize + Send + Clone + 'static,
+) -> Answers {
     let (tx, rx) = std::sync::mpsc::channel();
     for i in 0..shared.shards() {
         let (tx, f) = (tx.clone(), f.clone());
@@ -96,15 +128,18 @@ fn on_each(shared: &Shared, f: impl Fn(&Rc<Shard>) -> usize + Send + Clone + 'st
         shared.send(i, ShardMsg::Inspect(Inspect(Box::new(run))));
     }
     drop(tx);
-    let deadline = Instant::now() + ANSWER;
-    let mut sum = 0;
+    let deadline = Instant::now() + within;
+    let mut answers = Answers { sum: 0, all: true };
     for _ in 0..shared.shards() {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(n) => sum += n,
-            Err(_) => break,
+            Ok(n) => answers.sum += n,
+            Err(_) => {
+                answers.all = false;
+                break;
+            }
         }
     }
-    sum
+    answers
 }
 
 /// Open client connections here that were granted `LEAVING` (they move).

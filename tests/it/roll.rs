@@ -137,6 +137,32 @@ async fn a_leaving_node_moves_its_clients_and_peers_say_node_left() {
     assert_eq!(st["drops"]["peer"], 0, "{st}");
 }
 
+/// A second signal cuts the wait for clients short: with a
+/// `lame_duck_duration` of five minutes and a client that never moves,
+/// the node closes it and leaves as soon as the second SIGTERM comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_cuts_the_wait_for_clients_short() {
+    let extra = format!("{QUICK}\n lame_duck_duration = 300");
+    let mut c = Cluster::start("leave2", 2, &extra).await;
+    tokio::task::block_in_place(|| {
+        let (mut stays, _) = Raw::client_with(c.addr(1), features::LEAVING);
+        c.nodes[1].signal(libc::SIGTERM);
+        match next_control(&mut stays) {
+            Some(Frame::Move { .. }) => {}
+            other => panic!("a LEAVING client gets MOVE first, got {other:?}"),
+        }
+        c.nodes[1].signal(libc::SIGTERM);
+        // Within the client's read timeout, far below the five minutes.
+        match next_control(&mut stays) {
+            Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::SHUTTING_DOWN),
+            other => panic!("expected ERROR SHUTTING_DOWN, got {other:?}"),
+        }
+    });
+    let code = tokio::task::block_in_place(|| c.nodes[1].terminate());
+    assert_eq!(code, Some(0), "node2 exits 0 after leaving");
+    assert_clean_leave(c.addr(0), "node2");
+}
+
 /// Waits until the node at `addr` counts `n` members in group `g`.
 fn until_members(addr: SocketAddr, g: &str, n: usize) {
     let mut r = Raw::client(addr);

@@ -91,7 +91,9 @@ pub fn on_hello(
         Err(e) => return Err(refuse(shard, conn, name, &e)),
     };
     let Some(key) = key else {
-        return Ok(false); // unreachable: a challenge needs a key
+        // A challenge needs a key: were this ever reached, refuse rather
+        // than admit an unproven peer.
+        return Err(refuse(shard, conn, name, &AuthError::NoKeyHere));
     };
     let frame = Frame::Challenge {
         nonce: acceptor.nonce_s,
