@@ -32,6 +32,11 @@ pub const LIMITER_ADDRS: usize = 10_000;
 pub const VERIFY_QUEUE: usize = 64;
 /// Helper threads checking passwords.
 pub const VERIFY_THREADS: usize = 2;
+/// Password checks one address may have waiting or running at once: a
+/// quarter of [`VERIFY_QUEUE`], so that one address cannot fill the queue
+/// and lock everyone else out (past it, its logins are refused at once,
+/// counted as rate-limited).
+pub const VERIFY_PER_ADDR: u32 = 16;
 
 /// What a logged-in client may do, and as whom.
 #[derive(Debug)]
@@ -63,6 +68,8 @@ pub struct Auth {
     /// `table` is `Some`: read without the lock on every HELLO.
     enabled: AtomicBool,
     limiter: Mutex<Limiter>,
+    /// Password checks waiting or running, per address.
+    in_flight: InFlight,
     pool: OnceLock<flume::Sender<Job>>,
 }
 
@@ -80,6 +87,54 @@ struct Job {
     password: Vec<u8>,
     known: bool,
     reply: tokio::sync::oneshot::Sender<bool>,
+    /// The address's place among the checks in flight, given back when
+    /// the job is done (dropped).
+    _slot: Slot,
+}
+
+/// Password checks in flight per address (only addresses with one: at most
+/// [`VERIFY_QUEUE`] + [`VERIFY_THREADS`] entries).
+#[derive(Debug, Default, Clone)]
+pub struct InFlight(Arc<Mutex<HashMap<IpAddr, u32>>>);
+
+/// One check in flight for an address; gives its place back on drop.
+#[derive(Debug)]
+pub struct Slot {
+    ip: IpAddr,
+    of: InFlight,
+}
+
+impl InFlight {
+    /// A place for a check from `ip`, unless it has `max` in flight.
+    pub fn enter(&self, ip: IpAddr, max: u32) -> Option<Slot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            ip,
+            of: self.clone(),
+        })
+    }
+
+    /// Addresses with checks in flight.
+    pub fn addresses(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// How a login began.
@@ -109,6 +164,7 @@ impl Auth {
             table: Mutex::new(table(users)),
             enabled: AtomicBool::new(!users.is_empty()),
             limiter: Mutex::new(Limiter::default()),
+            in_flight: InFlight::default(),
             pool: OnceLock::new(),
         }
     }
@@ -157,12 +213,19 @@ impl Auth {
                 (table.decoy.clone(), false, nobody)
             }
         };
+        let Some(slot) = self.in_flight.enter(ip, VERIFY_PER_ADDR) else {
+            return Login::Refused {
+                why: "too many logins waiting from this address; try again later".into(),
+                rate_limited: true,
+            };
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job = Job {
             hash,
             password: creds.password,
             known,
             reply,
+            _slot: slot,
         };
         if self.pool().try_send(job).is_err() {
             return Login::Refused {
@@ -368,6 +431,29 @@ mod tests {
         assert!(l.allowed(other, t0));
         assert!(!l.allowed(ip, t0 + Duration::from_secs(1)));
         assert!(l.allowed(ip, t0 + Duration::from_secs(2)));
+    }
+
+    /// One address has at most `max` checks in flight; others are not
+    /// affected, a finished check gives its place back, and the map
+    /// forgets an address with none.
+    #[test]
+    fn checks_in_flight_are_capped_per_address() {
+        let f = InFlight::default();
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let other = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        let mut slots: Vec<Slot> = (0..VERIFY_PER_ADDR)
+            .map(|_| f.enter(ip, VERIFY_PER_ADDR).expect("a place"))
+            .collect();
+        assert!(
+            f.enter(ip, VERIFY_PER_ADDR).is_none(),
+            "the address is full"
+        );
+        let o = f.enter(other, VERIFY_PER_ADDR).expect("another address");
+        slots.pop();
+        assert!(f.enter(ip, VERIFY_PER_ADDR).is_some(), "a place came back");
+        drop(slots);
+        drop(o);
+        assert_eq!(f.addresses(), 0);
     }
 
     #[test]
