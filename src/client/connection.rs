@@ -373,9 +373,11 @@ pub(crate) struct ReadCtx {
     pub dedup_for: Duration,
 }
 
-/// Most deliveries a move's new connection holds before it stops reading
-/// until the old connection is done.
+/// Most deliveries, and most payload bytes, a move's new connection holds
+/// before it stops reading until the old connection is done (TCP then
+/// holds the rest, in the server's queue for this connection).
 pub(crate) const HOLD_MAX: usize = 65_536;
+pub(crate) const HOLD_BYTES: usize = 16 * 1024 * 1024;
 
 /// A move's new connection, while the old one still delivers: its
 /// deliveries are held, in order, until `release` fires (the old
@@ -383,6 +385,8 @@ pub(crate) const HOLD_MAX: usize = 65_536;
 pub(crate) struct Hold {
     pub release: oneshot::Receiver<()>,
     pub held: Vec<Frame>,
+    /// Payload bytes in `held`.
+    pub bytes: usize,
 }
 
 /// Reads, decodes and dispatches until the connection ends.
@@ -396,8 +400,9 @@ pub(crate) async fn read_loop(mut rd: ReadHalf, mut buf: BytesMut, mut ctx: Read
                 Ok(None) => break,
                 Err(e) => return End::Protocol(e),
             };
-            if let (Some(h), Frame::Deliver { .. }) = (&mut ctx.hold, &frame) {
-                if h.held.len() < HOLD_MAX {
+            if let (Some(h), Frame::Deliver { payload, .. }) = (&mut ctx.hold, &frame) {
+                if h.held.len() < HOLD_MAX && h.bytes < HOLD_BYTES {
+                    h.bytes += payload.len();
                     h.held.push(frame);
                     continue;
                 }

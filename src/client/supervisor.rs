@@ -389,6 +389,7 @@ impl Tasks {
                 Some(Hold {
                     release,
                     held: Vec::new(),
+                    bytes: 0,
                 }),
                 Some(gate),
             ),

@@ -23,7 +23,8 @@ use crate::server::shared::{Inspect, ShardMsg, Shared};
 use crate::stats::Counts;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{self, Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::oneshot;
 
@@ -55,6 +56,11 @@ impl<T> Answer<T> {
     }
 }
 
+/// Questions a shard may have queued and unanswered; past it the shard
+/// is reported late without being asked (a stuck shard's inbox does not
+/// fill with the questions of every scrape).
+pub const INSPECTIONS_QUEUED: usize = 4;
+
 /// Runs `f` on every shard's thread; one answer per shard, in order.
 pub async fn ask<T, F>(shared: &Shared, f: F) -> Vec<Answer<T>>
 where
@@ -63,25 +69,47 @@ where
 {
     let pending: Vec<_> = (0..shared.shards())
         .map(|i| {
+            let queued = &shared.inspections[i];
+            if queued.fetch_add(1, Ordering::AcqRel) >= INSPECTIONS_QUEUED {
+                queued.fetch_sub(1, Ordering::AcqRel);
+                return None;
+            }
             let (tx, rx) = oneshot::channel();
             let f = f.clone();
+            let done = Queued(shared.inspections.clone(), i);
             let job = Inspect(Box::new(move |shard: &Rc<Shard>| {
-                let _ = tx.send(f(shard));
+                let answer = f(shard);
+                // Counted off before the answer is seen.
+                drop(done);
+                let _ = tx.send(answer);
             }));
             shared.send(i, ShardMsg::Inspect(job));
-            rx
+            Some(rx)
         })
         .collect();
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut out = Vec::with_capacity(pending.len());
     for rx in pending {
-        out.push(match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(t)) => Answer::Ok(t),
-            Ok(Err(_)) => Answer::Exited,
-            Err(_) => Answer::Late,
+        out.push(match rx {
+            None => Answer::Late,
+            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(t)) => Answer::Ok(t),
+                Ok(Err(_)) => Answer::Exited,
+                Err(_) => Answer::Late,
+            },
         });
     }
     out
+}
+
+/// A question queued on shard `.1`: counted off when it has run or was
+/// dropped unrun.
+struct Queued(Arc<[std::sync::atomic::AtomicUsize]>, usize);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0[self.1].fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Outbound queue depth over a shard's connections.

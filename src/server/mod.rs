@@ -33,7 +33,7 @@ use shared::{ShardMsg, Shared};
 use sockets::SocketOpts;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -218,6 +218,7 @@ impl Server {
             backend: if uring { "uring" } else { "epoll" },
             stopping: AtomicBool::new(false),
             placed: Default::default(),
+            inspections: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
             live: Mutex::new(live),
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
             auth: auth::Auth::new(&s.users),

@@ -310,6 +310,10 @@ pub struct Shared {
     pub backend: &'static str,
     /// Set when shutdown has begun.
     pub stopping: AtomicBool,
+    /// Questions of the monitoring endpoint queued on each shard and not
+    /// yet answered (see `monitor::gather::ask`): a shard that stopped
+    /// answering is asked nothing more until it has answered.
+    pub inspections: Arc<[AtomicUsize]>,
     /// Connections accepted so far: the next goes to shard `placed %
     /// shards` (see [`Shared::place`]).
     pub placed: AtomicUsize,

@@ -407,7 +407,7 @@ fn healthz_fails_while_a_shard_is_stalled() {
             .expect("monitor starts");
     let mon = monitor.local_addr();
     wait_serving(mon);
-    srv.server().stall_shard(1, Duration::from_secs(6));
+    srv.server().stall_shard(1, Duration::from_secs(12));
     // Each look waits up to a second for the shard: both are seen while it
     // is stalled, whatever the machine's pace, or the wait times out.
     wait_for("/healthz and /metrics to see shard 1 stalled", WAIT, || {
@@ -415,7 +415,19 @@ fn healthz_fails_while_a_shard_is_stalled() {
         let failing = health.is_some_and(|r| r.status == 503 && r.body.contains("shard 1"));
         failing && sum(&scrape(mon), "msgc_shard_up", &[("shard", "1")]) == 0.0
     });
+    // More looks do not pile questions up in the stalled shard's inbox.
+    let queued = || srv.server().shared().inspections[1].load(std::sync::atomic::Ordering::Acquire);
+    for _ in 0..6 {
+        let health = http_get(mon, "/healthz").expect("answered");
+        assert_eq!(health.status, 503);
+        assert!(
+            queued() <= 4, // gather::INSPECTIONS_QUEUED
+            "{} questions queued",
+            queued()
+        );
+    }
     wait_serving(mon);
+    assert_eq!(queued(), 0, "every question was answered or counted off");
     assert_eq!(sum(&scrape(mon), "msgc_shard_up", &[]), 2.0);
     drop(monitor);
     srv.stop();
