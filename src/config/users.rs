@@ -135,14 +135,16 @@ impl Patterns {
 
 /// Checks one pattern against the rules in the module docs.
 fn check_pattern(p: &str) -> Result<(), String> {
-    if p.is_empty() || p.len() > 255 {
-        return Err(format!("pattern `{p}` must be 1 to 255 bytes long"));
-    }
-    if let Some(b) = p.bytes().find(|b| !(0x21..=0x7e).contains(b)) {
-        return Err(format!(
-            "pattern `{}` holds byte 0x{b:02x}: group names are printable ASCII without spaces",
-            p.escape_default()
-        ));
+    use crate::protocol::NameError;
+    match crate::protocol::validate_name(p.as_bytes()) {
+        Ok(()) => {}
+        Err(NameError::BadByte(b)) => {
+            return Err(format!(
+                "pattern `{}` holds byte 0x{b:02x}: group names are printable ASCII without spaces",
+                p.escape_default()
+            ))
+        }
+        Err(_) => return Err(format!("pattern `{p}` must be 1 to 255 bytes long")),
     }
     if p[..p.len() - 1].contains('*') {
         return Err(format!(
@@ -154,16 +156,12 @@ fn check_pattern(p: &str) -> Result<(), String> {
 
 /// Whether `name` is a valid user name (the rules of a group name).
 fn check_user_name(name: &str) -> Result<(), String> {
-    let ok =
-        !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| (0x21..=0x7e).contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
+    crate::protocol::validate_name(name.as_bytes()).map_err(|_| {
+        format!(
             "user name `{}` must be 1 to 255 printable ASCII bytes without spaces",
             name.escape_default()
-        ))
-    }
+        )
+    })
 }
 
 /// Whether `hash` is an argon2 PHC string.

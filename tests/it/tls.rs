@@ -4,7 +4,9 @@
 //! config checks. Certificates are made here with rcgen.
 
 use crate::cluster::{ip, name, Cluster, QUICK};
-use crate::util::{free_port, next_event, uring_here, wait_for, NodeProc, Raw, TempDir, WAIT};
+use crate::util::{
+    free_port, next_event, uring_here, wait_for, wait_for_async, NodeProc, Raw, TempDir, WAIT,
+};
 use msgc::client::{Client, ClientConfig, Event};
 use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
 use std::net::SocketAddr;
@@ -266,15 +268,8 @@ async fn a_cluster_over_tls_delivers_in_order(tag: &str, backend: &str) {
     }
     for (i, client) in clients.iter().enumerate() {
         let others: Vec<String> = (0..3).filter(|&j| j != i).map(name).collect();
-        let end = tokio::time::Instant::now() + WAIT;
-        while !mesh_up(client, &others).await {
-            assert!(
-                tokio::time::Instant::now() < end,
-                "{}: TLS links not up",
-                name(i)
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let what = format!("{}: TLS links up", name(i));
+        wait_for_async(&what, WAIT, || mesh_up(client, &others)).await;
     }
     let streams: Vec<_> = clients.iter().map(Client::events).collect();
     for client in &clients[1..] {
@@ -339,11 +334,7 @@ async fn a_peer_over_tls_without_a_certificate_is_refused() {
         .await
         .expect("client");
     let others = [name(1)];
-    let end = tokio::time::Instant::now() + WAIT;
-    while !mesh_up(&node1, &others).await {
-        assert!(tokio::time::Instant::now() < end, "TLS link not up");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_async("the TLS link up", WAIT, || mesh_up(&node1, &others)).await;
 
     let addr = c.addr(0);
     let config = msgc::tls::client_config(&ca.pem.display().to_string(), None).expect("config");
