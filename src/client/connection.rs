@@ -575,6 +575,10 @@ async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
 /// (among them those of a member whose leave came meanwhile). A stale
 /// entry costs its room only: ids are never reused.
 fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
+    if ctx.dedup_until.is_some_and(|until| Instant::now() >= until) {
+        // The de-duplication after a move is over, numbered delivery or not.
+        ctx.dedup_until = None;
+    }
     let moving = ctx.hold.is_some()
         || ctx.dedup_until.is_some()
         || ctx.shared.lock().previous.as_ref() == Some(&ctx.member);
