@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::io::{self, BufRead, Write};
 use std::os::fd::RawFd;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::io::Stream;
 
@@ -38,7 +38,18 @@ pub struct TlsStream<S> {
     rbuf: RefCell<BytesMut>,
     /// Held while ciphertext is taken from rustls and written.
     wlock: tokio::sync::Mutex<()>,
+    /// Ciphertext buffer, kept between writes: once a write is done its
+    /// memory holds the next batch's records (no allocation per write).
+    /// A buffer that grew past [`KEEP_CIPHERTEXT`] is not kept: large
+    /// batches allocate once each (cheap beside encrypting them), and an
+    /// idle connection holds at most that much.
+    wbuf: RefCell<BytesMut>,
+    /// The one-buffer list handed to the stream's `writev`, kept.
+    wlist: RefCell<Vec<Bytes>>,
 }
+
+/// Most ciphertext buffer a connection keeps between writes.
+const KEEP_CIPHERTEXT: usize = 8 * 1024;
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -56,6 +67,8 @@ impl<S: Stream> TlsStream<S> {
             tls: RefCell::new(tls),
             rbuf: RefCell::new(BytesMut::new()),
             wlock: tokio::sync::Mutex::new(()),
+            wbuf: RefCell::new(BytesMut::new()),
+            wlist: RefCell::new(Vec::with_capacity(1)),
         }
     }
 
@@ -63,25 +76,42 @@ impl<S: Stream> TlsStream<S> {
     async fn flush_tls(&self) -> io::Result<()> {
         let _held = self.wlock.lock().await;
         loop {
-            let mut out = Vec::new();
+            let mut out = self.wbuf.take();
             {
                 let mut tls = self.tls.borrow_mut();
+                let mut w = (&mut out).writer();
                 while tls.wants_write() {
-                    tls.write_tls(&mut out)?;
+                    if let Err(e) = tls.write_tls(&mut w) {
+                        self.keep_wbuf(out);
+                        return Err(e);
+                    }
                 }
             }
             if out.is_empty() {
+                self.keep_wbuf(out);
                 return Ok(());
             }
-            self.write_all(Bytes::from(out)).await?;
+            self.write_all(out).await?;
         }
     }
 
-    /// The underlying partial-write loop for one ciphertext buffer.
-    async fn write_all(&self, mut data: Bytes) -> io::Result<()> {
+    /// Writes `out`'s ciphertext, then keeps the buffer for the next
+    /// records (its memory is reused once the write no longer holds it).
+    async fn write_all(&self, mut out: BytesMut) -> io::Result<()> {
+        // Judged before the split: after it, `out` sees only the spare room
+        // of an allocation that the records still hold.
+        let keep = out.capacity() <= KEEP_CIPHERTEXT;
+        let mut data = out.split().freeze();
+        if keep {
+            *self.wbuf.borrow_mut() = out;
+        }
         while !data.is_empty() {
-            let (res, mut bufs) = self.io.writev(vec![data]).await;
-            data = bufs.pop().unwrap_or_default();
+            let mut list = self.wlist.take();
+            list.push(data);
+            let (res, mut list) = self.io.writev(list).await;
+            data = list.pop().unwrap_or_default();
+            list.clear();
+            *self.wlist.borrow_mut() = list;
             match res? {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
                 n => {
@@ -90,6 +120,15 @@ impl<S: Stream> TlsStream<S> {
             }
         }
         Ok(())
+    }
+
+    /// Keeps `out` (not written from) as the next ciphertext buffer
+    /// unless it grew large.
+    fn keep_wbuf(&self, mut out: BytesMut) {
+        out.clear();
+        if out.capacity() <= KEEP_CIPHERTEXT {
+            *self.wbuf.borrow_mut() = out;
+        }
     }
 
     /// Moves decrypted bytes into `buf`: `Some(n)` when there were some (or
@@ -173,22 +212,26 @@ impl<S: Stream> Stream for TlsStream<S> {
         // Room for the whole batch as records (≤ 16 KiB of plaintext each,
         // plus header and tag), so the buffer is allocated once.
         let plain: usize = bufs.iter().map(Bytes::len).sum();
-        let mut out = Vec::with_capacity(plain + (plain / 16_384 + 1) * 64);
+        let mut out = self.wbuf.take();
+        out.reserve(plain + (plain / 16_384 + 1) * 64);
         let res = {
             let mut tls = self.tls.borrow_mut();
             let slices = super::io::smallvec_slices::Slices::new(&bufs);
             let res = tls.writer().write_vectored(slices.as_slice());
+            let mut w = (&mut out).writer();
             while tls.wants_write() && res.is_ok() {
-                if let Err(e) = tls.write_tls(&mut out) {
+                if let Err(e) = tls.write_tls(&mut w) {
+                    drop(tls);
+                    self.keep_wbuf(out);
                     return (Err(e), bufs);
                 }
             }
             res
         };
-        if !out.is_empty() {
-            if let Err(e) = self.write_all(Bytes::from(out)).await {
-                return (Err(e), bufs);
-            }
+        if out.is_empty() {
+            self.keep_wbuf(out);
+        } else if let Err(e) = self.write_all(out).await {
+            return (Err(e), bufs);
         }
         (res, bufs)
     }
