@@ -9,14 +9,17 @@
 //!   consumer.
 //! - `packed`: `FrameBatch` (small frames packed, copied on arrival into
 //!   the writer's open chunk, as `Outbound::push_copy` does; larger ones
-//!   shared).
+//!   shared), a new batch each time (freed by the consumer).
+//! - `recycled`: the same, with each emptied batch given back to the
+//!   producer for its next (`SparePool`, as the shards do).
 
 use bytes::{Bytes, BytesMut};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use msgc::protocol::{FrameType, GroupMessage};
 use msgc::server::shard::Framed;
-use msgc::server::shared::FrameBatch;
+use msgc::server::shared::{FrameBatch, SparePool};
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIZES: [usize; 3] = [16, 256, 4096];
@@ -87,39 +90,54 @@ fn handoff(c: &mut Criterion) {
                 )
             })
         });
-        g.bench_function(format!("packed/{size}"), move |b| {
-            b.iter_custom(|n| {
-                run(
-                    n,
-                    &payload,
-                    |batch: &mut Option<FrameBatch>, msg| {
-                        let fb = batch.get_or_insert_with(FrameBatch::default);
-                        if msg.len() > FrameBatch::PACK_MAX {
-                            fb.push_shared(msg.encode(), Some(1));
-                        } else {
-                            fb.push_packed(msg, Some(1));
-                        }
-                        fb.full()
-                    },
-                    |fb, queue| {
-                        let mut open = BytesMut::new();
-                        fb.for_each_frame(|f, _| match f {
-                            Framed::Shared(b) => {
-                                if !open.is_empty() {
-                                    queue.push_back(open.split().freeze());
+        for recycle in [false, true] {
+            let name = if recycle { "recycled" } else { "packed" };
+            let payload = payload.clone();
+            g.bench_function(format!("{name}/{size}"), move |b| {
+                b.iter_custom(|n| {
+                    let pool = Arc::new(SparePool::new(1));
+                    let back = pool.clone();
+                    run(
+                        n,
+                        &payload,
+                        |batch: &mut Option<FrameBatch>, msg| {
+                            let fb = batch.get_or_insert_with(|| {
+                                if recycle {
+                                    pool.take(0)
+                                } else {
+                                    FrameBatch::default()
                                 }
-                                queue.push_back(b);
+                            });
+                            if msg.len() > FrameBatch::PACK_MAX {
+                                fb.push_shared(msg.encode(), Some(1));
+                            } else {
+                                fb.push_packed(msg, Some(1));
                             }
-                            Framed::Slice(s) => open.extend_from_slice(s),
-                            Framed::Message(m) => queue.push_back(m.encode()),
-                        });
-                        if !open.is_empty() {
-                            queue.push_back(open.freeze());
-                        }
-                    },
-                )
-            })
-        });
+                            fb.full()
+                        },
+                        move |mut fb, queue| {
+                            let mut open = BytesMut::new();
+                            fb.for_each_frame(|f, _| match f {
+                                Framed::Shared(b) => {
+                                    if !open.is_empty() {
+                                        queue.push_back(open.split().freeze());
+                                    }
+                                    queue.push_back(b);
+                                }
+                                Framed::Slice(s) => open.extend_from_slice(s),
+                                Framed::Message(m) => queue.push_back(m.encode()),
+                            });
+                            if !open.is_empty() {
+                                queue.push_back(open.freeze());
+                            }
+                            if recycle {
+                                back.give_back(fb);
+                            }
+                        },
+                    )
+                })
+            });
+        }
     }
     g.finish();
 }

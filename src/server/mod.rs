@@ -223,6 +223,7 @@ impl Server {
             cluster: crate::cluster::Mesh::new(&node, s, peers::own_ip_of(s, &node)),
             auth: auth::Auth::new(&s.users),
             tls: s.tls.configs().map_err(Error::Tls)?,
+            spares: shared::SparePool::new(shards),
         });
         let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
         let threads = spawn_shards(&shared, listeners, rxs, uring)?;

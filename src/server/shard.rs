@@ -228,7 +228,7 @@ impl Shard {
         let full = {
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
-                out.resize_with(self.shared.shards(), FrameBatch::default);
+                out.resize_with(self.shared.shards(), || self.shared.spares.take(self.index));
             }
             let batch = &mut out[s];
             f(batch);
@@ -248,15 +248,16 @@ impl Shard {
         if !self.outgoing_any.replace(false) {
             return;
         }
-        let batches: Vec<(usize, FrameBatch)> = self
-            .outgoing
-            .borrow_mut()
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, b)| !b.is_empty())
-            .map(|(s, b)| (s, std::mem::take(b)))
-            .collect();
-        for (s, frames) in batches {
+        let shards = self.outgoing.borrow().len();
+        for s in 0..shards {
+            let frames = {
+                let mut out = self.outgoing.borrow_mut();
+                if out[s].is_empty() {
+                    continue;
+                }
+                let spare = self.shared.spares.take(self.index);
+                std::mem::replace(&mut out[s], spare)
+            };
             let producer = self.producer();
             self.shared
                 .send(s, ShardMsg::DeliverBatch { frames, producer });
@@ -562,7 +563,7 @@ impl Shard {
     /// each group up once for a run of messages to it; a message whose
     /// group has no member here any more (they left while it was on its
     /// way) is counted `left`.
-    fn deliver_batch(&self, frames: FrameBatch) -> u64 {
+    fn deliver_batch(&self, frames: &mut FrameBatch) -> u64 {
         use std::borrow::Borrow;
         let members = self.members.borrow();
         let mut last: Option<(&Group, &Members)> = None;
@@ -718,8 +719,9 @@ impl Shard {
                 frames.for_each_peer_frame(|peer, seq, frame| {
                     crate::server::peers::to_link(self, peer, seq, frame)
                 });
-                let delivered = self.deliver_batch(frames);
+                let delivered = self.deliver_batch(&mut frames);
                 ShardStats::bump(&self.stats().deliveries, delivered);
+                self.shared.spares.give_back(frames);
             }
             ShardMsg::Event {
                 frame,
@@ -893,6 +895,7 @@ impl Shard {
             // A backstop: a reader's task ended before it woke what it
             // filled.
             self.wake_owed();
+            self.shared.spares.drop_spares(self.index);
             for c in conns {
                 c.sweep(&self, now, &live);
                 c.out.trim_idle();
