@@ -92,6 +92,19 @@ struct Job {
     _slot: Slot,
 }
 
+/// The source a login is limited as: an IPv4 address, or an IPv6 address's
+/// /64 network (one host is commonly given a whole /64, so its addresses
+/// count as one; an IPv4 address mapped into IPv6 counts as itself).
+pub fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 /// Password checks in flight per address (only addresses with one: at most
 /// [`VERIFY_QUEUE`] + [`VERIFY_THREADS`] entries).
 #[derive(Debug, Default, Clone)]
@@ -107,6 +120,7 @@ pub struct Slot {
 impl InFlight {
     /// A place for a check from `ip`, unless it has `max` in flight.
     pub fn enter(&self, ip: IpAddr, max: u32) -> Option<Slot> {
+        let ip = source(ip);
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(ip).or_insert(0);
         if *n >= max {
@@ -371,7 +385,7 @@ impl Bucket {
 impl Limiter {
     /// Whether `ip` may try a login now (it has failures left).
     pub fn allowed(&mut self, ip: IpAddr, now: Instant) -> bool {
-        match self.buckets.get_mut(&ip) {
+        match self.buckets.get_mut(&source(ip)) {
             None => true,
             Some(b) => {
                 *b = b.refilled(now);
@@ -386,18 +400,34 @@ impl Limiter {
             tokens: FAILURE_BURST,
             at: now,
         };
-        let b = self.buckets.entry(ip).or_insert(full);
+        let b = self.buckets.entry(source(ip)).or_insert(full);
         *b = b.refilled(now);
         b.tokens = (b.tokens - 1.0).max(0.0);
         if self.buckets.len() > LIMITER_ADDRS {
-            // Forget the addresses that have all their failures back, then,
-            // if that is not enough, everyone: the bound wins.
-            self.buckets
-                .retain(|_, b| b.refilled(now).tokens < FAILURE_BURST);
-            if self.buckets.len() > LIMITER_ADDRS {
-                self.buckets.clear();
-            }
+            self.make_room(now);
         }
+    }
+
+    /// Forgets the addresses that have all their failures back, then, if
+    /// that is not enough, the half closest to it: many addresses failing
+    /// once each cannot make the limiter forget the one that fails most
+    /// (and the bound still wins). Runs once per [`LIMITER_ADDRS`] / 2 new
+    /// addresses at most.
+    fn make_room(&mut self, now: Instant) {
+        for b in self.buckets.values_mut() {
+            *b = b.refilled(now);
+        }
+        self.buckets.retain(|_, b| b.tokens < FAILURE_BURST);
+        if self.buckets.len() <= LIMITER_ADDRS / 2 {
+            return;
+        }
+        let mut tokens: Vec<f64> = self.buckets.values().map(|b| b.tokens).collect();
+        let keep = LIMITER_ADDRS / 2;
+        let (_, cut, _) = tokens.select_nth_unstable_by(keep, f64::total_cmp);
+        // Strictly below: addresses that tie at the cut (failing alike)
+        // go together, so at most half stay.
+        let cut = *cut;
+        self.buckets.retain(|_, b| b.tokens < cut);
     }
 
     /// Addresses remembered.
@@ -464,6 +494,52 @@ mod tests {
             l.failed(IpAddr::V4(Ipv4Addr::from(i)), t0);
             assert!(l.len() <= LIMITER_ADDRS);
         }
+    }
+
+    /// Many addresses failing once each fill the limiter; it forgets them,
+    /// not the address that failed most.
+    #[test]
+    fn a_flood_of_addresses_does_not_free_the_worst_one() {
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        let bad = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        for _ in 0..5 {
+            l.failed(bad, t0);
+        }
+        assert!(!l.allowed(bad, t0));
+        for i in 0..(3 * LIMITER_ADDRS as u32) {
+            l.failed(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)), t0);
+            assert!(l.len() <= LIMITER_ADDRS);
+        }
+        assert!(!l.allowed(bad, t0), "still refused after the flood");
+    }
+
+    /// An IPv6 host's addresses in one /64 are one source; another /64 is
+    /// another, and an IPv4-mapped address is its IPv4 address.
+    #[test]
+    fn ipv6_addresses_are_limited_per_64() {
+        let mut l = Limiter::default();
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().expect("v6");
+        let same_net: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().expect("v6");
+        let other_net: IpAddr = "2001:db8:1:3::1".parse().expect("v6");
+        for i in 0..5u16 {
+            l.failed(
+                IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 1, 2, 0, 0, 0, i)),
+                t0,
+            );
+        }
+        assert!(!l.allowed(a, t0));
+        assert!(!l.allowed(same_net, t0));
+        assert!(l.allowed(other_net, t0));
+        assert_eq!(l.len(), 1);
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 9, 8, 7));
+        let mapped: IpAddr = "::ffff:10.9.8.7".parse().expect("mapped");
+        assert_eq!(source(mapped), v4);
+        let f = InFlight::default();
+        let _s = f.enter(a, 1).expect("a place");
+        assert!(f.enter(same_net, 1).is_none(), "same /64, same source");
+        assert!(f.enter(other_net, 1).is_some());
     }
 
     #[test]
