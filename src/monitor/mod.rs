@@ -14,7 +14,7 @@
 //! | `/healthz` | 200 when every shard answers (`?peers=1`: and every peer link is up), else 503 with the reasons |
 //! | `/stats` | the STATS document |
 //! | `/connz` | connections (`?offset=&limit=&sort=`) |
-//! | `/groupz` | groups by member count (`?offset=&limit=`), or `?group=NAME`'s members |
+//! | `/groupz` | groups by member count, or `?group=NAME`'s members; paged (`?offset=&limit=`) |
 //! | `/peerz` | peer links |
 //!
 //! Only `GET` and `HEAD` are served (405 otherwise); an unknown path is

@@ -298,17 +298,17 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
     )
 }
 
-/// `/groupz`: groups by member count (paged), or with `?group=NAME` that
-/// group's members. Member counts are read under each group's own lock
+/// `/groupz`: groups by member count, or with `?group=NAME` that group's
+/// members in id order; both paged (`offset`, `limit`). Member counts are read under each group's own lock
 /// (taken by joins and leaves, never by a publish).
 pub fn groupz(shared: &Shared, q: &Query) -> Reply {
-    if let Some(name) = q.get("group") {
-        return group(shared, name);
-    }
     let (offset, limit) = match paging(q) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    if let Some(name) = q.get("group") {
+        return group(shared, name, offset, limit);
+    }
     let mut groups: Vec<(String, u32, usize)> = shared
         .table
         .groups()
@@ -338,7 +338,8 @@ pub fn groupz(shared: &Shared, q: &Query) -> Reply {
     )
 }
 
-fn group(shared: &Shared, name: &str) -> Reply {
+/// One page of a group's members, in id order.
+fn group(shared: &Shared, name: &str, offset: usize, limit: usize) -> Reply {
     let Some(g) = shared.table.get(name.as_bytes()) else {
         return Reply::error(404, format!("no group {name:?} here"));
     };
@@ -346,6 +347,8 @@ fn group(shared: &Shared, name: &str) -> Reply {
     let me = shared.node.as_str();
     let list: Vec<Value> = members
         .iter()
+        .skip(offset)
+        .take(limit)
         .map(|m| {
             let (node, shard) = match m.parts() {
                 Some((node, shard, _, _)) => (Some(node), Some(shard)),
@@ -364,7 +367,9 @@ fn group(shared: &Shared, name: &str) -> Reply {
         &json!({
             "node": me,
             "group": name,
-            "size": list.len(),
+            "size": members.len(),
+            "offset": offset,
+            "limit": limit,
             "members": list,
         }),
     )

@@ -336,6 +336,23 @@ fn groupz_lists_members() {
         })
         .collect();
     assert_eq!(listed, ids.iter().cloned().collect::<HashSet<_>>());
+    // Paged like the list of groups: the pages together are the group.
+    let mut paged = Vec::new();
+    for offset in 0..3 {
+        let page = get(
+            mon,
+            &format!("/groupz?group=mon%2Fg%231&offset={offset}&limit=1"),
+        )
+        .json();
+        assert_eq!(page["size"], 3, "{page}");
+        let members = page["members"].as_array().expect("a list");
+        assert_eq!(members.len(), 1, "{page}");
+        paged.push(members[0]["id"].as_str().expect("an id").to_owned());
+    }
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(paged, sorted, "pages in id order, none twice");
+    assert_eq!(get(mon, "/groupz?group=mon%2Fg%231&limit=0x").status, 400);
 
     let list = get(mon, "/groupz").json();
     assert_eq!(
