@@ -510,3 +510,32 @@ fn a_taken_monitor_address_stops_the_start() {
         "nothing listens"
     );
 }
+
+/// While a node leaves (lame duck, clients told to move), `/healthz`
+/// answers 503 and says so: a load balancer stops sending clients to it.
+#[test]
+fn healthz_fails_while_the_node_leaves() {
+    let dir = TempDir::new("mon-leaving");
+    let (mut node, mon) = solo(&dir, "127.0.0.77", "lame_duck_duration = 300");
+    // A client that can move but never does keeps the node leaving.
+    let (mut stays, _) =
+        crate::util::Raw::client_with(node.addr, msgc::protocol::features::LEAVING);
+    node.signal(libc::SIGTERM);
+    let mut said = String::new();
+    wait_for(
+        "/healthz to say the node is leaving",
+        WAIT,
+        || match http_get(mon, "/healthz") {
+            Some(r) if r.status == 503 => {
+                said = r.body;
+                said.contains("leaving the cluster")
+            }
+            _ => false,
+        },
+    );
+    assert!(!said.contains("shutting down"), "{said}");
+    // The second signal ends the wait for clients; the node exits.
+    node.signal(libc::SIGTERM);
+    let _ = stays.poll();
+    assert_eq!(node.terminate(), Some(0), "exits 0 after leaving");
+}
