@@ -168,22 +168,15 @@ pub enum Role {
     Peer(usize),
 }
 
-/// One connection, as `/connz` shows it.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
+/// What `/connz` sorts and pages by, of one connection: numbers only,
+/// cheap to gather for every connection of a node.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnKey {
     /// Its shard.
     pub shard: usize,
     /// Its sequence number on the shard.
     pub seq: u64,
-    /// Its member id.
-    pub id: String,
-    /// The remote address.
-    pub addr: SocketAddr,
-    /// Client, peer or pending.
-    pub role: Role,
-    /// Groups joined (at most [`MAX_GROUPS_LISTED`], sorted).
-    pub groups: Vec<String>,
-    /// Groups joined, all counted.
+    /// Groups joined.
     pub group_count: usize,
     /// Frames queued to it.
     pub queue_frames: u64,
@@ -197,28 +190,27 @@ pub struct ConnInfo {
     pub since: SystemTime,
 }
 
-fn conn_info(shard: usize, c: &Conn, now: SystemTime) -> ConnInfo {
-    let role = match c.role.get() {
-        ConnRole::Pending => Role::Pending,
-        ConnRole::Client => Role::Client,
-        ConnRole::Peer(i) => Role::Peer(i),
-    };
-    let joined = c.groups.borrow();
-    let mut groups: Vec<String> = joined
-        .iter()
-        .map(|g| String::from_utf8_lossy(g.name()).into_owned())
-        .collect();
-    groups.sort_unstable();
-    groups.truncate(MAX_GROUPS_LISTED);
+/// One connection, as `/connz` shows it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Its figures.
+    pub key: ConnKey,
+    /// Its member id.
+    pub id: String,
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// Client, peer or pending.
+    pub role: Role,
+    /// Groups joined (at most [`MAX_GROUPS_LISTED`], sorted).
+    pub groups: Vec<String>,
+}
+
+fn conn_key(shard: usize, c: &Conn, now: SystemTime) -> ConnKey {
     let (frames, bytes) = c.out.pending();
-    ConnInfo {
+    ConnKey {
         shard,
         seq: c.seq,
-        id: c.id.as_str().to_owned(),
-        addr: c.addr,
-        role,
-        groups,
-        group_count: joined.len(),
+        group_count: c.groups.borrow().len(),
         queue_frames: frames as u64,
         queue_bytes: bytes as u64,
         bytes_in: c.bytes_in.get(),
@@ -227,13 +219,47 @@ fn conn_info(shard: usize, c: &Conn, now: SystemTime) -> ConnInfo {
     }
 }
 
-/// Every connection of the shard it runs on.
-pub fn connections(shard: &Rc<Shard>) -> Vec<ConnInfo> {
+fn conn_info(shard: usize, c: &Conn, now: SystemTime) -> ConnInfo {
+    let role = match c.role.get() {
+        ConnRole::Pending => Role::Pending,
+        ConnRole::Client => Role::Client,
+        ConnRole::Peer(i) => Role::Peer(i),
+    };
+    let mut groups: Vec<String> = c
+        .groups
+        .borrow()
+        .iter()
+        .map(|g| String::from_utf8_lossy(g.name()).into_owned())
+        .collect();
+    groups.sort_unstable();
+    groups.truncate(MAX_GROUPS_LISTED);
+    ConnInfo {
+        key: conn_key(shard, c, now),
+        id: c.id.as_str().to_owned(),
+        addr: c.addr,
+        role,
+        groups,
+    }
+}
+
+/// The figures of every connection of the shard it runs on.
+pub fn connection_keys(shard: &Rc<Shard>) -> Vec<ConnKey> {
     let now = SystemTime::now();
     shard
         .conns
         .borrow()
         .values()
+        .map(|c| conn_key(shard.index, c, now))
+        .collect()
+}
+
+/// The whole view of the connections `seqs` of the shard it runs on
+/// (those still open).
+pub fn connections_of(shard: &Rc<Shard>, seqs: &[u64]) -> Vec<ConnInfo> {
+    let now = SystemTime::now();
+    let conns = shard.conns.borrow();
+    seqs.iter()
+        .filter_map(|seq| conns.get(seq))
         .map(|c| conn_info(shard.index, c, now))
         .collect()
 }

@@ -2,7 +2,7 @@
 //! `/groupz`, `/peerz`. Each takes the shared state and the query string
 //! and returns a [`Reply`]; nothing here knows HTTP beyond status codes.
 
-use super::gather::{self, Answer, ConnInfo, LinkState, Role};
+use super::gather::{self, Answer, ConnInfo, ConnKey, LinkState, Role};
 use crate::server::shard::Shard;
 use crate::server::shared::Shared;
 use serde_json::{json, Value};
@@ -224,7 +224,7 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
         Err(r) => return r,
     };
     let sort = q.get("sort").unwrap_or("id");
-    type Key = fn(&ConnInfo, &ConnInfo) -> std::cmp::Ordering;
+    type Key = fn(&ConnKey, &ConnKey) -> std::cmp::Ordering;
     let by: Key = match sort {
         "id" => |a, b| (a.shard, a.seq).cmp(&(b.shard, b.seq)),
         "queue_bytes" => |a, b| b.queue_bytes.cmp(&a.queue_bytes),
@@ -240,7 +240,11 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
             )
         }
     };
-    let answers = gather::ask(shared, |s: &Rc<Shard>| gather::connections(s)).await;
+    // Two looks: every connection's figures (numbers only) to sort and
+    // page by, then the whole view (ids, addresses, group names) of the
+    // page's connections alone. One that closed in between is left out
+    // of its page.
+    let answers = gather::ask(shared, |s: &Rc<Shard>| gather::connection_keys(s)).await;
     let mut unanswered = Vec::new();
     let mut all = Vec::new();
     for (i, a) in answers.into_iter().enumerate() {
@@ -251,36 +255,59 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
     }
     all.sort_by(|a, b| by(a, b).then((a.shard, a.seq).cmp(&(b.shard, b.seq))));
     let total = all.len();
+    let keys: Vec<ConnKey> = all.into_iter().skip(offset).take(limit).collect();
+    let mut wanted = vec![Vec::new(); shared.shards()];
+    for k in &keys {
+        if let Some(w) = wanted.get_mut(k.shard) {
+            w.push(k.seq);
+        }
+    }
+    let wanted = std::sync::Arc::new(wanted);
+    let details = gather::ask(shared, move |s: &Rc<Shard>| {
+        gather::connections_of(s, wanted.get(s.index).map_or(&[][..], Vec::as_slice))
+    })
+    .await;
+    let mut found: HashMap<(usize, u64), ConnInfo> = HashMap::new();
+    for (i, a) in details.into_iter().enumerate() {
+        match a {
+            Answer::Ok(list) => {
+                found.extend(list.into_iter().map(|c| ((c.key.shard, c.key.seq), c)))
+            }
+            _ if !unanswered.contains(&i) => unanswered.push(i),
+            _ => {}
+        }
+    }
+    unanswered.sort_unstable();
     let names: HashMap<usize, String> = shared
         .cluster
         .indices()
         .into_iter()
         .filter_map(|i| Some((i, shared.cluster.slot(i)?.name)))
         .collect();
-    let page: Vec<Value> = all
+    let page: Vec<Value> = keys
         .iter()
-        .skip(offset)
-        .take(limit)
+        .filter_map(|k| found.remove(&(k.shard, k.seq)))
         .map(|c| {
             let (role, peer) = match c.role {
                 Role::Pending => ("pending", None),
                 Role::Client => ("client", None),
                 Role::Peer(i) => ("peer", names.get(&i).cloned()),
             };
+            let k = c.key;
             json!({
                 "id": c.id,
-                "shard": c.shard,
+                "shard": k.shard,
                 "address": c.addr.to_string(),
                 "role": role,
                 "peer": peer,
                 "groups": c.groups,
-                "group_count": c.group_count,
-                "queue_frames": c.queue_frames,
-                "queue_bytes": c.queue_bytes,
-                "bytes_in": c.bytes_in,
-                "bytes_out": c.bytes_out,
-                "since_unix": unix(c.since),
-                "since_secs": ago(c.since),
+                "group_count": k.group_count,
+                "queue_frames": k.queue_frames,
+                "queue_bytes": k.queue_bytes,
+                "bytes_in": k.bytes_in,
+                "bytes_out": k.bytes_out,
+                "since_unix": unix(k.since),
+                "since_secs": ago(k.since),
             })
         })
         .collect();
