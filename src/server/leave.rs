@@ -143,17 +143,25 @@ fn on_each(
 }
 
 /// Open client connections here that were granted `LEAVING` (they move).
+/// Counted in place (the drain asks every `POLL`): nothing is cloned.
 fn movable_clients(shard: &Rc<Shard>) -> usize {
-    clients(shard)
-        .filter(|c| c.features.get() & features::LEAVING != 0)
+    shard
+        .conns
+        .borrow()
+        .values()
+        .filter(|c| open_client(c) && c.features.get() & features::LEAVING != 0)
         .count()
 }
 
+fn open_client(c: &super::conn::Conn) -> bool {
+    c.is_client() && c.out.phase() == super::outbound::Phase::Open
+}
+
+/// The open clients here, taken out of the map first: what is done to
+/// each may close it (and change the map).
 fn clients(shard: &Rc<Shard>) -> impl Iterator<Item = Rc<super::conn::Conn>> {
     let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    conns
-        .into_iter()
-        .filter(|c| c.is_client() && c.out.phase() == super::outbound::Phase::Open)
+    conns.into_iter().filter(|c| open_client(c))
 }
 
 /// Sends `MOVE` to the clients here that understand it; returns how many.
