@@ -228,9 +228,15 @@ impl Shard {
         let full = {
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
-                out.resize_with(self.shared.shards(), || self.shared.spares.take(self.index));
+                out.resize_with(self.shared.shards(), FrameBatch::default);
             }
             let batch = &mut out[s];
+            if batch.holds_no_memory() {
+                // A slot holds memory only while it is being filled: an
+                // idle shard keeps none here (its spares are freed at the
+                // sweep).
+                *batch = self.shared.spares.take(self.index);
+            }
             f(batch);
             batch.full()
         };
@@ -255,8 +261,7 @@ impl Shard {
                 if out[s].is_empty() {
                     continue;
                 }
-                let spare = self.shared.spares.take(self.index);
-                std::mem::replace(&mut out[s], spare)
+                std::mem::take(&mut out[s])
             };
             let producer = self.producer();
             self.shared

@@ -185,6 +185,11 @@ impl FrameBatch {
         }
     }
 
+    /// True when it has no memory of its own (a slot not being filled).
+    pub fn holds_no_memory(&self) -> bool {
+        self.packed.capacity() == 0 && self.frames.capacity() == 0 && self.to_peers.capacity() == 0
+    }
+
     /// Empties it, keeping its memory; false when that memory is more
     /// than a spare batch may keep.
     fn clear(&mut self) -> bool {
@@ -637,7 +642,9 @@ mod tests {
     fn emptied_batches_go_back_to_the_shard_that_filled_them() {
         let pool = SparePool::new(2);
         let mut b = pool.take(1);
+        assert!(b.holds_no_memory(), "none spare yet: a new one");
         b.push_packed(&msg(b"one"), Some(1));
+        assert!(!b.holds_no_memory());
         b.push_peer(0, 3, msg(b"p").encode());
         let cap = b.packed.capacity();
         let mut n = 0;

@@ -17,7 +17,10 @@ thread_local! {
 }
 
 fn take_iovs() -> Vec<iovec> {
-    IOVS.with(|pool| pool.borrow_mut().pop()).unwrap_or_default()
+    IOVS.try_with(|pool| pool.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
 }
 
 fn give_back_iovs(mut iovs: Vec<iovec>) {
@@ -25,7 +28,9 @@ fn give_back_iovs(mut iovs: Vec<iovec>) {
         return;
     }
     iovs.clear();
-    IOVS.with(|pool| {
+    // During the thread's teardown the pool may be gone: the list is
+    // then simply freed.
+    let _ = IOVS.try_with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.len() < POOL_LISTS {
             pool.push(iovs);
