@@ -370,7 +370,9 @@ fn group(shared: &Shared, name: &str, offset: usize, limit: usize) -> Reply {
     let Some(g) = shared.table.get(name.as_bytes()) else {
         return Reply::error(404, format!("no group {name:?} here"));
     };
-    let members = g.lock().members();
+    // Taken under the group's lock, sorted after it is let go.
+    let mut members = g.lock().member_ids();
+    members.sort();
     let me = shared.node.as_str();
     let list: Vec<Value> = members
         .iter()

@@ -77,11 +77,10 @@ impl GroupState {
         u32::try_from(self.members.len()).unwrap_or(u32::MAX)
     }
 
-    /// Every member, local and remote, sorted.
-    pub fn members(&self) -> Vec<MemberId> {
-        let mut all: Vec<MemberId> = self.members.iter().map(|(m, _)| m.clone()).collect();
-        all.sort();
-        all
+    /// Every member, local and remote, unordered (a reference count each:
+    /// cheap to take under the group's lock; sort after letting go).
+    pub fn member_ids(&self) -> Vec<MemberId> {
+        self.members.iter().map(|(m, _)| m.clone()).collect()
     }
 
     /// Local members only, unordered.
@@ -514,7 +513,11 @@ impl GroupTable {
     /// The cluster-wide members of group `name`, sorted; empty when unknown.
     pub fn members(&self, name: &[u8]) -> Vec<MemberId> {
         self.get(name)
-            .map(|g| g.lock().members())
+            .map(|g| {
+                let mut all = g.lock().member_ids();
+                all.sort();
+                all
+            })
             .unwrap_or_default()
     }
 }
