@@ -513,14 +513,45 @@ fn a_taken_monitor_address_stops_the_start() {
 
 /// While a node leaves (lame duck, clients told to move), `/healthz`
 /// answers 503 and says so: a load balancer stops sending clients to it.
+/// (Two nodes: a node with no peers has nowhere to move clients to and
+/// closes them at once.)
 #[test]
 fn healthz_fails_while_the_node_leaves() {
     let dir = TempDir::new("mon-leaving");
-    let (mut node, mon) = solo(&dir, "127.0.0.77", "lame_duck_duration = 300");
+    let ips = ["127.0.0.77", "127.0.0.78"];
+    let port = restartable_port(&ips);
+    let mut mon_port = restartable_port(&[ips[1]]);
+    for _ in 0..100 {
+        if mon_port != port {
+            break;
+        }
+        mon_port = restartable_port(&[ips[1]]);
+    }
+    let mon = addr(ips[1], mon_port);
+    let peers: Vec<(String, String)> =
+        vec![("n1".into(), ips[0].into()), ("n2".into(), ips[1].into())];
+    let mut nodes: Vec<NodeProc> = (0..2)
+        .map(|i| {
+            let extra = if i == 1 {
+                format!("{QUICK}\n lame_duck_duration = 300\n monitor = \"{mon}\"")
+            } else {
+                QUICK.to_owned()
+            };
+            let conf = dir.write(
+                &format!("n{}.conf", i + 1),
+                &config_text(port, &peers, &extra),
+            );
+            NodeProc::spawn(conf, &format!("n{}", i + 1), addr(ips[i], port))
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_ready();
+    }
+    wait_serving(mon);
     // A client that can move but never does keeps the node leaving.
     let (mut stays, _) =
-        crate::util::Raw::client_with(node.addr, msgc::protocol::features::LEAVING);
-    node.signal(libc::SIGTERM);
+        crate::util::Raw::client_with(nodes[1].addr, msgc::protocol::features::LEAVING);
+    nodes[1].signal(libc::SIGTERM);
     let mut said = String::new();
     wait_for(
         "/healthz to say the node is leaving",
@@ -534,8 +565,12 @@ fn healthz_fails_while_the_node_leaves() {
         },
     );
     assert!(!said.contains("shutting down"), "{said}");
+    // Still leaving a moment later: the node waits for its client.
+    let again = get(mon, "/healthz");
+    assert_eq!(again.status, 503, "{}", again.body);
+    assert!(again.body.contains("leaving the cluster"), "{}", again.body);
     // The second signal ends the wait for clients; the node exits.
-    node.signal(libc::SIGTERM);
+    nodes[1].signal(libc::SIGTERM);
     let _ = stays.poll();
-    assert_eq!(node.terminate(), Some(0), "exits 0 after leaving");
+    assert_eq!(nodes[1].terminate(), Some(0), "exits 0 after leaving");
 }
