@@ -422,7 +422,11 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
         let spare = buf.capacity() - buf.len();
         let (res, b) = stream.read(buf).await;
         let n = match res {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => {
+                // Writers held behind this reader's backlog go now.
+                shard.wake_owed();
+                return;
+            }
             Ok(n) => n,
         };
         let buf = rb.done(b, n, spare);
@@ -432,6 +436,10 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
         if conn.out.phase() != Phase::Open {
             // Closing: input is no longer acted on; read on until the end.
             buf.clear();
+            if held > 0 {
+                held = 0;
+                shard.wake_owed();
+            }
             continue;
         }
         // A read that filled its room with at least another read's worth

@@ -68,41 +68,40 @@ impl FrameBatch {
 
     /// Appends `msg` (at most [`Self::PACK_MAX`] long), encoded in place.
     pub fn push_packed(&mut self, msg: &GroupMessage<'_>, seq: Option<u64>) {
-        let len = msg.len();
-        if self.packed.capacity() == 0 {
-            // Room for a batch of frames like the first.
-            let n = self.reserve(len);
-            self.packed.reserve(n * len);
+        if self.frames.capacity() == 0 {
+            self.frames.reserve(Self::per_batch(msg.len()));
         }
         let entry = self.pack(msg);
         self.frames.push((entry, seq));
     }
 
-    /// Encodes `msg` at the end of `packed`.
+    /// Encodes `msg` at the end of `packed` (at the first, with room for a
+    /// batch of frames like it).
     fn pack(&mut self, msg: &GroupMessage<'_>) -> Entry {
+        let len = msg.len();
+        if self.packed.capacity() == 0 {
+            self.packed.reserve(Self::per_batch(len) * len);
+        }
         // A batch is sent long before 4 GiB (BYTES).
         let start = u32::try_from(self.packed.len()).unwrap_or(u32::MAX);
         msg.put(&mut self.packed);
         let end = u32::try_from(self.packed.len()).unwrap_or(u32::MAX);
-        self.bytes += msg.len();
+        self.bytes += len;
         Entry::Packed(start, end)
     }
 
     /// Appends `frame`, shared.
     pub fn push_shared(&mut self, frame: Bytes, seq: Option<u64>) {
-        self.reserve(frame.len());
+        if self.frames.capacity() == 0 {
+            self.frames.reserve(Self::per_batch(frame.len()));
+        }
         self.bytes += frame.len();
         self.frames.push((Entry::Shared(frame), seq));
     }
 
-    /// At the first frame, room for a batch of frames like it; returns
-    /// how many that is.
-    fn reserve(&mut self, len: usize) -> usize {
-        let n = (Self::BYTES / len.max(1)).clamp(1, Self::FRAMES);
-        if self.frames.capacity() == 0 {
-            self.frames.reserve(n);
-        }
-        n
+    /// How many frames of `len` bytes fill a batch.
+    fn per_batch(len: usize) -> usize {
+        (Self::BYTES / len.max(1)).clamp(1, Self::FRAMES)
     }
 
     /// Appends `frame` for peer `peer`'s link `seq` on the receiving shard
@@ -117,9 +116,8 @@ impl FrameBatch {
     /// `peer`'s link `seq`, encoded in place: the receiving shard copies it
     /// into the link's queue.
     pub fn push_peer_packed(&mut self, peer: usize, seq: u64, msg: &GroupMessage<'_>) {
-        if self.packed.capacity() == 0 {
-            let n = self.reserve(msg.len());
-            self.packed.reserve(n * msg.len());
+        if self.to_peers.capacity() == 0 {
+            self.to_peers.reserve(Self::per_batch(msg.len()));
         }
         let entry = self.pack(msg);
         self.peer_messages += 1;

@@ -7,24 +7,36 @@ use std::io;
 
 // msgc patch (PATCHES.md): the `iovec` lists of finished writes are kept
 // for the next ones on the same thread, so a write allocates nothing once
-// the runtime is warm. At most `POOL_LISTS` lists of at most
-// `POOL_IOVECS` entries (16 bytes each) are kept: 256 KiB per thread.
-const POOL_LISTS: usize = 256;
-const POOL_IOVECS: usize = 64;
+// the runtime is warm. Lists of up to `POOL_IOVECS` entries (msgc writes
+// at most 1,024 buffers at once) are kept while the pool's entries add up
+// to at most `POOL_ENTRIES` (16 bytes each): 256 KiB per thread.
+const POOL_IOVECS: usize = 1024;
+const POOL_ENTRIES: usize = 16 * 1024;
+
+/// Kept lists, and the entries they have room for.
+struct Pool {
+    lists: Vec<Vec<iovec>>,
+    entries: usize,
+}
 
 thread_local! {
-    static IOVS: RefCell<Vec<Vec<iovec>>> = const { RefCell::new(Vec::new()) };
+    static IOVS: RefCell<Pool> = const { RefCell::new(Pool { lists: Vec::new(), entries: 0 }) };
 }
 
 fn take_iovs() -> Vec<iovec> {
-    IOVS.try_with(|pool| pool.borrow_mut().pop())
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    IOVS.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.lists.pop()?;
+        pool.entries -= list.capacity();
+        Some(list)
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_default()
 }
 
 fn give_back_iovs(mut iovs: Vec<iovec>) {
-    if iovs.capacity() > POOL_IOVECS {
+    if iovs.capacity() == 0 || iovs.capacity() > POOL_IOVECS {
         return;
     }
     iovs.clear();
@@ -32,8 +44,9 @@ fn give_back_iovs(mut iovs: Vec<iovec>) {
     // then simply freed.
     let _ = IOVS.try_with(|pool| {
         let mut pool = pool.borrow_mut();
-        if pool.len() < POOL_LISTS {
-            pool.push(iovs);
+        if pool.entries + iovs.capacity() <= POOL_ENTRIES {
+            pool.entries += iovs.capacity();
+            pool.lists.push(iovs);
         }
     });
 }
