@@ -471,14 +471,16 @@ fn duplicate(
     sender: &MemberId,
     seq: u64,
 ) -> bool {
-    let Some(until) = ctx.dedup_until else {
-        return false;
-    };
-    if Instant::now() >= until {
+    deduplicating(ctx) && gaps.last(group, sender).is_some_and(|last| seq <= last)
+}
+
+/// True while the de-duplication after a move lasts; ends it once its
+/// time is up.
+fn deduplicating(ctx: &mut ReadCtx) -> bool {
+    if ctx.dedup_until.is_some_and(|until| Instant::now() >= until) {
         ctx.dedup_until = None;
-        return false;
     }
-    gaps.last(group, sender).is_some_and(|last| seq <= last)
+    ctx.dedup_until.is_some()
 }
 
 async fn dispatch(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
@@ -575,12 +577,8 @@ async fn dispatch_one(ctx: &mut ReadCtx, frame: Frame) -> Result<(), End> {
 /// (among them those of a member whose leave came meanwhile). A stale
 /// entry costs its room only: ids are never reused.
 fn forget(ctx: &mut ReadCtx, group: &GroupName, subject: &[u8], reason: Reason) {
-    if ctx.dedup_until.is_some_and(|until| Instant::now() >= until) {
-        // The de-duplication after a move is over, numbered delivery or not.
-        ctx.dedup_until = None;
-    }
     let moving = ctx.hold.is_some()
-        || ctx.dedup_until.is_some()
+        || deduplicating(ctx)
         || ctx.shared.lock().previous.as_ref() == Some(&ctx.member);
     if moving {
         return;

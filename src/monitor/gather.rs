@@ -190,11 +190,12 @@ pub struct ConnKey {
     pub since: SystemTime,
 }
 
-/// One connection, as `/connz` shows it.
+/// What `/connz` shows of one connection besides its [`ConnKey`] (read
+/// only for the connections of the page asked for).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// Its figures.
-    pub key: ConnKey,
+    /// Its sequence number on its shard.
+    pub seq: u64,
     /// Its member id.
     pub id: String,
     /// The remote address.
@@ -219,7 +220,7 @@ fn conn_key(shard: usize, c: &Conn, now: SystemTime) -> ConnKey {
     }
 }
 
-fn conn_info(shard: usize, c: &Conn, now: SystemTime) -> ConnInfo {
+fn conn_info(c: &Conn) -> ConnInfo {
     let role = match c.role.get() {
         ConnRole::Pending => Role::Pending,
         ConnRole::Client => Role::Client,
@@ -234,7 +235,7 @@ fn conn_info(shard: usize, c: &Conn, now: SystemTime) -> ConnInfo {
     groups.sort_unstable();
     groups.truncate(MAX_GROUPS_LISTED);
     ConnInfo {
-        key: conn_key(shard, c, now),
+        seq: c.seq,
         id: c.id.as_str().to_owned(),
         addr: c.addr,
         role,
@@ -253,14 +254,13 @@ pub fn connection_keys(shard: &Rc<Shard>) -> Vec<ConnKey> {
         .collect()
 }
 
-/// The whole view of the connections `seqs` of the shard it runs on
-/// (those still open).
+/// The rest of the view of the connections `seqs` of the shard it runs
+/// on (those still open).
 pub fn connections_of(shard: &Rc<Shard>, seqs: &[u64]) -> Vec<ConnInfo> {
-    let now = SystemTime::now();
     let conns = shard.conns.borrow();
     seqs.iter()
         .filter_map(|seq| conns.get(seq))
-        .map(|c| conn_info(shard.index, c, now))
+        .map(|c| conn_info(c))
         .collect()
 }
 

@@ -270,9 +270,7 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
     let mut found: HashMap<(usize, u64), ConnInfo> = HashMap::new();
     for (i, a) in details.into_iter().enumerate() {
         match a {
-            Answer::Ok(list) => {
-                found.extend(list.into_iter().map(|c| ((c.key.shard, c.key.seq), c)))
-            }
+            Answer::Ok(list) => found.extend(list.into_iter().map(|c| ((i, c.seq), c))),
             _ if !unanswered.contains(&i) => unanswered.push(i),
             _ => {}
         }
@@ -286,14 +284,14 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
         .collect();
     let page: Vec<Value> = keys
         .iter()
-        .filter_map(|k| found.remove(&(k.shard, k.seq)))
-        .map(|c| {
+        .filter_map(|k| Some((k, found.remove(&(k.shard, k.seq))?)))
+        .map(|(k, c)| {
             let (role, peer) = match c.role {
                 Role::Pending => ("pending", None),
                 Role::Client => ("client", None),
                 Role::Peer(i) => ("peer", names.get(&i).cloned()),
             };
-            let k = c.key;
+            // The figures the page was sorted by, not read again.
             json!({
                 "id": c.id,
                 "shard": k.shard,
@@ -367,12 +365,10 @@ pub fn groupz(shared: &Shared, q: &Query) -> Reply {
 
 /// One page of a group's members, in id order.
 fn group(shared: &Shared, name: &str, offset: usize, limit: usize) -> Reply {
-    let Some(g) = shared.table.get(name.as_bytes()) else {
+    if shared.table.get(name.as_bytes()).is_none() {
         return Reply::error(404, format!("no group {name:?} here"));
-    };
-    // Taken under the group's lock, sorted after it is let go.
-    let mut members = g.lock().member_ids();
-    members.sort();
+    }
+    let members = shared.table.members(name.as_bytes());
     let me = shared.node.as_str();
     let list: Vec<Value> = members
         .iter()

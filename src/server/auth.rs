@@ -486,6 +486,47 @@ mod tests {
         assert_eq!(f.addresses(), 0);
     }
 
+    /// A login is refused at once (rate-limited) while its address — an
+    /// IPv6 address's /64 — has `VERIFY_PER_ADDR` checks in flight;
+    /// another address is not affected.
+    #[test]
+    fn a_login_is_refused_while_its_address_has_too_many_checks_in_flight() {
+        let cheap = Cost {
+            memory_kib: 64,
+            passes: 1,
+            lanes: 1,
+        };
+        let alice = User {
+            name: "alice".into(),
+            password: hash_password(b"pw", cheap).expect("hash"),
+            permissions: Permissions::default(),
+        };
+        let auth = Auth::new(&[alice]);
+        let creds = [&[1u8, 5][..], b"alice", b"pw"].concat();
+        let ip: IpAddr = "2001:db8::1".parse().expect("v6");
+        let same_net: IpAddr = "2001:db8::2".parse().expect("v6");
+        let other: IpAddr = "2001:db8:0:1::1".parse().expect("v6");
+        let now = Instant::now();
+        let slots: Vec<Slot> = (0..VERIFY_PER_ADDR)
+            .map(|_| auth.in_flight.enter(ip, VERIFY_PER_ADDR).expect("a place"))
+            .collect();
+        for from in [ip, same_net] {
+            match auth.begin(from, &creds, now) {
+                Login::Refused { rate_limited, .. } => assert!(rate_limited, "{from}"),
+                _ => panic!("{from}: refused while its address is full"),
+            }
+        }
+        assert!(
+            matches!(auth.begin(other, &creds, now), Login::Pending { .. }),
+            "another /64 is checked"
+        );
+        drop(slots);
+        assert!(
+            matches!(auth.begin(ip, &creds, now), Login::Pending { .. }),
+            "checked again once its checks are done"
+        );
+    }
+
     #[test]
     fn limiter_stays_bounded() {
         let mut l = Limiter::default();

@@ -62,6 +62,9 @@ const CHUNK_MAX: usize = 64 * 1024;
 /// the memory of many small frames too. A copied frame is charged the same,
 /// though it shares its chunk's slot.
 pub const SLOT_BYTES: usize = std::mem::size_of::<(Bytes, u32)>();
+// PROTOCOL.md and tuning.md give the slot as 40 bytes.
+#[cfg(target_pointer_width = "64")]
+const _: () = assert!(SLOT_BYTES == 40);
 
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

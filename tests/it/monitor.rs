@@ -353,6 +353,12 @@ fn groupz_lists_members() {
     sorted.sort();
     assert_eq!(paged, sorted, "pages in id order, none twice");
     assert_eq!(get(mon, "/groupz?group=mon%2Fg%231&limit=0x").status, 400);
+    assert_eq!(
+        get(mon, "/groupz?group=mon%2Fg%231&limit=10001").status,
+        400
+    );
+    let default = get(mon, "/groupz?group=mon%2Fg%231").json();
+    assert_eq!(default["limit"], 100, "{default}");
 
     let list = get(mon, "/groupz").json();
     assert_eq!(
