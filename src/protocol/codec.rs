@@ -1011,6 +1011,30 @@ mod tests {
             let raw = encode_group_message_raw(ty, b"orders", m.as_bytes(), seq, b"payload");
             assert_eq!(&stack[..msg.len()], &raw[..], "{ty:?}");
             assert_eq!(msg.len(), raw.len());
+            // And the generic decoder reads back what was put.
+            let mut buf = BytesMut::from(&stack[..msg.len()]);
+            let (group, sender, got_seq, payload) = match decode(&mut buf, 1 << 20) {
+                Ok(Some(
+                    Frame::Deliver {
+                        group,
+                        sender,
+                        seq,
+                        payload,
+                    }
+                    | Frame::Forward {
+                        group,
+                        sender,
+                        seq,
+                        payload,
+                    },
+                )) => (group, sender, seq, payload),
+                other => panic!("{ty:?}: {other:?}"),
+            };
+            assert_eq!(group.as_bytes(), b"orders");
+            assert_eq!(sender, m);
+            assert_eq!(got_seq, seq);
+            assert_eq!(&payload[..], b"payload");
+            assert!(buf.is_empty(), "{ty:?}: the whole frame, nothing more");
         }
     }
 
