@@ -195,7 +195,11 @@ impl Server {
         let node = resolve_node(s, node)?;
         let listen = listen_addrs(config, &node);
         let uring = choose_backend(s.io_backend)?;
-        let shards = s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS);
+        let here = NodesHere::of(s, &node);
+        let shards = s
+            .shards
+            .unwrap_or_else(|| here.default_shards())
+            .clamp(1, MAX_SHARDS);
         let live = Live::from_settings(s);
         let (listeners, addrs) = bind_all(
             &listen,
@@ -226,7 +230,9 @@ impl Server {
             spares: shared::SparePool::new(shards),
         });
         let resolver = peers::resolve::Resolver::start(shared.clone()).map_err(Error::Resolver)?;
-        let threads = spawn_shards(&shared, listeners, rxs, uring)?;
+        // Nodes sharing this machine start their shards on different CPUs.
+        let first_core = here.index * shards;
+        let threads = spawn_shards(&shared, listeners, rxs, uring, first_core)?;
         let threads = wait_started(&shared, threads)?;
         let housekeeper = memory::Housekeeper::start()
             .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
@@ -283,7 +289,10 @@ impl Server {
         let wanted = resolve_node(s, node)?;
         let new = RestartOnly {
             node: wanted.to_string(),
-            shards: s.shards.unwrap_or_else(default_shards).clamp(1, MAX_SHARDS),
+            shards: s
+                .shards
+                .unwrap_or_else(|| NodesHere::of(s, &wanted).default_shards())
+                .clamp(1, MAX_SHARDS),
             io_backend: s.io_backend,
             listen: listen_addrs(config, &wanted),
             monitor: s.monitor,
@@ -387,8 +396,59 @@ fn wait_started(shared: &Shared, threads: Vec<ShardThread>) -> Result<Vec<ShardT
     }
 }
 
-fn default_shards() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// The nodes of this cluster that run on this machine: the peer entries
+/// whose host is an IP literal of this machine or `localhost`, and this
+/// node's own entry (no name is looked up in DNS for this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NodesHere {
+    /// How many (at least 1: this node).
+    count: usize,
+    /// This node's place among them, in the order of `peers`.
+    index: usize,
+}
+
+impl NodesHere {
+    fn of(s: &ServerSettings, node: &NodeName) -> NodesHere {
+        let here = |p: &crate::config::Peer| {
+            p.name == node.as_str()
+                || p.host.eq_ignore_ascii_case("localhost")
+                || p.host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| !ip.is_unspecified() && sockets::is_local_ip(ip))
+        };
+        let names: Vec<&str> = s
+            .peers
+            .iter()
+            .filter(|p| here(p))
+            .map(|p| p.name.as_str())
+            .collect();
+        NodesHere {
+            count: names.len().max(1),
+            index: names.iter().position(|n| *n == node.as_str()).unwrap_or(0),
+        }
+    }
+
+    /// One shard per CPU this process may use; when that is every CPU of
+    /// the machine and other nodes of the cluster run here too, the CPUs
+    /// are shared out among them (at least one shard each). A process
+    /// limited to some CPUs (`taskset`, a cgroup quota) was placed by its
+    /// user and keeps one shard per CPU it has.
+    fn default_shards(self) -> usize {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: sysconf reads a number and has no preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let whole_machine = usize::try_from(online).is_ok_and(|n| cpus >= n);
+        shares(cpus, self.count, whole_machine)
+    }
+}
+
+/// `cpus` shared among `nodes` when the process has the whole machine.
+fn shares(cpus: usize, nodes: usize, whole_machine: bool) -> usize {
+    if whole_machine {
+        (cpus / nodes.max(1)).max(1)
+    } else {
+        cpus
+    }
 }
 
 /// This node's name: the flag, else `node`, else the one peer entry whose
@@ -525,17 +585,20 @@ struct ShardThread {
 /// Where a shard says whether it started.
 type Started = std::sync::mpsc::SyncSender<Result<(), String>>;
 
+/// Starts shard *i* on a thread pinned to the `first_core + i`-th CPU
+/// this process may use (wrapping around).
 fn spawn_shards(
     shared: &Arc<Shared>,
     listeners: ShardListeners,
     rxs: Vec<flume::Receiver<ShardMsg>>,
     uring: bool,
+    first_core: usize,
 ) -> Result<Vec<ShardThread>, Error> {
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::new();
     for (i, (ls, rx)) in listeners.into_iter().zip(rxs).enumerate() {
         let shared2 = shared.clone();
-        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let core = (!cores.is_empty()).then(|| cores[(first_core + i) % cores.len()]);
         let (tx, started) = std::sync::mpsc::sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name(format!("msgc-shard-{i}"))
@@ -633,4 +696,77 @@ async fn shard_main(
         shard.kill(&c, shard::Kill::Closed);
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(peers: &str) -> ServerSettings {
+        let text = format!("msgc_server {{\n peers = [ {peers} ]\n}}\n");
+        Config::parse_str("t.conf", &text)
+            .expect("config parses")
+            .server
+    }
+
+    fn node(name: &str) -> NodeName {
+        NodeName::from_str_checked(name).expect("node name")
+    }
+
+    #[test]
+    fn the_cpus_are_shared_among_the_nodes_of_this_machine() {
+        // (CPUs, nodes here, the process has the whole machine, shards)
+        let table = [
+            (2, 3, true, 1),
+            (2, 2, true, 1),
+            (2, 1, true, 2),
+            (8, 3, true, 2),
+            (64, 2, true, 32),
+            (1, 0, true, 1),
+            (2, 3, false, 2), // placed by its user: one per CPU it has
+            (16, 4, false, 16),
+        ];
+        for (cpus, nodes, whole, want) in table {
+            assert_eq!(
+                shares(cpus, nodes, whole),
+                want,
+                "{cpus} CPUs, {nodes} nodes, whole {whole}"
+            );
+        }
+    }
+
+    #[test]
+    fn nodes_here_are_local_literals_localhost_and_this_node() {
+        for ip in ["203.0.113.7", "203.0.113.8"] {
+            let ip = ip.parse().expect("ip");
+            assert!(
+                !sockets::is_local_ip(ip),
+                "this test needs {ip} not to be an address of this machine"
+            );
+        }
+        let s = settings(
+            "node1 = \"127.0.0.1\" node2 = \"127.0.0.2\" node3 = \"203.0.113.7\" \
+             node4 = \"localhost\" node5 = \"msgc.invalid\" node6 = \"0.0.0.0\"",
+        );
+        assert_eq!(
+            NodesHere::of(&s, &node("node2")),
+            NodesHere { count: 3, index: 1 },
+            "node1, node2 and node4 run here"
+        );
+        // This node runs here whatever its entry says (names are not looked up).
+        assert_eq!(
+            NodesHere::of(&s, &node("node5")),
+            NodesHere { count: 4, index: 3 }
+        );
+        assert_eq!(
+            NodesHere::of(&settings(""), &node("solo")),
+            NodesHere { count: 1, index: 0 }
+        );
+        let remote = settings("a = \"203.0.113.7\" b = \"203.0.113.8\"");
+        assert_eq!(
+            NodesHere::of(&remote, &node("a")),
+            NodesHere { count: 1, index: 0 },
+            "a dedicated server keeps every CPU"
+        );
+    }
 }

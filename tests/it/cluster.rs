@@ -1462,3 +1462,99 @@ async fn direct_send_reaches_a_member_on_another_node() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Nodes sharing one machine.
+
+/// CPUs in a kernel list such as `0-3,6`.
+fn cpu_list(text: &str) -> Vec<usize> {
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().expect("cpu"), b.parse().expect("cpu"));
+        cpus.extend(a..=b);
+    }
+    cpus
+}
+
+/// `Cpus_allowed_list` of `/proc/.../status`.
+fn allowed_cpus(status: &str) -> Vec<usize> {
+    let text = std::fs::read_to_string(status).unwrap_or_else(|e| panic!("{status}: {e}"));
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("no Cpus_allowed_list in {status}"));
+    cpu_list(line)
+}
+
+/// The CPUs each `msgc-shard-N` thread of process `pid` may run on, by N.
+fn shard_cpus(pid: u32) -> Vec<(usize, Vec<usize>)> {
+    let mut out = Vec::new();
+    let dir = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = task.expect("task entry").path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if let Some(n) = comm.trim().strip_prefix("msgc-shard-") {
+            let status = path.join("status");
+            out.push((
+                n.parse().expect("shard number"),
+                allowed_cpus(&status.to_string_lossy()),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_on_one_machine_share_its_cpus() {
+    let mine = allowed_cpus("/proc/self/status");
+    // SAFETY: sysconf reads a number.
+    let online =
+        usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).expect("online CPUs");
+    let whole_machine = mine.len() >= online;
+    // Three entries on this machine, no `shards`: each node takes a third
+    // of the CPUs (at least one), unless this process was given fewer CPUs
+    // than the machine has (then it keeps one per CPU it has).
+    let want = if whole_machine {
+        (mine.len() / 3).max(1)
+    } else {
+        mine.len()
+    };
+    let mut c = Cluster::new("cpushare");
+    let peers: Vec<String> = plain_peers(3)
+        .iter()
+        .map(|(n, a)| format!("{n} = \"{a}\""))
+        .collect();
+    let text = format!(
+        "msgc_server {{\n peers = [ {} ]\n port = {}\n {QUICK}\n}}\n",
+        peers.join(" "),
+        c.port
+    );
+    let conf = c.dir.write("share.conf", &text);
+    c.spawn(0, conf.clone());
+    c.spawn(1, conf);
+    c.ready();
+    for i in 0..2 {
+        let st = stats(c.addr(i));
+        assert_eq!(
+            num(&st["shards"]),
+            want as u64,
+            "{} of 3 nodes here on {} CPUs: {st}",
+            name(i),
+            mine.len()
+        );
+        // Node i's shard j is pinned to the (i × shards + j)-th CPU this
+        // process may use: the nodes start on different CPUs.
+        let pinned = shard_cpus(c.nodes[i].child.id());
+        assert_eq!(pinned.len(), want, "{}: shard threads {pinned:?}", name(i));
+        for (j, cpus) in pinned {
+            assert_eq!(
+                cpus,
+                vec![mine[(i * want + j) % mine.len()]],
+                "{} shard {j}",
+                name(i)
+            );
+        }
+    }
+}
