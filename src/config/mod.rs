@@ -31,7 +31,8 @@
 //!   scopes accumulate.
 //! - An option set twice in one scope: the last value wins, with a warning.
 //! - Quoted and bare values are equivalent; `""` means "not set" for
-//!   `bind_address`, `monitor` and `node`; `shards = auto` means one per CPU.
+//!   `bind_address`, `monitor` and `node`; `shards = auto` means one per CPU,
+//!   shared out among the nodes of `peers` that run on this machine.
 //! - Unknown top-level scopes (other Momentum modules) and anything unknown
 //!   inside `msgcserver_listener` are warnings ([`Config::warnings`]); a
 //!   top-level `key = value` and an unknown option of `msgc_server` or
