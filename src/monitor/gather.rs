@@ -67,12 +67,31 @@ where
     T: Send + 'static,
     F: Fn(&Rc<Shard>) -> T + Clone + Send + 'static,
 {
+    let every = vec![true; shared.shards()];
+    ask_only(shared, &every, f)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Runs `f` on the threads of the shards that `which` marks (by index); one
+/// entry per shard, in order, `None` for a shard not asked. All answers
+/// share one deadline, so the wait is at most [`ANSWER_TIMEOUT`].
+pub async fn ask_only<T, F>(shared: &Shared, which: &[bool], f: F) -> Vec<Option<Answer<T>>>
+where
+    T: Send + 'static,
+    F: Fn(&Rc<Shard>) -> T + Clone + Send + 'static,
+{
     let pending: Vec<_> = (0..shared.shards())
         .map(|i| {
+            if !which.get(i).copied().unwrap_or(false) {
+                return Ok(None);
+            }
             let queued = &shared.inspections[i];
             if queued.fetch_add(1, Ordering::AcqRel) >= INSPECTIONS_QUEUED {
                 queued.fetch_sub(1, Ordering::AcqRel);
-                return None;
+                return Err(());
             }
             let (tx, rx) = oneshot::channel();
             let f = f.clone();
@@ -84,19 +103,21 @@ where
                 let _ = tx.send(answer);
             }));
             shared.send(i, ShardMsg::Inspect(job));
-            Some(rx)
+            Ok(Some(rx))
         })
         .collect();
     let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let mut out = Vec::with_capacity(pending.len());
     for rx in pending {
         out.push(match rx {
-            None => Answer::Late,
-            Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+            Ok(None) => None,
+            // Too many questions queued already: late without asking.
+            Err(()) => Some(Answer::Late),
+            Ok(Some(rx)) => Some(match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(t)) => Answer::Ok(t),
                 Ok(Err(_)) => Answer::Exited,
                 Err(_) => Answer::Late,
-            },
+            }),
         });
     }
     out
@@ -413,5 +434,50 @@ pub async fn snapshot(shared: &Shared) -> Snapshot {
         rss_bytes: crate::server::memory::rss_bytes(),
         shards,
         peers: peers(shared),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::server::Server;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn only_the_shards_marked_are_asked() {
+        let text = "msgc_server {\n node = \"t\"\n shards = 2\n io_backend = epoll\n}\n\
+                    msgcserver_listener { listen \"127.0.0.1:0\" { } }\n";
+        let config = Config::parse_str("t.conf", text).expect("config parses");
+        let server = Server::start(&config, None).expect("server starts");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let count = runs.clone();
+        let asked = rt.block_on(ask_only(
+            server.shared(),
+            &[false, true],
+            move |s: &Rc<Shard>| {
+                count.fetch_add(1, Relaxed);
+                s.index
+            },
+        ));
+        assert!(
+            matches!(asked.as_slice(), [None, Some(Answer::Ok(1))]),
+            "{:?}",
+            asked
+                .iter()
+                .map(|a| a.as_ref().map(|a| a.ok().copied()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(runs.load(Relaxed), 1, "shard 0 ran the question");
+        let all = rt.block_on(ask(server.shared(), |s: &Rc<Shard>| s.index));
+        assert_eq!(
+            all.iter().map(|a| a.ok().copied()).collect::<Vec<_>>(),
+            [Some(0), Some(1)]
+        );
+        server.shutdown();
     }
 }

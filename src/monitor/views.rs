@@ -262,17 +262,22 @@ pub async fn connz(shared: &Shared, q: &Query) -> Reply {
             w.push(k.seq);
         }
     }
+    // The second look asks only the shards with connections on the page
+    // (a shard that missed the first look has none), so a stuck shard
+    // costs one wait, not two.
+    let which: Vec<bool> = wanted.iter().map(|w| !w.is_empty()).collect();
     let wanted = std::sync::Arc::new(wanted);
-    let details = gather::ask(shared, move |s: &Rc<Shard>| {
+    let details = gather::ask_only(shared, &which, move |s: &Rc<Shard>| {
         gather::connections_of(s, wanted.get(s.index).map_or(&[][..], Vec::as_slice))
     })
     .await;
     let mut found: HashMap<(usize, u64), ConnInfo> = HashMap::new();
     for (i, a) in details.into_iter().enumerate() {
         match a {
-            Answer::Ok(list) => found.extend(list.into_iter().map(|c| ((i, c.seq), c))),
-            _ if !unanswered.contains(&i) => unanswered.push(i),
-            _ => {}
+            None => {}
+            Some(Answer::Ok(list)) => found.extend(list.into_iter().map(|c| ((i, c.seq), c))),
+            Some(_) if !unanswered.contains(&i) => unanswered.push(i),
+            Some(_) => {}
         }
     }
     unanswered.sort_unstable();
