@@ -33,7 +33,7 @@
 //!        group table (papaya, lock-free): group ─▶ {shards with members, nodes with members}
 //!                                              │
 //!             ┌────────────────────────────────┼──────────────────────────────┐
-//!    members on this shard          one inbox message per turn per  one FORWARD per
+//!    members on this shard          one inbox message per read per  one FORWARD per
 //!    (shard-local member list)      other shard with members        node with members
 //!             └──────────────▶ each member's outbound queue ◀────────────────┘
 //!                                              │

@@ -96,13 +96,17 @@ fn a_stopped_shard_costs_at_most_its_inbox_bound() {
         "stalled shard: inbox peak {peak_inbox} B (bound {BOUND}), RSS {before} -> peak {peak_rss}, {sent} messages"
     );
     assert!(peak_inbox > 0, "the inbox depth shows in stats");
-    // Past the bound by one batch at most: what the publisher's turn
-    // routed to shard 1 (messages_per_iter = 20 frames of 1 KiB and their
-    // bookkeeping) goes as one inbox message.
-    let turn = 20 * (1024 + 64 + msgc::server::inbox::MSG_OVERHEAD as u64);
+    // Past the bound by one batch at most: what the publisher's read
+    // routed to shard 1 goes in batches of at most FrameBatch::BYTES (and
+    // one frame past it), each one inbox message, and the publisher waits
+    // once one has passed the bound.
+    use msgc::server::shared::FrameBatch;
+    let frame = 1024 + 64;
+    let batch = (FrameBatch::BYTES + frame) as u64
+        + (FrameBatch::FRAMES * msgc::server::inbox::MSG_OVERHEAD) as u64;
     assert!(
-        peak_inbox <= BOUND + turn,
-        "inbox {peak_inbox} B over its bound {BOUND} by more than one turn ({turn} B)"
+        peak_inbox <= BOUND + batch,
+        "inbox {peak_inbox} B over its bound {BOUND} by more than one batch ({batch} B)"
     );
     assert!(
         peak_rss <= before + BOUND + MARGIN,

@@ -519,6 +519,11 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut, hold
     loop {
         let decoded = shard.deferring_wakes(|| decode_some(shard, conn, buf, &live, max_frame));
         let held = matches!(decoded, Decoded::Done) && hold && shard.writes_are_small();
+        if !matches!(decoded, Decoded::Yield) {
+            // The read is routed (or waits): what it routed to other
+            // shards leaves now (see `Shard::producing_on`).
+            shard.flush_outgoing();
+        }
         if !matches!(decoded, Decoded::Yield) && !held {
             // The read is routed (or must wait for a queue to drain): the
             // writers it filled write all of it now.
@@ -569,7 +574,9 @@ fn decode_some(
     live: &Live,
     max_frame: usize,
 ) -> Decoded {
-    let _producing = shard.producing(Some(conn.gate.clone()));
+    // Its batches for other shards stay open across the read's turns:
+    // `decode_all` sends them when the read is routed.
+    let _producing = shard.producing_on(Some(conn.gate.clone()));
     // One pin of the group table for the whole turn (see `hold`).
     let _table = shard.shared.table.hold();
     for _ in 0..live.messages_per_iter {

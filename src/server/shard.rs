@@ -63,9 +63,10 @@ pub struct Shard {
     pub(super) members: RefCell<HashMap<Group, Members, crate::router::NameHasher>>,
     /// Membership changes waiting for batched members.
     pub(super) batches: Batches,
-    /// Group messages routed to other shards in the current producer's
-    /// turn, by destination shard (see [`Shard::flush_outgoing`]).
-    outgoing: RefCell<Vec<FrameBatch>>,
+    /// Group messages routed to other shards and not yet sent, by
+    /// destination shard, each with the producer it is charged to (see
+    /// [`Shard::flush_outgoing`]).
+    outgoing: RefCell<Vec<Outgoing>>,
     /// Set while `outgoing` holds anything.
     outgoing_any: Cell<bool>,
     /// Join acknowledgements waiting for the cluster.
@@ -101,18 +102,50 @@ pub struct Shard {
     watch: Notify,
 }
 
+/// A batch for another shard being filled, and the producer whose turns
+/// filled it: it leaves charged to that producer, before anything another
+/// producer routes there.
+#[derive(Default)]
+struct Outgoing {
+    batch: FrameBatch,
+    producer: Option<Arc<Gate>>,
+}
+
+/// Whether `a` and `b` are the same producer.
+fn same_producer(a: Option<&Arc<Gate>>, b: Option<&Arc<Gate>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// Restores the previous producer when dropped (see [`Shard::producing`]).
 pub struct Producing<'a> {
     shard: &'a Shard,
     prev: Option<Arc<Gate>>,
+    /// Leave this producer's batches for other shards open (see
+    /// [`Shard::producing_on`]).
+    keep: bool,
 }
 
 impl Drop for Producing<'_> {
     fn drop(&mut self) {
-        // What this producer routed to other shards goes now, charged to it.
-        self.shard.flush_outgoing();
+        // What this producer routed to other shards goes now, charged to
+        // it, unless its caller sends it later.
+        if !self.keep {
+            self.shard.flush_outgoing();
+        }
         self.shard.turns.set(self.shard.turns.get() - 1);
         *self.shard.producer.borrow_mut() = self.prev.take();
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // Frames a read left in the batches when the runtime stopped: sent,
+        // or counted as dropped at shutdown if their shard has exited.
+        self.flush_outgoing();
     }
 }
 
@@ -170,15 +203,37 @@ impl Shard {
     /// nobody, e.g. events of a lost node). Must not be held across an
     /// `.await`: other tasks of the shard queue for their own producers.
     pub fn producing(&self, producer: Option<Arc<Gate>>) -> Producing<'_> {
-        self.flush_outgoing();
+        self.producing_as(producer, false)
+    }
+
+    /// As [`Shard::producing`], for one of several turns of the same
+    /// producer (a connection's read, `messages_per_iter` frames at a
+    /// time): what it routes to other shards stays in this shard's batches
+    /// across the turns, and leaves when they are full, when another
+    /// producer routes there or starts a turn, when the shard ends its
+    /// inbox turn, or when the caller calls [`Shard::flush_outgoing`] (at
+    /// the end of the read). A shard with members of a busy group then
+    /// gets its frames a read at a time, not `messages_per_iter` at a
+    /// time, and writes them in fewer, larger writes.
+    pub fn producing_on(&self, producer: Option<Arc<Gate>>) -> Producing<'_> {
+        self.producing_as(producer, true)
+    }
+
+    fn producing_as(&self, producer: Option<Arc<Gate>>, keep: bool) -> Producing<'_> {
+        // Another producer's frames leave before anything of this one.
+        self.flush_outgoing_of_others(producer.as_ref());
         self.turns.set(self.turns.get() + 1);
         let prev = self.producer.replace(producer);
-        Producing { shard: self, prev }
+        Producing {
+            shard: self,
+            prev,
+            keep,
+        }
     }
 
     /// Queues a group message for shard `s`'s members: it leaves with the
-    /// others this producer routes there in its turn, in one inbox message
-    /// (see [`Shard::flush_outgoing`]).
+    /// others this producer routes there in its turn (a connection's whole
+    /// read), in one inbox message (see [`Shard::flush_outgoing`]).
     fn queue_deliver(
         &self,
         s: usize,
@@ -222,50 +277,86 @@ impl Shard {
         true
     }
 
-    /// Adds to this turn's batch for shard `s` with `f`; sends the batch
-    /// when full.
+    /// Adds to the current producer's batch for shard `s` with `f`; sends
+    /// the batch when full.
     fn in_batch_for(&self, s: usize, f: impl FnOnce(&mut FrameBatch)) {
-        let full = {
+        let holds = {
+            let producer = self.producer.borrow();
             let mut out = self.outgoing.borrow_mut();
             if out.len() <= s {
-                out.resize_with(self.shared.shards(), FrameBatch::default);
+                out.resize_with(self.shared.shards(), Outgoing::default);
             }
-            let batch = &mut out[s];
-            if batch.holds_no_memory() {
+            let slot = &mut out[s];
+            if !slot.batch.is_empty() && !same_producer(slot.producer.as_ref(), producer.as_ref()) {
+                // Another producer's frames go first, charged to it.
+                self.send_slot(s, slot);
+            }
+            if slot.batch.holds_no_memory() {
                 // A slot holds memory only while it is being filled: an
                 // idle shard keeps none here (its spares are freed at the
                 // sweep).
-                *batch = self.shared.spares.take(self.index);
+                slot.batch = self.shared.spares.take(self.index);
             }
-            f(batch);
-            batch.full()
+            if slot.batch.is_empty() {
+                slot.producer.clone_from(&producer);
+            }
+            f(&mut slot.batch);
+            if slot.batch.full() {
+                self.send_slot(s, slot);
+                false
+            } else {
+                true
+            }
         };
-        self.outgoing_any.set(true);
-        if full {
-            self.flush_outgoing();
+        if holds {
+            self.outgoing_any.set(true);
         }
     }
 
+    /// Sends slot `s`'s batch (not empty) to shard `s`, charged to the
+    /// producer that filled it.
+    fn send_slot(&self, s: usize, slot: &mut Outgoing) {
+        let frames = std::mem::take(&mut slot.batch);
+        let producer = slot.producer.take();
+        self.shared
+            .send(s, ShardMsg::DeliverBatch { frames, producer });
+    }
+
+    /// Sends the batches filled by producers other than `producer`.
+    fn flush_outgoing_of_others(&self, producer: Option<&Arc<Gate>>) {
+        if !self.outgoing_any.get() {
+            return;
+        }
+        let mut out = self.outgoing.borrow_mut();
+        let mut left = false;
+        for (s, slot) in out.iter_mut().enumerate() {
+            if slot.batch.is_empty() {
+                continue;
+            }
+            if same_producer(slot.producer.as_ref(), producer) {
+                left = true;
+            } else {
+                self.send_slot(s, slot);
+            }
+        }
+        self.outgoing_any.set(left);
+    }
+
     /// Sends what this shard routed to other shards since the last flush:
-    /// one inbox message per shard, charged to the current producer. Runs
-    /// when a producer's turn ends, and before any other message leaves
-    /// for another shard (so nothing overtakes a delivery routed before it).
+    /// one inbox message per shard, charged to the producer that filled
+    /// it. Runs when a producer's turn ends (a connection's read: when the
+    /// read is routed, see [`Shard::producing_on`]), when the shard ends an
+    /// inbox turn, and before any other message leaves for another shard
+    /// (so nothing overtakes a delivery routed before it).
     pub fn flush_outgoing(&self) {
         if !self.outgoing_any.replace(false) {
             return;
         }
-        let shards = self.outgoing.borrow().len();
-        for s in 0..shards {
-            let frames = {
-                let mut out = self.outgoing.borrow_mut();
-                if out[s].is_empty() {
-                    continue;
-                }
-                std::mem::take(&mut out[s])
-            };
-            let producer = self.producer();
-            self.shared
-                .send(s, ShardMsg::DeliverBatch { frames, producer });
+        let mut out = self.outgoing.borrow_mut();
+        for (s, slot) in out.iter_mut().enumerate() {
+            if !slot.batch.is_empty() {
+                self.send_slot(s, slot);
+            }
         }
     }
 

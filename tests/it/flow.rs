@@ -824,3 +824,54 @@ fn a_delivery_that_finds_its_member_gone_is_counted_left() {
     }
     panic!("in 5 attempts no publish reached shard 1 after its member left");
 }
+
+/// What one read of a publisher routes to another shard goes there as one
+/// inbox message (batches of up to 256 frames or 64 KiB), not one per
+/// `messages_per_iter` frames: that shard's members get the read at once
+/// and write it in few, large writes. Shard 1 is stopped so that what shard
+/// 0 hands it stays in its inbox, where it is counted.
+#[test]
+fn a_read_goes_to_another_shard_as_one_batch() {
+    const N: u64 = 100; // five turns of messages_per_iter = 20
+    let srv = start("epoll", "").expect("epoll runs");
+    let g = group("onebatch");
+    let member = loop {
+        let (mut r, id) = raw_client(srv.addr);
+        if shard_of(&id) == 1 {
+            join(&mut r, &g);
+            break r;
+        }
+    };
+    let reader = Reader::spawn(member, "member".into());
+    let mut publisher = loop {
+        let (r, id) = raw_client(srv.addr);
+        if shard_of(&id) == 0 {
+            break r;
+        }
+    };
+    let mut buf = BytesMut::new();
+    for i in 0..N {
+        Frame::Publish {
+            group: g.clone(),
+            payload: numbered(i, 16),
+        }
+        .encode(&mut buf);
+    }
+    let inbox = |srv: &crate::util::TestServer| num(&srv.stats()["inboxes"][1]["msgs"]);
+    let routed = |srv: &crate::util::TestServer| num(&srv.stats()["per_shard"][0]["msgs_in"]);
+    srv.server().stall_shard(1, Duration::from_secs(3));
+    wait_for("shard 1 to stop", WAIT, || inbox(&srv) == 0);
+    let before = routed(&srv);
+    publisher.s.write_all(&buf).expect("publish");
+    wait_for("shard 0 to route the publishes", WAIT, || {
+        routed(&srv) >= before + N
+    });
+    let handed = inbox(&srv);
+    assert!(
+        (1..=2).contains(&handed),
+        "{N} frames of one read reached shard 1 as {handed} inbox messages (one per turn would be 5; 0: shard 1 woke too early)"
+    );
+    wait_all(std::slice::from_ref(&reader), N, 2 * WAIT);
+    assert_healthy(std::slice::from_ref(&reader));
+    drop(publisher);
+}
