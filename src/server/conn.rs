@@ -535,7 +535,14 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut, hold
         }
         match decoded {
             Decoded::Done => return,
-            Decoded::Yield => tokio::task::yield_now().await,
+            Decoded::Yield => {
+                // Others get their turn when there are others (see
+                // `io::others_waiting`); a read longer than the turn is
+                // still at most one READ_BURST, and the next read awaits.
+                if super::io::others_waiting(shard.uring, &shard.shared.inboxes[shard.index]) {
+                    tokio::task::yield_now().await;
+                }
+            }
             Decoded::Login => super::login::finish_login(shard, conn).await,
             Decoded::Wait => {
                 ShardStats::add(&shard.stats().producer_waits, 1);

@@ -88,6 +88,17 @@ pub fn submit_pending(uring: bool) {
     }
 }
 
+/// Whether a connection that has had its `messages_per_iter` turn within
+/// a read should yield to the shard's other work. On io_uring, only when
+/// there is some: a completion the runtime has not dispatched (another
+/// connection's read or write finished), or a message in the shard's
+/// inbox. Both are read from memory, while a yield costs a runtime turn
+/// and a system call (`epoll_wait`) even when nobody else is ready. On
+/// epoll, readiness is known only by asking the kernel: always yield.
+pub fn others_waiting(uring: bool, inbox: &super::inbox::Inbox) -> bool {
+    !uring || !inbox.is_empty() || tokio_uring::completions_pending()
+}
+
 /// A tokio-uring stream.
 pub struct UringStream(pub tokio_uring::net::TcpStream);
 
@@ -291,4 +302,56 @@ pub fn uring_available() -> Result<(), io::Error> {
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the io_uring probe panicked")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's long read yields to others only when the ring shows
+    /// a completion not yet dispatched (or the inbox holds a message): the
+    /// ring check must see a finished operation before the runtime has
+    /// dispatched it, and not after.
+    #[test]
+    fn a_finished_operation_shows_before_it_is_dispatched() {
+        if let Err(e) = uring_available() {
+            if std::env::var_os("MSGC_SKIP_URING").is_some() {
+                eprintln!("SKIPPED (MSGC_SKIP_URING is set): io_uring is not available here ({e})");
+                return;
+            }
+            panic!("io_uring is not available here ({e}); set MSGC_SKIP_URING=1 to skip");
+        }
+        let (inbox, rx) = crate::server::inbox::Inbox::new(1 << 20);
+        assert!(others_waiting(false, &inbox), "epoll always yields");
+        tokio_uring::start(async {
+            assert!(!tokio_uring::completions_pending(), "a new ring has none");
+            assert!(!others_waiting(true, &inbox));
+            assert!(inbox.send(crate::server::shared::ShardMsg::Stall(
+                std::time::Duration::ZERO
+            )));
+            assert!(others_waiting(true, &inbox), "a message in the inbox");
+            assert!(rx.try_recv().is_ok());
+            assert!(!others_waiting(true, &inbox));
+            let op = tokio_uring::spawn(tokio_uring::no_op());
+            // The task queues its operation when it first runs.
+            tokio::task::yield_now().await;
+            tokio_uring::submit_pending().expect("submit");
+            let mut seen = false;
+            for _ in 0..1000 {
+                seen = tokio_uring::completions_pending();
+                if seen {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(seen, "the no-op's completion shows in the ring");
+            assert!(others_waiting(true, &inbox));
+            op.await.expect("task").expect("no-op");
+            assert!(!tokio_uring::completions_pending(), "dispatched: none left");
+        });
+        assert!(
+            !tokio_uring::completions_pending(),
+            "outside a runtime: false"
+        );
+    }
 }

@@ -284,6 +284,14 @@ pub fn submit_pending() -> std::io::Result<usize> {
     })
 }
 
+/// Whether this thread's ring holds completions that the runtime has not
+/// dispatched yet (operations that finished, whose tasks are not woken
+/// until the runtime next polls): no system call. False outside a
+/// tokio-uring runtime.
+pub fn completions_pending() -> bool {
+    crate::runtime::CONTEXT.with(|cx| cx.handle().is_some_and(|h| h.completions_pending()))
+}
+
 /// The simplest possible operation. Just posts a completion event, nothing else.
 ///
 /// This has a place in benchmarking and sanity checking uring.

@@ -61,6 +61,16 @@ impl Handle {
         Ok(queued)
     }
 
+    /// Whether the kernel has posted completions not yet dispatched: a
+    /// read of the completion queue's tail, no system call. (msgc patch:
+    /// see PATCHES.md.)
+    pub(crate) fn completions_pending(&self) -> bool {
+        let mut driver = self.inner.borrow_mut();
+        let mut cq = driver.uring.completion();
+        cq.sync();
+        !cq.is_empty()
+    }
+
     pub(crate) fn register_buffers(
         &self,
         buffers: Rc<RefCell<dyn FixedBuffers>>,
