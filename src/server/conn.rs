@@ -416,6 +416,8 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
     let mut rb = ReadBuf::default();
     // Bytes read since the writers this connection fills were last woken.
     let mut held = 0;
+    // Bytes routed since this connection last yielded (see `decode_all`).
+    let mut routed = 0;
     loop {
         let max_frame = max_frame_for(shard.live.get().max_message_size);
         let buf = rb.prepare(max_frame);
@@ -453,7 +455,7 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             && held + n < HOLD_BYTES
             && super::sockets::unread_bytes(conn.fd) >= READ_BURST;
         held = if hold { held + n } else { 0 };
-        decode_all(shard, conn, buf, hold).await;
+        decode_all(shard, conn, buf, hold, &mut routed).await;
     }
 }
 
@@ -512,12 +514,26 @@ impl ReadBuf {
 ///
 /// With `hold`, the writers this read filled are not woken when it is
 /// routed (the caller reads on at once; see `read_loop`).
-async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut, hold: bool) {
+///
+/// `routed` counts the bytes routed since this connection last yielded:
+/// past [`READ_BURST`] it yields at its next turn whoever waits, so it
+/// holds the shard for at most that much input at a time, whatever its
+/// reads' sizes (a read that ends a large frame, a TLS stream's buffered
+/// plaintext).
+async fn decode_all(
+    shard: &Rc<Shard>,
+    conn: &Rc<Conn>,
+    buf: &mut BytesMut,
+    hold: bool,
+    routed: &mut usize,
+) {
     // Settings are read once per read: a reload applies from the next one.
     let live = shard.live.get();
     let max_frame = max_frame_for(live.max_message_size);
     loop {
+        let before = buf.len();
         let decoded = shard.deferring_wakes(|| decode_some(shard, conn, buf, &live, max_frame));
+        *routed += before.saturating_sub(buf.len());
         let held = matches!(decoded, Decoded::Done) && hold && shard.writes_are_small();
         if !matches!(decoded, Decoded::Yield) {
             // The read is routed (or waits): what it routed to other
@@ -534,12 +550,20 @@ async fn decode_all(shard: &Rc<Shard>, conn: &Rc<Conn>, buf: &mut BytesMut, hold
             super::io::submit_pending(shard.uring);
         }
         match decoded {
-            Decoded::Done => return,
+            Decoded::Done => {
+                if *routed >= READ_BURST {
+                    *routed = 0;
+                    tokio::task::yield_now().await;
+                }
+                return;
+            }
             Decoded::Yield => {
                 // Others get their turn when there are others (see
-                // `io::others_waiting`); a read longer than the turn is
-                // still at most one READ_BURST, and the next read awaits.
-                if super::io::others_waiting(shard.uring, &shard.shared.inboxes[shard.index]) {
+                // `io::others_waiting`), and at least every READ_BURST.
+                if *routed >= READ_BURST
+                    || super::io::others_waiting(shard.uring, &shard.shared.inboxes[shard.index])
+                {
+                    *routed = 0;
                     tokio::task::yield_now().await;
                 }
             }

@@ -238,7 +238,7 @@ impl Server {
             .map_err(|e| tracing::warn!(error = %e, "no housekeeping thread: freed memory stays with the process"))
             .ok();
         let tls = shared.tls.is_some();
-        tracing::info!(node = %node, shards, backend = shared.backend, tls, listen = ?addrs, "msgc-server running");
+        tracing::info!(node = %node, shards, nodes_here = here.count, backend = shared.backend, tls, listen = ?addrs, "msgc-server running");
         let restart_only = RestartOnly {
             node: node.to_string(),
             shards,
@@ -289,10 +289,11 @@ impl Server {
         let wanted = resolve_node(s, node)?;
         let new = RestartOnly {
             node: wanted.to_string(),
+            // Unset, it stays what it is: the share of CPUs is worked out
+            // at start (a reload of `peers` must not ask for a restart).
             shards: s
                 .shards
-                .unwrap_or_else(|| NodesHere::of(s, &wanted).default_shards())
-                .clamp(1, MAX_SHARDS),
+                .map_or(self.restart_only.shards, |n| n.clamp(1, MAX_SHARDS)),
             io_backend: s.io_backend,
             listen: listen_addrs(config, &wanted),
             monitor: s.monitor,
@@ -711,6 +712,46 @@ mod tests {
 
     fn node(name: &str) -> NodeName {
         NodeName::from_str_checked(name).expect("node name")
+    }
+
+    /// With `shards` unset, a reload that changes which peers run here
+    /// (and so the share of CPUs a start would take) applies its peers and
+    /// keeps the running shards: no restart asked.
+    #[test]
+    fn a_reload_of_peers_keeps_the_shards_it_started_with() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let conf = |peers: &str| {
+            let text = format!(
+                "msgc_server {{\n node = \"a\"\n port = {port}\n io_backend = epoll\n peers = [ {peers} ]\n}}\n\
+                 msgcserver_listener {{ listen \"127.0.0.1:0\" {{ }} }}\n"
+            );
+            Config::parse_str("t.conf", &text).expect("config parses")
+        };
+        let server =
+            Server::start(&conf("a = \"127.0.0.1\" b = \"203.0.113.9\""), None).expect("starts");
+        let shards = server.shared().shards();
+        let moved = conf("a = \"127.0.0.1\" b = \"127.0.0.2\"");
+        assert!(
+            NodesHere::of(&moved.server, &node("a")).count == 2,
+            "b now runs here"
+        );
+        server
+            .reload(&moved, None)
+            .expect("a reload of peers needs no restart");
+        assert_eq!(server.shared().shards(), shards);
+        // Set explicitly to another count, it still needs a restart.
+        let other = conf("a = \"127.0.0.1\"").server.shards;
+        assert!(other.is_none());
+        let mut explicit = moved.clone();
+        explicit.server.shards = Some(shards + 1);
+        assert!(matches!(
+            server.reload(&explicit, None),
+            Err(Error::NeedsRestart(_))
+        ));
+        server.shutdown();
     }
 
     #[test]

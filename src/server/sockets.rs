@@ -192,15 +192,77 @@ pub fn unread_bytes(fd: RawFd) -> usize {
     }
 }
 
-/// True when `ip` is an address of this machine (a socket can bind to it).
+/// True when `ip` is an address of this machine: a loopback address, or
+/// one of its interfaces' addresses. (Not "a socket can bind to it": with
+/// `net.ipv4.ip_nonlocal_bind` every address can be bound.)
 pub fn is_local_ip(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || (!ip.is_unspecified() && interface_addrs().contains(&ip))
+}
+
+/// The addresses of this machine's interfaces (`getifaddrs`); empty when
+/// they cannot be read.
+fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return out;
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, alive
+        // until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: `ifa_addr` points at a socket address whose family
+            // tells its type (sockaddr_in for AF_INET, sockaddr_in6 for
+            // AF_INET6).
+            unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sa = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{autotuned_receive_max, fixed_receive};
+
+    #[test]
+    fn local_addresses_are_loopback_and_the_interfaces_own() {
+        for ip in ["127.0.0.1", "127.0.0.3", "::1", "::ffff:127.0.0.2"] {
+            assert!(is_local_ip(ip.parse().expect("ip")), "{ip}");
+        }
+        for ip in ["0.0.0.0", "::", "203.0.113.77"] {
+            assert!(!is_local_ip(ip.parse().expect("ip")), "{ip}");
+        }
+        // Every interface address counts, and only those (read back from
+        // the kernel's own list).
+        let own = interface_addrs();
+        assert!(!own.is_empty(), "getifaddrs lists at least loopback");
+        for ip in own {
+            assert!(is_local_ip(ip), "{ip}");
+        }
+    }
 
     #[test]
     fn the_receive_buffer_is_set_only_above_what_autotuning_reaches() {

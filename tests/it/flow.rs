@@ -775,7 +775,10 @@ fn budgets_apply_live_to_open_connections() {
 /// delivered, counted `left`, or (routed after the leave) `unrouted`.
 #[test]
 fn a_delivery_that_finds_its_member_gone_is_counted_left() {
-    const N: u64 = 5_000;
+    // More than shard 1 takes from its inbox in one turn (messages_per_iter
+    // = 20 batches of up to 256 frames: 5,120), so that it reads the LEAVE
+    // between two turns and some publishes come after it.
+    const N: u64 = 20_000;
     let srv = start("epoll", "").expect("epoll runs");
     let publisher = loop {
         let (r, id) = raw_client(srv.addr);
