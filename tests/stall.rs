@@ -8,9 +8,7 @@ mod flowkit;
 mod util;
 
 use bytes::BytesMut;
-use flowkit::{
-    assert_healthy, join, num, numbered, raw_client, shard_of, start, totals, wait_all, Reader,
-};
+use flowkit::{assert_healthy, client_on, join, num, numbered, start, totals, wait_all, Reader};
 use msgc::protocol::{Frame, GroupName};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,20 +36,10 @@ fn a_stopped_shard_costs_at_most_its_inbox_bound() {
     let srv = start("epoll", &format!("shard_inbox_bytes = {BOUND}")).expect("epoll runs");
     let g = group("stall");
     // The member on shard 1, the publisher on shard 0.
-    let member = loop {
-        let (mut r, id) = raw_client(srv.addr);
-        if shard_of(&id) == 1 {
-            join(&mut r, &g);
-            break r;
-        }
-    };
+    let (mut member, _) = client_on(srv.addr, 1);
+    join(&mut member, &g);
     let reader = Reader::spawn(member, "member".into());
-    let publisher = loop {
-        let (r, id) = raw_client(srv.addr);
-        if shard_of(&id) == 0 {
-            break r;
-        }
-    };
+    let (publisher, _) = client_on(srv.addr, 0);
     let before = own_rss();
     srv.server().stall_shard(1, Duration::from_millis(2500));
     let stop = Arc::new(AtomicBool::new(false));

@@ -11,8 +11,8 @@ use crate::cluster::{
     num, payload, peer_of, range, sequences, stats, until, Cluster, Member, QUICK,
 };
 use crate::flowkit::{
-    assert_healthy, flood, group, join, members_on_both_shards, numbered, raw_client, shard_of,
-    start, totals, wait_all, Reader,
+    assert_healthy, client_on, flood, group, join, members_on_both_shards, numbered, raw_client,
+    shard_of, start, totals, wait_all, Reader,
 };
 use crate::util::{wait_for, NodeProc, Raw, TempDir, WAIT};
 use bytes::{Bytes, BytesMut};
@@ -838,20 +838,10 @@ fn a_read_goes_to_another_shard_as_one_batch() {
     const N: u64 = 100; // five turns of messages_per_iter = 20
     let srv = start("epoll", "").expect("epoll runs");
     let g = group("onebatch");
-    let member = loop {
-        let (mut r, id) = raw_client(srv.addr);
-        if shard_of(&id) == 1 {
-            join(&mut r, &g);
-            break r;
-        }
-    };
+    let (mut member, _) = client_on(srv.addr, 1);
+    join(&mut member, &g);
     let reader = Reader::spawn(member, "member".into());
-    let mut publisher = loop {
-        let (r, id) = raw_client(srv.addr);
-        if shard_of(&id) == 0 {
-            break r;
-        }
-    };
+    let (mut publisher, _) = client_on(srv.addr, 0);
     let mut buf = BytesMut::new();
     for i in 0..N {
         Frame::Publish {

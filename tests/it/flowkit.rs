@@ -51,6 +51,18 @@ pub(crate) fn raw_client(addr: SocketAddr) -> (Raw, MemberId) {
     }
 }
 
+/// A raw client that the server placed on `shard` (a few tries:
+/// connections are spread over the shards in turn).
+pub(crate) fn client_on(addr: SocketAddr, shard: usize) -> (Raw, MemberId) {
+    for _ in 0..64 {
+        let (r, id) = raw_client(addr);
+        if shard_of(&id) == shard {
+            return (r, id);
+        }
+    }
+    panic!("64 connections, none on shard {shard}");
+}
+
 pub(crate) fn shard_of(id: &MemberId) -> usize {
     id.parts().expect("a server-assigned id").1
 }
