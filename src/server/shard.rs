@@ -221,7 +221,7 @@ impl Shard {
 
     fn producing_as(&self, producer: Option<Arc<Gate>>, keep: bool) -> Producing<'_> {
         // Another producer's frames leave before anything of this one.
-        self.flush_outgoing_of_others(producer.as_ref());
+        self.flush_outgoing_but(Some(producer.as_ref()));
         self.turns.set(self.turns.get() + 1);
         let prev = self.producer.replace(producer);
         Producing {
@@ -322,8 +322,19 @@ impl Shard {
             .send(s, ShardMsg::DeliverBatch { frames, producer });
     }
 
-    /// Sends the batches filled by producers other than `producer`.
-    fn flush_outgoing_of_others(&self, producer: Option<&Arc<Gate>>) {
+    /// Sends what this shard routed to other shards since the last flush:
+    /// one inbox message per shard, charged to the producer that filled
+    /// it. Runs when a producer's turn ends (a connection's read: when the
+    /// read is routed, see [`Shard::producing_on`]), when the shard ends an
+    /// inbox turn, and before any other message leaves for another shard
+    /// (so nothing overtakes a delivery routed before it).
+    pub fn flush_outgoing(&self) {
+        self.flush_outgoing_but(None);
+    }
+
+    /// As [`Shard::flush_outgoing`], keeping the batches of `kept` (a
+    /// producer) open.
+    fn flush_outgoing_but(&self, kept: Option<Option<&Arc<Gate>>>) {
         if !self.outgoing_any.get() {
             return;
         }
@@ -333,31 +344,13 @@ impl Shard {
             if slot.batch.is_empty() {
                 continue;
             }
-            if same_producer(slot.producer.as_ref(), producer) {
+            if kept.is_some_and(|p| same_producer(slot.producer.as_ref(), p)) {
                 left = true;
             } else {
                 self.send_slot(s, slot);
             }
         }
         self.outgoing_any.set(left);
-    }
-
-    /// Sends what this shard routed to other shards since the last flush:
-    /// one inbox message per shard, charged to the producer that filled
-    /// it. Runs when a producer's turn ends (a connection's read: when the
-    /// read is routed, see [`Shard::producing_on`]), when the shard ends an
-    /// inbox turn, and before any other message leaves for another shard
-    /// (so nothing overtakes a delivery routed before it).
-    pub fn flush_outgoing(&self) {
-        if !self.outgoing_any.replace(false) {
-            return;
-        }
-        let mut out = self.outgoing.borrow_mut();
-        for (s, slot) in out.iter_mut().enumerate() {
-            if !slot.batch.is_empty() {
-                self.send_slot(s, slot);
-            }
-        }
     }
 
     /// Sends `msg` to shard `s`, after the deliveries routed before it.
