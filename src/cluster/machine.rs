@@ -177,17 +177,17 @@ impl LinkView {
 
     /// A member id from the peer must be one its node assigned.
     fn check_member(&self, member: &MemberId) -> Result<(), LinkError> {
-        match self.sender_ok(member.as_str()) {
-            true => Ok(()),
-            false => Err((
-                ErrorCode::NOT_ALLOWED,
-                format!(
-                    "member id {:?} is not one of node {:?}",
-                    member.as_str(),
-                    self.node
-                ),
-            )),
+        if self.sender_ok(member.as_str()) {
+            return Ok(());
         }
+        Err((
+            ErrorCode::NOT_ALLOWED,
+            format!(
+                "member id {:?} is not one of node {:?}",
+                member.as_str(),
+                self.node
+            ),
+        ))
     }
 }
 

@@ -134,6 +134,7 @@ impl InFlight {
     }
 
     /// Addresses with checks in flight.
+    #[cfg(test)]
     pub fn addresses(&self) -> usize {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
     }

@@ -260,6 +260,7 @@ impl SparePool {
     }
 
     /// How many spares shard `origin` has.
+    #[cfg(test)]
     pub fn spares(&self, origin: usize) -> usize {
         self.0.get(origin).map_or(0, |(_, rx)| rx.len())
     }
