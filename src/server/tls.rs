@@ -16,7 +16,7 @@
 //! interleave. A batch the writer hands over becomes records in one buffer
 //! written with one `writev`: coalesced writes stay coalesced.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::os::fd::RawFd;
 
@@ -24,8 +24,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::io::Stream;
 
-/// Ciphertext read per call (rustls's own records are at most ~16 KiB).
+/// Ciphertext read per call while the peer streams (the last read filled
+/// its room); rustls's own records are at most ~16 KiB.
 const READ_CHUNK: usize = 32 * 1024;
+/// Ciphertext read per call otherwise: what a quiet connection's pending
+/// read holds (an idle client's floor, as the plain read buffer's).
+const READ_SMALL: usize = 4 * 1024;
 /// Plaintext copied into a caller's buffer that has no spare room.
 const MIN_READ: usize = 8 * 1024;
 
@@ -36,6 +40,10 @@ pub struct TlsStream<S> {
     /// Ciphertext read but not yet taken by rustls (kept when rustls's
     /// plaintext buffer is full). Taken out while a read is in flight.
     rbuf: RefCell<BytesMut>,
+    /// Room the next ciphertext read gets: [`READ_CHUNK`] after a read
+    /// that filled its room, [`READ_SMALL`] after one that did not (a
+    /// large buffer is then given back).
+    rwant: Cell<usize>,
     /// Held while ciphertext is taken from rustls and written.
     wlock: tokio::sync::Mutex<()>,
     /// Ciphertext buffer, kept between writes: once a write is done its
@@ -66,6 +74,7 @@ impl<S: Stream> TlsStream<S> {
             io,
             tls: RefCell::new(tls),
             rbuf: RefCell::new(BytesMut::new()),
+            rwant: Cell::new(READ_SMALL),
             wlock: tokio::sync::Mutex::new(()),
             wbuf: RefCell::new(BytesMut::new()),
             wlist: RefCell::new(Vec::with_capacity(1)),
@@ -149,6 +158,22 @@ impl<S: Stream> TlsStream<S> {
         }
     }
 
+    /// The input has gone quiet (a read that did not fill its room, all of
+    /// it fed): lets rustls give back the record buffer a burst grew (up
+    /// to ~17 KiB, kept otherwise until the next input). rustls resizes it
+    /// before each read from its source, to 4 KiB when it holds no partial
+    /// record; a source that has nothing yet (`WouldBlock`) makes that all
+    /// the read does.
+    fn settle(&self) {
+        struct Nothing;
+        impl io::Read for Nothing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+        }
+        let _ = self.tls.borrow_mut().read_tls(&mut Nothing);
+    }
+
     /// Hands `rbuf`'s ciphertext to rustls and processes it.
     fn feed(&self, rbuf: &mut BytesMut) -> io::Result<()> {
         let mut tls = self.tls.borrow_mut();
@@ -188,16 +213,27 @@ impl<S: Stream> Stream for TlsStream<S> {
             }
             let mut rbuf = std::mem::take(&mut *self.rbuf.borrow_mut());
             if rbuf.is_empty() {
-                rbuf.reserve(READ_CHUNK);
+                let want = self.rwant.get();
+                if want == READ_SMALL && rbuf.capacity() > 2 * READ_SMALL {
+                    // The burst is over: give the big buffer back.
+                    rbuf = BytesMut::new();
+                }
+                rbuf.reserve(want);
+                let room = rbuf.capacity();
                 let (res, back) = self.io.read(rbuf).await;
                 rbuf = back;
                 match res {
                     Ok(0) => return (Ok(0), buf), // end of stream
-                    Ok(_) => {}
+                    Ok(n) => self
+                        .rwant
+                        .set(if n >= room { READ_CHUNK } else { READ_SMALL }),
                     Err(e) => return (Err(e), buf),
                 }
             }
             let fed = self.feed(&mut rbuf);
+            if fed.is_ok() && rbuf.is_empty() && self.rwant.get() == READ_SMALL {
+                self.settle();
+            }
             *self.rbuf.borrow_mut() = rbuf;
             if let Err(e) = fed {
                 // Tell the other side why (an alert), best effort.

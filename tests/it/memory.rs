@@ -10,7 +10,7 @@ use std::time::Duration;
 /// Bytes of server memory one membership may cost (issue target).
 const PER_MEMBERSHIP: u64 = 512;
 /// Bytes of server memory an idle client joined to one group may cost.
-const PER_IDLE_CONNECTION: u64 = 20 * 1024;
+pub(crate) const PER_IDLE_CONNECTION: u64 = 20 * 1024;
 
 fn group(prefix: &str, i: usize) -> GroupName {
     GroupName::from_str_checked(&format!("{prefix}.{i:06}")).expect("valid group")
@@ -40,7 +40,7 @@ fn join_one_by_one(raw: &mut Raw, prefix: &str, n: usize) {
 
 /// RSS once it has stopped moving (two readings 100 ms apart within 1%),
 /// bounded in time; the last reading otherwise.
-fn settled_rss(node: &NodeProc) -> u64 {
+pub(crate) fn settled_rss(node: &NodeProc) -> u64 {
     let mut last = node.rss_bytes();
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(100));

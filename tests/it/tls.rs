@@ -556,3 +556,51 @@ fn tls_options_are_checked_at_load_with_their_line() {
         assert!(err.contains(at) && err.contains(what), "{lines}\n=> {err}");
     }
 }
+
+/// An idle TLS client costs the server less than [`PER_IDLE_TLS`], even
+/// after it sent and received a message larger than a TLS record: what a
+/// read or a write used while it was busy is not kept once it is quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tls_client_costs_under_32_kib() {
+    const N: usize = 500;
+    crate::util::raise_fd_limit(2 * N as u64 + 200);
+    let dir = TempDir::new("tls-idle");
+    let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.87", ""));
+    let big = vec![b'x'; 40_000];
+    // Connects, joins its own group, and gets its own 40 KB message back.
+    let busy_then_idle = |i: usize| {
+        let cfg = tls_client_config(node.addr, &ca);
+        let big = big.clone();
+        async move {
+            let c = Client::connect(cfg).await.expect("TLS client");
+            let g = format!("tls.idle.{i:04}");
+            c.join(&g).await.expect("join");
+            let events = c.events();
+            c.publish(&g, big.clone()).await.expect("publish");
+            assert_eq!(next_message(&events).await.len(), big.len());
+            c
+        }
+    };
+    // One client first: what the first handshake sets up once is not
+    // counted per client.
+    let first = busy_then_idle(N).await;
+    let before = tokio::task::block_in_place(|| crate::memory::settled_rss(&node));
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N {
+        clients.push(busy_then_idle(i).await);
+    }
+    let after = tokio::task::block_in_place(|| crate::memory::settled_rss(&node));
+    let per = after.saturating_sub(before) / N as u64;
+    eprintln!("memory: {N} idle TLS clients, RSS {before} -> {after} bytes: {per} bytes each");
+    assert!(
+        per < PER_IDLE_TLS,
+        "an idle TLS client joined to one group costs {per} bytes (bound {PER_IDLE_TLS})"
+    );
+    for c in clients {
+        let _ = c.close().await;
+    }
+    let _ = first.close().await;
+}
+
+/// Bytes of server memory an idle TLS client joined to one group may cost.
+const PER_IDLE_TLS: u64 = 32 * 1024;
