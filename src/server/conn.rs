@@ -551,19 +551,14 @@ async fn decode_all(
         }
         match decoded {
             Decoded::Done => {
-                if *routed >= READ_BURST {
-                    *routed = 0;
+                if turn_over(routed, || false) {
                     tokio::task::yield_now().await;
                 }
                 return;
             }
             Decoded::Yield => {
-                // Others get their turn when there are others (see
-                // `io::others_waiting`), and at least every READ_BURST.
-                if *routed >= READ_BURST
-                    || super::io::others_waiting(shard.uring, &shard.shared.inboxes[shard.index])
-                {
-                    *routed = 0;
+                let inbox = &shard.shared.inboxes[shard.index];
+                if turn_over(routed, || super::io::others_waiting(shard.uring, inbox)) {
                     tokio::task::yield_now().await;
                 }
             }
@@ -582,6 +577,18 @@ async fn decode_all(
             }
         }
     }
+}
+
+/// Whether a connection that has `routed` bytes since it last yielded
+/// yields now: when others wait (see `io::others_waiting`, asked only
+/// below the bound), and at least every [`READ_BURST`] whoever waits.
+/// Starts the count again when it does.
+fn turn_over(routed: &mut usize, others_waiting: impl FnOnce() -> bool) -> bool {
+    let yields = *routed >= READ_BURST || others_waiting();
+    if yields {
+        *routed = 0;
+    }
+    yields
 }
 
 /// Why [`decode_some`] stopped.
@@ -811,5 +818,39 @@ fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
             members: part.to_vec(),
         };
         shard.push(conn, frame.to_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{turn_over, READ_BURST};
+
+    /// A connection yields at least every 64 KiB it routes, whoever
+    /// waits, and below that only when others wait; the count starts
+    /// again at each yield.
+    #[test]
+    fn a_connection_yields_at_least_every_64_kib_it_routes() {
+        assert_eq!(READ_BURST, 64 * 1024, "the bound README states");
+        let mut routed = 0;
+        let mut yields = 0;
+        // 1 MiB of 1 KiB turns, nobody else ready: one yield per 64 KiB.
+        for _ in 0..1024 {
+            routed += 1024;
+            if turn_over(&mut routed, || false) {
+                yields += 1;
+                assert_eq!(routed, 0);
+            }
+            assert!(routed < READ_BURST);
+        }
+        assert_eq!(yields, 16);
+        // Others waiting: a yield at once, and the count starts again.
+        routed = 100;
+        assert!(turn_over(&mut routed, || true));
+        assert_eq!(routed, 0);
+        // Past the bound, nobody is asked.
+        routed = READ_BURST;
+        assert!(turn_over(&mut routed, || panic!(
+            "not asked past the bound"
+        )));
     }
 }

@@ -308,6 +308,61 @@ pub fn uring_available() -> Result<(), io::Error> {
 mod tests {
     use super::*;
 
+    /// The `iovec` lists finished writes leave for the next ones add up
+    /// to at most 16,384 entries, 256 KiB per thread (tuning.md, PATCHES.md
+    /// second change), however many writes were in flight, and are reused.
+    #[test]
+    fn the_iovec_pool_keeps_at_most_256_kib() {
+        if let Err(e) = uring_available() {
+            if std::env::var_os("MSGC_SKIP_URING").is_some() {
+                eprintln!("SKIPPED (MSGC_SKIP_URING is set): io_uring is not available here ({e})");
+                return;
+            }
+            panic!("io_uring is not available here ({e}); set MSGC_SKIP_URING=1 to skip");
+        }
+        const BOUND: usize = 256 * 1024;
+        let entry = std::mem::size_of::<libc::iovec>();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let drain = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut theirs, &mut sink).map(|_| sink.len())
+        });
+        let written = tokio_uring::start(async move {
+            let ours = std::rc::Rc::new(tokio_uring::net::UnixStream::from_std(ours));
+            assert_eq!(tokio_uring::iovec_pool(), (0, 0), "a new thread keeps none");
+            let mut written = 0;
+            // Rounds of 40 writes at once, of 1,024 buffers (the most a
+            // `writev` takes), 3, and 700 (lists kept small grow): the pool
+            // never passes its bound.
+            for (writes, buffers) in [(40, 1024), (40, 3), (40, 700), (40, 1024)] {
+                let tasks: Vec<_> = (0..writes)
+                    .map(|_| {
+                        let ours = ours.clone();
+                        tokio_uring::spawn(async move {
+                            let bufs = vec![Bytes::from_static(b"x"); buffers];
+                            let (res, _) = ours.writev(bufs).await;
+                            res.expect("writev")
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    written += t.await.expect("task");
+                }
+                let (lists, entries) = tokio_uring::iovec_pool();
+                assert!(
+                    entries * entry <= BOUND,
+                    "{lists} lists of {entries} entries kept ({} bytes, bound {BOUND})",
+                    entries * entry
+                );
+                assert!(lists > 0, "finished writes leave their lists for reuse");
+            }
+            written
+        });
+        let read = drain.join().expect("drain").expect("read");
+        assert_eq!(read, written, "every byte written arrived");
+    }
+
     /// A connection's long read yields to others only when the ring shows
     /// a completion not yet dispatched (or the inbox holds a message): the
     /// ring check must see a finished operation before the runtime has

@@ -292,6 +292,13 @@ pub fn completions_pending() -> bool {
     crate::runtime::CONTEXT.with(|cx| cx.handle().is_some_and(|h| h.completions_pending()))
 }
 
+/// msgc patch (PATCHES.md, fourth change): the `iovec` lists that
+/// finished `writev`s left on this thread for the next ones, as (lists,
+/// entries they have room for, 16 bytes each). At most 16,384 entries.
+pub fn iovec_pool() -> (usize, usize) {
+    crate::io::iovec_pool()
+}
+
 /// The simplest possible operation. Just posts a completion event, nothing else.
 ///
 /// This has a place in benchmarking and sanity checking uring.

@@ -53,6 +53,7 @@ pub(crate) mod write;
 mod write_fixed;
 
 mod writev;
+pub(crate) use writev::iovec_pool;
 
 mod writev_all;
 pub(crate) use writev_all::writev_at_all;

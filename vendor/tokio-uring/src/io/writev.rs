@@ -23,6 +23,16 @@ thread_local! {
     static IOVS: RefCell<Pool> = const { RefCell::new(Pool { lists: Vec::new(), entries: 0 }) };
 }
 
+/// The lists kept on this thread and the entries they have room for
+/// (see `crate::iovec_pool`).
+pub(crate) fn iovec_pool() -> (usize, usize) {
+    IOVS.try_with(|pool| {
+        let pool = pool.borrow();
+        (pool.lists.len(), pool.entries)
+    })
+    .unwrap_or((0, 0))
+}
+
 fn take_iovs() -> Vec<iovec> {
     IOVS.try_with(|pool| {
         let mut pool = pool.borrow_mut();
