@@ -635,3 +635,24 @@ fn monitor_is_an_address_or_off() {
         "{err}"
     );
 }
+
+/// A node meshes with at most 256 others: a `peers` of 258 nodes is refused
+/// at load with its line, 257 (this node and 256 others) is accepted.
+#[test]
+fn peers_beyond_the_mesh_are_refused_at_load() {
+    let text = |n: usize| {
+        let peers: String = (0..n)
+            .map(|i| format!(" n{i} = \"10.1.{}.{}\"\n", i / 250, i % 250 + 1))
+            .collect();
+        format!("msgc_server {{\n  node = n0\n  peers = [\n{peers} ]\n}}\n")
+    };
+    assert_eq!(parse(&text(257)).server.peers.len(), 257);
+    let err = Config::parse_str("many.conf", &text(258)).expect_err("258 peers");
+    let printed = err.to_string();
+    assert!(
+        printed.starts_with(
+            "many.conf:3:11: peers: 258 nodes listed; at most 257 (this node and 256 others)"
+        ),
+        "{printed}"
+    );
+}

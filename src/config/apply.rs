@@ -310,6 +310,17 @@ fn set_peers(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {
     if !problems.is_empty() {
         return Err(Problems(problems));
     }
+    // A node with peers is one of them (see `node`): the others fill at
+    // most the mesh's slots.
+    let most = crate::router::mask::MAX_PEERS + 1;
+    if peers.len() > most {
+        let msg = format!(
+            "{} nodes listed; at most {most} (this node and {} others)",
+            peers.len(),
+            most - 1
+        );
+        return Err((v.span, msg).into());
+    }
     s.peers = peers;
     Ok(())
 }
