@@ -139,22 +139,6 @@ fn logins_without_valid_credentials_are_refused_counted_and_limited() {
     let (node, mon) = server(&dir, "127.0.0.61", &users());
     let addr = node.addr;
 
-    refused(addr, Bytes::new(), "requires a user and password");
-    refused(addr, creds("orders", "wrong"), "wrong password");
-    refused(addr, creds("nobody", "orders-pw"), "unknown user");
-    refused(
-        addr,
-        Bytes::from_static(b"\x01\x09orders"),
-        "bad credentials",
-    );
-    assert_eq!(totals(mon, "auth_failures"), 4);
-    assert_eq!(totals(mon, "auth_rate_limited"), 0);
-    let metrics = http_get(mon, "/metrics").expect("GET /metrics").body;
-    assert!(
-        metrics.contains("msgc_auth_failures_total{shard="),
-        "exported to Prometheus"
-    );
-
     // The right password gets in, by raw frames and by the library.
     let mut ok = raw_login(addr, "orders", "orders-pw");
     ok.send(&Frame::Ping { token: 7 });
@@ -169,6 +153,19 @@ fn logins_without_valid_credentials_are_refused_counted_and_limited() {
             .expect("logs in");
         good.ping().await.expect("served");
         let _ = good.close().await;
+    });
+
+    // Then the failures, back to back: the limit regains a try every two
+    // seconds, so the sixth attempt comes before any is regained.
+    refused(addr, Bytes::new(), "requires a user and password");
+    refused(addr, creds("orders", "wrong"), "wrong password");
+    refused(addr, creds("nobody", "orders-pw"), "unknown user");
+    refused(
+        addr,
+        Bytes::from_static(b"\x01\x09orders"),
+        "bad credentials",
+    );
+    rt.block_on(async {
         let bad = Client::connect(client_config(addr, "orders", "nope")).await;
         let Err(err) = bad else {
             panic!("a wrong password must fail")
@@ -177,6 +174,12 @@ fn logins_without_valid_credentials_are_refused_counted_and_limited() {
         assert!(err.contains("auth_failed"), "{err}");
     });
     assert_eq!(totals(mon, "auth_failures"), 5);
+    assert_eq!(totals(mon, "auth_rate_limited"), 0);
+    let metrics = http_get(mon, "/metrics").expect("GET /metrics").body;
+    assert!(
+        metrics.contains("msgc_auth_failures_total{shard="),
+        "exported to Prometheus"
+    );
 
     // Five failures from this address: the next login is refused without
     // a check, even with the right password, and counted as limited.

@@ -768,7 +768,9 @@ async fn proxied_cluster(tag: &str, extra: &str) -> (Cluster, Proxy, Proxy, u16)
 /// (nothing gets through, detected by idle_timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_link_is_node_loss_and_heals() {
-    let extra = "keepalive_interval = 0.2\n idle_timeout = 1\n reconnect_interval = 0.2\n connect_timeout = 2";
+    // idle_timeout 3 s: a partition is seen within it, and a member or a
+    // link stalled for a moment on a loaded machine is not cut meanwhile.
+    let extra = "keepalive_interval = 0.2\n idle_timeout = 3\n reconnect_interval = 0.2\n connect_timeout = 2";
     let (c, to1, to2, q) = proxied_cluster("cut", extra).await;
     let st = stats(c.addr(0));
     assert_eq!(
@@ -1063,7 +1065,9 @@ async fn simultaneous_dials_settle_on_one_link_without_duplicates() {
 /// delivery to node2 resumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stuck_peer_link_is_killed_and_redialled() {
-    let extra = "keepalive_interval = 0.2\n idle_timeout = 3\n reconnect_interval = 0.2\n \
+    // idle_timeout 10 s: the stopped node's link is cut as stuck, long
+    // before it could be cut as idle.
+    let extra = "keepalive_interval = 0.2\n idle_timeout = 10\n reconnect_interval = 0.2\n \
                  connect_timeout = 2\n peer_max_backlog = 200\n peer_stuck_timeout = 0.5\n \
                  tcpbuf_size = 4096";
     let c = Cluster::start("stuck", 3, extra).await;
@@ -1090,8 +1094,8 @@ async fn stuck_peer_link_is_killed_and_redialled() {
         }
         cm.wait_messages(g, sent as usize).await;
         let st = stats(node1);
-        let dropped = num(&peer_of(&st, "node2").expect("node2")["dropped"]);
-        if num(&st["totals"]["stuck_kills"]) >= 1 || dropped > 0 {
+        // The kill counts the link's drops first, then itself.
+        if num(&st["totals"]["stuck_kills"]) >= 1 {
             break st;
         }
         assert!(

@@ -137,7 +137,9 @@ fn connections_alternate_between_shards_epoll() {
 /// is counted; the nine others get every message, in order.
 fn one_stuck_member(backend: &str) {
     const N: u64 = 20_000;
-    let Some(srv) = start(backend, "stuck_timeout = 0.5\n keepalive_interval = 600") else {
+    // 1 s: a healthy reader thread kept off a loaded 2-CPU machine for
+    // a moment is not taken for stuck.
+    let Some(srv) = start(backend, "stuck_timeout = 1\n keepalive_interval = 600") else {
         return;
     };
     let g = group("one-stuck");
@@ -448,9 +450,11 @@ fn a_busy_shard_keeps_writing_on_io_uring() {
     eprintln!("busy shard: bytes of the least served member every 100 ms: {seen:?}; shard 1's inbox: {inbox}");
     let st = srv.stats();
     assert_eq!(totals(&srv, "stuck_kills"), 0, "{st}");
+    // A shard that never submits writes none (0 of 19); half leaves room
+    // for reader threads that 30 others keep off the two CPUs a while.
     let moves = seen.windows(2).filter(|w| w[1] > w[0]).count();
     assert!(
-        moves >= 15,
+        moves >= 10,
         "members were written to in only {moves} of 19 intervals: {seen:?}"
     );
     drop(srv);
@@ -659,7 +663,10 @@ fn pipelined_requests_are_bounded_by_the_queue_budget() {
 /// than what reaches it over the link, is cut at its cap on node1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_member_never_gets_a_link_cut() {
-    let extra = format!("{QUICK}\n peer_stuck_timeout = 0.5\n max_backlog_bytes = 1048576");
+    // The flood lasts three times peer_stuck_timeout: long enough to cut
+    // a link made to wait for the member, with a margin for a node kept
+    // off a loaded machine's CPUs a moment.
+    let extra = format!("{QUICK}\n peer_stuck_timeout = 1\n max_backlog_bytes = 1048576");
     let c = Cluster::start("slow-link", 2, &extra).await;
     let g = group("slow-link");
     // The slow member: reads one frame every 10 ms.
@@ -681,7 +688,7 @@ async fn a_slow_member_never_gets_a_link_cut() {
             payload,
         }
         .encode(&mut frame);
-        let end = std::time::Instant::now() + Duration::from_secs(2);
+        let end = std::time::Instant::now() + Duration::from_secs(3);
         while std::time::Instant::now() < end {
             if publisher.s.write_all(&frame).is_err() {
                 break;
@@ -756,11 +763,14 @@ fn budgets_apply_live_to_open_connections() {
     let read = |st: &serde_json::Value| num(&st["totals"]["msgs_in"]);
     let start = read(&stats(node.addr));
     send_members_requests(&mut greedy, &g, REQUESTS);
+    let mut polls = 0;
     wait_for("the greedy client to be cut as stuck", WAIT, || {
+        polls += 1;
         num(&stats(node.addr)["totals"]["stuck_kills"]) == 1
     });
-    // Less the STATS requests of the two readings.
-    let handled = read(&stats(node.addr)) - start - 2;
+    // Less the frames of the readings since `start` (each a HELLO and a
+    // STATS_REQUEST on a connection of its own).
+    let handled = read(&stats(node.addr)) - start - 2 * (polls + 1);
     assert!(
         handled < 200,
         "{handled} requests read: the new budget did not apply"
@@ -856,8 +866,10 @@ fn a_read_goes_to_another_shard_as_one_batch() {
     wait_for("shard 1 to stop", WAIT, || inbox(&srv) == 0);
     let before = routed(&srv);
     publisher.s.write_all(&buf).expect("publish");
+    // Frames count as read while they are decoded; the batch leaves once
+    // the whole read is routed.
     wait_for("shard 0 to route the publishes", WAIT, || {
-        routed(&srv) >= before + N
+        routed(&srv) >= before + N && inbox(&srv) >= 1
     });
     let handed = inbox(&srv);
     assert!(

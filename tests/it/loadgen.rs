@@ -215,6 +215,10 @@ fn backlog_kills_the_stalled_subscriber_and_spares_the_healthy() {
         "1",
         "--set",
         "max_backlog=50",
+        // A healthy subscriber kept off a loaded machine's CPUs a moment
+        // is not taken for stuck (the default is 0.2 s).
+        "--set",
+        "stuck_timeout=1",
         "--set",
         "tcpbuf_size=4096",
         "--size",

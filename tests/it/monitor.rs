@@ -138,7 +138,11 @@ fn metrics_parse_and_count_traffic() {
     assert!(sum(&after, "msgc_groups", &[]) >= 1.0);
     assert!(sum(&after, "msgc_memberships", &[]) >= 1.0);
     assert!(sum(&after, "msgc_process_resident_memory_bytes", &[]) > 0.0);
-    assert_eq!(sum(&after, "msgc_shard_up", &[]), 2.0, "both shards answer");
+    // A shard answers within a second; on a loaded machine maybe not at
+    // the first scrape.
+    wait_for("both shards to answer a scrape", WAIT, || {
+        sum(&scrape(mon), "msgc_shard_up", &[]) == 2.0
+    });
     for m in [
         "msgc_outbound_queue_frames",
         "msgc_outbound_queue_bytes",
@@ -235,9 +239,14 @@ fn healthz_follows_peer_links() {
     );
     let down = health(true).expect("an answer");
     assert!(down.body.contains("peer n2"), "{}", down.body);
-    let plain = health(false).expect("an answer");
-    assert_eq!(
-        plain.status, 200,
+    let mut plain = None;
+    wait_for("/healthz without ?peers=1 to be 200", WAIT, || {
+        plain = health(false);
+        plain.as_ref().is_some_and(|r| r.status == 200)
+    });
+    let plain = plain.expect("an answer");
+    assert!(
+        !plain.body.contains("peer n2"),
         "without ?peers=1 only the shards count: {}",
         plain.body
     );
