@@ -287,6 +287,29 @@ fn a_user_limited_to_orders_is_denied_the_rest_and_keeps_its_connection() {
         Some(Frame::Direct { payload, .. }) => assert_eq!(&payload[..], b"hi"),
         other => panic!("expected DIRECT, got {other:?}"),
     }
+    // LEAVE is always allowed: of a group the user may not join (a no-op,
+    // no denial before the PONG), and of its own.
+    o.send(&Frame::Leave {
+        group: g("billing"),
+    });
+    o.send(&Frame::Ping { token: 9 });
+    match next(&mut o) {
+        Some(Frame::Pong { token: 9 }) => {}
+        other => panic!("a LEAVE of billing is not denied: expected PONG, got {other:?}"),
+    }
+    o.send(&Frame::Leave {
+        group: g("orders.eu"),
+    });
+    match next(&mut o) {
+        Some(Frame::Membership {
+            group,
+            reason: Reason::Leave,
+            subject,
+            ..
+        }) if group.as_str() == "orders.eu" => assert_eq!(&subject[..], me.as_bytes()),
+        other => panic!("expected the leave acknowledgement, got {other:?}"),
+    }
+    assert_eq!(totals(mon, "permission_denials"), 5, "no LEAVE denied");
 }
 
 #[tokio::test(flavor = "multi_thread")]
