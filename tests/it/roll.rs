@@ -156,28 +156,62 @@ async fn a_leaving_node_moves_its_clients_and_peers_say_node_left() {
 
 /// A second signal cuts the wait for clients short: with a
 /// `lame_duck_duration` of five minutes and a client that never moves,
-/// the node closes it and leaves as soon as the second SIGTERM comes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_signal_cuts_the_wait_for_clients_short() {
+/// the node closes it and leaves as soon as the second signal comes.
+/// Meanwhile a new connection is refused (`ERROR SHUTTING_DOWN` after
+/// `HELLO`). SIGTERM, SIGINT and SIGUSR2 each make a node leave.
+fn a_second_signal_cuts_the_wait(tag: &str, sig: i32) {
     let extra = format!("{QUICK}\n lame_duck_duration = 300");
-    let mut c = Cluster::start("leave2", 2, &extra).await;
-    tokio::task::block_in_place(|| {
-        let (mut stays, _) = Raw::client_with(c.addr(1), features::LEAVING);
-        c.nodes[1].signal(libc::SIGTERM);
-        match next_control(&mut stays) {
-            Some(Frame::Move { .. }) => {}
-            other => panic!("a LEAVING client gets MOVE first, got {other:?}"),
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut c = rt.block_on(Cluster::start(tag, 2, &extra));
+    let (mut stays, _) = Raw::client_with(c.addr(1), features::LEAVING);
+    c.nodes[1].signal(sig);
+    match next_control(&mut stays) {
+        Some(Frame::Move { .. }) => {}
+        other => panic!("a LEAVING client gets MOVE first, got {other:?}"),
+    }
+    let mut late = Raw::connect(c.addr(1));
+    late.send(&Frame::Hello(msgc::protocol::Hello {
+        version: msgc::protocol::PROTOCOL_VERSION,
+        role: msgc::protocol::Role::Client,
+        name: None,
+        credentials: bytes::Bytes::new(),
+        features: 0,
+        max_message_size: 0,
+    }));
+    match next_control(&mut late) {
+        Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::SHUTTING_DOWN),
+        other => {
+            panic!("a new connection to a leaving node: expected SHUTTING_DOWN, got {other:?}")
         }
-        c.nodes[1].signal(libc::SIGTERM);
-        // Within the client's read timeout, far below the five minutes.
-        match next_control(&mut stays) {
-            Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::SHUTTING_DOWN),
-            other => panic!("expected ERROR SHUTTING_DOWN, got {other:?}"),
-        }
-    });
-    let code = tokio::task::block_in_place(|| c.nodes[1].terminate());
+    }
+    c.nodes[1].signal(sig);
+    // Within the client's read timeout, far below the five minutes.
+    match next_control(&mut stays) {
+        Some(Frame::Error { code, .. }) => assert_eq!(code, ErrorCode::SHUTTING_DOWN),
+        other => panic!("expected ERROR SHUTTING_DOWN, got {other:?}"),
+    }
+    let code = c.nodes[1].terminate();
     assert_eq!(code, Some(0), "node2 exits 0 after leaving");
     assert_clean_leave(c.addr(0), "node2");
+}
+
+#[test]
+fn a_second_sigterm_cuts_the_wait_for_clients_short() {
+    a_second_signal_cuts_the_wait("leave2", libc::SIGTERM);
+}
+
+#[test]
+fn sigint_leaves_too() {
+    a_second_signal_cuts_the_wait("leave-int", libc::SIGINT);
+}
+
+#[test]
+fn sigusr2_leaves_too() {
+    a_second_signal_cuts_the_wait("leave-usr2", libc::SIGUSR2);
 }
 
 /// Waits until the node at `addr` counts `n` members in group `g`.
