@@ -101,6 +101,9 @@ pub struct PeerSlot {
     pub removed: bool,
     /// Distinguishes this peer from an earlier one at the same index.
     pub generation: u64,
+    /// Why our last dial connected but did not link up (its TLS handshake
+    /// failed, e.g. a certificate refused); cleared when a link comes up.
+    pub link_error: Option<String>,
 }
 
 /// Counters of one peer link (written by the shards that use it).
@@ -275,6 +278,7 @@ impl Mesh {
                 ups: 0,
                 removed: false,
                 generation: self.generations.fetch_add(1, Relaxed),
+                link_error: None,
             };
             if idx == slots.len() {
                 slots.push(Some(slot));
@@ -522,6 +526,24 @@ impl Mesh {
         self.down(i, shard, 0, |_| {});
     }
 
+    /// Our dial of peer `i`, connection `seq` on `shard`, ended before it
+    /// linked up, for `error` (its TLS handshake failed). Recorded as the
+    /// peer's `link_error`; true when that is news (not the error of the
+    /// dial before), for the caller to log once rather than every
+    /// `reconnect_interval`. False for a connection that is not this
+    /// peer's dial in progress.
+    pub fn dial_refused(&self, i: usize, shard: usize, seq: u64, error: String) -> bool {
+        let mut slots = self.lock();
+        match slots.get_mut(i).and_then(Option::as_mut) {
+            Some(p) if p.state == (LinkState::Dialling { shard, seq }) => {
+                let news = p.link_error.as_ref() != Some(&error);
+                p.link_error = Some(error);
+                news
+            }
+            _ => false,
+        }
+    }
+
     fn set_up(p: &mut PeerSlot, link: &AtomicU64, shard: usize, seq: u64, dialled: bool) {
         p.state = LinkState::Up {
             shard,
@@ -529,6 +551,7 @@ impl Mesh {
             dialled,
         };
         p.since = SystemTime::now();
+        p.link_error = None;
         p.ups += 1;
         p.reconnects = p.ups - 1;
         link.store(link_word(shard, seq), Release);
@@ -606,6 +629,7 @@ impl Mesh {
         serde_json::json!({
             "name": p.name, "address": p.addr, "state": state, "direction": direction,
             "address_error": self.addrs.error(i),
+            "link_error": p.link_error,
             "since_unix": since,
             "since_secs": p.since.elapsed().map_or(0.0, |d| d.as_secs_f64()),
             "msgs_in": c.msgs_in.load(Relaxed), "msgs_out": c.msgs_out.load(Relaxed),

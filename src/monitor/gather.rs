@@ -336,6 +336,9 @@ pub struct PeerSnap {
     pub since: SystemTime,
     /// Times the link came up after the first time.
     pub reconnects: u64,
+    /// Why our last dial connected but did not link up (see
+    /// [`crate::cluster::mesh::PeerSlot::link_error`]).
+    pub link_error: Option<String>,
     /// Frames received on the link.
     pub msgs_in: u64,
     /// Frames queued to the link.
@@ -377,6 +380,7 @@ pub fn peers(shared: &Shared) -> Vec<PeerSnap> {
                 state,
                 since: slot.since,
                 reconnects: slot.reconnects,
+                link_error: slot.link_error,
                 msgs_in: c.msgs_in.load(Relaxed),
                 msgs_out: c.msgs_out.load(Relaxed),
                 bytes_in: c.bytes_in.load(Relaxed),

@@ -557,6 +557,7 @@ mod tests {
                 state: LinkState::Up { dialled: true },
                 since: SystemTime::now(),
                 reconnects: 1,
+                link_error: None,
                 msgs_in: 5,
                 msgs_out: 6,
                 bytes_in: 7,

@@ -180,6 +180,7 @@ pub fn peerz(shared: &Shared) -> Reply {
                 "since_unix": unix(p.since),
                 "since_secs": ago(p.since),
                 "reconnects": p.reconnects,
+                "link_error": p.link_error,
                 "msgs_in": p.msgs_in,
                 "msgs_out": p.msgs_out,
                 "bytes_in": p.bytes_in,

@@ -425,6 +425,9 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
         let (res, b) = stream.read(buf).await;
         let n = match res {
             Ok(0) | Err(_) => {
+                if let Err(e) = &res {
+                    dial_refused(shard, conn, e);
+                }
                 // Writers held behind this reader's backlog go now.
                 shard.wake_owed();
                 return;
@@ -456,6 +459,30 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
             && super::sockets::unread_bytes(conn.fd) >= READ_BURST;
         held = if hold { held + n } else { 0 };
         decode_all(shard, conn, buf, hold, &mut routed).await;
+    }
+}
+
+/// A dial of ours that fails in its TLS handshake (a certificate refused,
+/// by us or by the peer) would leave the link down with nothing said: the
+/// reason becomes the peer's `link_error` (STATS, `/peerz`), and is logged
+/// for operators when it is news.
+fn dial_refused(shard: &Shard, conn: &Conn, e: &std::io::Error) {
+    let ConnRole::Peer(i) = conn.role.get() else {
+        return;
+    };
+    if e.kind() != std::io::ErrorKind::InvalidData {
+        return;
+    }
+    let mesh = &shard.shared.cluster;
+    if mesh.dial_refused(i, shard.index, conn.seq, format!("TLS: {e}")) {
+        let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
+        tracing::warn!(
+            target: crate::logging::OPS,
+            peer = name,
+            addr = %conn.addr,
+            error = %e,
+            "peer link not up: its TLS handshake failed (dialled again every reconnect_interval)"
+        );
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Output, Stdio};
 
-fn msgc(server: SocketAddr, args: &[&str]) -> Output {
+pub(crate) fn msgc(server: SocketAddr, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_msgc"))
         .arg("--server")
         .arg(server.to_string())

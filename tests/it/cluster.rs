@@ -802,6 +802,26 @@ async fn cut_link_is_node_loss_and_heals() {
             peer_state(c.addr(0), "node2") != "up"
         })
         .await;
+        if round == 0 {
+            // Every node answers, one link is down: `msgc cluster` says
+            // so and exits 1. (Asked of node3, which lists node2 at its
+            // own address, not at the cut proxy.)
+            let third = c.addr(2);
+            let out = tokio::task::spawn_blocking(move || crate::cli::msgc(third, &["cluster"]))
+                .await
+                .expect("msgc cluster");
+            let table = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert_eq!(out.status.code(), Some(1), "{table}");
+            assert!(!table.contains("unreachable"), "{table}");
+            assert!(
+                table.contains(&format!("node3  {}  2/2 ", c.addr(2))),
+                "{table}"
+            );
+            assert!(
+                table.contains(&format!("node1  {}  1/2 ", c.addr(0))),
+                "{table}"
+            );
+        }
         // node3 still reaches both; node1's publishes still reach node3.
         a.wait_view(g, &[a.id(), cm.id()]).await;
         for _ in 0..10 {

@@ -16,8 +16,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_msgc-server");
 
 /// A `msgc-server` process whose standard error is read line by line;
 /// killed on drop.
-struct Logged {
-    child: Child,
+pub(crate) struct Logged {
+    pub(crate) child: Child,
     lines: flume::Receiver<String>,
     /// Every line read so far.
     seen: Vec<String>,
@@ -30,7 +30,7 @@ impl Logged {
         Self::spawn_cmd(cmd)
     }
 
-    fn spawn_cmd(mut cmd: Command) -> Self {
+    pub(crate) fn spawn_cmd(mut cmd: Command) -> Self {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -54,7 +54,7 @@ impl Logged {
 
     /// The next line for which `pick` holds (bounded by `WAIT`); panics
     /// with the log when the process ends or the time passes first.
-    fn wait_line(&mut self, what: &str, pick: impl Fn(&str) -> bool) -> String {
+    pub(crate) fn wait_line(&mut self, what: &str, pick: impl Fn(&str) -> bool) -> String {
         let end = Instant::now() + WAIT;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -95,7 +95,7 @@ impl Logged {
     }
 
     /// SIGTERM, then [`Logged::wait_exit`].
-    fn terminate(&mut self) -> Option<i32> {
+    pub(crate) fn terminate(&mut self) -> Option<i32> {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         self.wait_exit()
@@ -107,7 +107,7 @@ impl Logged {
         let _ = self.child.wait();
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.seen.join("\n")
     }
 }

@@ -604,3 +604,147 @@ async fn an_idle_tls_client_costs_under_32_kib() {
 
 /// Bytes of server memory an idle TLS client joined to one group may cost.
 const PER_IDLE_TLS: u64 = 32 * 1024;
+
+/// A dialling node checks that its peer's certificate carries the host
+/// written in `peers`, not only that `tls_ca` signed it, and says why the
+/// link is not up. node1 lists node2 at 127.0.0.122 and node3 at
+/// 127.0.0.123; both certificates come from the cluster's CA, but node2's
+/// names `node2` and 127.0.0.129, not 127.0.0.122. node2 and node3 list
+/// node1 at a port where nothing listens, so every connection between
+/// node1 and them is node1's dial (an accepting node checks a peer
+/// certificate's CA, not its names). node1's dial of node3 links up; its
+/// dials of node2 never do, and node2's `link_error` in node1's stats
+/// says the certificate is not valid for 127.0.0.122, while node2 serves
+/// its own clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialling_node_refuses_a_peer_certificate_for_another_host() {
+    use crate::cluster::{config_text, peer_of};
+    let dir = TempDir::new("tls-peer-host");
+    let ips = ["127.0.0.121", "127.0.0.122", "127.0.0.123"];
+    let port = free_port(&ips);
+    let nowhere = (0..10)
+        .map(|_| free_port(&ips[..1]))
+        .find(|&p| p != port)
+        .expect("a second free port");
+    let node1_unreachable = format!("{}:{nowhere}", ips[0]);
+    let ca = Ca::new(&dir, "ca");
+    let certs = [
+        ca.leaf(&dir, "node1", &[ips[0]]),
+        ca.leaf(&dir, "node2", &["node2", "127.0.0.129"]),
+        ca.leaf(&dir, "node3", &[ips[2]]),
+    ];
+    let peers: [Vec<(&str, &str)>; 3] = [
+        vec![("node1", ips[0]), ("node2", ips[1]), ("node3", ips[2])],
+        vec![("node1", &node1_unreachable), ("node2", ips[1])],
+        vec![("node1", &node1_unreachable), ("node3", ips[2])],
+    ];
+    // node1's log is read (its refusals are operator events); the others
+    // run as usual.
+    let mut node1 = None;
+    let mut nodes = Vec::new();
+    for (i, list) in peers.iter().enumerate() {
+        let list: Vec<(String, String)> = list
+            .iter()
+            .map(|(n, a)| (n.to_string(), a.to_string()))
+            .collect();
+        let (cert, key) = &certs[i];
+        // A short lame duck: node1 is stopped with its client still on.
+        let extra = format!(
+            "{QUICK}\n lame_duck_duration = 0.1\n {}\n tls_ca = \"{}\"",
+            tls_lines(cert, key),
+            ca.pem.display()
+        );
+        let node = format!("node{}", i + 1);
+        let conf = dir.write(&format!("{node}.conf"), &config_text(port, &list, &extra));
+        let addr = SocketAddr::new(ips[i].parse().expect("ip"), port);
+        if i == 0 {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_msgc-server"));
+            cmd.arg("--config").arg(&conf).args(["--node", &node]);
+            node1 = Some((crate::ops::Logged::spawn_cmd(cmd), addr));
+        } else {
+            nodes.push(NodeProc::spawn(conf, &node, addr));
+        }
+    }
+    let (mut log1, addr1) = node1.expect("node1");
+    tokio::task::block_in_place(|| {
+        log1.wait_line("node1's banner", |l| l.starts_with("msgc-server: node "));
+        nodes.iter().for_each(NodeProc::wait_ready)
+    });
+    let c1 = Client::connect(tls_client_config(addr1, &ca))
+        .await
+        .expect("a TLS client of node1");
+    let c2 = Client::connect(ClientConfig {
+        tls_server_name: Some("node2".into()),
+        ..tls_client_config(nodes[0].addr, &ca)
+    })
+    .await
+    .expect("a TLS client of node2, checking the name its certificate carries");
+    let (c1, c2) = (&c1, &c2);
+
+    // The control: node1 dials node3, whose certificate carries its host.
+    wait_for_async("node1's dial of node3 to link up", WAIT, || async move {
+        let st = c1.stats().await.expect("node1's stats");
+        peer_of(&st, "node3").is_some_and(|p| p["state"] == "up" && p["direction"] == "out")
+    })
+    .await;
+
+    // node1 dials node2 every reconnect_interval; each dial ends in its
+    // TLS handshake, and says why.
+    wait_for_async("node1 to say why node2 is not up", WAIT, || async move {
+        let st = c1.stats().await.expect("node1's stats");
+        let link = peer_of(&st, "node2").cloned().unwrap_or_default();
+        assert_ne!(
+            link["state"], "up",
+            "node1 linked to node2, whose certificate is for another host: {link}"
+        );
+        link["link_error"].is_string()
+    })
+    .await;
+    let st1 = c1.stats().await.expect("node1's stats");
+    let link = peer_of(&st1, "node2").expect("node1 lists node2");
+    assert_ne!(link["state"], "up", "{link}");
+    let why = link["link_error"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("TLS: ") && why.contains("not valid for name") && why.contains(ips[1]),
+        "{why}"
+    );
+    let control = peer_of(&st1, "node3").expect("node1 lists node3");
+    assert_eq!(control["state"], "up", "{control}");
+    assert!(control["link_error"].is_null(), "{control}");
+    let st2 = c2.stats().await.expect("node2's stats");
+    let back = peer_of(&st2, "node1").expect("node2 lists node1");
+    assert_ne!(back["state"], "up", "{back}");
+
+    // Said at every debug_level, once for as long as the reason stays the
+    // same: two more dials later (node2 accepts nothing else), one line.
+    let dials = |st: &serde_json::Value| crate::cluster::num(&st["totals"]["connections_total"]);
+    let before = dials(&st2);
+    wait_for_async("two more of node1's dials of node2", WAIT, || async move {
+        dials(&c2.stats().await.expect("node2's stats")) >= before + 2
+    })
+    .await;
+    assert_eq!(
+        tokio::task::block_in_place(|| log1.terminate()),
+        Some(0),
+        "node1 exits 0"
+    );
+    let said: Vec<String> = log1
+        .log()
+        .lines()
+        .filter(|l| l.contains("peer link not up: its TLS handshake failed"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(said.len(), 1, "{}", log1.log());
+    assert!(
+        said[0].contains("node2") && said[0].contains("not valid for name"),
+        "{said:?}"
+    );
+
+    // node2 was up and serving all along.
+    c2.join("tls.host").await.expect("join on node2");
+    let events = c2.events();
+    c2.publish("tls.host", "served")
+        .await
+        .expect("publish on node2");
+    assert_eq!(next_message(&events).await, b"served");
+}

@@ -466,7 +466,7 @@ impl NodeProc {
 
 /// The config of a one-node server on `addr` with two shards (unless
 /// `extra`, inside `msgc_server { }`, says otherwise: a later value wins).
-fn solo_text(addr: SocketAddr, extra: &str) -> String {
+pub(crate) fn solo_text(addr: SocketAddr, extra: &str) -> String {
     format!(
         "msgc_server {{\n  shards = 2\n  {extra}\n}}\n\
          msgcserver_listener {{\n  listen \"{addr}\" {{ }}\n}}\n"
