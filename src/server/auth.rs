@@ -528,8 +528,10 @@ mod tests {
         );
     }
 
+    /// README: "remembers at most 10,000 addresses".
     #[test]
     fn limiter_stays_bounded() {
+        assert_eq!(LIMITER_ADDRS, 10_000, "the bound README states");
         let mut l = Limiter::default();
         let t0 = Instant::now();
         for i in 0..(LIMITER_ADDRS as u32 + 10) {

@@ -24,9 +24,11 @@ pub(crate) struct Logged {
 }
 
 impl Logged {
+    /// Started with `args`, and without the caller's `RUST_LOG` (which
+    /// would override `debug_level`).
     fn spawn(args: &[&str]) -> Self {
         let mut cmd = Command::new(BIN);
-        cmd.args(args);
+        cmd.args(args).env_remove("RUST_LOG");
         Self::spawn_cmd(cmd)
     }
 
@@ -643,4 +645,32 @@ fn link_up_and_node_down_are_logged_at_the_default_level() {
     let down = one.wait_line("peer link down", |l| l.contains("peer link down"));
     assert!(down.contains("two"), "{down}");
     assert_eq!(one.terminate(), Some(0), "{}", one.log());
+}
+
+/// `RUST_LOG` overrides `debug_level`: with the default level (ERROR) bad
+/// input is not logged, with `RUST_LOG=info` it is.
+#[test]
+fn rust_log_overrides_debug_level() {
+    let dir = TempDir::new("ops-rust-log");
+    let port = free_port(&["127.0.0.1"]);
+    let conf = dir.write(
+        "l.conf",
+        &format!("msgcserver_listener {{ listen \"127.0.0.1:{port}\" {{ }} }}\n"),
+    );
+    let bad_input = |rust_log: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(&conf).env_remove("RUST_LOG");
+        if let Some(v) = rust_log {
+            cmd.env("RUST_LOG", v);
+        }
+        let mut server = Logged::spawn_cmd(cmd);
+        banner(&mut server);
+        let mut raw = Raw::connect(addr("127.0.0.1", port));
+        raw.send_bytes(&[0xff; 16]);
+        assert!(raw.closed());
+        assert_eq!(server.terminate(), Some(0), "{}", server.log());
+        server.seen.iter().any(|l| l.contains("bad input: "))
+    };
+    assert!(!bad_input(None), "not logged at the default level");
+    assert!(bad_input(Some("info")), "logged with RUST_LOG=info");
 }
