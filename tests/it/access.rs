@@ -501,3 +501,61 @@ fn logins_and_denials_work_on_the_epoll_backend_too() {
     assert_eq!(stats["totals"]["auth_failures"], 1);
     assert_eq!(stats["totals"]["permission_denials"], 1);
 }
+
+/// Password checks run off the shards (on helper threads): with one shard,
+/// 16 logins whose checks are slow are all in flight at once (a 17th from
+/// the same address is refused at once, as the per-address cap says),
+/// and meanwhile a client already logged in on that shard is served: its
+/// PING is answered while checks are still owed.
+#[test]
+fn slow_password_checks_do_not_hold_the_shard() {
+    const PENDING: usize = msgc::server::auth::VERIFY_PER_ADDR as usize;
+    // Slow enough to be still running when the PING is answered (8 MiB,
+    // two passes: milliseconds each in a release build, far more in the
+    // debug builds under test), cheap enough for a test.
+    let slow = Cost {
+        memory_kib: 8 * 1024,
+        passes: 2,
+        lanes: 1,
+    };
+    let users = format!(
+        "shards = 1\n  users = [\n  admin = [ password = \"{}\" ]\n  slow = [ password = \"{}\" ]\n]",
+        hash("root-pw"),
+        hash_password(b"slow-pw", slow).expect("hash")
+    );
+    let dir = TempDir::new("auth-offshard");
+    let (node, mon) = server(&dir, "127.0.0.68", &users);
+    let addr = node.addr;
+    let mut ok = raw_login(addr, "admin", "root-pw");
+    let mut pending: Vec<Raw> = (0..PENDING)
+        .map(|_| {
+            let mut r = Raw::connect(addr);
+            r.send(&hello(creds("slow", "slow-pw")));
+            r
+        })
+        .collect();
+    // Every one of them has been read and its check is in flight.
+    refused(addr, creds("slow", "slow-pw"), "too many");
+    assert_eq!(totals(mon, "auth_rate_limited"), 1);
+    ok.send(&Frame::Ping { token: 1 });
+    assert!(matches!(next(&mut ok), Some(Frame::Pong { token: 1 })));
+    let unanswered = pending
+        .iter()
+        .filter(|r| {
+            r.s.set_nonblocking(true).expect("nonblocking");
+            let mut b = [0u8; 1];
+            let quiet =
+                matches!(r.s.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            r.s.set_nonblocking(false).expect("blocking");
+            quiet
+        })
+        .count();
+    assert!(
+        unanswered > 0,
+        "every slow check was answered before the PING: they held the shard"
+    );
+    // And each is answered in the end: logged in.
+    for r in pending.iter_mut() {
+        assert!(matches!(r.recv(), Some(Frame::Welcome(_))));
+    }
+}
