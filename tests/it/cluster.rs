@@ -1295,6 +1295,39 @@ async fn sighup_adds_and_removes_a_node_without_dropping_healthy_links() {
     }
 }
 
+/// A peer that moved is dialled at its new address after a reload: node2
+/// restarts on 127.0.0.4 (a HELLO from there is not node2's until node1
+/// knows it); node1, told by SIGHUP, links to it there, and a message
+/// crosses the new link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_redials_a_peer_at_its_new_address() {
+    let mut c = Cluster::start("moved", 2, QUICK).await;
+    let code = tokio::task::block_in_place(|| c.nodes[1].terminate());
+    assert_eq!(code, Some(0), "node2 leaves");
+    let mut peers = plain_peers(2);
+    peers[1].1 = IPS[3].to_string();
+    let conf = c
+        .dir
+        .write("cluster.conf", &config_text(c.port, &peers, QUICK));
+    let moved = SocketAddr::new(ip(3), c.port);
+    let _node2 = NodeProc::spawn(conf, "node2", moved);
+    tokio::task::block_in_place(|| _node2.wait_ready());
+    c.nodes[0].signal(libc::SIGHUP);
+    let node1 = c.addr(0);
+    until("node1 to link to node2 at its new address", || {
+        let st = stats(node1);
+        peer_of(&st, "node2")
+            .is_some_and(|p| p["state"] == "up" && p["address"] == moved.to_string().as_str())
+    })
+    .await;
+    let g = "moved";
+    let a = Member::joined(node1, g).await;
+    let b = Member::joined(moved, g).await;
+    wait_views(&[&a, &b], g).await;
+    a.publish(g, payload("a", 0, 16)).await;
+    b.wait_messages(g, 1).await;
+}
+
 /// A peer removed by SIGHUP while our dial of it is still connecting must
 /// not become a link when the connection completes. node4 is played by the
 /// test: a listener whose accept queue is full, so node1's SYN is dropped
