@@ -281,7 +281,7 @@ fn connz_shows_a_connection_with_groups_and_queue() {
     let (mut sub, sub_id) = raw_client(node.addr);
     join(&mut sub, &a);
     join(&mut sub, &b);
-    let (mut publisher, _) = raw_client(node.addr);
+    let (mut publisher, publisher_id) = raw_client(node.addr);
     let payload = Bytes::from(vec![b'x'; 64 * 1024]);
     for _ in 0..100 {
         publisher.send(&Frame::Publish {
@@ -318,6 +318,24 @@ fn connz_shows_a_connection_with_groups_and_queue() {
     assert_eq!(second["connections"].as_array().map(Vec::len), Some(1));
     assert_eq!(second["connections"][0]["id"], all["connections"][1]["id"]);
     assert_eq!(get(mon, "/connz?sort=nonsense").status, 400);
+    assert_eq!(all["limit"], 100, "the default page: {all}");
+    assert_eq!(get(mon, "/connz?limit=10000").status, 200);
+    assert_eq!(get(mon, "/connz?limit=10001").status, 400);
+    // Every documented order: the reader connected first, has the most
+    // queued, groups and bytes out; the publisher sent the most bytes.
+    let reader = entry["id"].clone();
+    for (sort, first) in [
+        ("id", all["connections"][0]["id"].clone()),
+        ("queue_bytes", reader.clone()),
+        ("queue_frames", reader.clone()),
+        ("groups", reader.clone()),
+        ("bytes_out", reader.clone()),
+        ("since", reader.clone()),
+        ("bytes_in", serde_json::json!(publisher_id.as_str())),
+    ] {
+        let doc = get(mon, &format!("/connz?sort={sort}&limit=1")).json();
+        assert_eq!(doc["connections"][0]["id"], first, "sort={sort}: {doc}");
+    }
 
     let metrics = scrape(mon);
     assert!(sum(&metrics, "msgc_outbound_queue_bytes", &[]) > 0.0);
