@@ -160,4 +160,44 @@ impl Counts {
             + self.dropped_left
             + self.dropped_shutdown
     }
+
+    /// The drops in a few words: `0`, or the total and its reasons (those
+    /// not zero, with their STATS names), e.g. `12 (closed 10, shutdown 2)`.
+    pub fn drops_summary(&self) -> String {
+        let reasons = [
+            ("stuck", self.dropped_stuck),
+            ("idle", self.dropped_idle),
+            ("protocol_error", self.dropped_protocol),
+            ("closed", self.dropped_closed),
+            ("unknown_member", self.dropped_unknown_member),
+            ("peer", self.dropped_peer),
+            ("peer_too_large", self.dropped_peer_too_large),
+            ("left", self.dropped_left),
+            ("shutdown", self.dropped_shutdown),
+        ];
+        let some: Vec<String> = reasons
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        if some.is_empty() {
+            "0".into()
+        } else {
+            format!("{} ({})", self.dropped(), some.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn drops_summary_names_the_reasons_counted() {
+        let mut c = Counts::default();
+        assert_eq!(c.drops_summary(), "0");
+        c.dropped_closed = 10;
+        c.dropped_shutdown = 2;
+        assert_eq!(c.drops_summary(), "12 (closed 10, shutdown 2)");
+    }
 }

@@ -283,8 +283,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let again = signals.watch();
     let report = server.leave(|| again.load(std::sync::atomic::Ordering::Relaxed));
     let done = format!(
-        "msgc-server: left the cluster: {} clients told to move, {} closed, {} peer links told; stopped",
-        report.told, report.closed, report.links
+        "msgc-server: left the cluster: {} clients told to move, {} closed, {} peer links told; stopped; messages dropped over its life: {}",
+        report.told,
+        report.closed,
+        report.links,
+        report.drops.drops_summary()
     );
     if json {
         tracing::info!(target: msgc::logging::OPS, "{done}");

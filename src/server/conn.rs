@@ -400,6 +400,15 @@ async fn serve<S: Stream>(
 }
 
 async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
+    /// Counts a running writer in `Shard::writers` (done or dropped).
+    struct Running<'a>(&'a Cell<usize>);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() - 1);
+        }
+    }
+    shard.writers.set(shard.writers.get() + 1);
+    let _running = Running(&shard.writers);
     let st = shard.stats();
     let unsent = write_loop(&conn.out, &*stream, |w: Written| {
         ShardStats::bump(&st.msgs_out, w.frames);

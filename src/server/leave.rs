@@ -38,6 +38,9 @@ pub struct Report {
     pub links: usize,
     /// How long the clients took to move (or the bound).
     pub drained_in: Duration,
+    /// Every drop counted over the server's life, read once its shards
+    /// have stopped (so those at the stop are in: `closed`, `shutdown`).
+    pub drops: crate::stats::Counts,
 }
 
 /// Runs the leave to its end (the shards are then stopped by the caller).

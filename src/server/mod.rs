@@ -337,8 +337,10 @@ impl Server {
     /// clients published, and peers announce its members as node-left.
     /// `interrupt` cuts the wait for clients short when it returns true.
     pub fn leave(self, interrupt: impl FnMut() -> bool) -> leave::Report {
-        let report = leave::run(&self.shared, interrupt);
+        let mut report = leave::run(&self.shared, interrupt);
+        let shared = self.shared.clone();
         self.shutdown();
+        report.drops = shared.totals();
         report
     }
 
@@ -696,7 +698,12 @@ async fn shard_main(
     for c in left {
         shard.kill(&c, shard::Kill::Closed);
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Their sockets are shut: each writer's write in flight ends now, and
+    // the writer counts what of it did not go out (bounded all the same).
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while shard.writers.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[cfg(test)]

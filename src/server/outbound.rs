@@ -16,6 +16,7 @@
 
 use super::flow::{Admit, Backlog, Budget, Gate};
 use super::io::Stream;
+use crate::protocol::LEN_PREFIX;
 use bytes::{Buf, Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -469,11 +470,14 @@ pub async fn write_loop<S: Stream>(
     dropped
 }
 
-/// Writes every byte of `bufs` (buffer `i` holding `frames[i]` frames),
-/// looping over partial writes, and tells `progress` after each write how
-/// many frames it completed and how many bytes it took. Returns the byte
-/// count and the emptied vector (for reuse; `frames` is emptied too); on
-/// a failed write, how many frames did not go out whole.
+/// Writes every byte of `bufs` (buffer `i` holding `frames[i]` whole
+/// frames), looping over partial writes, and tells `progress` after each
+/// write how many frames it completed and how many bytes it took. Returns
+/// the byte count and the emptied vector (for reuse; `frames` is emptied
+/// too); on a failed write, how many frames did not go out whole. A
+/// buffer of copied frames that a write took part of has the frames it
+/// took whole counted done then (its frames' length prefixes say where
+/// they end), so a failure later counts only the rest.
 async fn write_all<S: Stream>(
     stream: &S,
     mut bufs: Vec<Bytes>,
@@ -481,6 +485,9 @@ async fn write_all<S: Stream>(
     progress: impl Fn(usize, usize),
 ) -> Result<(u64, Vec<Bytes>), usize> {
     let mut total = 0u64;
+    // Bytes of `bufs[0]`'s first frame still to go (a write ended inside
+    // it); 0 when it starts at a frame's start.
+    let mut head = 0;
     while !bufs.is_empty() {
         let (res, mut b) = stream.writev(bufs).await;
         let n = match res {
@@ -494,12 +501,18 @@ async fn write_all<S: Stream>(
         };
         total += n as u64;
         let (mut left, mut done, mut done_frames) = (n, 0, 0);
-        for (buf, f) in b.iter_mut().zip(frames.iter()) {
+        for (buf, f) in b.iter_mut().zip(frames.iter_mut()) {
             if left >= buf.len() {
                 left -= buf.len();
                 done += 1;
                 done_frames += *f as usize;
+                head = 0;
             } else {
+                let (whole, rest) = frames_taken(buf, head, left);
+                let whole = whole.min(*f as usize);
+                *f -= whole as u32;
+                done_frames += whole;
+                head = rest;
                 buf.advance(left);
                 break;
             }
@@ -510,6 +523,30 @@ async fn write_all<S: Stream>(
         bufs = b;
     }
     Ok((total, bufs))
+}
+
+/// Of `buf` (whole frames behind their length prefixes, except that its
+/// first `head` bytes end a frame begun before it), how many frames its
+/// first `n` bytes complete, and how many bytes of the frame they end in
+/// are still to go (0 when they end at a frame's end).
+fn frames_taken(buf: &[u8], head: usize, n: usize) -> (usize, usize) {
+    if n < head {
+        return (0, head - n);
+    }
+    let (mut done, mut pos) = (usize::from(head > 0), head);
+    while pos < n {
+        let Some(prefix) = buf.get(pos..pos + LEN_PREFIX) else {
+            break;
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        let end = (pos + LEN_PREFIX + len).min(buf.len());
+        if end > n {
+            return (done, end - n);
+        }
+        done += 1;
+        pos = end;
+    }
+    (done, 0)
 }
 
 #[cfg(test)]
@@ -750,5 +787,81 @@ mod tests {
         assert!(idle.open.borrow().capacity() > 0, "room kept while busy");
         idle.trim_idle();
         assert_eq!(idle.open.borrow().capacity(), 0, "given back when idle");
+    }
+
+    /// A socket that takes `first` bytes in its first write and fails the
+    /// next, as a peer that hangs up mid-write.
+    struct HangsUp {
+        first: usize,
+        writes: Cell<usize>,
+        fd: std::os::unix::net::UnixStream,
+    }
+
+    impl Stream for HangsUp {
+        async fn read(&self, buf: bytes::BytesMut) -> (io::Result<usize>, bytes::BytesMut) {
+            (Ok(0), buf)
+        }
+        async fn writev(&self, bufs: Vec<Bytes>) -> (io::Result<usize>, Vec<Bytes>) {
+            let n = self.writes.replace(self.writes.get() + 1);
+            if n == 0 {
+                let all: usize = bufs.iter().map(Bytes::len).sum();
+                (Ok(self.first.min(all)), bufs)
+            } else {
+                (Err(io::ErrorKind::BrokenPipe.into()), bufs)
+            }
+        }
+        fn raw_fd(&self) -> RawFd {
+            self.fd.as_raw_fd()
+        }
+    }
+
+    /// A frame of `len` bytes after its length prefix.
+    fn framed(len: usize) -> Vec<u8> {
+        let mut f = (len as u32).to_be_bytes().to_vec();
+        f.resize(LEN_PREFIX + len, 9);
+        f
+    }
+
+    /// When the connection fails after a write that took part of a chunk
+    /// of copied frames, the frames it took whole went out: they are
+    /// reported written, and only the rest are counted dropped.
+    #[test]
+    fn frames_a_failed_connection_took_whole_are_not_counted_dropped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        // Ten copied frames of 104 bytes (one chunk), then a shared one.
+        // The first write ends 10 bytes into the fourth frame.
+        for (first, sent) in [(3 * 104 + 10, 3), (0, 0), (3, 0), (104, 1), (10 * 104, 10)] {
+            let out = open_queue();
+            let now = Instant::now();
+            for _ in 0..10 {
+                out.push_copy(&framed(100), now, None);
+            }
+            out.push(Bytes::from(framed(100)), now, None);
+            let (fd, _other) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+            let sock = HangsUp {
+                first,
+                writes: Cell::new(0),
+                fd,
+            };
+            let written = Cell::new(0u64);
+            let dropped = rt.block_on(write_loop(&out, &sock, |w| {
+                written.set(written.get() + w.frames)
+            }));
+            assert_eq!(dropped, 11 - sent, "{first} bytes taken: dropped");
+            assert_eq!(
+                out.pending().0,
+                0,
+                "{first} bytes taken: nothing left pending"
+            );
+        }
+        assert_eq!(frames_taken(&framed(5), 0, 9), (1, 0));
+        // Across writes: a frame begun in one ends in the next.
+        let buf: Vec<u8> = [framed(6), framed(2), framed(1)].concat();
+        assert_eq!(frames_taken(&buf, 0, 4), (0, 6));
+        assert_eq!(frames_taken(&buf[4..], 6, 6), (1, 0));
+        assert_eq!(frames_taken(&buf[10..], 0, 7), (1, 4));
+        assert_eq!(frames_taken(&buf[17..], 4, 4), (1, 0));
     }
 }

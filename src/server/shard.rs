@@ -74,6 +74,9 @@ pub struct Shard {
     next_seq: Cell<u64>,
     /// Set when this shard's shutdown has begun.
     pub stopping: Cell<bool>,
+    /// Connection writers still running: at shutdown the shard waits for
+    /// them, so that each counts what it was writing when it was killed.
+    pub writers: Cell<usize>,
     /// The cluster's per-shard state (peer links living on this shard).
     pub links: crate::server::peers::ShardLinks,
     /// A coarse clock for the hot path: set once per read and per inbox
@@ -171,6 +174,7 @@ impl Shard {
             acks: Default::default(),
             next_seq: Cell::new(1),
             stopping: Cell::new(false),
+            writers: Cell::new(0),
             links: Default::default(),
             clock: Cell::new(Instant::now()),
             producer: RefCell::new(None),
