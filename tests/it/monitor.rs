@@ -444,6 +444,13 @@ fn bad_requests_are_answered_not_fatal() {
         ),
         Some(405)
     );
+    // HEAD: the status and headers of GET, no body.
+    let head = http_raw(
+        mon,
+        b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .expect("an answer to HEAD");
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
     // A client that connects and says nothing holds nothing up.
     let idle = std::net::TcpStream::connect(mon).expect("connect");
     let stats = get(mon, "/stats").json();
