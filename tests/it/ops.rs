@@ -674,3 +674,62 @@ fn rust_log_overrides_debug_level() {
     assert!(!bad_input(None), "not logged at the default level");
     assert!(bad_input(Some("info")), "logged with RUST_LOG=info");
 }
+
+/// A refused login and a refused peer link are logged (at WARNING, each
+/// kind rate-limited), saying why.
+#[test]
+fn refused_logins_and_peer_links_are_logged() {
+    use msgc::protocol::{Credentials, Frame, Hello, NodeName, Role, PROTOCOL_VERSION};
+    let cheap = msgc::server::auth::Cost {
+        memory_kib: 64,
+        passes: 1,
+        lanes: 1,
+    };
+    let hash = msgc::server::auth::hash_password(b"right", cheap).expect("hash");
+    let dir = TempDir::new("ops-refused");
+    let port = free_port(&["127.0.0.1"]);
+    let conf = dir.write(
+        "r.conf",
+        &format!(
+            "msgc_server {{\n debug_level = WARNING\n users = [ alice = [ password = \"{hash}\" ] ]\n}}\n\
+             msgcserver_listener {{ listen \"127.0.0.1:{port}\" {{ }} }}\n"
+        ),
+    );
+    let conf = conf.display().to_string();
+    let mut server = Logged::spawn(&["--config", &conf]);
+    banner(&mut server);
+    let hello = |role, name: Option<&str>, credentials| {
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            role,
+            name: name.map(|n| NodeName::from_str_checked(n).expect("name")),
+            credentials,
+            features: 0,
+            max_message_size: 0,
+        })
+    };
+    let wrong = Credentials {
+        user: "alice".into(),
+        password: b"wrong".to_vec(),
+    }
+    .encode()
+    .expect("credentials");
+    let mut login = Raw::connect(addr("127.0.0.1", port));
+    login.send(&hello(Role::Client, None, wrong));
+    assert!(login.closed());
+    let line = server.wait_line("the refused login", |l| {
+        l.contains("client login refused: ")
+    });
+    assert!(
+        line.contains("WARN") && line.contains("wrong password"),
+        "{line}"
+    );
+    let mut peer = Raw::connect(addr("127.0.0.1", port));
+    peer.send(&hello(Role::Peer, Some("ghost"), bytes::Bytes::new()));
+    assert!(peer.closed());
+    let line = server.wait_line("the refused peer link", |l| {
+        l.contains("refused a peer link: ")
+    });
+    assert!(line.contains("ghost"), "{line}");
+    assert_eq!(server.terminate(), Some(0), "{}", server.log());
+}
