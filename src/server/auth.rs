@@ -88,8 +88,8 @@ struct Job {
     known: bool,
     reply: tokio::sync::oneshot::Sender<bool>,
     /// The address's place among the checks in flight, given back when
-    /// the job is done (dropped).
-    _slot: Slot,
+    /// the check is done, before its answer is sent.
+    slot: Slot,
 }
 
 /// The source a login is limited as: an IPv4 address, or an IPv6 address's
@@ -240,7 +240,7 @@ impl Auth {
             password: creds.password,
             known,
             reply,
-            _slot: slot,
+            slot,
         };
         if self.pool().try_send(job).is_err() {
             return Login::Refused {
@@ -272,6 +272,9 @@ impl Auth {
                     .spawn(move || {
                         while let Ok(job) = rx.recv() {
                             let ok = verify(&job.hash, &job.password) && job.known;
+                            // A login answered no longer holds a place: the
+                            // next one from the address may have it at once.
+                            drop(job.slot);
                             let _ = job.reply.send(ok);
                         }
                     });

@@ -534,7 +534,9 @@ fn slow_password_checks_do_not_hold_the_shard() {
             r
         })
         .collect();
-    // Every one of them has been read and its check is in flight.
+    // Every one of them has been read and its check is in flight: another
+    // login from the address is refused at once. (A finished check gives
+    // its place back before its answer goes out: the admin's is free.)
     refused(addr, creds("slow", "slow-pw"), "too many");
     assert_eq!(totals(mon, "auth_rate_limited"), 1);
     ok.send(&Frame::Ping { token: 1 });
