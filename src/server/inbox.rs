@@ -97,6 +97,11 @@ impl Inbox {
         self.tx.is_empty()
     }
 
+    /// The bound in force, in bytes (`shard_inbox_bytes`).
+    pub fn limit(&self) -> usize {
+        self.limit.load(SeqCst)
+    }
+
     /// Sets the bound (a reload); producers waiting go on if it now allows.
     pub fn set_limit(&self, limit: usize) {
         self.limit.store(limit, SeqCst);

@@ -75,6 +75,31 @@ pub struct Live {
 }
 
 impl Live {
+    /// The settings in force, keyed by their `msgc_server` option names
+    /// (durations in seconds): the `settings` of the stats document.
+    pub fn to_json(&self) -> serde_json::Value {
+        let secs = |d: Duration| d.as_secs_f64();
+        serde_json::json!({
+            "idle_timeout": secs(self.idle_timeout),
+            "handshake_timeout": secs(self.handshake_timeout),
+            "keepalive_interval": secs(self.keepalive_interval),
+            "max_backlog": self.client_budget.frames,
+            "max_backlog_bytes": self.client_budget.bytes,
+            "stuck_timeout": secs(self.client_budget.stuck_after),
+            "peer_max_backlog": self.peer_budget.frames,
+            "peer_max_backlog_bytes": self.peer_budget.bytes,
+            "peer_stuck_timeout": secs(self.peer_budget.stuck_after),
+            "shard_inbox_bytes": self.shard_inbox_bytes,
+            "messages_per_iter": self.messages_per_iter,
+            "tcpbuf_size": self.tcpbuf_size,
+            "max_message_size": self.max_message_size,
+            "connect_timeout": secs(self.connect_timeout),
+            "reconnect_interval": secs(self.reconnect_interval),
+            "bind_address": self.bind_address.map(|a| a.to_string()),
+            "lame_duck_duration": secs(self.lame_duck_duration),
+        })
+    }
+
     /// The live part of `msgc_server`'s settings.
     pub fn from_settings(s: &ServerSettings) -> Self {
         Self {

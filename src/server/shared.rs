@@ -491,7 +491,9 @@ impl Shared {
             "inboxes": self.inboxes.iter().map(|i| serde_json::json!({
                 "bytes": i.bytes(),
                 "msgs": i.len(),
+                "limit_bytes": i.limit(),
             })).collect::<Vec<_>>(),
+            "settings": self.live().to_json(),
             "peers": self.cluster.stats_json(),
         })
     }

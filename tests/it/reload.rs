@@ -1,7 +1,7 @@
 //! Reloads (SIGHUP): a file that does not parse changes nothing, settings
 //! that need a restart are refused, and live settings apply.
 //!
-//! Servers here listen on 127.0.0.111 to 127.0.0.119. Those whose log a
+//! Servers here listen on 127.0.0.111 to 127.0.0.118 and 127.0.0.131. Those whose log a
 //! test reads are `msgc-server` processes with their standard error piped
 //! (and `RUST_LOG` removed, so that `debug_level` decides what is logged).
 
@@ -462,4 +462,57 @@ fn debug_level_applies_live() {
         "{}",
         server.log()
     );
+}
+
+/// The settings a server runs with are README's defaults (its option
+/// table, read here), and a reload that changes the live ones shows in
+/// the stats document's `settings` at once, the inboxes' bound included.
+#[test]
+fn the_settings_in_force_are_readmes_defaults_and_a_reload_changes_them() {
+    let readme = include_str!("../../README.md");
+    let defaults: std::collections::HashMap<&str, &str> = readme
+        .lines()
+        .filter_map(|l| {
+            let mut cells = l.strip_prefix("| `")?.split(" | ");
+            let name = cells.next()?.strip_suffix('`')?;
+            Some((name, cells.next()?))
+        })
+        .collect();
+    let dir = TempDir::new("reload-settings");
+    let node = NodeProc::solo(&dir, "127.0.0.131", "");
+    let st = crate::util::raw_stats(node.addr);
+    let settings = st["settings"].as_object().expect("settings").clone();
+    assert!(settings.len() >= 17, "{st}");
+    for (name, value) in &settings {
+        let doc = defaults
+            .get(name.as_str())
+            .unwrap_or_else(|| panic!("{name} is not in README's option table"));
+        let want: serde_json::Value = match *doc {
+            "none" => serde_json::Value::Null,
+            d => serde_json::from_str(d).unwrap_or_else(|_| panic!("{name}: default {d:?}")),
+        };
+        let same = match (value.as_f64(), want.as_f64()) {
+            (Some(a), Some(b)) => a == b,
+            _ => *value == want,
+        };
+        assert!(same, "{name}: running {value}, README says {doc}");
+    }
+
+    node.reconfigure_solo(
+        "messages_per_iter = 7\n shard_inbox_bytes = 1048576\n stuck_timeout = 1.5\n \
+         max_backlog = 1234\n idle_timeout = 44",
+    );
+    let mut now = serde_json::Value::Null;
+    wait_for("the reload to show in the settings", WAIT, || {
+        now = crate::util::raw_stats(node.addr);
+        now["settings"]["messages_per_iter"] == 7
+    });
+    let set = &now["settings"];
+    assert_eq!(set["shard_inbox_bytes"], 1_048_576, "{set}");
+    assert_eq!(set["stuck_timeout"], 1.5, "{set}");
+    assert_eq!(set["max_backlog"], 1234, "{set}");
+    assert_eq!(set["idle_timeout"], 44.0, "{set}");
+    for inbox in now["inboxes"].as_array().expect("inboxes") {
+        assert_eq!(inbox["limit_bytes"], 1_048_576, "{inbox}");
+    }
 }
