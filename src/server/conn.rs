@@ -509,6 +509,11 @@ struct ReadBuf {
     buf: BytesMut,
     /// Spare room the next read gets.
     want: usize,
+    /// The buffer's size after the last read (what is consumed of a
+    /// buffer no longer shows in its capacity, though the allocation is
+    /// still all there; and a TLS stream may have grown it to hand over
+    /// a record's plaintext).
+    had: usize,
 }
 
 impl ReadBuf {
@@ -521,7 +526,7 @@ impl ReadBuf {
             _ => 0,
         };
         let want = self.want.max(READ_SMALL).max(missing);
-        if buf.is_empty() && want == READ_SMALL && buf.capacity() > 2 * READ_SMALL {
+        if buf.is_empty() && want == READ_SMALL && self.had > 2 * READ_SMALL {
             // The burst is over: give the big buffer back.
             buf = BytesMut::new();
         }
@@ -538,6 +543,7 @@ impl ReadBuf {
         // big reads. One that did not drained the socket: whatever comes
         // next starts small (and grows at once if it fills that).
         self.want = if n >= spare { READ_BURST } else { READ_SMALL };
+        self.had = buf.capacity();
         self.buf = buf;
         &mut self.buf
     }
@@ -859,7 +865,36 @@ fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
 
 #[cfg(test)]
 mod tests {
-    use super::{turn_over, READ_BURST};
+    use super::{turn_over, ReadBuf, READ_BURST, READ_SMALL};
+    use bytes::{Buf, BufMut};
+
+    /// A burst's big buffer is given back once a read no longer fills its
+    /// room, also when that read took most of it (what was consumed no
+    /// longer shows in the buffer's capacity).
+    #[test]
+    fn a_read_buffer_shrinks_back_after_a_burst() {
+        for last in [100, 30_000, READ_BURST - 1] {
+            let mut rb = ReadBuf::default();
+            let max = 1 << 20;
+            // A read that fills its 4 KiB: the next gets 64 KiB.
+            let mut buf = rb.prepare(max);
+            let room = buf.capacity() - buf.len();
+            buf.put_bytes(0, room);
+            rb.done(buf, room, room).clear();
+            let mut buf = rb.prepare(max);
+            let room = buf.capacity() - buf.len();
+            assert!(room >= READ_BURST, "{room}");
+            // The burst's last read: `last` bytes, all consumed.
+            buf.put_bytes(0, last);
+            rb.done(buf, last, room).advance(last);
+            let buf = rb.prepare(max);
+            assert!(
+                buf.capacity() <= 2 * READ_SMALL,
+                "after a last read of {last}: {} bytes kept",
+                buf.capacity()
+            );
+        }
+    }
 
     /// A connection yields at least every 64 KiB it routes, whoever
     /// waits, and below that only when others wait; the count starts

@@ -457,7 +457,15 @@ pub async fn write_loop<S: Stream>(
                     tokio::task::yield_now().await;
                 }
             }
-            Err(unsent) => {
+            Err(Failed {
+                unsent,
+                frames,
+                bytes,
+            }) => {
+                // What earlier writes of the batch took went out.
+                if bytes > 0 {
+                    on_write(Written { frames, bytes });
+                }
                 // The batch was taken off the queue: what of it did not go
                 // out whole is dropped too, not only what is still queued.
                 dropped = unsent + out.close_now();
@@ -470,11 +478,22 @@ pub async fn write_loop<S: Stream>(
     dropped
 }
 
+/// A write that failed partway through a batch.
+struct Failed {
+    /// Frames of the batch that did not go out whole.
+    unsent: usize,
+    /// Frames that earlier writes of the batch completed.
+    frames: u64,
+    /// Bytes that earlier writes of the batch took.
+    bytes: u64,
+}
+
 /// Writes every byte of `bufs` (buffer `i` holding `frames[i]` whole
 /// frames), looping over partial writes, and tells `progress` after each
 /// write how many frames it completed and how many bytes it took. Returns
 /// the byte count and the emptied vector (for reuse; `frames` is emptied
-/// too); on a failed write, how many frames did not go out whole. A
+/// too); on a failed write, what of the batch went out and what did not
+/// go out whole ([`Failed`]). A
 /// buffer of copied frames that a write took part of has the frames it
 /// took whole counted done then (its frames' length prefixes say where
 /// they end), so a failure later counts only the rest.
@@ -483,8 +502,8 @@ async fn write_all<S: Stream>(
     mut bufs: Vec<Bytes>,
     frames: &mut Vec<u32>,
     progress: impl Fn(usize, usize),
-) -> Result<(u64, Vec<Bytes>), usize> {
-    let mut total = 0u64;
+) -> Result<(u64, Vec<Bytes>), Failed> {
+    let (mut total, mut total_frames) = (0u64, 0u64);
     // Bytes of `bufs[0]`'s first frame still to go (a write ended inside
     // it); 0 when it starts at a frame's start.
     let mut head = 0;
@@ -496,7 +515,11 @@ async fn write_all<S: Stream>(
             _ => {
                 let unsent = frames.iter().map(|f| *f as usize).sum();
                 frames.clear();
-                return Err(unsent);
+                return Err(Failed {
+                    unsent,
+                    frames: total_frames,
+                    bytes: total,
+                });
             }
         };
         total += n as u64;
@@ -519,6 +542,7 @@ async fn write_all<S: Stream>(
         }
         b.drain(..done);
         frames.drain(..done);
+        total_frames += done_frames as u64;
         progress(done_frames, n);
         bufs = b;
     }
@@ -850,6 +874,7 @@ mod tests {
                 written.set(written.get() + w.frames)
             }));
             assert_eq!(dropped, 11 - sent, "{first} bytes taken: dropped");
+            assert_eq!(written.get(), sent as u64, "{first} bytes taken: written");
             assert_eq!(
                 out.pending().0,
                 0,

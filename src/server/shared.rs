@@ -486,6 +486,7 @@ impl Shared {
             },
             "memory": {
                 "rss_bytes": super::memory::rss_bytes(),
+                "heap_free_bytes": super::memory::free_heap_bytes(),
             },
             "per_shard": per_shard,
             "inboxes": self.inboxes.iter().map(|i| serde_json::json!({

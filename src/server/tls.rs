@@ -44,6 +44,9 @@ pub struct TlsStream<S> {
     /// that filled its room, [`READ_SMALL`] after one that did not (a
     /// large buffer is then given back).
     rwant: Cell<usize>,
+    /// Room the last ciphertext read had: the buffer's size then (what
+    /// rustls took no longer shows in its capacity).
+    rhad: Cell<usize>,
     /// Held while ciphertext is taken from rustls and written.
     wlock: tokio::sync::Mutex<()>,
     /// Ciphertext buffer, kept between writes: once a write is done its
@@ -75,6 +78,7 @@ impl<S: Stream> TlsStream<S> {
             tls: RefCell::new(tls),
             rbuf: RefCell::new(BytesMut::new()),
             rwant: Cell::new(READ_SMALL),
+            rhad: Cell::new(0),
             wlock: tokio::sync::Mutex::new(()),
             wbuf: RefCell::new(BytesMut::new()),
             wlist: RefCell::new(Vec::with_capacity(1)),
@@ -214,12 +218,13 @@ impl<S: Stream> Stream for TlsStream<S> {
             let mut rbuf = std::mem::take(&mut *self.rbuf.borrow_mut());
             if rbuf.is_empty() {
                 let want = self.rwant.get();
-                if want == READ_SMALL && rbuf.capacity() > 2 * READ_SMALL {
+                if want == READ_SMALL && self.rhad.get() > 2 * READ_SMALL {
                     // The burst is over: give the big buffer back.
                     rbuf = BytesMut::new();
                 }
                 rbuf.reserve(want);
                 let room = rbuf.capacity();
+                self.rhad.set(room);
                 let (res, back) = self.io.read(rbuf).await;
                 rbuf = back;
                 match res {
