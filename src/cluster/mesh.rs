@@ -102,8 +102,12 @@ pub struct PeerSlot {
     /// Distinguishes this peer from an earlier one at the same index.
     pub generation: u64,
     /// Why our last dial connected but did not link up (its TLS handshake
-    /// failed, e.g. a certificate refused); cleared when a link comes up.
+    /// failed, e.g. a certificate refused); cleared when a link comes up
+    /// or a dial fails to connect.
     pub link_error: Option<String>,
+    /// What kind of failure `link_error` is (without the figures that
+    /// change from dial to dial, such as a time): news when it changes.
+    link_error_kind: String,
 }
 
 /// Counters of one peer link (written by the shards that use it).
@@ -279,6 +283,7 @@ impl Mesh {
                 removed: false,
                 generation: self.generations.fetch_add(1, Relaxed),
                 link_error: None,
+                link_error_kind: String::new(),
             };
             if idx == slots.len() {
                 slots.push(Some(slot));
@@ -523,21 +528,33 @@ impl Mesh {
 
     /// Our dial of peer `i` from `shard` failed before it had a connection.
     pub fn dial_failed(&self, i: usize, shard: usize) {
+        if let Some(p) = self.lock().get_mut(i).and_then(Option::as_mut) {
+            p.link_error = None;
+            p.link_error_kind.clear();
+        }
         self.down(i, shard, 0, |_| {});
     }
 
     /// Our dial of peer `i`, connection `seq` on `shard`, ended before it
-    /// linked up, for `error` (its TLS handshake failed). Recorded as the
-    /// peer's `link_error`; true when that is news (not the error of the
-    /// dial before), for the caller to log once rather than every
-    /// `reconnect_interval`. False for a connection that is not this
-    /// peer's dial in progress.
-    pub fn dial_refused(&self, i: usize, shard: usize, seq: u64, error: String) -> bool {
+    /// linked up, for `error` of `kind` (its TLS handshake failed).
+    /// Recorded as the peer's `link_error`; true when that is news (a kind
+    /// other than the dial before's), for the caller to log once rather
+    /// than every `reconnect_interval`. False for a connection that is not
+    /// this peer's dial in progress.
+    pub fn dial_refused(
+        &self,
+        i: usize,
+        shard: usize,
+        seq: u64,
+        kind: String,
+        error: String,
+    ) -> bool {
         let mut slots = self.lock();
         match slots.get_mut(i).and_then(Option::as_mut) {
             Some(p) if p.state == (LinkState::Dialling { shard, seq }) => {
-                let news = p.link_error.as_ref() != Some(&error);
+                let news = p.link_error_kind != kind;
                 p.link_error = Some(error);
+                p.link_error_kind = kind;
                 news
             }
             _ => false,
@@ -552,6 +569,7 @@ impl Mesh {
         };
         p.since = SystemTime::now();
         p.link_error = None;
+        p.link_error_kind.clear();
         p.ups += 1;
         p.reconnects = p.ups - 1;
         link.store(link_word(shard, seq), Release);

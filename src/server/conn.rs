@@ -483,7 +483,7 @@ fn dial_refused(shard: &Shard, conn: &Conn, e: &std::io::Error) {
         return;
     }
     let mesh = &shard.shared.cluster;
-    if mesh.dial_refused(i, shard.index, conn.seq, format!("TLS: {e}")) {
+    if mesh.dial_refused(i, shard.index, conn.seq, error_kind(e), format!("TLS: {e}")) {
         let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
         tracing::warn!(
             target: crate::logging::OPS,
@@ -493,6 +493,20 @@ fn dial_refused(shard: &Shard, conn: &Conn, e: &std::io::Error) {
             "peer link not up: its TLS handshake failed (dialled again every reconnect_interval)"
         );
     }
+}
+
+/// What kind of error `e` is, without what changes from one occurrence
+/// to the next (a certificate's expiry is told with the time it was
+/// checked at): the variant of the TLS error inside, as rustls names it
+/// (`InvalidCertificate(Expired…`), or the error's text otherwise.
+fn error_kind(e: &std::io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let full = format!("{tls:?}");
+    // The variants' names, up to their first field of data.
+    let end = full.find([' ', '{', '"']).unwrap_or(full.len());
+    full[..end].to_owned()
 }
 
 /// Most bytes a streaming reader routes before the writers it filled are
@@ -865,7 +879,34 @@ fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
 
 #[cfg(test)]
 mod tests {
-    use super::{turn_over, ReadBuf, READ_BURST, READ_SMALL};
+    use super::{error_kind, turn_over, ReadBuf, READ_BURST, READ_SMALL};
+
+    /// Two expiries checked at different times are one kind of error; a
+    /// name mismatch is another.
+    #[test]
+    fn tls_errors_are_told_apart_by_kind_not_by_figures() {
+        use rustls::pki_types::UnixTime;
+        use rustls::{CertificateError, Error};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let expired = |secs| {
+            io(Error::InvalidCertificate(
+                CertificateError::ExpiredContext {
+                    time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)),
+                    not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(10)),
+                },
+            ))
+        };
+        assert_ne!(expired(100).to_string(), expired(105).to_string());
+        assert_eq!(error_kind(&expired(100)), error_kind(&expired(105)));
+        assert_eq!(
+            error_kind(&expired(100)),
+            "InvalidCertificate(ExpiredContext"
+        );
+        let name = io(Error::InvalidCertificate(CertificateError::NotValidForName));
+        assert_ne!(error_kind(&name), error_kind(&expired(100)));
+        let plain = std::io::Error::other("reset");
+        assert_eq!(error_kind(&plain), "reset");
+    }
     use bytes::{Buf, BufMut};
 
     /// A burst's big buffer is given back once a read no longer fills its

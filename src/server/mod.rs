@@ -719,14 +719,19 @@ async fn shard_main(
     while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
-    for c in left {
-        shard.kill(&c, shard::Kill::Closed);
-    }
-    // Their sockets are shut: each writer's write in flight ends now, and
-    // the writer counts what of it did not go out (bounded all the same).
+    // What is left is killed: its sockets shut, each writer's write in
+    // flight ends now and the writer counts what of it did not go out.
+    // Waited for (bounded), killing any connection that came meanwhile (a
+    // peer dial that was connecting).
     let deadline = Instant::now() + Duration::from_secs(1);
-    while shard.writers.get() > 0 && Instant::now() < deadline {
+    loop {
+        let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
+        for c in left {
+            shard.kill(&c, shard::Kill::Closed);
+        }
+        if shard.writers.get() == 0 || Instant::now() >= deadline {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
