@@ -161,10 +161,10 @@ impl Counts {
             + self.dropped_shutdown
     }
 
-    /// The drops in a few words: `0`, or the total and its reasons (those
-    /// not zero, with their STATS names), e.g. `12 (closed 10, shutdown 2)`.
-    pub fn drops_summary(&self) -> String {
-        let reasons = [
+    /// Each drop reason's name in STATS (`drops.*`, and the `reason` label
+    /// of `/metrics`) with its count.
+    pub fn drops_by_reason(&self) -> [(&'static str, u64); 9] {
+        [
             ("stuck", self.dropped_stuck),
             ("idle", self.dropped_idle),
             ("protocol_error", self.dropped_protocol),
@@ -174,8 +174,14 @@ impl Counts {
             ("peer_too_large", self.dropped_peer_too_large),
             ("left", self.dropped_left),
             ("shutdown", self.dropped_shutdown),
-        ];
-        let some: Vec<String> = reasons
+        ]
+    }
+
+    /// The drops in a few words: `0`, or the total and its reasons (those
+    /// not zero, with their STATS names), e.g. `12 (closed 10, shutdown 2)`.
+    pub fn drops_summary(&self) -> String {
+        let some: Vec<String> = self
+            .drops_by_reason()
             .iter()
             .filter(|(_, n)| *n > 0)
             .map(|(name, n)| format!("{name} {n}"))

@@ -312,7 +312,7 @@ fn set_peers(s: &mut ServerSettings, v: &Spanned<Value>) -> SetResult {
     }
     // A node with peers is one of them (see `node`): the others fill at
     // most the mesh's slots.
-    let most = crate::router::mask::MAX_PEERS + 1;
+    let most = super::settings::MAX_PEERS + 1;
     if peers.len() > most {
         let msg = format!(
             "{} nodes listed; at most {most} (this node and {} others)",

@@ -65,7 +65,7 @@ pub type Notes = BTreeMap<String, String>;
 pub use error::{Diagnostic, Error};
 pub use settings::{
     autotuned_receive_max, fixed_receive, ClientSettings, ListenerSettings, ServerSettings,
-    TlsSettings, DEFAULT_PORT, MAX_BACKLOG, MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE,
+    TlsSettings, DEFAULT_PORT, MAX_BACKLOG, MAX_MESSAGES_PER_ITER, MAX_MESSAGE_SIZE, MAX_PEERS,
     MAX_QUEUE_BYTES, MAX_SHARDS, MAX_TCPBUF, MIN_QUEUE_BYTES, MIN_TCPBUF,
 };
 pub use types::{

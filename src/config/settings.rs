@@ -43,6 +43,8 @@ pub const MAX_MESSAGES_PER_ITER: usize = 1_000_000;
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;
 /// Largest `shards`.
 pub const MAX_SHARDS: usize = 64;
+/// Most peer nodes besides this one (`peers` lists at most one more).
+pub const MAX_PEERS: usize = 256;
 /// Smallest byte budget of a queue or inbox (`max_backlog_bytes`,
 /// `peer_max_backlog_bytes`, `shard_inbox_bytes`): 64 KiB.
 pub const MIN_QUEUE_BYTES: usize = 64 * 1024;

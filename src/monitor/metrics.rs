@@ -255,17 +255,7 @@ fn shard_counts(f: &mut Families, i: usize, c: &Counts) {
         );
     }
     let dropped = "Messages dropped, by reason (see README: every drop is counted once).";
-    for (reason, v) in [
-        ("stuck", c.dropped_stuck),
-        ("idle", c.dropped_idle),
-        ("protocol_error", c.dropped_protocol),
-        ("closed", c.dropped_closed),
-        ("unknown_member", c.dropped_unknown_member),
-        ("peer", c.dropped_peer),
-        ("peer_too_large", c.dropped_peer_too_large),
-        ("left", c.dropped_left),
-        ("shutdown", c.dropped_shutdown),
-    ] {
+    for (reason, v) in c.drops_by_reason() {
         f.counter(
             "dropped_messages",
             None,

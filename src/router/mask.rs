@@ -3,8 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Most peer nodes a cluster can have (bits in a [`NodeMask`]).
-pub const MAX_PEERS: usize = 256;
+/// Most peer nodes a cluster can have (bits in a [`NodeMask`]): the
+/// bound `peers` is checked against at load.
+pub const MAX_PEERS: usize = crate::config::MAX_PEERS;
 
 /// One bit per peer index; lock-free.
 #[derive(Debug, Default)]

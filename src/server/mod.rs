@@ -338,9 +338,13 @@ impl Server {
             }
         }
         let live = Live::from_settings(s);
-        *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
-        for (i, inbox) in self.shared.inboxes.iter().enumerate() {
+        // The inboxes' bound first: once the settings in force (STATS)
+        // show the new one, every inbox has it.
+        for inbox in self.shared.inboxes.iter() {
             inbox.set_limit(live.shard_inbox_bytes);
+        }
+        *self.shared.live.lock().unwrap_or_else(|p| p.into_inner()) = live;
+        for i in 0..self.shared.inboxes.len() {
             self.shared.send(i, ShardMsg::Reload(live));
         }
         crate::server::peers::reconfigure(&self.shared, s);

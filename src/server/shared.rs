@@ -473,17 +473,11 @@ impl Shared {
             "groups": self.table.len(),
             "totals": totals,
             "dropped": totals.dropped(),
-            "drops": {
-                "stuck": totals.dropped_stuck,
-                "idle": totals.dropped_idle,
-                "protocol_error": totals.dropped_protocol,
-                "closed": totals.dropped_closed,
-                "unknown_member": totals.dropped_unknown_member,
-                "peer": totals.dropped_peer,
-                "peer_too_large": totals.dropped_peer_too_large,
-                "left": totals.dropped_left,
-                "shutdown": totals.dropped_shutdown,
-            },
+            "drops": totals
+                .drops_by_reason()
+                .iter()
+                .map(|(reason, n)| ((*reason).to_owned(), serde_json::Value::from(*n)))
+                .collect::<serde_json::Map<_, _>>(),
             "memory": {
                 "rss_bytes": super::memory::rss_bytes(),
                 "heap_free_bytes": super::memory::free_heap_bytes(),
