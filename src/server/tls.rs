@@ -162,12 +162,15 @@ impl<S: Stream> TlsStream<S> {
         }
     }
 
-    /// The input has gone quiet (a read that did not fill its room, all of
-    /// it fed): lets rustls give back the record buffer a burst grew (up
-    /// to ~17 KiB, kept otherwise until the next input). rustls resizes it
-    /// before each read from its source, to 4 KiB when it holds no partial
-    /// record; a source that has nothing yet (`WouldBlock`) makes that all
-    /// the read does.
+    /// The input has gone quiet (the last read did not fill its room) and
+    /// rustls holds no plaintext (all of it was taken): lets rustls give
+    /// back the record buffer a burst grew (its `Vec` grows by doubling,
+    /// to 32 KiB and more; kept otherwise until the next input). rustls
+    /// resizes it before each read from its source, to 4 KiB when it holds
+    /// no partial record; a source that has nothing yet (`WouldBlock`)
+    /// makes that all the read does. (While rustls's plaintext buffer is
+    /// full it reads nothing, and does not resize: hence here, before
+    /// waiting for input, not right after feeding it.)
     fn settle(&self) {
         struct Nothing;
         impl io::Read for Nothing {
@@ -218,9 +221,14 @@ impl<S: Stream> Stream for TlsStream<S> {
             let mut rbuf = std::mem::take(&mut *self.rbuf.borrow_mut());
             if rbuf.is_empty() {
                 let want = self.rwant.get();
-                if want == READ_SMALL && self.rhad.get() > 2 * READ_SMALL {
-                    // The burst is over: give the big buffer back.
-                    rbuf = BytesMut::new();
+                if want == READ_SMALL {
+                    if self.rhad.get() > 2 * READ_SMALL {
+                        // The burst is over: give the big buffer back.
+                        rbuf = BytesMut::new();
+                    }
+                    // Quiet, and everything read is taken: rustls may
+                    // give its record buffer back too.
+                    self.settle();
                 }
                 rbuf.reserve(want);
                 let room = rbuf.capacity();
@@ -236,9 +244,6 @@ impl<S: Stream> Stream for TlsStream<S> {
                 }
             }
             let fed = self.feed(&mut rbuf);
-            if fed.is_ok() && rbuf.is_empty() && self.rwant.get() == READ_SMALL {
-                self.settle();
-            }
             *self.rbuf.borrow_mut() = rbuf;
             if let Err(e) = fed {
                 // Tell the other side why (an alert), best effort.

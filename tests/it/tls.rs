@@ -558,7 +558,7 @@ fn tls_options_are_checked_at_load_with_their_line() {
 }
 
 /// An idle TLS client costs the server less than [`PER_IDLE_TLS`], even
-/// after it sent and received a message larger than a TLS record: what a
+/// after it sent and received messages larger than a TLS record: what a
 /// read or a write used while it was busy is not kept once it is quiet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tls_client_costs_under_32_kib() {
@@ -566,18 +566,20 @@ async fn an_idle_tls_client_costs_under_32_kib() {
     crate::util::raise_fd_limit(2 * N as u64 + 200);
     let dir = TempDir::new("tls-idle");
     let (node, ca) = tokio::task::block_in_place(|| tls_server(&dir, "127.0.0.87", ""));
-    let big = vec![b'x'; 40_000];
-    // Connects, joins its own group, and gets its own 40 KB message back.
+    // Connects, joins its own group, and gets its own messages of 40 and
+    // 70 KB back: several TLS records each, the second filling rustls's
+    // plaintext buffer while its records are read.
     let busy_then_idle = |i: usize| {
         let cfg = tls_client_config(node.addr, &ca);
-        let big = big.clone();
         async move {
             let c = Client::connect(cfg).await.expect("TLS client");
             let g = format!("tls.idle.{i:04}");
             c.join(&g).await.expect("join");
             let events = c.events();
-            c.publish(&g, big.clone()).await.expect("publish");
-            assert_eq!(next_message(&events).await.len(), big.len());
+            for len in [40_000, 70_000] {
+                c.publish(&g, vec![b'x'; len]).await.expect("publish");
+                assert_eq!(next_message(&events).await.len(), len);
+            }
             c
         }
     };
