@@ -7,7 +7,7 @@
 
 use super::auth::Grant;
 use super::flow::{Budget, Gate};
-use super::io::{AnyStream, Stream};
+use super::io::{AnyStream, ReadBuf, Stream};
 use super::outbound::{write_loop, Outbound, Phase, Written};
 use super::shard::{Kill, Shard};
 use super::Live;
@@ -26,9 +26,6 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Read buffer of a connection between bursts: what a connection that
-/// says little costs (an idle client's floor).
-const READ_SMALL: usize = 4 * 1024;
 /// Spare room of every read while the peer streams (a read filled its
 /// buffer): a whole 64 KiB. Smaller reads open the receive window by less
 /// than an MSS (64 KiB on loopback) and Linux withholds the window update,
@@ -422,20 +419,24 @@ async fn writer<S: Stream>(shard: Rc<Shard>, conn: Rc<Conn>, stream: Rc<S>) {
 }
 
 async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
-    let mut rb = ReadBuf::default();
+    // Small while the peer says little, a whole READ_BURST of spare room
+    // while it streams, as large as a frame that does not fit, and small
+    // again once a burst is over. Nothing decoded from it is kept past a
+    // frame's handling (names are copied), so a buffer given up is freed.
+    let mut rb = ReadBuf::new(READ_BURST);
     // Bytes read since the writers this connection fills were last woken.
     let mut held = 0;
     // Bytes routed since this connection last yielded (see `decode_all`).
     let mut routed = 0;
     loop {
         let max_frame = max_frame_for(shard.live.get().max_message_size);
-        let buf = rb.prepare(max_frame);
+        let buf = rb.prepare(|b| missing(b, max_frame));
         let spare = buf.capacity() - buf.len();
         let (res, b) = stream.read(buf).await;
         let n = match res {
             Ok(0) | Err(_) => {
-                if let Err(e) = &res {
-                    dial_refused(shard, conn, e);
+                if let (Err(e), ConnRole::Peer(i)) = (&res, conn.role.get()) {
+                    super::peers::dial::read_failed(shard, i, conn, e);
                 }
                 // Writers held behind this reader's backlog go now.
                 shard.wake_owed();
@@ -471,95 +472,16 @@ async fn read_loop<S: Stream>(shard: &Rc<Shard>, conn: &Rc<Conn>, stream: &S) {
     }
 }
 
-/// A dial of ours that fails in its TLS handshake (a certificate refused,
-/// by us or by the peer) would leave the link down with nothing said: the
-/// reason becomes the peer's `link_error` (STATS, `/peerz`), and is logged
-/// for operators when it is news.
-fn dial_refused(shard: &Shard, conn: &Conn, e: &std::io::Error) {
-    let ConnRole::Peer(i) = conn.role.get() else {
-        return;
-    };
-    if e.kind() != std::io::ErrorKind::InvalidData {
-        return;
-    }
-    let mesh = &shard.shared.cluster;
-    if mesh.dial_refused(i, shard.index, conn.seq, error_kind(e), format!("TLS: {e}")) {
-        let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
-        tracing::warn!(
-            target: crate::logging::OPS,
-            peer = name,
-            addr = %conn.addr,
-            error = %e,
-            "peer link not up: its TLS handshake failed (dialled again every reconnect_interval)"
-        );
-    }
-}
-
-/// What kind of error `e` is, without what changes from one occurrence
-/// to the next (a certificate's expiry is told with the time it was
-/// checked at): the variant of the TLS error inside, as rustls names it
-/// (`InvalidCertificate(Expired…`), or the error's text otherwise.
-fn error_kind(e: &std::io::Error) -> String {
-    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
-        return e.to_string();
-    };
-    let full = format!("{tls:?}");
-    // The variants' names, up to their first field of data.
-    let end = full.find([' ', '{', '"']).unwrap_or(full.len());
-    full[..end].to_owned()
-}
-
 /// Most bytes a streaming reader routes before the writers it filled are
 /// woken (see `read_loop`): sixteen full reads.
 const HOLD_BYTES: usize = 16 * READ_BURST;
 
-/// A connection's read buffer: small while the peer says little, a whole
-/// [`READ_BURST`] of spare room while it streams, as large as a frame
-/// that does not fit, and small again once a burst is over. Nothing
-/// decoded from it is kept past a frame's handling (names are copied), so
-/// a buffer given up here is freed.
-#[derive(Default)]
-struct ReadBuf {
-    buf: BytesMut,
-    /// Spare room the next read gets.
-    want: usize,
-    /// The buffer's size after the last read (what is consumed of a
-    /// buffer no longer shows in its capacity, though the allocation is
-    /// still all there; and a TLS stream may have grown it to hand over
-    /// a record's plaintext).
-    had: usize,
-}
-
-impl ReadBuf {
-    /// The buffer, with room for the next read.
-    fn prepare(&mut self, max_frame: usize) -> BytesMut {
-        let mut buf = std::mem::take(&mut self.buf);
-        // A partial frame needs room for the rest of itself.
-        let missing = match crate::protocol::peek_len(&buf, max_frame) {
-            Ok(Some(len)) => (crate::protocol::LEN_PREFIX + len).saturating_sub(buf.len()),
-            _ => 0,
-        };
-        let want = self.want.max(READ_SMALL).max(missing);
-        if buf.is_empty() && want == READ_SMALL && self.had > 2 * READ_SMALL {
-            // The burst is over: give the big buffer back.
-            buf = BytesMut::new();
-        }
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
-        buf
-    }
-
-    /// Takes the buffer back after a read of `n` bytes into `spare` bytes
-    /// of room, and sizes the next read.
-    fn done(&mut self, buf: BytesMut, n: usize, spare: usize) -> &mut BytesMut {
-        // A read that filled its room left more behind: stream on with
-        // big reads. One that did not drained the socket: whatever comes
-        // next starts small (and grows at once if it fills that).
-        self.want = if n >= spare { READ_BURST } else { READ_SMALL };
-        self.had = buf.capacity();
-        self.buf = buf;
-        &mut self.buf
+/// Room a partial frame at the start of `buf` still needs (0 without
+/// one): a connection's read makes room for the rest of a frame.
+fn missing(buf: &BytesMut, max_frame: usize) -> usize {
+    match crate::protocol::peek_len(buf, max_frame) {
+        Ok(Some(len)) => (crate::protocol::LEN_PREFIX + len).saturating_sub(buf.len()),
+        _ => 0,
     }
 }
 
@@ -879,63 +801,7 @@ fn members_reply(shard: &Shard, conn: &Conn, req: u32, group: GroupName) {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_kind, turn_over, ReadBuf, READ_BURST, READ_SMALL};
-
-    /// Two expiries checked at different times are one kind of error; a
-    /// name mismatch is another.
-    #[test]
-    fn tls_errors_are_told_apart_by_kind_not_by_figures() {
-        use rustls::pki_types::UnixTime;
-        use rustls::{CertificateError, Error};
-        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-        let expired = |secs| {
-            io(Error::InvalidCertificate(
-                CertificateError::ExpiredContext {
-                    time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)),
-                    not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(10)),
-                },
-            ))
-        };
-        assert_ne!(expired(100).to_string(), expired(105).to_string());
-        assert_eq!(error_kind(&expired(100)), error_kind(&expired(105)));
-        assert_eq!(
-            error_kind(&expired(100)),
-            "InvalidCertificate(ExpiredContext"
-        );
-        let name = io(Error::InvalidCertificate(CertificateError::NotValidForName));
-        assert_ne!(error_kind(&name), error_kind(&expired(100)));
-        let plain = std::io::Error::other("reset");
-        assert_eq!(error_kind(&plain), "reset");
-    }
-    use bytes::{Buf, BufMut};
-
-    /// A burst's big buffer is given back once a read no longer fills its
-    /// room, also when that read took most of it (what was consumed no
-    /// longer shows in the buffer's capacity).
-    #[test]
-    fn a_read_buffer_shrinks_back_after_a_burst() {
-        for last in [100, 30_000, READ_BURST - 1] {
-            let mut rb = ReadBuf::default();
-            let max = 1 << 20;
-            // A read that fills its 4 KiB: the next gets 64 KiB.
-            let mut buf = rb.prepare(max);
-            let room = buf.capacity() - buf.len();
-            buf.put_bytes(0, room);
-            rb.done(buf, room, room).clear();
-            let mut buf = rb.prepare(max);
-            let room = buf.capacity() - buf.len();
-            assert!(room >= READ_BURST, "{room}");
-            // The burst's last read: `last` bytes, all consumed.
-            buf.put_bytes(0, last);
-            rb.done(buf, last, room).advance(last);
-            let buf = rb.prepare(max);
-            assert!(
-                buf.capacity() <= 2 * READ_SMALL,
-                "after a last read of {last}: {} bytes kept",
-                buf.capacity()
-            );
-        }
-    }
+    use super::{turn_over, READ_BURST};
 
     /// A connection yields at least every 64 KiB it routes, whoever
     /// waits, and below that only when others wait; the count starts

@@ -88,6 +88,79 @@ pub fn submit_pending(uring: bool) {
     }
 }
 
+/// What a read buffer holds between bursts: what a connection that says
+/// little costs (an idle client's floor).
+pub const READ_SMALL: usize = 4 * 1024;
+
+/// A stream's read buffer: [`READ_SMALL`] of room while the peer says
+/// little, `burst` while it streams (the last read filled its room), more
+/// when the caller asks for it (the rest of a frame), and given back once
+/// a read no longer fills its room and the buffer is empty. A
+/// connection's buffer (64 KiB bursts) and a TLS stream's ciphertext
+/// buffer (32 KiB) follow this one rule.
+pub struct ReadBuf {
+    buf: BytesMut,
+    /// Room a streaming read gets.
+    burst: usize,
+    /// Room the next read gets.
+    want: usize,
+    /// The buffer's size after the last read (what is consumed of a
+    /// buffer no longer shows in its capacity, though the allocation is
+    /// still all there; and a TLS stream may have grown a connection's
+    /// buffer to hand over a record's plaintext).
+    had: usize,
+}
+
+impl ReadBuf {
+    /// An empty buffer whose streaming reads get `burst` bytes of room.
+    pub fn new(burst: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            burst,
+            want: READ_SMALL,
+            had: 0,
+        }
+    }
+
+    /// True when the next read is a small one: the last did not fill its
+    /// room (the peer has gone quiet, for now).
+    pub fn quiet(&self) -> bool {
+        self.want == READ_SMALL
+    }
+
+    /// The buffer (for the caller to take from between reads).
+    pub fn get_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// The buffer, with room for the next read: at least what `missing`
+    /// says its contents still need.
+    pub fn prepare(&mut self, missing: impl FnOnce(&BytesMut) -> usize) -> BytesMut {
+        let mut buf = std::mem::take(&mut self.buf);
+        let want = self.want.max(missing(&buf));
+        if buf.is_empty() && want == READ_SMALL && self.had > 2 * READ_SMALL {
+            // The burst is over: give the big buffer back.
+            buf = BytesMut::new();
+        }
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        buf
+    }
+
+    /// Takes the buffer back after a read of `n` bytes into `spare` bytes
+    /// of room, and sizes the next read.
+    pub fn done(&mut self, buf: BytesMut, n: usize, spare: usize) -> &mut BytesMut {
+        // A read that filled its room left more behind: stream on with
+        // big reads. One that did not drained the socket: whatever comes
+        // next starts small (and grows at once if it fills that).
+        self.want = if n >= spare { self.burst } else { READ_SMALL };
+        self.had = buf.capacity();
+        self.buf = buf;
+        &mut self.buf
+    }
+}
+
 /// Whether a connection that has had its `messages_per_iter` turn within
 /// a read should yield to the shard's other work. On io_uring, only when
 /// there is some: a completion the runtime has not dispatched (another
@@ -307,6 +380,36 @@ pub fn uring_available() -> Result<(), io::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{Buf, BufMut};
+
+    const BURST: usize = 64 * 1024;
+
+    /// A burst's big buffer is given back once a read no longer fills its
+    /// room, also when that read took most of it (what was consumed no
+    /// longer shows in the buffer's capacity).
+    #[test]
+    fn a_read_buffer_shrinks_back_after_a_burst() {
+        for last in [100, 30_000, BURST - 1] {
+            let mut rb = ReadBuf::new(BURST);
+            // A read that fills its 4 KiB: the next gets 64 KiB.
+            let mut buf = rb.prepare(|_| 0);
+            let room = buf.capacity() - buf.len();
+            buf.put_bytes(0, room);
+            rb.done(buf, room, room).clear();
+            let mut buf = rb.prepare(|_| 0);
+            let room = buf.capacity() - buf.len();
+            assert!(room >= BURST, "{room}");
+            // The burst's last read: `last` bytes, all consumed.
+            buf.put_bytes(0, last);
+            rb.done(buf, last, room).advance(last);
+            let buf = rb.prepare(|_| 0);
+            assert!(
+                buf.capacity() <= 2 * READ_SMALL,
+                "after a last read of {last}: {} bytes kept",
+                buf.capacity()
+            );
+        }
+    }
 
     /// True when io_uring runs here. Where it does not, the test fails
     /// (a green run never hides a backend that did not run) unless

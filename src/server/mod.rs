@@ -729,7 +729,13 @@ async fn shard_main(
     // peer dial that was connecting).
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let left: Vec<_> = shard.conns.borrow().values().cloned().collect();
+        let left: Vec<_> = shard
+            .conns
+            .borrow()
+            .values()
+            .filter(|c| c.out.phase() != outbound::Phase::Closed)
+            .cloned()
+            .collect();
         for c in left {
             shard.kill(&c, shard::Kill::Closed);
         }

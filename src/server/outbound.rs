@@ -559,10 +559,10 @@ fn frames_taken(buf: &[u8], head: usize, n: usize) -> (usize, usize) {
     }
     let (mut done, mut pos) = (usize::from(head > 0), head);
     while pos < n {
-        let Some(prefix) = buf.get(pos..pos + LEN_PREFIX) else {
+        // Our own frames: their prefixes are whole and valid.
+        let Ok(Some(len)) = crate::protocol::peek_len(&buf[pos..], usize::MAX) else {
             break;
         };
-        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         let end = (pos + LEN_PREFIX + len).min(buf.len());
         if end > n {
             return (done, end - n);

@@ -16,20 +16,18 @@
 //! interleave. A batch the writer hands over becomes records in one buffer
 //! written with one `writev`: coalesced writes stay coalesced.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::io::{self, BufRead, Write};
 use std::os::fd::RawFd;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::io::Stream;
+use super::io::{ReadBuf, Stream};
 
 /// Ciphertext read per call while the peer streams (the last read filled
-/// its room); rustls's own records are at most ~16 KiB.
+/// its room; otherwise [`super::io::READ_SMALL`], as a plain connection's
+/// read buffer); rustls's own records are at most ~16 KiB.
 const READ_CHUNK: usize = 32 * 1024;
-/// Ciphertext read per call otherwise: what a quiet connection's pending
-/// read holds (an idle client's floor, as the plain read buffer's).
-const READ_SMALL: usize = 4 * 1024;
 /// Plaintext copied into a caller's buffer that has no spare room.
 const MIN_READ: usize = 8 * 1024;
 
@@ -38,15 +36,10 @@ pub struct TlsStream<S> {
     io: S,
     tls: RefCell<rustls::Connection>,
     /// Ciphertext read but not yet taken by rustls (kept when rustls's
-    /// plaintext buffer is full). Taken out while a read is in flight.
-    rbuf: RefCell<BytesMut>,
-    /// Room the next ciphertext read gets: [`READ_CHUNK`] after a read
-    /// that filled its room, [`READ_SMALL`] after one that did not (a
-    /// large buffer is then given back).
-    rwant: Cell<usize>,
-    /// Room the last ciphertext read had: the buffer's size then (what
-    /// rustls took no longer shows in its capacity).
-    rhad: Cell<usize>,
+    /// plaintext buffer is full), sized as a connection's read buffer is
+    /// ([`ReadBuf`], [`READ_CHUNK`] while streaming). Taken out while a
+    /// read is in flight.
+    rbuf: RefCell<ReadBuf>,
     /// Held while ciphertext is taken from rustls and written.
     wlock: tokio::sync::Mutex<()>,
     /// Ciphertext buffer, kept between writes: once a write is done its
@@ -76,9 +69,7 @@ impl<S: Stream> TlsStream<S> {
         TlsStream {
             io,
             tls: RefCell::new(tls),
-            rbuf: RefCell::new(BytesMut::new()),
-            rwant: Cell::new(READ_SMALL),
-            rhad: Cell::new(0),
+            rbuf: RefCell::new(ReadBuf::new(READ_CHUNK)),
             wlock: tokio::sync::Mutex::new(()),
             wbuf: RefCell::new(BytesMut::new()),
             wlist: RefCell::new(Vec::with_capacity(1)),
@@ -218,33 +209,24 @@ impl<S: Stream> Stream for TlsStream<S> {
                     return (Err(e), buf);
                 }
             }
-            let mut rbuf = std::mem::take(&mut *self.rbuf.borrow_mut());
-            if rbuf.is_empty() {
-                let want = self.rwant.get();
-                if want == READ_SMALL {
-                    if self.rhad.get() > 2 * READ_SMALL {
-                        // The burst is over: give the big buffer back.
-                        rbuf = BytesMut::new();
-                    }
+            let mut rb = self.rbuf.replace(ReadBuf::new(READ_CHUNK));
+            if rb.get_mut().is_empty() {
+                if rb.quiet() {
                     // Quiet, and everything read is taken: rustls may
                     // give its record buffer back too.
                     self.settle();
                 }
-                rbuf.reserve(want);
-                let room = rbuf.capacity();
-                self.rhad.set(room);
+                let rbuf = rb.prepare(|_| 0);
+                let spare = rbuf.capacity() - rbuf.len();
                 let (res, back) = self.io.read(rbuf).await;
-                rbuf = back;
                 match res {
                     Ok(0) => return (Ok(0), buf), // end of stream
-                    Ok(n) => self
-                        .rwant
-                        .set(if n >= room { READ_CHUNK } else { READ_SMALL }),
+                    Ok(n) => rb.done(back, n, spare),
                     Err(e) => return (Err(e), buf),
-                }
+                };
             }
-            let fed = self.feed(&mut rbuf);
-            *self.rbuf.borrow_mut() = rbuf;
+            let fed = self.feed(rb.get_mut());
+            *self.rbuf.borrow_mut() = rb;
             if let Err(e) = fed {
                 // Tell the other side why (an alert), best effort.
                 let _ = self.flush_tls().await;

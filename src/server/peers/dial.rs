@@ -4,7 +4,7 @@
 //! to the addresses the resolver found (it never looks anything up).
 
 use crate::protocol::{Frame, Hello, Role, PROTOCOL_VERSION};
-use crate::server::conn::spawn_with;
+use crate::server::conn::{spawn_with, Conn};
 use crate::server::io::AnyStream;
 use crate::server::shard::Shard;
 use crate::server::sockets::{dial, SocketOpts};
@@ -134,4 +134,72 @@ fn tls_session(
         .map_err(|e| format!("peer {name}: {spec:?} is not a TLS server name: {e}"))?;
     let session = rustls::ClientConnection::new(dial, server).map_err(|e| e.to_string())?;
     Ok(Some(session.into()))
+}
+
+/// Peer `i`'s connection `conn` ended with read error `e`. A dial of ours
+/// that fails in its TLS handshake (a certificate refused, by us or by the
+/// peer) would leave the link down with nothing said: the reason becomes
+/// the peer's `link_error` (STATS, `/peerz`), and is logged for operators
+/// when it is news.
+pub fn read_failed(shard: &Shard, i: usize, conn: &Conn, e: &std::io::Error) {
+    if e.kind() != std::io::ErrorKind::InvalidData {
+        return;
+    }
+    let mesh = &shard.shared.cluster;
+    if mesh.dial_refused(i, shard.index, conn.seq, error_kind(e), format!("TLS: {e}")) {
+        let name = mesh.slot(i).map(|p| p.name).unwrap_or_default();
+        tracing::warn!(
+            target: crate::logging::OPS,
+            peer = name,
+            addr = %conn.addr,
+            error = %e,
+            "peer link not up: its TLS handshake failed (dialled again every reconnect_interval)"
+        );
+    }
+}
+
+/// What kind of error `e` is, without what changes from one occurrence
+/// to the next (a certificate's expiry is told with the time it was
+/// checked at): the variant of the TLS error inside, as rustls names it
+/// (`InvalidCertificate(Expired…`), or the error's text otherwise.
+fn error_kind(e: &std::io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let full = format!("{tls:?}");
+    // The variants' names, up to their first field of data.
+    let end = full.find([' ', '{', '"']).unwrap_or(full.len());
+    full[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_kind;
+
+    /// Two expiries checked at different times are one kind of error; a
+    /// name mismatch is another.
+    #[test]
+    fn tls_errors_are_told_apart_by_kind_not_by_figures() {
+        use rustls::pki_types::UnixTime;
+        use rustls::{CertificateError, Error};
+        let io = |e: Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let expired = |secs| {
+            io(Error::InvalidCertificate(
+                CertificateError::ExpiredContext {
+                    time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs)),
+                    not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(10)),
+                },
+            ))
+        };
+        assert_ne!(expired(100).to_string(), expired(105).to_string());
+        assert_eq!(error_kind(&expired(100)), error_kind(&expired(105)));
+        assert_eq!(
+            error_kind(&expired(100)),
+            "InvalidCertificate(ExpiredContext"
+        );
+        let name = io(Error::InvalidCertificate(CertificateError::NotValidForName));
+        assert_ne!(error_kind(&name), error_kind(&expired(100)));
+        let plain = std::io::Error::other("reset");
+        assert_eq!(error_kind(&plain), "reset");
+    }
 }
